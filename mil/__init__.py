@@ -1,0 +1,3 @@
+"""mil: multiple-instance learning on whole-slide tile features."""
+
+__version__ = "0.1.0"

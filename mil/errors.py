@@ -1,0 +1,19 @@
+"""User-facing error types: every problem a user can fix is a ``MilError``."""
+
+from __future__ import annotations
+
+
+class MilError(Exception):
+    """An error the user can act on; the CLI prints it without a traceback."""
+
+
+class ConfigError(MilError):
+    """A config file or ``--set`` override names an unknown key or a bad value."""
+
+
+class DataError(MilError):
+    """A feature file, cohort CSV or split file is missing, unreadable or inconsistent."""
+
+
+class SplitError(DataError):
+    """A split file is malformed or puts one patient into two partitions."""

@@ -1,0 +1,79 @@
+"""The aggregator interface every model in the registry implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mil.data.batch import BagBatch
+
+
+@dataclass
+class MILOutput:
+    """What an aggregator returns for a packed batch of B bags.
+
+    Attributes:
+        logits: ``[B, n_out]`` head outputs (class logits, a Cox risk, hazard logits).
+        embedding: ``[B, H]`` bag embeddings before the head.
+        scores: ``[sum N_i]`` per-instance scores for heatmaps (e.g. attention
+            logits before the per-bag softmax), or None for models without them.
+        aux_loss: a scalar the runner adds to the task loss (e.g. CLAM's
+            instance-clustering loss), or None.
+        extra_scores: further named per-instance score kinds ``{kind: [sum N_i, K]}``
+            (e.g. one attention branch per class).
+    """
+
+    logits: Tensor
+    embedding: Tensor
+    scores: Tensor | None = None
+    aux_loss: Tensor | None = None
+    extra_scores: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MILModel(nn.Module):
+    """Base class: ``forward(batch: BagBatch) -> MILOutput``.
+
+    Subclasses take ``in_dim`` (instance feature size) and ``n_out`` (head
+    outputs) as their first two arguments, then their own hyper-parameters.
+    ``graph`` names the instance graph the model needs (``None``, ``"spatial"``
+    or ``"feature"``); the data layer builds it into ``batch.edge_index``.
+    """
+
+    graph: str | None = None
+    graph_k: int = 8
+
+    def __init__(self, in_dim: int, n_out: int) -> None:
+        super().__init__()
+        self.in_dim = int(in_dim)
+        self.n_out = int(n_out)
+
+    def forward(self, batch: BagBatch) -> MILOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def mlp_encoder(in_dim: int, hidden: int | list[int], dropout: float) -> tuple[nn.Sequential, int]:
+    """Instance encoder ``(Linear -> ReLU -> Dropout) x len(hidden)``; returns (module, out_dim)."""
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for w in widths:
+        layers += [nn.Linear(prev, int(w)), nn.ReLU(), nn.Dropout(dropout)]
+        prev = int(w)
+    return nn.Sequential(*layers), prev
+
+
+def segment_weighted_sum(h: Tensor, weights: Tensor, batch: Tensor, num_bags: int) -> Tensor:
+    """``z_b = sum_{i in bag b} w_i h_i`` for packed rows; returns ``[B, H]``.
+
+    Implemented as one sparse ``[B, sum N_i] @ [sum N_i, H]`` product: measured
+    faster on CPU than materialising ``w * h`` and scattering it, on both many
+    small bags and few large ones.
+    """
+    n = h.shape[0]
+    index = torch.stack([batch, torch.arange(n, device=h.device)])
+    a = torch.sparse_coo_tensor(
+        index, weights.to(h.dtype), (num_bags, n), is_coalesced=True, check_invariants=False
+    )
+    return torch.sparse.mm(a, h)

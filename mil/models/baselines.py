@@ -1,0 +1,53 @@
+"""Instance-agnostic pooling baselines: mean and max pooling of encoded instances."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+from mil.data.batch import BagBatch
+from mil.models.base import MILModel, MILOutput, mlp_encoder, segment_weighted_sum
+from mil.models.registry import register
+
+
+@register("mean")
+class MeanPoolMIL(MILModel):
+    r"""Mean pooling: :math:`z_b = \frac{1}{N_b}\sum_{i \in b} f(x_i)`, logits :math:`= W z_b`.
+
+    Instance scores are the head applied to each instance embedding (the
+    instance's contribution to the bag logit; last output column).
+    """
+
+    def __init__(self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25):
+        super().__init__(in_dim, n_out)
+        self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
+        self.head = nn.Linear(h, n_out)
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        h = self.encoder(batch.x)
+        w = 1.0 / batch.sizes.to(h.dtype).clamp(min=1)
+        z = segment_weighted_sum(h, w[batch.batch], batch.batch, batch.num_bags)
+        with torch.no_grad():
+            scores = self.head(h)[:, -1]
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores)
+
+
+@register("max")
+class MaxPoolMIL(MILModel):
+    r"""Max pooling: :math:`z_b = \max_{i \in b} f(x_i)` (element-wise), logits :math:`= W z_b`.
+
+    Instance scores count how many embedding dimensions each instance wins.
+    """
+
+    def __init__(self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25):
+        super().__init__(in_dim, n_out)
+        self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
+        self.head = nn.Linear(h, n_out)
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        h = self.encoder(batch.x)
+        z = scatter(h, batch.batch, dim=0, dim_size=batch.num_bags, reduce="max")
+        with torch.no_grad():
+            wins = (h == z[batch.batch]).to(h.dtype).sum(1)
+        return MILOutput(logits=self.head(z), embedding=z, scores=wins)
