@@ -6,8 +6,8 @@ small class of our own so that packing costs one ``torch.cat`` and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,7 @@ class BagBatch:
         """``[B]`` number of instances per bag."""
         return self.ptr[1:] - self.ptr[:-1]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BagBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
@@ -101,9 +101,9 @@ def collate_bags(bags: Sequence[Bag], dtype: torch.dtype = torch.float32) -> Bag
         coords = torch.cat([b.coords for b in bags], 0).to(torch.float32)
     edge_index = None
     if all(b.edge_index is not None for b in bags):
-        edge_index = torch.cat(
-            [b.edge_index + int(ptr[i]) for i, b in enumerate(bags)], 1
-        ).to(torch.long)
+        edge_index = torch.cat([b.edge_index + int(ptr[i]) for i, b in enumerate(bags)], 1).to(
+            torch.long
+        )
     return BagBatch(
         x=x,
         batch=batch,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import softmax
+from torch_geometric.utils import softmax, to_dense_batch
 
 from mil.data.batch import BagBatch
 from mil.models.base import MILModel, MILOutput, mlp_encoder, segment_weighted_sum
@@ -18,7 +21,9 @@ class AttentionScorer(nn.Module):
     ``n_branches > 1`` gives one logit per branch (CLAM-MB).
     """
 
-    def __init__(self, in_dim: int, attn_dim: int, gated: bool, dropout: float, n_branches: int = 1):
+    def __init__(
+        self, in_dim: int, attn_dim: int, gated: bool, dropout: float, n_branches: int = 1
+    ):
         super().__init__()
         self.v = nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.u = (
@@ -70,3 +75,235 @@ class ABMIL(MILModel):
         a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
         z = segment_weighted_sum(h, a, batch.batch, batch.num_bags)
         return MILOutput(logits=self.head(z), embedding=z, scores=e.detach())
+
+
+def _topk_rows(e: Tensor, batch: BagBatch, k: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """Per bag, the packed row indices of the ``k_b`` largest (or smallest) values of ``e``.
+
+    ``e [sum N_i]``, ``k [B]`` with ``k_b <= N_b``. Returns ``(rows, bag)``: the
+    selected packed rows and the bag of each, in bag order.
+    """
+    fill = float("-inf") if largest else float("inf")
+    dense, _ = to_dense_batch(e, batch.batch, fill_value=fill, batch_size=batch.num_bags)
+    k_max = int(k.max()) if k.numel() else 0
+    idx = dense.topk(k_max, dim=1, largest=largest).indices
+    keep = torch.arange(k_max, device=e.device) < k.unsqueeze(1)
+    rows = (idx + batch.ptr[:-1].unsqueeze(1))[keep]
+    bag = torch.arange(batch.num_bags, device=e.device).unsqueeze(1).expand_as(idx)[keep]
+    return rows, bag
+
+
+class CLAM(MILModel):
+    r"""CLAM (Lu et al., Nat. Biomed. Eng. 2021): gated attention with instance clustering.
+
+    .. math::
+        h_i = \mathrm{ReLU}(W x_i),\quad
+        a_{i,c} = \operatorname{softmax}_{j \in b}\big(w_c^\top(\tanh(V h_j) \odot \sigma(U h_j))\big)_i,\quad
+        z_{b,c} = \sum_{i \in b} a_{i,c} h_i
+
+    with one attention branch (``clam_sb``, logits :math:`= W z_b`) or one per
+    class (``clam_mb``, logit :math:`c = w_c^\top z_{b,c}`).
+
+    Instance clustering (training signal only): for a bag of class :math:`y`,
+    the ``k`` most attended instances of branch :math:`y` are pseudo-labelled
+    positive and the ``k`` least attended negative for instance classifier
+    :math:`y` (a ``Linear(H, 2)`` per class); with ``subtyping``, the ``k``
+    most attended instances of every other class :math:`c` (branch :math:`c`)
+    are also negatives for classifier :math:`c`. Each classifier's
+    cross-entropy is averaged over its instances, summed over classifiers
+    (divided by the number of classes when ``subtyping``), and averaged over
+    the bags. ``k = min(k_sample, N_b // 2)`` so positives and negatives are
+    distinct; a bag of one instance contributes nothing.
+
+    CLAM minimises :math:`\beta\,L_{bag} + (1 - \beta)\,L_{inst}`
+    (:math:`\beta` = ``bag_weight``); the runner adds ``aux_loss`` to the
+    task loss, so ``aux_loss`` :math:`= \tfrac{1-\beta}{\beta} L_{inst}` and the
+    total is CLAM's objective divided by :math:`\beta` (a constant factor:
+    the same optimum; with Adam, virtually the same steps). The instance loss is
+    computed whenever ``batch.targets`` (class labels) is set and
+    ``n_out >= 2``; otherwise (evaluation, survival) ``aux_loss`` is None.
+
+    Instance scores: the attention logits of the branch of the predicted class
+    (the only branch for ``clam_sb``); all branches are in
+    ``extra_scores["attention"]`` ``[sum N_i, n_branches]``. Embedding: :math:`z_b`,
+    or for ``clam_mb`` all branches' :math:`z_{b,c}` concatenated, ``[B, n_out * H]``.
+    Registered as ``clam_sb`` and ``clam_mb``; with ``n_out = 1`` (a Cox risk)
+    both have a single branch and no instance loss.
+    """
+
+    multi_branch = False
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 512,
+        attn_dim: int = 256,
+        dropout: float = 0.25,
+        k_sample: int = 8,
+        bag_weight: float = 0.7,
+        subtyping: bool = False,
+    ):
+        super().__init__(in_dim, n_out)
+        if not 0.0 < bag_weight <= 1.0:
+            raise ValueError(f"bag_weight must be in (0, 1], got {bag_weight}")
+        if k_sample < 1:
+            raise ValueError(f"k_sample must be >= 1, got {k_sample}")
+        self.k_sample = k_sample
+        self.bag_weight = bag_weight
+        self.subtyping = subtyping
+        self.n_branches = n_out if self.multi_branch else 1
+        self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
+        self.attention = AttentionScorer(h, attn_dim, True, dropout, self.n_branches)
+        if self.multi_branch:
+            # One bag classifier per class, each reading its own branch's embedding.
+            self.head_weight = nn.Parameter(torch.empty(n_out, h))
+            self.head_bias = nn.Parameter(torch.empty(n_out))
+            bound = h**-0.5
+            nn.init.uniform_(self.head_weight, -bound, bound)
+            nn.init.uniform_(self.head_bias, -bound, bound)
+        else:
+            self.head = nn.Linear(h, n_out)
+        self.instance_classifiers = nn.ModuleList(
+            nn.Linear(h, 2) for _ in range(n_out if n_out >= 2 else 0)
+        )
+
+    def _instance_loss(self, e: Tensor, h: Tensor, batch: BagBatch) -> Tensor:
+        targets = batch.targets.to(torch.long)
+        n_classes = len(self.instance_classifiers)
+        if targets.shape != (batch.num_bags,) or targets.min() < 0 or targets.max() >= n_classes:
+            raise ValueError(
+                f"{self.registry_name}: batch.targets must be {batch.num_bags} class labels "
+                f"in 0..{n_classes - 1}, got {batch.targets.tolist()}"
+            )
+        k = torch.minimum(batch.sizes // 2, torch.full_like(batch.sizes, self.k_sample))
+        total = h.new_zeros(())
+        for c, classifier in enumerate(self.instance_classifiers):
+            branch = e[:, c if self.multi_branch else 0]
+            top, top_bag = _topk_rows(branch, batch, k, largest=True)
+            bottom, bottom_bag = _topk_rows(branch, batch, k, largest=False)
+            rows, bags = torch.cat([top, bottom]), torch.cat([top_bag, bottom_bag])
+            is_top = torch.arange(len(rows), device=rows.device) < len(top)
+            in_class = targets[bags] == c
+            # In-class bags: top -> 1, bottom -> 0; other bags (subtyping only): top -> 0.
+            keep = in_class | (is_top & self.subtyping)
+            rows, bags, labels = rows[keep], bags[keep], (in_class & is_top)[keep].long()
+            ce = F.cross_entropy(classifier(h[rows]), labels, reduction="none")
+            # Mean over each bag's instances for this classifier.
+            per_bag = torch.bincount(bags, minlength=batch.num_bags).to(h.dtype)
+            total = total + (ce / per_bag[bags]).sum()
+        if self.subtyping:
+            total = total / n_classes
+        return total / batch.num_bags
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        h = self.encoder(batch.x)
+        e = self.attention(h)
+        a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
+        if self.multi_branch:
+            z = torch.stack(
+                [
+                    segment_weighted_sum(h, a[:, c], batch.batch, batch.num_bags)
+                    for c in range(self.n_branches)
+                ],
+                1,
+            )
+            logits = (z * self.head_weight).sum(-1) + self.head_bias
+            with torch.no_grad():
+                pred = logits.argmax(1)
+            embedding = z.flatten(1)
+            scores = e.detach().gather(1, pred[batch.batch].unsqueeze(1)).squeeze(1)
+        else:
+            embedding = segment_weighted_sum(h, a[:, 0], batch.batch, batch.num_bags)
+            logits = self.head(embedding)
+            scores = e.detach()[:, 0]
+        aux_loss = None
+        if batch.targets is not None and self.instance_classifiers:
+            instance_loss = self._instance_loss(e, h, batch)
+            aux_loss = (1.0 - self.bag_weight) / self.bag_weight * instance_loss
+        return MILOutput(
+            logits=logits,
+            embedding=embedding,
+            scores=scores,
+            aux_loss=aux_loss,
+            extra_scores={"attention": e.detach()},
+        )
+
+
+@register("clam_sb")
+class CLAMSingleBranch(CLAM):
+    """CLAM-SB: one attention branch shared by all classes (see :class:`CLAM`)."""
+
+
+@register("clam_mb")
+class CLAMMultiBranch(CLAM):
+    """CLAM-MB: one attention branch and one bag classifier per class (see :class:`CLAM`)."""
+
+    multi_branch = True
+
+
+@register("dsmil")
+class DSMIL(MILModel):
+    r"""Dual-stream MIL (Li, Li & Eliceiri, CVPR 2021).
+
+    Instance stream: :math:`s_{i,c} = w_c^\top h_i` with :math:`h_i = f(x_i)`;
+    the critical instance of class :math:`c` in bag :math:`b` is
+    :math:`m_{b,c} = \arg\max_{i \in b} s_{i,c}`. Bag stream:
+
+    .. math::
+        q_i = Q(h_i),\quad
+        a_{i,c} = \operatorname{softmax}_{j \in b}\Big(\frac{\langle q_j, q_{m_{b,c}}\rangle}{\sqrt{d_q}}\Big)_i,\quad
+        v_{b,c} = \sum_{i \in b} a_{i,c} h_i,\quad
+        \hat y^{bag}_b = \mathrm{Conv1d}_{C \to C,\ \mathrm{kernel}\ H}([v_{b,1}; \dots; v_{b,C}])
+
+    with :math:`Q` = ``Linear -> ReLU -> Linear -> Tanh`` (``q_dim``). Logits are
+    the mean of the two streams, :math:`\tfrac12(\max_{i \in b} s_{i,\cdot} + \hat y^{bag}_b)`
+    (the paper trains each stream with its own loss and averages them for
+    prediction). ``f`` is ``Linear -> ReLU -> Dropout`` to ``hidden_dim`` (the
+    paper feeds the raw features; a projection keeps the Conv1d small).
+    Instance scores: attention logits of the last class (the positive class
+    for binary tasks); all classes are in ``extra_scores["attention"]`` and the
+    instance-classifier outputs in ``extra_scores["instance_logits"]``.
+    Embedding: :math:`[v_{b,1}; \dots; v_{b,C}]` flattened, ``[B, C * H]``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 256,
+        q_dim: int = 128,
+        dropout: float = 0.25,
+    ):
+        super().__init__(in_dim, n_out)
+        self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
+        self.instance_classifier = nn.Linear(h, n_out)
+        self.q = nn.Sequential(nn.Linear(h, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
+        self.bag_classifier = nn.Conv1d(n_out, n_out, kernel_size=h)
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        h = self.encoder(batch.x)
+        s = self.instance_classifier(h)
+        s_dense, _ = to_dense_batch(
+            s, batch.batch, fill_value=float("-inf"), batch_size=batch.num_bags
+        )
+        s_max, critical = s_dense.max(1)
+        critical = critical + batch.ptr[:-1].unsqueeze(1)
+        q = self.q(h)
+        q_crit = q[critical]
+        e = torch.einsum("nd,ncd->nc", q, q_crit[batch.batch]) / math.sqrt(q.shape[-1])
+        a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
+        v = torch.stack(
+            [
+                segment_weighted_sum(h, a[:, c], batch.batch, batch.num_bags)
+                for c in range(self.n_out)
+            ],
+            1,
+        )
+        bag_logits = self.bag_classifier(v).squeeze(-1)
+        return MILOutput(
+            logits=0.5 * (s_max + bag_logits),
+            embedding=v.flatten(1),
+            scores=e.detach()[:, -1],
+            extra_scores={"attention": e.detach(), "instance_logits": s.detach()},
+        )

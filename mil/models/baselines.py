@@ -19,7 +19,9 @@ class MeanPoolMIL(MILModel):
     instance's contribution to the bag logit; last output column).
     """
 
-    def __init__(self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25):
+    def __init__(
+        self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25
+    ):
         super().__init__(in_dim, n_out)
         self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
         self.head = nn.Linear(h, n_out)
@@ -40,7 +42,9 @@ class MaxPoolMIL(MILModel):
     Instance scores count how many embedding dimensions each instance wins.
     """
 
-    def __init__(self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25):
+    def __init__(
+        self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25
+    ):
         super().__init__(in_dim, n_out)
         self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
         self.head = nn.Linear(h, n_out)

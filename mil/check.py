@@ -1,0 +1,141 @@
+"""``mil check``: validate a cohort's CSV and feature files before training."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mil.config import Config
+from mil.data.readers import index_feature_dir, read_features
+from mil.errors import DataError
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" or "warning"
+    where: str  # slide id, column or file
+    what: str
+
+
+def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
+    """Every problem found (not only the first) and a per-slide table."""
+    d = cfg.data
+    problems: list[Problem] = []
+    csv = Path(d.csv)
+    if not csv.is_file():
+        return [Problem("error", str(csv), "cohort CSV not found (data.csv)")], pd.DataFrame()
+    df = pd.read_csv(csv, dtype={d.slide_col: str})
+    if d.slide_col not in df.columns:
+        return [
+            Problem("error", d.slide_col, f"slide column not in {csv} (data.slide_col)")
+        ], pd.DataFrame()
+    ids = df[d.slide_col].astype(str).str.strip()
+    for sid, n in Counter(ids).items():
+        if n > 1:
+            problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
+    target_cols = [d.label_col] if cfg.task.type == "classification" else [d.time_col, d.event_col]
+    for col in target_cols:
+        if col not in df.columns:
+            problems.append(
+                Problem("error", col, f"column not in {csv}; columns are {', '.join(df.columns)}")
+            )
+        else:
+            for sid in ids[df[col].isna()]:
+                problems.append(Problem("error", sid, f"no value in column {col!r}"))
+    try:
+        index, layout = index_feature_dir(d.features)
+    except DataError as exc:
+        problems.append(Problem("error", str(d.features), str(exc)))
+        return problems, pd.DataFrame()
+    rows = []
+    for sid in ids:
+        row = {
+            "slide_id": sid,
+            "file": "",
+            "layout": "",
+            "tiles": 0,
+            "dim": 0,
+            "coords": False,
+            "status": "ok",
+        }
+        if sid not in index:
+            row["status"] = "missing file"
+            problems.append(Problem("error", sid, f"no feature file in {d.features}"))
+        else:
+            row["file"] = str(index[sid])
+            try:
+                sf = read_features(index[sid])
+                row.update(
+                    layout=sf.layout,
+                    tiles=sf.features.shape[0],
+                    dim=sf.features.shape[1],
+                    coords=sf.coords is not None,
+                )
+            except DataError as exc:
+                row["status"] = "unreadable"
+                problems.append(Problem("error", sid, str(exc)))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    dims = table.loc[table["dim"] > 0, "dim"]
+    if len(dims):
+        common = int(dims.mode().iloc[0])
+        for _, r in table[(table["dim"] > 0) & (table["dim"] != common)].iterrows():
+            problems.append(
+                Problem(
+                    "error",
+                    r["slide_id"],
+                    f"feature dimension {r['dim']}, most slides have {common}",
+                )
+            )
+            table.loc[table["slide_id"] == r["slide_id"], "status"] = "wrong dimension"
+    extra = sorted(set(index) - set(ids))
+    if extra:
+        problems.append(
+            Problem(
+                "warning",
+                str(d.features),
+                f"{len(extra)} feature files not in the CSV (e.g. {', '.join(extra[:3])})",
+            )
+        )
+    if cfg.task.type == "classification" and d.label_col in df.columns:
+        counts = df[d.label_col].value_counts()
+        for label, n in counts.items():
+            if n < cfg.splits.folds:
+                problems.append(
+                    Problem(
+                        "warning",
+                        str(label),
+                        f"class has {n} slides, fewer than {cfg.splits.folds} folds",
+                    )
+                )
+        table.attrs["class_counts"] = counts.to_dict()
+    return problems, table
+
+
+def format_check(problems: list[Problem], table: pd.DataFrame) -> str:
+    lines = []
+    if len(table):
+        ok = table[table["status"] == "ok"]
+        lines.append(
+            f"{len(table)} slides in the CSV, {len(ok)} readable; "
+            f"tiles per slide {int(ok['tiles'].min()) if len(ok) else 0}-{int(ok['tiles'].max()) if len(ok) else 0}; "
+            f"feature dim {sorted(set(ok['dim'].tolist()))}; layouts {sorted(set(ok['layout']))}; "
+            f"coords in {int(ok['coords'].sum())}/{len(ok)}"
+        )
+        counts = table.attrs.get("class_counts")
+        if counts:
+            lines.append("class counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    if problems:
+        lines.append(f"{'severity':<8}  {'where':<24}  problem")
+        for p in problems:
+            lines.append(f"{p.severity:<8}  {p.where:<24}  {p.what}")
+    n_err = sum(p.severity == "error" for p in problems)
+    lines.append(f"{n_err} errors, {len(problems) - n_err} warnings")
+    return "\n".join(lines)
+
+
+def has_errors(problems: list[Problem]) -> bool:
+    return any(p.severity == "error" for p in problems)

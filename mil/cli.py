@@ -1,0 +1,141 @@
+"""The ``mil`` command line: parses arguments and calls the library; errors without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mil.errors import MilError
+
+
+def _parse_folds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MilError(
+            f"--folds {text!r}: expected comma-separated fold numbers, e.g. 0,2"
+        ) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mil.config import load_config
+    from mil.train.runner import run_cv
+    from mil.train.summary import format_summary, summarize
+
+    cfg = load_config(args.config, args.set)
+    run_dir = run_cv(cfg, args.out, folds=_parse_folds(args.folds), progress=not args.quiet)
+    print(format_summary(summarize(run_dir)))
+    print(f"results: {run_dir}")
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from mil.config import load_config
+    from mil.data.cohort import Cohort
+    from mil.splits import describe, load_or_make_splits
+
+    cfg = load_config(args.config, args.set)
+    if not cfg.splits.dir:
+        raise MilError(f"{args.config}: splits.dir is not set; say where the split files go")
+    cohort = Cohort.from_config(cfg)
+    splits, made = load_or_make_splits(
+        cfg.splits.dir,
+        cohort,
+        cfg.splits.folds,
+        cfg.splits.val_fraction,
+        cfg.splits.seed,
+        cfg.splits.repeats,
+        force=args.force,
+    )
+    print(
+        f"{'wrote' if made else 'read existing (use --force to remake)'} {len(splits)} splits in {cfg.splits.dir}"
+    )
+    for sp in splits:
+        print(f"fold {sp.name}:\n{describe(sp, cohort).to_string()}")
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from mil.train.summary import format_summary, summarize
+
+    print(format_summary(summarize(args.run_dir)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mil.check import check_cohort, format_check, has_errors
+    from mil.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    problems, table = check_cohort(cfg)
+    print(format_check(problems, table))
+    return 1 if has_errors(problems) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mil.demo import run_demo
+
+    run_demo(Path(args.out), progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mil", description="Multiple-instance learning on whole-slide tile features."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+        )
+
+    t = sub.add_parser("train", help="cross-validate a model (resumes finished folds)")
+    with_config(t)
+    t.add_argument("--out", help="run folder (default results/<name>)")
+    t.add_argument("--folds", help="only these folds, e.g. 0,2 (for one job per fold)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("splits", help="write (or show) the patient-level split files")
+    with_config(s)
+    s.add_argument("--force", action="store_true", help="remake splits even if the folder has some")
+    s.set_defaults(fn=cmd_splits)
+
+    m = sub.add_parser("summarize", help="rebuild summary.csv/json from a run's fold folders")
+    m.add_argument("run_dir")
+    m.set_defaults(fn=cmd_summarize)
+
+    c = sub.add_parser("check", help="validate a cohort's CSV and feature files")
+    with_config(c)
+    c.set_defaults(fn=cmd_check)
+
+    d = sub.add_parser("demo", help="run the built-in synthetic demo end to end")
+    d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except MilError as exc:
+        print(f"mil: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mil: interrupted; finished folds are kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Cohort: the CSV's slides, patients and targets, and the bags built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mil.config import Config
+from mil.errors import DataError
+
+
+@dataclass
+class Cohort:
+    """Slides of a study and the bags the model sees.
+
+    Attributes:
+        slides: one row per slide: ``slide_id``, ``patient_id``, ``bag_id`` and
+            the targets (``label`` class index, or ``time``/``event``), plus
+            the CSV's other columns.
+        bags: one row per bag (``bag_id``, ``patient_id``, targets), in a
+            stable order; ``bag_slides`` maps each bag to its slides.
+        classes: class names in label-index order (classification), else [].
+    """
+
+    slides: pd.DataFrame
+    bags: pd.DataFrame
+    bag_slides: dict[str, list[str]]
+    classes: list[str]
+    task: str
+    source: str
+
+    @property
+    def bag_ids(self) -> list[str]:
+        return self.bags["bag_id"].tolist()
+
+    def bag_index(self) -> dict[str, int]:
+        return {b: i for i, b in enumerate(self.bags["bag_id"])}
+
+    def bags_of_slides(self, slide_ids: list[str]) -> list[str]:
+        """Bag ids containing ``slide_ids`` (order of first appearance)."""
+        owner = dict(zip(self.slides["slide_id"], self.slides["bag_id"]))
+        return list(dict.fromkeys(owner[s] for s in slide_ids))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Cohort:
+        d = cfg.data
+        path = Path(d.csv)
+        if not path.is_file():
+            raise DataError(f"data.csv: cohort CSV not found: {path}")
+        try:
+            df = pd.read_csv(path, dtype={d.slide_col: str})
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read the cohort CSV ({exc})") from None
+        return cls.from_frame(df, cfg, source=str(path))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, cfg: Config, source: str = "<frame>") -> Cohort:
+        d = cfg.data
+        task = cfg.task.type
+
+        def need_col(col: str, key: str) -> None:
+            if col not in df.columns:
+                raise DataError(
+                    f"{source}: column {col!r} (data.{key}) not in the CSV; columns are: {', '.join(map(str, df.columns))}"
+                )
+
+        need_col(d.slide_col, "slide_col")
+        out = pd.DataFrame({"slide_id": df[d.slide_col].astype(str).str.strip()})
+        dup = out["slide_id"][out["slide_id"].duplicated()].unique().tolist()
+        if dup:
+            raise DataError(f"{source}: slide ids appear more than once: {', '.join(dup[:10])}")
+        if d.patient_col in df.columns:
+            pid = df[d.patient_col]
+            missing = pid.isna()
+            out["patient_id"] = pid.astype(str).where(~missing, out["slide_id"])
+        else:
+            out["patient_id"] = out["slide_id"]
+
+        classes: list[str] = []
+        if task == "classification":
+            need_col(d.label_col, "label_col")
+            raw = df[d.label_col]
+            _no_missing(raw, out["slide_id"], d.label_col, source)
+            labels = raw.map(_label_str)
+            if d.classes is not None:
+                classes = [str(c) for c in d.classes]
+                unknown = sorted(set(labels) - set(classes))
+                if unknown:
+                    bad = out["slide_id"][labels.isin(unknown)].iloc[0]
+                    raise DataError(
+                        f"{source}: label {unknown[0]!r} (slide {bad}) is not in data.classes {classes}"
+                    )
+            else:
+                classes = _stable_classes(raw)
+            if len(classes) < 2:
+                raise DataError(
+                    f"{source}: column {d.label_col!r} has a single class {classes}; need at least 2"
+                )
+            out["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
+            targets = ["label"]
+        else:
+            need_col(d.time_col, "time_col")
+            need_col(d.event_col, "event_col")
+            for col in (d.time_col, d.event_col):
+                _no_missing(df[col], out["slide_id"], col, source)
+            time = pd.to_numeric(df[d.time_col], errors="coerce")
+            if time.isna().any() or (time < 0).any():
+                bad = out["slide_id"][time.isna() | (time < 0)].iloc[0]
+                raise DataError(
+                    f"{source}: column {d.time_col!r} must hold non-negative numbers (slide {bad}: {df[d.time_col][out['slide_id'] == bad].iloc[0]!r})"
+                )
+            ev = pd.to_numeric(df[d.event_col], errors="coerce")
+            if d.censored_value is not None:
+                ev = (ev != d.censored_value).astype(float).where(ev.notna())
+            if ev.isna().any() or not ev.isin([0, 1]).all():
+                bad = out["slide_id"][~ev.isin([0, 1])].iloc[0]
+                raise DataError(
+                    f"{source}: column {d.event_col!r} must be 0/1 after mapping "
+                    f"(data.censored_value={d.censored_value}); slide {bad} has "
+                    f"{df[d.event_col][out['slide_id'] == bad].iloc[0]!r}"
+                )
+            out["time"] = time.astype(float)
+            out["event"] = ev.astype(int)
+            if out["event"].sum() == 0:
+                raise DataError(
+                    f"{source}: column {d.event_col!r}: every patient is censored; survival needs events"
+                )
+            targets = ["time", "event"]
+        for col in df.columns:
+            if col not in (d.slide_col,) and col not in out.columns:
+                out[col] = df[col].values
+
+        if d.bag_level == "patient":
+            out["bag_id"] = out["patient_id"]
+            for col in targets:
+                n = out.groupby("patient_id")[col].nunique()
+                if (n > 1).any():
+                    p = n.index[n > 1][0]
+                    raise DataError(
+                        f"{source}: patient {p} has slides with different {col!r} values; "
+                        f"patient-level bags need one value per patient"
+                    )
+        else:
+            out["bag_id"] = out["slide_id"]
+        bags = (
+            out.groupby("bag_id", sort=False)
+            .first()
+            .reset_index()[["bag_id", "patient_id", *targets]]
+        )
+        bag_slides = out.groupby("bag_id", sort=False)["slide_id"].apply(list).to_dict()
+        return cls(
+            slides=out, bags=bags, bag_slides=bag_slides, classes=classes, task=task, source=source
+        )
+
+
+def _label_str(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def _stable_classes(raw: pd.Series) -> list[str]:
+    """Classes sorted numerically when all labels are numbers, else as strings."""
+    values = raw.dropna().unique()
+    try:
+        nums = sorted({float(v) for v in values})
+        return [_label_str(v) for v in nums]
+    except (TypeError, ValueError):
+        return sorted({_label_str(v) for v in values})
+
+
+def _no_missing(col: pd.Series, slide_ids: pd.Series, name: str, source: str) -> None:
+    missing = col.isna() | (col.astype(str).str.strip() == "")
+    if missing.any():
+        ids = slide_ids[missing].tolist()
+        raise DataError(
+            f"{source}: {len(ids)} rows have no value in column {name!r} (slides {', '.join(ids[:5])}"
+            f"{', …' if len(ids) > 5 else ''}); fill them in or remove those rows"
+        )
+
+
+def numeric_labels(cohort: Cohort) -> np.ndarray:
+    return cohort.bags["label"].to_numpy(int)

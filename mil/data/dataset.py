@@ -1,0 +1,172 @@
+"""Bags from feature files, read once per run into an in-memory cache."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mil.data.batch import Bag
+from mil.data.readers import SlideFeatures, index_feature_dir, read_features
+from mil.errors import DataError
+
+
+class FeatureStore:
+    """Slide id -> features, read from disk once and kept in RAM within a budget.
+
+    Features are stored as ``cache_dtype`` (float16 halves the memory; the
+    model casts to float32 when packing). Beyond ``budget_gb`` the least
+    recently used slides are dropped and re-read on demand.
+    """
+
+    def __init__(
+        self,
+        index: dict[str, Path],
+        budget_gb: float = 8.0,
+        cache_dtype: str = "float32",
+        expected_dim: int | None = None,
+    ) -> None:
+        self.index = index
+        self.budget = int(budget_gb * 2**30)
+        self.dtype = torch.float16 if cache_dtype == "float16" else torch.float32
+        self.dim = expected_dim
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None, dict]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+        self.instance_labels: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_dir(cls, root: str | Path, **kw) -> FeatureStore:
+        index, _ = index_feature_dir(root)
+        return cls(index, **kw)
+
+    def path(self, slide_id: str) -> Path:
+        if slide_id not in self.index:
+            raise DataError(
+                f"slide {slide_id}: no feature file (.h5/.pt/.npy) found for it in the feature folder"
+            )
+        return self.index[slide_id]
+
+    def read(self, slide_id: str) -> SlideFeatures:
+        sf = read_features(self.path(slide_id))
+        d = sf.features.shape[1]
+        if self.dim is None:
+            self.dim = d
+        elif d != self.dim:
+            raise DataError(
+                f"slide {slide_id}: features have dimension {d}, other slides have {self.dim} "
+                f"({self.path(slide_id)}); were they made by another encoder?"
+            )
+        return sf
+
+    def get(self, slide_id: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        hit = self._cache.get(slide_id)
+        if hit is not None:
+            self._cache.move_to_end(slide_id)
+            return hit
+        sf = self.read(slide_id)
+        return self._insert(slide_id, sf)
+
+    def _insert(
+        self, slide_id: str, sf: SlideFeatures
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        x = torch.from_numpy(np.ascontiguousarray(sf.features)).to(self.dtype)
+        coords = None if sf.coords is None else torch.from_numpy(sf.coords)
+        if sf.instance_label is not None:
+            self.instance_labels[slide_id] = sf.instance_label
+        item = (x, coords, sf.attrs)
+        size = x.numel() * x.element_size()
+        if size <= self.budget:
+            self._cache[slide_id] = item
+            self._bytes += size
+            while self._bytes > self.budget and self._cache:
+                _, (old, _, _) = self._cache.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+        return item
+
+    def preload(self, slide_ids: Sequence[str], workers: int = 4, progress: bool = True) -> None:
+        """Read ``slide_ids`` into the cache with a few threads (I/O and decompression overlap)."""
+        todo = [s for s in slide_ids if s not in self._cache]
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for slide_id, sf in tqdm(
+                zip(todo, pool.map(self.read, todo)),
+                total=len(todo),
+                desc="reading features",
+                disable=not progress,
+                leave=False,
+            ):
+                self._insert(slide_id, sf)
+
+
+class BagDataset:
+    """The bags of a cohort: one per slide or per patient (slides concatenated).
+
+    ``graph_fn(bag) -> edge_index`` adds an instance graph to each bag, cached
+    for the run.
+    """
+
+    def __init__(
+        self,
+        bag_slides: dict[str, list[str]],
+        store: FeatureStore,
+        graph_fn: Callable[[Bag], torch.Tensor] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.bag_slides = bag_slides
+        self.store = store
+        self.graph_fn = graph_fn
+        self.transform = transform
+        self._graphs: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.bag_slides)
+
+    def __getitem__(self, bag_id: str) -> Bag:
+        slides = self.bag_slides[bag_id]
+        parts = [self.store.get(s) for s in slides]
+        if len(parts) == 1:
+            x, coords, _ = parts[0]
+        else:
+            x = torch.cat([p[0] for p in parts])
+            coords = (
+                torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
+            )
+        if self.transform is not None:
+            x = self.transform(x)
+        ptr = tuple(np.cumsum([0] + [len(p[0]) for p in parts]).tolist())
+        bag = Bag(bag_id=bag_id, x=x, coords=coords, slides=tuple(slides), slide_ptr=ptr)
+        if self.graph_fn is not None:
+            if bag_id not in self._graphs:
+                self._graphs[bag_id] = self._graph(bag)
+            bag.edge_index = self._graphs[bag_id]
+        return bag
+
+    def _graph(self, bag: Bag) -> torch.Tensor:
+        """Instance graph built per slide, so that tiles of two slides are never joined."""
+        edges = []
+        for i, slide in enumerate(bag.slides):
+            lo, hi = bag.slide_ptr[i], bag.slide_ptr[i + 1]
+            part = Bag(
+                bag_id=slide,
+                x=bag.x[lo:hi],
+                coords=None if bag.coords is None else bag.coords[lo:hi],
+            )
+            edges.append(self.graph_fn(part) + lo)
+        return torch.cat(edges, 1)
+
+    def sizes(self, bag_ids: Sequence[str]) -> list[int]:
+        return [sum(len(self.store.get(s)[0]) for s in self.bag_slides[b]) for b in bag_ids]
+
+    def instance_labels(self, bag_id: str) -> np.ndarray | None:
+        labels = [self.store.instance_labels.get(s) for s in self.bag_slides[bag_id]]
+        if any(v is None for v in labels):
+            return None
+        return np.concatenate(labels)

@@ -1,0 +1,55 @@
+"""Classification metrics from scikit-learn, for binary and multi-class predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """``auc``, ``balanced_accuracy``, ``accuracy``, ``f1`` (macro) from class probabilities.
+
+    Args:
+        y_true: ``[n]`` integer class indices.
+        prob: ``[n, C]`` class probabilities (rows sum to 1).
+
+    ``auc`` is the ROC AUC of the positive class for C = 2 and the macro
+    one-vs-rest AUC for C > 2; NaN when the labels hold a single class.
+    Predicted class = argmax (for C = 2: probability of class 1 >= 0.5).
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    n_classes = prob.shape[1]
+    y_pred = prob.argmax(1)
+    present = np.unique(y_true)
+    if len(present) < 2:
+        auc = float("nan")
+    elif n_classes == 2:
+        auc = skm.roc_auc_score(y_true, prob[:, 1])
+    elif len(present) < n_classes:
+        # One-vs-rest over the classes present, probabilities renormalised over them.
+        sub = prob[:, present] / prob[:, present].sum(1, keepdims=True)
+        auc = skm.roc_auc_score(
+            np.searchsorted(present, y_true), sub, multi_class="ovr", average="macro"
+        )
+    else:
+        auc = skm.roc_auc_score(y_true, prob, multi_class="ovr", average="macro")
+    return {
+        "auc": float(auc),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "f1": float(
+            skm.f1_score(
+                y_true, y_pred, average="macro", labels=np.arange(n_classes), zero_division=0
+            )
+        ),
+    }
+
+
+def confusion(y_true: np.ndarray, prob: np.ndarray) -> list[list[int]]:
+    """Confusion matrix (rows = true class, columns = predicted class)."""
+    n_classes = np.asarray(prob).shape[1]
+    cm = skm.confusion_matrix(
+        np.asarray(y_true, dtype=int), np.asarray(prob).argmax(1), labels=np.arange(n_classes)
+    )
+    return cm.tolist()

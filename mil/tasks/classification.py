@@ -1,0 +1,122 @@
+"""Slide/patient classification: cross-entropy head, probabilities, scikit-learn metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mil.config import Config
+from mil.errors import ConfigError
+from mil.metrics import bootstrap_ci, classification_metrics, confusion
+from mil.tasks.base import Task, as_tensor
+
+
+class ClassificationTask(Task):
+    """Cross-entropy over C classes (C >= 2), optional class weights.
+
+    ``task.class_weights``: ``none``, ``balanced`` (inverse class frequency
+    in the training fold, as scikit-learn's ``compute_class_weight``) or a
+    list of C weights.
+    """
+
+    name = "classification"
+
+    def __init__(self, cfg: Config, classes: list[str]) -> None:
+        super().__init__(cfg, classes)
+        self.weight: Tensor | None = None
+        cw = cfg.task.class_weights
+        if isinstance(cw, list) and len(cw) != len(classes):
+            raise ConfigError(
+                f"{cfg.source}: task.class_weights has {len(cw)} values for {len(classes)} classes {classes}"
+            )
+
+    @property
+    def n_out(self) -> int:
+        return len(self.classes)
+
+    def setup_fold(self, train_bags: pd.DataFrame) -> None:
+        cw = self.cfg.task.class_weights
+        if cw == "balanced":
+            from sklearn.utils.class_weight import compute_class_weight
+
+            y = train_bags["label"].to_numpy(int)
+            present = np.unique(y)
+            w = np.ones(self.n_out)
+            w[present] = compute_class_weight("balanced", classes=present, y=y)
+            self.weight = torch.tensor(w, dtype=torch.float32)
+        elif isinstance(cw, list):
+            self.weight = torch.tensor(cw, dtype=torch.float32)
+        else:
+            self.weight = None
+
+    def state(self) -> dict[str, Any]:
+        return {"class_weights": None if self.weight is None else self.weight.tolist()}
+
+    def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
+        return {"label": as_tensor(bags["label"].to_numpy(int), torch.long)}
+
+    def model_targets(self, targets: dict[str, Tensor]) -> Tensor | None:
+        return targets["label"]
+
+    def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        w = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits, targets["label"].to(logits.device), weight=w)
+
+    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+        prob = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
+        out["label"] = [self.classes[i] for i in bags["label"]]
+        out["label_index"] = bags["label"].to_numpy(int)
+        for i, c in enumerate(self.classes):
+            out[f"prob_{c}"] = prob[:, i]
+        out["pred"] = [self.classes[i] for i in prob.argmax(1)]
+        return out
+
+    def _prob(self, pred: pd.DataFrame) -> np.ndarray:
+        return pred[[f"prob_{c}" for c in self.classes]].to_numpy(float)
+
+    def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
+        y, p = pred["label_index"].to_numpy(int), self._prob(pred)
+        out: dict[str, Any] = classification_metrics(y, p)
+        out["confusion_matrix"] = confusion(y, p)
+        return out
+
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
+        y, p = pred["label_index"].to_numpy(int), self._prob(pred)
+        groups = pred["patient_id"].to_numpy()
+        names = list(classification_metrics(y, p))
+        return {
+            name: bootstrap_ci(
+                lambda yy, pp, name=name: classification_metrics(yy, pp)[name],
+                y,
+                p,
+                n_boot=n_boot,
+                seed=seed,
+                groups=groups,
+            )
+            for name in names
+        }
+
+    def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
+        return pred["label_index"].to_numpy(int) > 0
+
+    def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame:
+        """Patient-level predictions: class probabilities averaged over a patient's bags."""
+        cols = [f"prob_{c}" for c in self.classes]
+        g = pred.groupby("patient_id", sort=False)
+        out = g[cols].mean().reset_index()
+        first = g[["label", "label_index"]].first().reset_index(drop=True)
+        out.insert(1, "label", first["label"].values)
+        out.insert(2, "label_index", first["label_index"].values)
+        out["n_bags"] = g.size().values
+        out["pred"] = [self.classes[i] for i in out[cols].to_numpy().argmax(1)]
+        return out

@@ -1,0 +1,192 @@
+"""One fold's training: loss batches of many bags, forwarded in instance-budget chunks."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mil.config import TrainConfig
+from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
+from mil.data.dataset import BagDataset
+from mil.models.base import MILModel
+from mil.tasks.base import Task
+
+
+@dataclass
+class Forward:
+    """Outputs of a chunked forward pass over a list of bags, in their order."""
+
+    logits: Tensor  # [B, n_out]
+    aux_loss: Tensor | None = None
+    scores: list[Tensor] | None = None  # per bag [N_b]
+    extra_scores: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+def forward_bags(
+    model: MILModel,
+    bags: Sequence[Bag],
+    max_instances: int,
+    device: torch.device,
+    targets: Tensor | None = None,
+    keep_scores: bool = False,
+) -> Forward:
+    """Forward ``bags`` in compute chunks of at most ``max_instances`` rows.
+
+    The chunks of one loss batch are run one after another and their bag
+    outputs concatenated, so the loss (and a Cox risk set) spans the whole
+    batch while each matrix product stays cache-sized.
+    """
+    logits, aux, scores = [], [], []
+    extra: dict[str, list[Tensor]] = {}
+    for chunk in chunk_by_budget([len(b) for b in bags], max_instances):
+        batch = collate_bags([bags[i] for i in chunk]).to(device)
+        if targets is not None:
+            batch.targets = targets[chunk].to(device)
+        out = model(batch)
+        logits.append(out.logits)
+        if out.aux_loss is not None:
+            aux.append(out.aux_loss * len(chunk))
+        if keep_scores:
+            if out.scores is not None:
+                scores.extend(unpack(out.scores.detach().float().cpu(), batch.ptr.cpu()))
+            for kind, val in out.extra_scores.items():
+                extra.setdefault(kind, []).extend(
+                    unpack(val.detach().float().cpu(), batch.ptr.cpu())
+                )
+    return Forward(
+        logits=torch.cat(logits),
+        aux_loss=(torch.stack(aux).sum() / len(bags)) if aux else None,
+        scores=scores if (keep_scores and scores) else None,
+        extra_scores=extra,
+    )
+
+
+def subsample(bag: Bag, n: int, gen: torch.Generator) -> Bag:
+    """A random subset of ``n`` instances of ``bag`` (the graph restricted to them)."""
+    if len(bag) <= n:
+        return bag
+    keep = torch.randperm(len(bag), generator=gen)[:n].sort().values
+    edge_index = None
+    if bag.edge_index is not None:
+        from torch_geometric.utils import subgraph
+
+        edge_index, _ = subgraph(keep, bag.edge_index, relabel_nodes=True, num_nodes=len(bag))
+    return Bag(
+        bag_id=bag.bag_id,
+        x=bag.x[keep],
+        coords=None if bag.coords is None else bag.coords[keep],
+        edge_index=edge_index,
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: MILModel,
+    data: BagDataset,
+    bag_ids: Sequence[str],
+    max_instances: int,
+    device: torch.device,
+    keep_scores: bool = False,
+    group: int = 64,
+) -> Forward:
+    """Evaluation-mode forward over all ``bag_ids`` (full bags, never subsampled)."""
+    model.eval()
+    parts = []
+    for i in range(0, len(bag_ids), group):
+        bags = [data[b] for b in bag_ids[i : i + group]]
+        parts.append(forward_bags(model, bags, max_instances, device, keep_scores=keep_scores))
+    out = Forward(logits=torch.cat([p.logits for p in parts]).cpu())
+    if keep_scores:
+        out.scores = [s for p in parts for s in (p.scores or [])] or None
+        for p in parts:
+            for kind, vals in p.extra_scores.items():
+                out.extra_scores.setdefault(kind, []).extend(vals)
+    return out
+
+
+def fit(
+    model: MILModel,
+    task: Task,
+    data: BagDataset,
+    train: pd.DataFrame,
+    val: pd.DataFrame | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[pd.DataFrame, dict[str, Tensor]]:
+    """Train with AdamW; early stopping on the validation loss restores the best weights.
+
+    With ``cfg.patience`` None (or no validation bags) it trains a fixed
+    ``cfg.epochs`` and keeps the final weights. Returns (history, state_dict).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_ids = train["bag_id"].tolist()
+    early = cfg.patience is not None and val is not None and len(val) > 0
+    val_targets = task.targets(val) if val is not None and len(val) else None
+    best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
+    history = []
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        t0 = time.perf_counter()
+        losses, n_inst = [], 0
+        for rows in task.batches(train, cfg.batch_size, rng):
+            bags = [data[train_ids[i]] for i in rows]
+            if cfg.subsample:
+                bags = [subsample(b, cfg.subsample, gen) for b in bags]
+            tgt = task.targets(train.iloc[rows])
+            out = forward_bags(
+                model, bags, cfg.max_instances, device, targets=task.model_targets(tgt)
+            )
+            loss = task.loss(out.logits, tgt)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            n_inst += sum(len(b) for b in bags)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "seconds": time.perf_counter() - t0,
+            "instances_per_s": n_inst / max(time.perf_counter() - t0, 1e-9),
+        }
+        if val_targets is not None:
+            fwd = predict(model, data, val["bag_id"].tolist(), cfg.max_instances, device)
+            row["val_loss"] = float(task.loss(fwd.logits, val_targets))
+            row.update(
+                {
+                    f"val_{k}": v
+                    for k, v in task.metrics(task.predictions(val, fwd.logits.numpy())).items()
+                    if isinstance(v, float)
+                }
+            )
+        history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_loss", "val_loss")})
+        if early:
+            if row["val_loss"] < best_loss - 1e-6:
+                best_loss, best_epoch, waited = row["val_loss"], epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                waited += 1
+                if waited >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                    break
+    hist = pd.DataFrame(history)
+    hist["best"] = hist["epoch"] == best_epoch if early else hist["epoch"] == hist["epoch"].max()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return hist, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,342 @@
+"""The cross-validation runner: cohort -> splits -> one fit per fold -> results folder.
+
+Layout of a run folder::
+
+    config.yaml             resolved config
+    splits/                 the split files used
+    fold_<k>/history.csv    per-epoch losses and validation metrics
+    fold_<k>/predictions.csv, predictions_patient.csv
+    fold_<k>/attention.h5   per-instance scores of the test bags (with coords)
+    fold_<k>/model.pt       weights + metadata (load with weights_only=True)
+    fold_<k>/metrics.json   test metrics; written last: its presence marks the fold done
+    summary.csv, summary.json
+
+Every file is written atomically, so an interrupted run resumes from the
+folds whose ``metrics.json`` exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from mil.config import Config, dump_config
+from mil.data.cohort import Cohort
+from mil.data.dataset import BagDataset, FeatureStore
+from mil.errors import ConfigError, DataError
+from mil.io import atomic_path, write_csv, write_json, write_text
+from mil.models import create, get
+from mil.splits import Split, load_or_make_splits, write_splits
+from mil.tasks import Task, make_task
+from mil.train.loop import fit, predict
+from mil.train.summary import summarize
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Experiment:
+    """Everything a run needs, loaded once: cohort, features, splits, task."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, force_splits: bool = False, progress: bool = True
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        if cfg.data.synthetic and not Path(cfg.data.csv).is_file():
+            from mil.data.demo import write_synthetic_cohort
+
+            write_synthetic_cohort(cfg.data.synthetic, Path(cfg.data.csv), Path(cfg.data.features))
+        self.cohort = Cohort.from_config(cfg)
+        self.store = FeatureStore.from_dir(
+            cfg.data.features, budget_gb=cfg.data.cache_gb, cache_dtype=cfg.data.cache_dtype
+        )
+        missing = [s for s in self.cohort.slides["slide_id"] if s not in self.store.index]
+        if missing:
+            raise DataError(
+                f"{len(missing)} slides of {cfg.data.csv} have no feature file in {cfg.data.features}: "
+                f"{', '.join(missing[:5])}{', …' if len(missing) > 5 else ''} (run `mil check` for a full report)"
+            )
+        split_dir = Path(cfg.splits.dir) if cfg.splits.dir else self.run_dir / "splits"
+        self.splits, made = load_or_make_splits(
+            split_dir,
+            self.cohort,
+            cfg.splits.folds,
+            cfg.splits.val_fraction,
+            cfg.splits.seed,
+            cfg.splits.repeats,
+            force=force_splits,
+        )
+        self.split_dir = split_dir
+        self.model_cls = get(cfg.model_name)
+        graph_fn = None
+        if getattr(self.model_cls, "graph", None):
+            from mil.data.graph import bag_graph
+
+            probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
+            kind, k = probe.graph, probe.graph_k
+            graph_fn = lambda bag: bag_graph(bag, kind, k)  # noqa: E731
+        self.data = BagDataset(self.cohort.bag_slides, self.store, graph_fn=graph_fn)
+
+    def task(self) -> Task:
+        return make_task(self.cfg, self.cohort.classes)
+
+    def fold_bags(self, split: Split, part: str) -> pd.DataFrame:
+        ids = set(self.cohort.bags_of_slides(split.part(part)))
+        b = self.cohort.bags
+        return b[b["bag_id"].isin(ids)].reset_index(drop=True)
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Write ``config.yaml``; refuse a folder that holds a run of another config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = dump_config(cfg)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        new = yaml.safe_load(text)
+        for section in (old, new):
+            section.get("train", {}).pop("device", None)
+            section.get("train", {}).pop("threads", None)
+        if old != new:
+            raise ConfigError(
+                f"{run_dir} holds a run of a different config ({path}); "
+                f"use another --out folder, or delete that one to start again"
+            )
+        return
+    write_text(path, text)
+
+
+def run_cv(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    folds: Sequence[int] | None = None,
+    force_splits: bool = False,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Run (or resume) cross-validation; returns the run folder."""
+    run_dir = Path(run_dir) if run_dir else Path("results") / cfg.name
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    exp = Experiment(cfg, run_dir, force_splits=force_splits, progress=progress)
+    prepare_run_dir(cfg, run_dir)
+    write_splits(run_dir / "splits", exp.splits, exp.cohort)
+    todo = list(range(len(exp.splits))) if folds is None else list(folds)
+    bad = [k for k in todo if not 0 <= k < len(exp.splits)]
+    if bad:
+        raise ConfigError(
+            f"--folds: fold {bad[0]} does not exist (the run has folds 0..{len(exp.splits) - 1})"
+        )
+    exp.store.preload(
+        [s for k in todo for p in ("train", "val", "test") for s in exp.splits[k].part(p)],
+        progress=progress,
+    )
+    device = resolve_device(cfg.train.device)
+    for k in todo:
+        fold_dir = run_dir / f"fold_{exp.splits[k].name}"
+        if (fold_dir / "metrics.json").is_file():
+            log(f"fold {exp.splits[k].name}: done earlier, skipped ({fold_dir / 'metrics.json'})")
+            continue
+        metrics = run_fold(exp, exp.splits[k], fold_dir, device)
+        shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
+        log(f"fold {exp.splits[k].name}: {shown}")
+    summarize(run_dir)
+    return run_dir
+
+
+def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device) -> dict[str, Any]:
+    cfg = exp.cfg
+    train, val, test = (exp.fold_bags(split, p) for p in ("train", "val", "test"))
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"fold {split.name}: empty training or test partition in {exp.split_dir}")
+    task = exp.task()
+    task.setup_fold(train)
+    torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
+    in_dim = exp.store.dim
+    exp.data.transform = None
+    norm = None
+    if cfg.data.standardize:
+        norm = feature_stats(exp.data, train["bag_id"].tolist())
+        exp.data.transform = norm.apply
+    model = create(cfg.model_name, in_dim=in_dim, n_out=task.n_out, **cfg.model_hparams).to(device)
+    t0 = time.perf_counter()
+    history, state = fit(
+        model,
+        task,
+        exp.data,
+        train,
+        val if len(val) else None,
+        cfg.train,
+        device,
+        progress=exp.progress,
+        desc=f"fold {split.name}",
+    )
+    train_seconds = time.perf_counter() - t0
+    fwd = predict(
+        model, exp.data, test["bag_id"].tolist(), cfg.train.max_instances, device, keep_scores=True
+    )
+    pred = task.predictions(test, fwd.logits.numpy())
+    train_pred = None
+    if getattr(task, "needs_train_predictions", False):
+        tfwd = predict(model, exp.data, train["bag_id"].tolist(), cfg.train.max_instances, device)
+        train_pred = task.predictions(train, tfwd.logits.numpy())
+    metrics = task.metrics(pred, train_pred)
+    witness = instance_auc(exp.data, pred, fwd.scores, task.positive_bags(pred))
+    if witness is not None:
+        metrics["witness_auc"] = witness
+    metrics["train_seconds"] = train_seconds
+    metrics["epochs"] = int(history["epoch"].max() + 1)
+    metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
+
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(fold_dir / "history.csv", history)
+    write_csv(fold_dir / "predictions.csv", pred)
+    if hasattr(task, "patient_predictions"):
+        write_csv(fold_dir / "predictions_patient.csv", task.patient_predictions(pred))
+    if train_pred is not None:
+        write_csv(fold_dir / "predictions_train.csv", train_pred)
+    write_scores(fold_dir / "attention.h5", exp.data, test["bag_id"].tolist(), fwd, cfg, split)
+    save_model(fold_dir / "model.pt", state, cfg, in_dim, task, norm)
+    extra = getattr(task, "fold_artifacts", None)
+    if extra is not None:
+        extra(fold_dir, pred, train_pred)
+    write_json(
+        fold_dir / "metrics.json",
+        {
+            "fold": split.name,
+            "repeat": split.repeat,
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_test": len(test),
+            "classes": task.classes,
+            "task": task.name,
+            "metrics": metrics,
+        },
+    )
+    return metrics
+
+
+@dataclass
+class Standardizer:
+    """Per-feature standardisation ``(x - mean) / std`` with statistics of the training bags only."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def feature_stats(data: BagDataset, bag_ids: Sequence[str]) -> Standardizer:
+    """Mean and sd of every feature over all instances of ``bag_ids`` (float64 sums, one pass)."""
+    total, sq, n = 0.0, 0.0, 0
+    for b in bag_ids:
+        for s in data.bag_slides[b]:
+            x = data.store.get(s)[0].double()
+            total = total + x.sum(0)
+            sq = sq + (x * x).sum(0)
+            n += x.shape[0]
+    mean = total / n
+    var = (sq / n - mean * mean).clamp(min=0)
+    std = var.sqrt()
+    std[std < 1e-8] = 1.0  # constant features pass through centred
+    return Standardizer(mean=mean.float(), std=std.float())
+
+
+def instance_auc(
+    data: BagDataset, pred: pd.DataFrame, scores: list | None, positive: np.ndarray
+) -> float | None:
+    """Mean over positive test bags of the instance ROC AUC of scores vs instance labels.
+
+    Defined only where feature files carry ``instance_label`` (the demo's
+    planted witnesses, or annotated tumour tiles); bags whose instances are all
+    one label are skipped.
+    """
+    if scores is None:
+        return None
+    aucs = []
+    for bag_id, s, pos in zip(pred["bag_id"], scores, positive):
+        if not pos:
+            continue
+        labels = data.instance_labels(bag_id)
+        if labels is None or len(np.unique(labels)) < 2:
+            continue
+        aucs.append(roc_auc_score(labels, s.numpy()))
+    return float(np.mean(aucs)) if aucs else None
+
+
+def write_scores(
+    path: Path, data: BagDataset, bag_ids: list[str], fwd, cfg: Config, split: Split
+) -> None:
+    """Per-instance scores of each test bag, beside its coordinates, in one h5 file."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["model"] = cfg.model_name
+        f.attrs["fold"] = split.name
+        f.attrs["has_scores"] = fwd.scores is not None
+        f.attrs["score_kinds"] = ",".join(
+            ["attention", *fwd.extra_scores] if fwd.scores is not None else []
+        )
+        for i, bag_id in enumerate(bag_ids):
+            g = f.create_group(bag_id.replace("/", "|"))
+            g.attrs["bag_id"] = bag_id
+            bag = data[bag_id]
+            g.attrs["slides"] = list(bag.slides)
+            g.attrs["slide_ptr"] = list(bag.slide_ptr)
+            if bag.coords is not None:
+                g.create_dataset("coords", data=bag.coords.numpy())
+            if fwd.scores is not None:
+                g.create_dataset("scores", data=fwd.scores[i].numpy().astype(np.float32))
+            for kind, vals in fwd.extra_scores.items():
+                g.create_dataset(f"scores_{kind}", data=vals[i].numpy().astype(np.float32))
+
+
+def save_model(
+    path: Path, state: dict, cfg: Config, in_dim: int, task: Task, norm: Standardizer | None = None
+) -> None:
+    """Weights and what is needed to rebuild the model; loadable with ``weights_only=True``."""
+    payload = {
+        "standardize": None if norm is None else {"mean": norm.mean, "std": norm.std},
+        "state_dict": state,
+        "model": cfg.model_name,
+        "hparams": cfg.model_hparams,
+        "in_dim": int(in_dim),
+        "n_out": int(task.n_out),
+        "task": task.name,
+        "classes": list(task.classes),
+        "task_state": task.state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, map_location: str = "cpu"):
+    """Rebuild a model saved by :func:`save_model` (``torch.load(weights_only=True)``)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = create(
+        payload["model"], in_dim=payload["in_dim"], n_out=payload["n_out"], **payload["hparams"]
+    )
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload
+
+
+def copy_splits(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).glob("splits_*.csv"):
+        shutil.copy2(f, dst / f.name)

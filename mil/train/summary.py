@@ -1,0 +1,111 @@
+"""Summaries of a run folder: per-fold metrics, mean ± sd, and bootstrap CIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mil.config import config_from_dict
+from mil.errors import DataError
+from mil.io import write_csv, write_json
+
+
+def fold_dirs(run_dir: Path) -> list[Path]:
+    return sorted(
+        (p for p in Path(run_dir).glob("fold_*") if (p / "metrics.json").is_file()),
+        key=lambda p: _fold_key(p.name[5:]),
+    )
+
+
+def _fold_key(name: str) -> tuple[int, int]:
+    if name.startswith("r"):
+        r, k = name[1:].split("_")
+        return int(r), int(k)
+    return 0, int(name)
+
+
+def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Rebuild ``summary.csv`` and ``summary.json`` from the finished fold folders."""
+    run_dir = Path(run_dir)
+    done = fold_dirs(run_dir)
+    if not done:
+        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) to summarise")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise DataError(f"{run_dir}: config.yaml missing; is this a mil run folder?")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    records = [json.loads((d / "metrics.json").read_text()) for d in done]
+    scalar = sorted(
+        {
+            k
+            for r in records
+            for k, v in r["metrics"].items()
+            if isinstance(v, (int, float)) and k not in ("epochs",)
+        },
+        key=lambda k: (k in ("train_seconds", "seconds_per_epoch"), k),
+    )
+    rows = []
+    for r in records:
+        rows.append({"fold": r["fold"], **{k: r["metrics"].get(k, np.nan) for k in scalar}})
+    table = pd.DataFrame(rows)
+    metrics: dict[str, Any] = {}
+    for k in scalar:
+        vals = table[k].to_numpy(float)
+        ok = vals[np.isfinite(vals)]
+        metrics[k] = {
+            "mean": float(ok.mean()) if len(ok) else float("nan"),
+            "sd": float(ok.std(ddof=1)) if len(ok) > 1 else float("nan"),
+            "folds": [None if not np.isfinite(v) else float(v) for v in vals],
+        }
+    repeats = sorted({r.get("repeat", 0) for r in records})
+    if len(repeats) > 1:
+        for k in scalar:
+            per_rep = table.groupby([r.get("repeat", 0) for r in records])[k].mean().to_numpy(float)
+            metrics[k]["repeat_means"] = per_rep.tolist()
+            metrics[k]["sem_over_repeats"] = float(per_rep.std(ddof=1) / np.sqrt(len(per_rep)))
+
+    from mil.tasks import make_task
+
+    task = make_task(cfg, records[0].get("classes", []))
+    pooled = pd.concat(
+        [pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str}) for d in done]
+    )
+    for k, (lo, hi) in task.pooled_ci(pooled, n_boot=n_boot).items():
+        if k in metrics:
+            metrics[k]["ci95_pooled"] = [lo, hi]
+    summary = {
+        "name": cfg.name,
+        "task": cfg.task.type,
+        "model": cfg.model_name,
+        "folds": [r["fold"] for r in records],
+        "n_folds_expected": cfg.splits.folds * cfg.splits.repeats,
+        "metrics": metrics,
+    }
+    agg = pd.DataFrame(
+        [
+            {"fold": "mean", **{k: metrics[k]["mean"] for k in scalar}},
+            {"fold": "sd", **{k: metrics[k]["sd"] for k in scalar}},
+        ]
+    )
+    write_csv(run_dir / "summary.csv", pd.concat([table, agg], ignore_index=True))
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table: metric, mean ± sd over folds, pooled bootstrap 95% CI."""
+    lines = [
+        f"{summary['name']}  ({summary['task']}, model {summary['model']}, "
+        f"{len(summary['folds'])}/{summary['n_folds_expected']} folds)"
+    ]
+    lines.append(f"  {'metric':<20} {'mean ± sd':>17}   95% CI (pooled bootstrap)")
+    for k, m in summary["metrics"].items():
+        ci = m.get("ci95_pooled")
+        ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
+        lines.append(f"  {k:<20} {m['mean']:>8.3f} ± {m['sd']:<6.3f}   {ci_s}")
+    return "\n".join(lines)
