@@ -191,4 +191,35 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
                 "seed": 0,
             },
         }
+    if kind == "survival":
+        return {
+            "name": f"demo_survival_{loss}",
+            "task": {"type": "survival", "loss": loss, "ties": "efron", "bins": 4, "alpha": 0.0},
+            "data": {
+                "csv": str(cohort / "cohort.csv"),
+                "features": str(cohort / "features"),
+                "slide_col": "slide_id",
+                "patient_col": "case_id",
+                "time_col": "survival_months",
+                "event_col": "censorship",
+                "censored_value": 1,
+                "bag_level": "patient",
+                "synthetic": "survival",
+            },
+            "splits": {
+                "dir": str(root / "data_splits" / "demo_survival"),
+                "folds": 5,
+                "val_fraction": 0.15,
+                "seed": 0,
+            },
+            "model": {"name": "abmil", "gated": True, "hidden_dim": 64, "dropout": 0.1},
+            "train": {
+                "epochs": 30,
+                "batch_size": 32,
+                "lr": 1.0e-3,
+                "weight_decay": 1.0e-4,
+                "patience": 6,
+                "seed": 0,
+            },
+        }
     raise ValueError(f"unknown demo kind {kind!r}")

@@ -1,25 +1,27 @@
-"""Percentile bootstrap confidence intervals for any metric of paired arrays."""
+"""Percentile bootstrap confidence intervals for metrics of paired arrays."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 
 def bootstrap_ci(
-    metric: Callable[..., float],
+    metric: Callable[..., dict[str, float]],
     *arrays: np.ndarray,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
     groups: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``metric(*arrays)``, resampling rows with replacement.
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of every value of ``metric(*arrays) -> {name: value}``.
 
-    With ``groups`` (e.g. patient ids) whole groups are resampled, so that a
-    patient's slides stay together. Resamples where the metric is undefined
-    (NaN, e.g. one class only) are dropped; returns (nan, nan) if all are.
+    Rows are resampled with replacement; with ``groups`` (e.g. patient ids)
+    whole groups are resampled, so that a patient's slides stay together.
+    Resamples where a metric is undefined (NaN or ValueError, e.g. a single
+    class drawn) are dropped for that metric; (nan, nan) if all are.
     """
     rng = np.random.default_rng(seed)
     arrays = tuple(np.asarray(a) for a in arrays)
@@ -29,20 +31,19 @@ def bootstrap_ci(
     else:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         order = np.argsort(inverse, kind="stable")
-        bounds = np.flatnonzero(np.diff(inverse[order])) + 1
-        members = np.split(order, bounds)
-    stats = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(members), len(members))
-        idx = np.concatenate([members[i] for i in pick])
-        try:
-            value = metric(*(a[idx] for a in arrays))
-        except ValueError:
-            continue
-        if np.isfinite(value):
-            stats.append(value)
-    if not stats:
-        return float("nan"), float("nan")
+        members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    stats: dict[str, list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resamples warn in scikit-learn
+        for _ in range(n_boot):
+            pick = rng.integers(0, len(members), len(members))
+            idx = np.concatenate([members[i] for i in pick])
+            try:
+                values = metric(*(a[idx] for a in arrays))
+            except ValueError:
+                continue
+            for k, v in values.items():
+                if isinstance(v, float) and np.isfinite(v):
+                    stats.setdefault(k, []).append(v)
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    return {k: tuple(float(q) for q in np.quantile(v, [alpha, 1.0 - alpha])) for k, v in stats.items()}

@@ -77,6 +77,18 @@ class ABMIL(MILModel):
         return MILOutput(logits=self.head(z), embedding=z, scores=e.detach())
 
 
+def _branch_sums(h: Tensor, a: Tensor, batch: BagBatch) -> Tensor:
+    """``z[b, c] = sum_{i in b} a[i, c] h_i`` for ``a [sum N_i, C]``; returns ``[B, C, H]``."""
+    # A column of ``a`` is a strided view; the sparse product on CUDA needs it contiguous.
+    return torch.stack(
+        [
+            segment_weighted_sum(h, a[:, c].contiguous(), batch.batch, batch.num_bags)
+            for c in range(a.shape[1])
+        ],
+        1,
+    )
+
+
 def _topk_rows(e: Tensor, batch: BagBatch, k: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
     """Per bag, the packed row indices of the ``k_b`` largest (or smallest) values of ``e``.
 
@@ -201,13 +213,7 @@ class CLAM(MILModel):
         e = self.attention(h)
         a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
         if self.multi_branch:
-            z = torch.stack(
-                [
-                    segment_weighted_sum(h, a[:, c], batch.batch, batch.num_bags)
-                    for c in range(self.n_branches)
-                ],
-                1,
-            )
+            z = _branch_sums(h, a, batch)
             logits = (z * self.head_weight).sum(-1) + self.head_bias
             with torch.no_grad():
                 pred = logits.argmax(1)
@@ -293,13 +299,7 @@ class DSMIL(MILModel):
         q_crit = q[critical]
         e = torch.einsum("nd,ncd->nc", q, q_crit[batch.batch]) / math.sqrt(q.shape[-1])
         a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
-        v = torch.stack(
-            [
-                segment_weighted_sum(h, a[:, c], batch.batch, batch.num_bags)
-                for c in range(self.n_out)
-            ],
-            1,
-        )
+        v = _branch_sums(h, a, batch)
         bag_logits = self.bag_classifier(v).squeeze(-1)
         return MILOutput(
             logits=0.5 * (s_max + bag_logits),

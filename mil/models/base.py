@@ -72,6 +72,7 @@ def segment_weighted_sum(h: Tensor, weights: Tensor, batch: Tensor, num_bags: in
     small bags and few large ones.
     """
     n = h.shape[0]
+    weights = weights.contiguous()  # CUDA sparse mm misreads strided values
     index = torch.stack([batch, torch.arange(n, device=h.device)])
     a = torch.sparse_coo_tensor(
         index, weights.to(h.dtype), (num_bags, n), is_coalesced=True, check_invariants=False

@@ -88,23 +88,11 @@ class ClassificationTask(Task):
         out["confusion_matrix"] = confusion(y, p)
         return out
 
-    def pooled_ci(
-        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
-    ) -> dict[str, tuple[float, float]]:
+    def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
         y, p = pred["label_index"].to_numpy(int), self._prob(pred)
-        groups = pred["patient_id"].to_numpy()
-        names = list(classification_metrics(y, p))
-        return {
-            name: bootstrap_ci(
-                lambda yy, pp, name=name: classification_metrics(yy, pp)[name],
-                y,
-                p,
-                n_boot=n_boot,
-                seed=seed,
-                groups=groups,
-            )
-            for name in names
-        }
+        return bootstrap_ci(
+            classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=pred["patient_id"].to_numpy()
+        )
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int) > 0

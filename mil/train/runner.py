@@ -129,6 +129,7 @@ def run_cv(
     force_splits: bool = False,
     progress: bool = True,
     log=print,
+    n_boot: int = 1000,
 ) -> Path:
     """Run (or resume) cross-validation; returns the run folder."""
     run_dir = Path(run_dir) if run_dir else Path("results") / cfg.name
@@ -156,7 +157,7 @@ def run_cv(
         metrics = run_fold(exp, exp.splits[k], fold_dir, device)
         shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
         log(f"fold {exp.splits[k].name}: {shown}")
-    summarize(run_dir)
+    summarize(run_dir, n_boot=n_boot)
     return run_dir
 
 
@@ -166,7 +167,11 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"fold {split.name}: empty training or test partition in {exp.split_dir}")
     task = exp.task()
+    task.fold_name = split.name  # for messages that name the fold
     task.setup_fold(train)
+    # a task may find the validation bags useless for early stopping (survival: no events)
+    usable = getattr(task, "validation_usable", None)
+    fit_val = val if len(val) and (usable is None or usable(val)) else None
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     in_dim = exp.store.dim
     exp.data.transform = None
@@ -181,7 +186,7 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
         task,
         exp.data,
         train,
-        val if len(val) else None,
+        fit_val,
         cfg.train,
         device,
         progress=exp.progress,

@@ -86,6 +86,10 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "n_folds_expected": cfg.splits.folds * cfg.splits.repeats,
         "metrics": metrics,
     }
+    # task-specific run-level results (survival: pooled KM plot and log-rank p)
+    hook = getattr(task, "summary_artifacts", None)
+    if hook is not None:
+        summary.update(hook(run_dir, done) or {})
     agg = pd.DataFrame(
         [
             {"fold": "mean", **{k: metrics[k]["mean"] for k in scalar}},
