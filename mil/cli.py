@@ -82,6 +82,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mil.run import Run
+
+    run = Run(args.run_dir)
+    slides = args.slide or run.top_slides(args.top_n, fold=args.fold)
+    out = Path(args.out) if args.out else run.path / "heatmaps"
+    out.mkdir(parents=True, exist_ok=True)
+    for slide in slides:
+        slide_path = _find_slide_file(args.slides_dir, slide) if args.slides_dir else None
+        fig = run.heatmap(
+            slide,
+            fold=args.fold,
+            kind=args.kind,
+            cls=args.cls,
+            normalize=args.normalize,
+            smooth=args.smooth,
+            top_k=args.top_k,
+            cmap=args.cmap,
+            slide_path=slide_path,
+        )
+        path = out / f"{slide.replace('/', '|')}.png"
+        fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
+        plt.close(fig)
+        print(path)
+    return 0
+
+
+def _find_slide_file(folder: str, slide_id: str) -> Path:
+    hits = sorted(p for p in Path(folder).glob(f"{slide_id}.*") if p.is_file())
+    if not hits:
+        raise MilError(f"--slides-dir {folder}: no slide file named {slide_id}.* for the thumbnail")
+    return hits[0]
+
+
+def cmd_topk(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mil.io import write_csv
+    from mil.run import Run
+
+    run = Run(args.run_dir)
+    frames = [
+        run.top_tiles(s, args.k, kind=args.kind, cls=args.cls, fold=args.fold) for s in args.slide
+    ]
+    table = pd.concat(frames, ignore_index=True)
+    out = Path(args.out) if args.out else run.path / f"topk_{'_'.join(args.slide)[:100]}.csv"
+    write_csv(out, table)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mil", description="Multiple-instance learning on whole-slide tile features."
@@ -122,6 +178,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    def with_scores(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("run_dir", help="a run folder (results/<name>/...)")
+        sp.add_argument(
+            "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
+        )
+        sp.add_argument(
+            "--kind", help="another score kind the model saved, e.g. attention (CLAM branches)"
+        )
+        sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
+
+    h = sub.add_parser("heatmap", help="draw test slides' instance scores at their tile positions")
+    with_scores(h)
+    which = h.add_mutually_exclusive_group(required=True)
+    which.add_argument("--slide", action="append", help="slide id (repeatable)")
+    which.add_argument(
+        "--top-n",
+        type=int,
+        help="the N test slides with the highest predicted probability of the last "
+        "(positive) class, or the highest risk",
+    )
+    h.add_argument("--out", help="folder for the PNGs (default RUN_DIR/heatmaps)")
+    h.add_argument("--normalize", choices=["rank", "minmax", "raw"], default="rank")
+    h.add_argument("--smooth", type=float, default=0.0, help="Gaussian sigma in tiles (0 = none)")
+    h.add_argument("--top-k", type=int, default=16, help="outline the K highest tiles (0 = none)")
+    h.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")
+    h.add_argument("--dpi", type=int, default=150)
+    h.add_argument(
+        "--slides-dir", help="folder of slide files <slide_id>.* to draw under (needs openslide)"
+    )
+    h.set_defaults(fn=cmd_heatmap)
+
+    k = sub.add_parser("topk", help="write a CSV of a slide's top-scored tiles for review")
+    with_scores(k)
+    k.add_argument("--slide", action="append", required=True, help="slide id (repeatable)")
+    k.add_argument("--k", type=int, default=16, help="tiles per slide (default 16)")
+    k.add_argument("--out", help="CSV path (default RUN_DIR/topk_<slide>.csv)")
+    k.set_defaults(fn=cmd_topk)
     return p
 
 

@@ -71,17 +71,134 @@ def make_splits(
     for r in range(repeats):
         outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + 1000 * r)
         for k, (tr, te) in enumerate(outer.split(ids, y, groups)):
-            val_idx = np.array([], dtype=int)
-            if val_fraction > 0:
-                n_inner = max(2, int(round(1.0 / val_fraction)))
-                inner = StratifiedGroupKFold(
-                    n_splits=n_inner, shuffle=True, random_state=seed + 1000 * r + k + 1
-                )
-                _, v = next(inner.split(ids[tr], y[tr], groups[tr]))
-                val_idx = tr[v]
-                tr = np.setdiff1d(tr, val_idx)
+            tr, val_idx = inner_validation(tr, y, groups, val_fraction, seed + 1000 * r + k + 1)
             out.append(
                 Split(k, ids[tr].tolist(), ids[val_idx].tolist(), ids[te].tolist(), repeat=r)
+            )
+    return out
+
+
+def inner_validation(
+    train: np.ndarray, y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split training positions into (train, val): the first of ``round(1 / val_fraction)``
+    stratified patient-level folds over ``train`` is the validation set (none when 0)."""
+    if val_fraction <= 0:
+        return train, np.array([], dtype=int)
+    n_inner = max(2, int(round(1.0 / val_fraction)))
+    inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed)
+    _, v = next(inner.split(train, y[train], groups[train]))
+    val = train[v]
+    return np.setdiff1d(train, val), val
+
+
+def read_assignment(
+    path: str | Path,
+    cohort: Cohort,
+    folds: int,
+    repeats: int = 1,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> list[Split]:
+    """Test folds from a fold-assignment CSV; inner validation drawn from each training fold.
+
+    The file has columns ``repeat`` (optional when ``repeats`` is 1),
+    ``test_fold`` (0 .. folds-1) and one id column naming the cohort's bags
+    (any name, e.g. ``bag_id``). Every bag must appear exactly once per
+    repeat, and a patient's bags must share one test fold. The validation
+    split of fold ``k`` in repeat ``r`` is drawn as in :func:`make_splits`
+    (seed ``seed + 1000 r + k + 1``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SplitError(f"splits.assignment: fold assignment file not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except Exception as exc:
+        raise SplitError(f"{path}: cannot read the fold assignment ({exc})") from None
+    if "test_fold" not in df.columns:
+        raise SplitError(f"{path}: no 'test_fold' column; expected columns repeat, <bag id>, test_fold")
+    if "repeat" not in df.columns:
+        if repeats != 1:
+            raise SplitError(f"{path}: no 'repeat' column, but splits.repeats = {repeats}")
+        df["repeat"] = "0"
+    id_cols = [c for c in df.columns if c not in ("repeat", "test_fold")]
+    if len(id_cols) != 1:
+        raise SplitError(
+            f"{path}: expected one bag id column beside 'repeat' and 'test_fold', found {id_cols}"
+        )
+    id_col = id_cols[0]
+    ids = df[id_col].astype(str).str.strip()
+    nums = {}
+    for col in ("repeat", "test_fold"):
+        v = pd.to_numeric(df[col], errors="coerce")
+        if v.isna().any() or (v != v.round()).any():
+            row = int(np.flatnonzero(v.isna() | (v != v.round()))[0])
+            raise SplitError(f"{path}: column {col!r} must hold integers (row {row}: {df[col].iloc[row]!r})")
+        nums[col] = v.astype(int).to_numpy()
+    rep, fold = nums["repeat"], nums["test_fold"]
+    if sorted(set(rep)) != list(range(repeats)):
+        raise SplitError(
+            f"{path}: repeats {sorted(set(rep.tolist()))} in the file; splits.repeats = {repeats} "
+            f"expects 0..{repeats - 1}"
+        )
+    bags = cohort.bags["bag_id"].tolist()
+    known = set(bags)
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise SplitError(f"{path}: bag {unknown[0]!r} (column {id_col!r}) is not in the cohort")
+    bag_patient = dict(zip(cohort.bags["bag_id"], cohort.bags["patient_id"]))
+    fold_of: dict[int, dict[str, int]] = {}
+    for r in range(repeats):
+        here = rep == r
+        r_ids, r_fold = ids[here].tolist(), fold[here]
+        bad = sorted(set(r_fold.tolist()) - set(range(folds)))
+        if bad:
+            raise SplitError(
+                f"{path}: repeat {r} has test_fold {bad[0]}; splits.folds = {folds} expects 0..{folds - 1}"
+            )
+        empty = sorted(set(range(folds)) - set(r_fold.tolist()))
+        if empty:
+            raise SplitError(f"{path}: repeat {r} puts no bag into test fold {empty[0]}")
+        seen: dict[str, int] = {}
+        for b, k in zip(r_ids, r_fold.tolist()):
+            if b in seen:
+                raise SplitError(
+                    f"{path}: bag {b!r} appears more than once in repeat {r} "
+                    f"(test folds {seen[b]} and {k}); each bag needs exactly one test fold per repeat"
+                )
+            seen[b] = k
+        missing = [b for b in bags if b not in seen]
+        if missing:
+            raise SplitError(
+                f"{path}: repeat {r} gives no test fold to {len(missing)} bag(s): "
+                f"{', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}; "
+                f"each bag needs exactly one test fold per repeat"
+            )
+        patient_fold: dict[str, tuple[int, str]] = {}
+        for b, k in seen.items():
+            p = bag_patient[b]
+            if p in patient_fold and patient_fold[p][0] != k:
+                raise SplitError(
+                    f"{path}: repeat {r} puts patient {p!r} into test folds {patient_fold[p][0]} "
+                    f"(bag {patient_fold[p][1]}) and {k} (bag {b}); a patient's bags must share one fold"
+                )
+            patient_fold[p] = (k, b)
+        fold_of[r] = seen
+
+    s = cohort.slides
+    slide_ids = s["slide_id"].to_numpy()
+    y = strata(cohort)
+    groups = s["patient_id"].to_numpy()
+    out = []
+    for r in range(repeats):
+        slide_fold = s["bag_id"].map(fold_of[r]).to_numpy()
+        for k in range(folds):
+            te = np.flatnonzero(slide_fold == k)
+            tr = np.flatnonzero(slide_fold != k)
+            tr, val = inner_validation(tr, y, groups, val_fraction, seed + 1000 * r + k + 1)
+            out.append(
+                Split(k, slide_ids[tr].tolist(), slide_ids[val].tolist(), slide_ids[te].tolist(), r)
             )
     return out
 
@@ -165,16 +282,32 @@ def load_or_make_splits(
     seed: int,
     repeats: int = 1,
     force: bool = False,
+    assignment: str | Path | None = None,
 ) -> tuple[list[Split], bool]:
     """Read the split folder if it has split files, else make and write them.
 
-    Returns (splits, made). An existing folder is never overwritten unless ``force``.
+    With ``assignment`` (a fold-assignment CSV, see :func:`read_assignment`)
+    the test folds come from that file; an existing split folder must agree
+    with it. Returns (splits, made). An existing folder is never overwritten
+    unless ``force``.
     """
     directory = Path(directory)
     exists = directory.is_dir() and any(directory.glob("splits_*.csv"))
+    if assignment is not None:
+        splits = read_assignment(assignment, cohort, folds, repeats, val_fraction, seed)
+        if exists and not force:
+            old = read_splits(directory, cohort, folds, repeats)
+            for a, b in zip(old, splits):
+                if set(a.test) != set(b.test):
+                    raise SplitError(
+                        f"{split_file(directory, a)}: test fold {a.name} differs from {assignment}; "
+                        f"use another split folder or remake it (`mil splits --force`)"
+                    )
+            return old, False
     if exists and not force:
         return read_splits(directory, cohort, folds, repeats), False
-    splits = make_splits(cohort, folds, val_fraction, seed, repeats)
+    if assignment is None:
+        splits = make_splits(cohort, folds, val_fraction, seed, repeats)
     if exists:
         for old in directory.glob("splits_*.csv"):
             old.unlink()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,7 +55,10 @@ class FeatureStore:
 
     def read(self, slide_id: str) -> SlideFeatures:
         sf = read_features(self.path(slide_id))
-        d = sf.features.shape[1]
+        self._check_dim(slide_id, sf.features.shape[1])
+        return sf
+
+    def _check_dim(self, slide_id: str, d: int) -> None:
         if self.dim is None:
             self.dim = d
         elif d != self.dim:
@@ -63,7 +66,6 @@ class FeatureStore:
                 f"slide {slide_id}: features have dimension {d}, other slides have {self.dim} "
                 f"({self.path(slide_id)}); were they made by another encoder?"
             )
-        return sf
 
     def get(self, slide_id: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         hit = self._cache.get(slide_id)
@@ -91,19 +93,28 @@ class FeatureStore:
         return item
 
     def preload(self, slide_ids: Sequence[str], workers: int = 4, progress: bool = True) -> None:
-        """Read ``slide_ids`` into the cache with a few threads (I/O and decompression overlap)."""
-        todo = [s for s in slide_ids if s not in self._cache]
-        if not todo:
-            return
+        """Read ``slide_ids`` into the cache with a few threads (I/O and decompression overlap).
+
+        Reads in groups, so memory never holds much more than the cache
+        budget; stops once the cache is full (the rest is read on demand).
+        """
+        todo = [s for s in dict.fromkeys(slide_ids) if s not in self._cache]
+        bar = tqdm(total=len(todo), desc="reading features", disable=not progress, leave=False)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for slide_id, sf in tqdm(
-                zip(todo, pool.map(self.read, todo)),
-                total=len(todo),
-                desc="reading features",
-                disable=not progress,
-                leave=False,
-            ):
-                self._insert(slide_id, sf)
+            for start in range(0, len(todo), 64):
+                group = todo[start : start + 64]
+                read = list(pool.map(lambda s: read_features(self.path(s)), group))
+                bar.update(len(group))
+                if self.dim is None:
+                    # the dimension most slides share is the reference, so the odd one out is named
+                    self.dim = Counter(sf.features.shape[1] for sf in read).most_common(1)[0][0]
+                for slide_id, sf in zip(group, read):
+                    self._check_dim(slide_id, sf.features.shape[1])
+                for slide_id, sf in zip(group, read):
+                    self._insert(slide_id, sf)
+                if self._bytes >= self.budget:
+                    break
+        bar.close()
 
 
 class BagDataset:

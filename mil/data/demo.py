@@ -89,10 +89,10 @@ def write_synthetic_cohort(
     seed: int | None = None,
     n_patients: int = 100,
     n_two_slides: int = 20,
-    dim: int = 128,
+    dim: int = 64,
     min_tiles: int = 200,
     max_tiles: int = 2000,
-    shift_norm: float = 3.5,
+    shift_norm: float = 5.0,
 ) -> pd.DataFrame:
     """Write a synthetic cohort (CSV + one h5 per slide); returns the CSV's frame.
 
@@ -173,6 +173,7 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
                 "patient_col": "case_id",
                 "label_col": "label",
                 "bag_level": "slide",
+                "standardize": True,
                 "synthetic": "classification",
             },
             "splits": {
@@ -184,10 +185,11 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
             "model": {"name": "abmil", "gated": True, "hidden_dim": 128, "dropout": 0.25},
             "train": {
                 "epochs": 40,
-                "batch_size": 16,
-                "lr": 2.0e-4,
+                "batch_size": 8,
+                "lr": 1.0e-3,
                 "weight_decay": 1.0e-4,
                 "patience": 8,
+                "min_epochs": 15,
                 "seed": 0,
             },
         }

@@ -58,6 +58,37 @@ class Experiment:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
+        if cfg.data.instances:
+            from mil.data.instances import load_instances
+
+            # one table of instances: the bags live in memory, no feature files
+            self.cohort, self.store = load_instances(cfg)
+        else:
+            self._load_feature_files(cfg)
+        split_dir = Path(cfg.splits.dir) if cfg.splits.dir else self.run_dir / "splits"
+        self.splits, made = load_or_make_splits(
+            split_dir,
+            self.cohort,
+            cfg.splits.folds,
+            cfg.splits.val_fraction,
+            cfg.splits.seed,
+            cfg.splits.repeats,
+            force=force_splits,
+            assignment=cfg.splits.assignment,
+        )
+        self.split_dir = split_dir
+        self.model_cls = get(cfg.model_name)
+        graph_fn = None
+        if getattr(self.model_cls, "graph", None):
+            from mil.data.graph import bag_graph
+
+            probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
+            kind, k = probe.graph, probe.graph_k
+            graph_fn = lambda bag: bag_graph(bag, kind, k)  # noqa: E731
+        self.data = BagDataset(self.cohort.bag_slides, self.store, graph_fn=graph_fn)
+
+    def _load_feature_files(self, cfg: Config) -> None:
+        """Cohort CSV + feature folder (writing the synthetic demo cohort first if asked)."""
         if cfg.data.synthetic and not Path(cfg.data.csv).is_file():
             from mil.data.demo import write_synthetic_cohort
 
@@ -72,26 +103,6 @@ class Experiment:
                 f"{len(missing)} slides of {cfg.data.csv} have no feature file in {cfg.data.features}: "
                 f"{', '.join(missing[:5])}{', …' if len(missing) > 5 else ''} (run `mil check` for a full report)"
             )
-        split_dir = Path(cfg.splits.dir) if cfg.splits.dir else self.run_dir / "splits"
-        self.splits, made = load_or_make_splits(
-            split_dir,
-            self.cohort,
-            cfg.splits.folds,
-            cfg.splits.val_fraction,
-            cfg.splits.seed,
-            cfg.splits.repeats,
-            force=force_splits,
-        )
-        self.split_dir = split_dir
-        self.model_cls = get(cfg.model_name)
-        graph_fn = None
-        if getattr(self.model_cls, "graph", None):
-            from mil.data.graph import bag_graph
-
-            probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
-            kind, k = probe.graph, probe.graph_k
-            graph_fn = lambda bag: bag_graph(bag, kind, k)  # noqa: E731
-        self.data = BagDataset(self.cohort.bag_slides, self.store, graph_fn=graph_fn)
 
     def task(self) -> Task:
         return make_task(self.cfg, self.cohort.classes)

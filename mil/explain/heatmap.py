@@ -1,0 +1,332 @@
+"""Attention heatmaps from tile coordinates: scores rasterised on the tile grid, one image per slide.
+
+A slide's instance scores are placed on a grid of tile-sized cells (tile size
+from the feature file's attributes, else inferred from the coordinates), so a
+heatmap is one ``imshow`` of a ``[H / tile, W / tile]`` array: 100,000 tiles
+render in about a second, with no slide file needed. A slide thumbnail
+(``openslide-python``, optional) can sit underneath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pandas as pd
+from scipy import ndimage, stats
+
+from mil.errors import MilError
+
+Normalize = Literal["rank", "minmax", "raw"]
+NORMALIZATIONS: tuple[str, ...] = ("rank", "minmax", "raw")
+NORMALIZE_LABELS = {
+    "rank": "score percentile (0-1)",
+    "minmax": "score, min-max scaled",
+    "raw": "score",
+}
+
+# A raster larger than this many cells is coarsened (cells of several tiles, max per cell):
+# it protects against a wrong tile size turning into a gigapixel array.
+MAX_CELLS = 16_000_000
+
+
+def normalize_scores(scores: np.ndarray, method: Normalize | str = "rank") -> np.ndarray:
+    """Scale scores ``[N]`` for display.
+
+    ``rank``: the percentile rank of each score among the slide's scores, as
+    CLAM's ``scipy.stats.percentileofscore(scores, s)`` (kind ``rank``, ties
+    get the mean rank) divided by 100 — vectorised as
+    ``rankdata(scores) / N``, in ``(0, 1]``. ``minmax``: ``(s - min) / (max - min)``
+    (0.5 everywhere when all scores are equal). ``raw``: unchanged.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if method == "rank":
+        return stats.rankdata(s, method="average") / max(len(s), 1) if len(s) else s
+    if method == "minmax":
+        if len(s) == 0:
+            return s
+        lo, hi = float(np.min(s)), float(np.max(s))
+        if hi - lo <= 0 or not np.isfinite(hi - lo):
+            return np.full_like(s, 0.5)
+        return (s - lo) / (hi - lo)
+    if method == "raw":
+        return s
+    raise MilError(
+        f"normalize={method!r}: unknown score normalisation; use one of {', '.join(NORMALIZATIONS)}"
+    )
+
+
+def infer_tile_size(coords: np.ndarray) -> float:
+    """Tile size from a coordinate grid: the most common positive step between sorted unique x and y.
+
+    A slide with a single tile (no step) gives 1.0: it then renders as one cell.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    # float coordinates (micrometres) jitter: compare them on a grid a millionth of their scale
+    q = 1e-6 * max(float(np.abs(c).max()) if c.size else 0.0, 1.0)
+    c = np.round(c / q)
+    d = np.concatenate([np.diff(np.unique(c[:, axis])) for axis in range(2)])
+    d = d[d > 0]
+    if len(d) == 0:
+        return 1.0
+    values, counts = np.unique(d, return_counts=True)
+    return float(values[np.argmax(counts)] * q)
+
+
+def tile_size_from_attrs(attrs: dict) -> float | None:
+    """Tile side in coordinate units from feature-file attributes, or None if they do not say.
+
+    ``tile_size`` (set by :func:`mil.data.readers.read_features`),
+    ``patch_size_level0`` (ours, TRIDENT; root or ``coords`` attribute) or
+    STAMP's ``tile_size_um`` (its coordinates are in micrometres).
+    """
+    for key in ("tile_size", "patch_size_level0", "coords.patch_size_level0", "tile_size_um"):
+        v = attrs.get(key)
+        if v is not None:
+            v = float(np.asarray(v).reshape(-1)[0])
+            if v > 0:
+                return v
+    return None
+
+
+def tile_size_from_h5(path: str | Path) -> float | None:
+    """The tile size recorded in an h5 feature file's attributes (features are not read)."""
+    path = Path(path)
+    if path.suffix.lower() != ".h5" or not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs.items())
+            if "coords" in f:
+                attrs.update({f"coords.{k}": v for k, v in f["coords"].attrs.items()})
+    except OSError:
+        return None
+    return tile_size_from_attrs(attrs)
+
+
+@dataclass
+class ScoreRaster:
+    """Scores on a grid of square cells.
+
+    Attributes:
+        grid: ``[H, W]`` cell values, NaN where no tile lies (row = y, column = x).
+        origin: level-0 ``(x, y)`` of the top-left corner of cell ``(0, 0)``.
+        cell: cell side in coordinate units (the tile size, or a multiple when coarsened).
+        rows, cols: ``[N]`` cell of each tile.
+        values: ``[N]`` the (normalised) value of each tile, before any smoothing.
+    """
+
+    grid: np.ndarray
+    origin: tuple[float, float]
+    cell: float
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(left, right, bottom, top)`` for ``imshow(origin="upper")``: y grows downwards."""
+        h, w = self.grid.shape
+        x0, y0 = self.origin
+        return (x0, x0 + w * self.cell, y0 + h * self.cell, y0)
+
+
+def rasterize(
+    coords: np.ndarray, values: np.ndarray, tile_size: float, max_cells: int = MAX_CELLS
+) -> ScoreRaster:
+    """Place ``values [N]`` at ``coords [N, 2]`` (tile top-left corners) on a tile-sized grid.
+
+    Tiles that fall into the same cell (overlapping tiles, or a coarsened grid)
+    show their maximum, so the result does not depend on the tiles' order.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if c.ndim != 2 or c.shape[0] != len(v) or c.shape[1] < 2:
+        raise MilError(f"coords of shape {c.shape} do not match {len(v)} scores (expected [N, 2])")
+    if len(v) == 0:
+        raise MilError("no tiles to draw (0 scores)")
+    if not tile_size or tile_size <= 0 or not np.isfinite(tile_size):
+        raise MilError(f"tile size must be a positive number, got {tile_size}")
+    x0, y0 = float(c[:, 0].min()), float(c[:, 1].min())
+    cell = float(tile_size)
+    span_x, span_y = float(c[:, 0].max()) - x0, float(c[:, 1].max()) - y0
+    cells = (span_x / cell + 1) * (span_y / cell + 1)
+    if cells > max_cells:
+        cell *= float(np.ceil(np.sqrt(cells / max_cells)))
+    cols = np.rint((c[:, 0] - x0) / cell).astype(np.int64)
+    rows = np.rint((c[:, 1] - y0) / cell).astype(np.int64)
+    grid = np.full((int(rows.max()) + 1, int(cols.max()) + 1), np.nan)
+    np.fmax.at(grid, (rows, cols), v)
+    return ScoreRaster(grid=grid, origin=(x0, y0), cell=cell, rows=rows, cols=cols, values=v)
+
+
+def smooth_raster(grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing (``sigma`` in cells) of a raster with holes, staying inside the tissue.
+
+    Normalised convolution: ``G * (v m) / G * m`` with ``m`` the tissue mask, so
+    background cells neither pull values down nor get painted.
+    """
+    if sigma <= 0:
+        return grid
+    mask = np.isfinite(grid)
+    filled = np.where(mask, grid, 0.0)
+    num = ndimage.gaussian_filter(filled, sigma, mode="constant")
+    den = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant")
+    out = np.full_like(grid, np.nan)
+    out[mask] = num[mask] / np.maximum(den[mask], 1e-12)
+    return out
+
+
+def score_raster(
+    coords: np.ndarray,
+    scores: np.ndarray,
+    tile_size: float | None = None,
+    normalize: Normalize | str = "rank",
+    smooth: float = 0.0,
+) -> ScoreRaster:
+    """Normalised scores on the tile grid: the array a heatmap shows.
+
+    ``tile_size`` None infers it from the coordinates (:func:`infer_tile_size`).
+    ``smooth`` is a Gaussian sigma in cells (0 = none); ``values`` keeps the
+    unsmoothed normalised scores.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    ts = tile_size if tile_size else infer_tile_size(np.asarray(coords))
+    r = rasterize(coords, normalize_scores(scores, normalize), ts)
+    r.grid = smooth_raster(r.grid, smooth)
+    return r
+
+
+def top_k_tiles(coords: np.ndarray, scores: np.ndarray, k: int = 16) -> pd.DataFrame:
+    """The ``k`` highest-scored tiles: ``rank, index, x, y, score`` (ties broken by y, then x).
+
+    ``index`` is the tile's row in the bag's coordinate/feature arrays.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.lexsort((c[:, 0], c[:, 1], -s))[: max(int(k), 0)]
+    return pd.DataFrame(
+        {
+            "rank": np.arange(1, len(order) + 1),
+            "index": order,
+            "x": c[order, 0],
+            "y": c[order, 1],
+            "score": s[order],
+        }
+    )
+
+
+def read_thumbnail(slide_path: str | Path, max_size: int = 2048) -> tuple[np.ndarray, float, float]:
+    """A slide thumbnail ``[h, w, 3]`` and the level-0 width and height it covers (openslide)."""
+    try:
+        import openslide
+    except (ImportError, OSError) as exc:
+        raise MilError(
+            f"a slide thumbnail ({slide_path}) needs openslide-python and the OpenSlide library: "
+            f"pip install 'mil-toolkit[slides]' (plus e.g. apt install libopenslide0); "
+            f"or leave out the slide path to draw the heatmap on its own ({type(exc).__name__}: {exc})"
+        ) from None
+    path = Path(slide_path)
+    if not path.is_file():
+        raise MilError(f"slide file not found: {path}")
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except Exception as exc:  # openslide raises several types for an unreadable file
+        raise MilError(f"{path}: openslide cannot open it ({type(exc).__name__}: {exc})") from None
+    with slide:
+        w0, h0 = slide.dimensions
+        thumb = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGB"))
+    return thumb, float(w0), float(h0)
+
+
+def plot_heatmap(
+    coords: np.ndarray,
+    scores: np.ndarray,
+    tile_size: float | None = None,
+    normalize: Normalize | str = "rank",
+    smooth: float = 0.0,
+    top_k: int = 0,
+    cmap: str = "viridis",
+    title: str | None = None,
+    ax=None,
+    slide_path: str | Path | None = None,
+    alpha: float = 0.5,
+    colorbar: bool = True,
+):
+    """Draw a slide's scores at their tile positions; returns the matplotlib Figure.
+
+    Args:
+        coords: ``[N, 2]`` level-0 x, y of each tile's top-left corner.
+        scores: ``[N]`` instance scores (e.g. attention logits).
+        tile_size: tile side in coordinate units; None infers it from the grid.
+        normalize: ``rank`` (percentile, as CLAM), ``minmax`` or ``raw``.
+        smooth: Gaussian sigma in tiles (0 = none).
+        top_k: outline the ``k`` highest-scored tiles (0 = none).
+        cmap: a perceptually uniform matplotlib colormap (``viridis``, ``magma``...).
+        ax: draw into these axes (e.g. a panel of a notebook figure).
+        slide_path: a whole-slide image to draw underneath (needs openslide-python).
+        alpha: heatmap opacity over a thumbnail.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    raster = score_raster(coords, scores, tile_size, normalize, smooth)
+    if ax is None:
+        h, w = raster.grid.shape
+        aspect = h / max(w, 1)
+        fig, ax = plt.subplots(figsize=(7.0, float(np.clip(6.0 * aspect, 2.5, 10.0))))
+    fig = ax.figure
+    colormap = plt.get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))
+    if normalize == "raw":
+        vmin, vmax = float(np.min(raster.values)), float(np.max(raster.values))
+        if vmax <= vmin:
+            vmin, vmax = vmin - 0.5, vmax + 0.5
+    else:
+        vmin, vmax = 0.0, 1.0
+    if slide_path is not None:
+        thumb, w0, h0 = read_thumbnail(slide_path)
+        ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="lanczos")
+    im = ax.imshow(
+        raster.grid,
+        extent=raster.extent,
+        origin="upper",
+        cmap=colormap,
+        vmin=vmin,
+        vmax=vmax,
+        interpolation="nearest",
+        alpha=alpha if slide_path is not None else 1.0,
+    )
+    if top_k:
+        top = top_k_tiles(coords, scores, top_k)
+        x0, y0 = raster.origin
+        boxes = [
+            Rectangle(
+                (x0 + raster.cols[i] * raster.cell, y0 + raster.rows[i] * raster.cell),
+                raster.cell,
+                raster.cell,
+            )
+            for i in top["index"]
+        ]
+        ax.add_collection(
+            PatchCollection(boxes, facecolor="none", edgecolor="red", linewidth=1.2, zorder=3)
+        )
+    left, right, bottom, topy = raster.extent
+    pad = raster.cell
+    if slide_path is None:
+        ax.set_xlim(left - pad, right + pad)
+        ax.set_ylim(bottom + pad, topy - pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (level-0 px)")
+    ax.set_ylabel("y (level-0 px)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if colorbar:
+        label = NORMALIZE_LABELS.get(str(normalize), "score")
+        if smooth:
+            label += f", smoothed (sigma {smooth:g} tiles)"
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
+    return fig

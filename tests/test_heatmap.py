@@ -1,0 +1,235 @@
+"""Heatmap rendering and the `mil heatmap` / `mil topk` commands."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mil.cli import main
+from mil.config import config_from_dict
+from mil.errors import MilError
+from mil.explain.heatmap import (
+    infer_tile_size,
+    normalize_scores,
+    plot_heatmap,
+    score_raster,
+    tile_size_from_h5,
+    top_k_tiles,
+)
+from mil.run import Run
+from mil.train.runner import run_cv
+from tests.conftest import small_config
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heatmap")
+    cfg = config_from_dict(small_config(root))
+    return run_cv(cfg, root / "run", progress=False, log=lambda *a: None, n_boot=50)
+
+
+def blob(rng: np.random.Generator, n: int, tile: int = 256) -> np.ndarray:
+    """``n`` distinct tile corners on a ``tile`` grid with holes, shuffled."""
+    side = int(np.ceil(np.sqrt(2 * n)))
+    cells = rng.choice(side * side, n, replace=False)
+    return np.stack([cells % side, cells // side], 1).astype(np.float64) * tile + 1000
+
+
+def pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba()).copy()
+    plt.close(fig)
+    return img
+
+
+def test_rank_normalisation_matches_percentileofscore():
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=200), 1)  # with ties
+    expected = np.array([stats.percentileofscore(s, v, kind="rank") / 100 for v in s])
+    np.testing.assert_allclose(normalize_scores(s, "rank"), expected)
+    mm = normalize_scores(s, "minmax")
+    np.testing.assert_allclose(mm, (s - s.min()) / (s.max() - s.min()))
+    np.testing.assert_array_equal(normalize_scores(s, "raw"), s)
+    with pytest.raises(MilError, match="normalize"):
+        normalize_scores(s, "zscore")
+
+
+def test_rendering_is_independent_of_instance_order():
+    rng = np.random.default_rng(1)
+    coords = blob(rng, 300)
+    scores = rng.normal(size=300)
+    perm = rng.permutation(300)
+    for normalize, smooth in (("rank", 0.0), ("minmax", 1.5), ("raw", 0.0)):
+        a = score_raster(coords, scores, 256, normalize, smooth)
+        b = score_raster(coords[perm], scores[perm], 256, normalize, smooth)
+        np.testing.assert_array_equal(a.grid, b.grid)
+        assert a.origin == b.origin and a.cell == b.cell
+    pd.testing.assert_frame_equal(
+        top_k_tiles(coords, scores, 10).drop(columns="index"),
+        top_k_tiles(coords[perm], scores[perm], 10).drop(columns="index"),
+    )
+    img_a = pixels(plot_heatmap(coords, scores, 256, top_k=10, title="t"))
+    img_b = pixels(plot_heatmap(coords[perm], scores[perm], 256, top_k=10, title="t"))
+    np.testing.assert_array_equal(img_a, img_b)
+
+
+def test_tile_size_read_from_h5_attributes_else_inferred(tmp_path, run_dir):
+    rng = np.random.default_rng(2)
+    coords = blob(rng, 50, tile=256)
+    assert infer_tile_size(coords) == 256
+    # micrometre coordinates with float jitter (STAMP): still the grid step
+    um = coords / 256 * 112.0 + rng.normal(0, 1e-4, coords.shape)
+    assert infer_tile_size(um) == pytest.approx(112.0, abs=1e-3)
+    # overlapping 512-px tiles at a 256-px stride: only the attribute knows the tile size
+    ours = tmp_path / "ours.h5"
+    with h5py.File(ours, "w") as f:
+        f.create_dataset("features", data=np.zeros((50, 4), np.float32))
+        f.create_dataset("coords", data=coords.astype(np.int32))
+        f.attrs["patch_size_level0"] = 512
+    trident = tmp_path / "trident.h5"
+    with h5py.File(trident, "w") as f:
+        f.create_dataset("features", data=np.zeros((50, 4), np.float16))
+        f.create_dataset("coords", data=coords.astype(np.int64)).attrs["patch_size_level0"] = 512
+    bare = tmp_path / "clam.h5"
+    with h5py.File(bare, "w") as f:
+        f.create_dataset("features", data=np.zeros((50, 4), np.float32))
+        f.create_dataset("coords", data=coords.astype(np.int32))
+    assert tile_size_from_h5(ours) == 512
+    assert tile_size_from_h5(trident) == 512
+    assert tile_size_from_h5(bare) is None
+    # the Run reads it from the run's feature files (the demo writes patch_size_level0 = 256)
+    run = Run(run_dir)
+    slide = run.predictions()["bag_id"].iloc[0]
+    assert run.scores(slide).attrs["tile_size"] == 256
+    r = score_raster(coords, np.arange(50.0), 512)
+    assert r.cell == 512
+
+
+def test_single_tile_and_all_equal_scores_render():
+    one = score_raster(np.array([[512.0, 768.0]]), np.array([3.0]), None, "rank")
+    assert one.grid.shape == (1, 1) and one.grid[0, 0] == 1.0
+    pixels(plot_heatmap(np.array([[512.0, 768.0]]), np.array([3.0]), top_k=16))
+    rng = np.random.default_rng(3)
+    coords = blob(rng, 40)
+    flat = np.full(40, 0.25)
+    for normalize in ("rank", "minmax", "raw"):
+        r = score_raster(coords, flat, 256, normalize, smooth=1.0)
+        vals = r.grid[np.isfinite(r.grid)]
+        assert len(vals) == 40 and np.allclose(vals, vals[0])
+        pixels(plot_heatmap(coords, flat, 256, normalize=normalize, top_k=5))
+    assert np.allclose(score_raster(coords, flat, 256, "rank").values, 41 / 80)
+
+
+def test_raster_equals_saved_scores_after_normalisation(run_dir):
+    run = Run(run_dir)
+    with h5py.File(run_dir / "fold_1" / "attention.h5", "r") as f:
+        name = sorted(f)[0]
+        coords, saved = f[name]["coords"][()], f[name]["scores"][()]
+    df = run.scores(name)
+    assert df.attrs["fold"] == "1"
+    raster = score_raster(df[["x", "y"]].to_numpy(), df["score"].to_numpy(), df.attrs["tile_size"])
+    # cell of each tile by hand: 256-px tiles from the slide's top-left tile
+    col = ((coords[:, 0] - coords[:, 0].min()) // 256).astype(int)
+    row = ((coords[:, 1] - coords[:, 1].min()) // 256).astype(int)
+    expected = np.array([stats.percentileofscore(saved, v, kind="rank") / 100 for v in saved])
+    np.testing.assert_allclose(raster.grid[row, col], expected, rtol=1e-12)
+    assert np.isfinite(raster.grid).sum() == len(saved)  # nothing else is painted
+    mm = score_raster(coords, saved, 256, "minmax").grid[row, col]
+    np.testing.assert_allclose(mm, (saved - saved.min()) / (saved.max() - saved.min()), rtol=1e-6)
+
+
+def test_smoothing_stays_inside_tissue():
+    rng = np.random.default_rng(4)
+    coords = blob(rng, 200)
+    r0 = score_raster(coords, rng.normal(size=200), 256, "rank")
+    r1 = score_raster(coords, rng.normal(size=200), 256, "rank", smooth=2.0)
+    np.testing.assert_array_equal(np.isfinite(r0.grid), np.isfinite(r1.grid))
+    inside = r1.grid[np.isfinite(r1.grid)]
+    assert inside.min() >= 0 and inside.max() <= 1 and inside.std() < r0.values.std()
+
+
+def test_large_slide_grid_is_one_cell_per_tile():
+    rng = np.random.default_rng(5)
+    coords = blob(rng, 20_000)
+    r = score_raster(coords, rng.normal(size=20_000), 256)
+    assert r.grid.size < 3 * 20_000 and np.isfinite(r.grid).sum() == 20_000
+
+
+def test_cli_heatmap_and_topk_write_files(run_dir, tmp_path, capsys):
+    run = Run(run_dir)
+    top = run.top_slides(2)
+    pred = run.predictions()
+    best = pred.sort_values("prob_positive", ascending=False)["bag_id"].iloc[0]
+    assert top[0] == best  # slide-level bags: the top slide is the top bag
+    assert main(["heatmap", str(run_dir), "--top-n", "2", "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == sorted(
+        f"{s}.png" for s in top
+    )
+    out = tmp_path / "top.csv"
+    assert main(["topk", str(run_dir), "--slide", best, "--k", "5", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    saved = run.scores(best)
+    expected = saved.sort_values("score", ascending=False).head(5)
+    np.testing.assert_allclose(table["score"], expected["score"])
+    np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), expected[["x", "y"]].to_numpy())
+    assert table["rank"].tolist() == [1, 2, 3, 4, 5]
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_heatmap_missing_attention_names_slide_and_fold(run_dir, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    slide = Run(broken).predictions(fold=2)["bag_id"].iloc[0]
+    (broken / "fold_2" / "attention.h5").unlink()
+    err = _error(capsys, ["heatmap", str(broken), "--slide", slide])
+    assert slide in err and "fold 2" in err and "attention" in err
+
+
+def test_cli_heatmap_model_without_scores_names_slide_and_fold(run_dir, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    slide = Run(broken).predictions(fold=0)["bag_id"].iloc[0]
+    with h5py.File(broken / "fold_0" / "attention.h5", "a") as f:
+        f.attrs["has_scores"] = False
+        f.attrs["model"] = "transmil"
+        for g in f.values():
+            del g["scores"]
+    err = _error(capsys, ["heatmap", str(broken), "--slide", slide])
+    assert slide in err and "fold 0" in err and "no instance scores" in err
+    err = _error(capsys, ["topk", str(broken), "--slide", slide])
+    assert slide in err and "fold 0" in err
+
+
+def test_cli_unknown_slide_and_thumbnail_without_openslide(run_dir, tmp_path, capsys):
+    err = _error(capsys, ["heatmap", str(run_dir), "--slide", "no-such-slide"])
+    assert "no-such-slide" in err
+    slide = Run(run_dir).predictions()["bag_id"].iloc[0]
+    (tmp_path / f"{slide}.svs").write_bytes(b"")
+    try:
+        import openslide  # noqa: F401
+    except (ImportError, OSError):
+        err = _error(
+            capsys, ["heatmap", str(run_dir), "--slide", slide, "--slides-dir", str(tmp_path)]
+        )
+        assert "openslide" in err
+    else:  # an empty file is no slide
+        err = _error(
+            capsys, ["heatmap", str(run_dir), "--slide", slide, "--slides-dir", str(tmp_path)]
+        )
+        assert slide in err
