@@ -238,10 +238,7 @@ def _describe(hint: Any) -> str:
 def _check_model(cfg: Config) -> None:
     from mil.models import registry
 
-    if "name" not in cfg.model:
-        raise ConfigError(
-            f"{cfg.source}: model.name is required (one of {', '.join(registry.available())})"
-        )
+    cfg.model.setdefault("name", "abmil")
     try:
         allowed = registry.hyperparameters(cfg.model_name)
     except ConfigError as exc:
