@@ -120,3 +120,17 @@ def test_patient_level_bags(tmp_path, small_cohort):
             if bag in two:
                 g = f[bag]
                 assert len(g.attrs["slides"]) == 2 and g["scores"].shape[0] == g.attrs["slide_ptr"][-1]
+
+
+def test_witness_auc_equals_sklearn_on_saved_scores(tmp_path, small_cohort):
+    cfg = config_from_dict(small_cohort)
+    run = run_cv(cfg, tmp_path / "run", folds=[0], progress=False, log=quiet, n_boot=20)
+    m = json.loads((run / "fold_0" / "metrics.json").read_text())["metrics"]
+    pred = pd.read_csv(run / "fold_0" / "predictions.csv")
+    aucs = []
+    with h5py.File(run / "fold_0" / "attention.h5", "r") as f:
+        for bag in pred.loc[pred["label"] == "positive", "bag_id"]:
+            with h5py.File(f"{small_cohort['data']['features']}/{bag}.h5", "r") as g:
+                truth = g["instance_label"][()]
+            aucs.append(skm.roc_auc_score(truth, f[bag]["scores"][()]))
+    assert np.isclose(m["witness_auc"], np.mean(aucs))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mil.config import Config
@@ -180,7 +179,3 @@ def _no_missing(col: pd.Series, slide_ids: pd.Series, name: str, source: str) ->
             f"{source}: {len(ids)} rows have no value in column {name!r} (slides {', '.join(ids[:5])}"
             f"{', …' if len(ids) > 5 else ''}); fill them in or remove those rows"
         )
-
-
-def numeric_labels(cohort: Cohort) -> np.ndarray:
-    return cohort.bags["label"].to_numpy(int)

@@ -17,7 +17,6 @@ folds whose ``metrics.json`` exists.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -350,9 +349,3 @@ def load_model(path: str | Path, map_location: str = "cpu"):
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, payload
-
-
-def copy_splits(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in Path(src).glob("splits_*.csv"):
-        shutil.copy2(f, dst / f.name)
