@@ -58,6 +58,7 @@ class Run:
             raise MilError(f"{cfg_path}: not valid YAML ({exc})") from None
         self.config: Config = config_from_dict(raw, source=str(cfg_path))
         self._bags: dict[str, dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]] = {}
+        self._tests: dict[str, set[str]] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}: {self.config.task.type}, model {self.config.model_name}, folds {self.folds})"
@@ -149,18 +150,20 @@ class Run:
         )
 
     def _test_slides(self, fold: str) -> set[str]:
-        path = self.path / "splits" / f"splits_{fold}.csv"
-        if not path.is_file():
-            return set()
-        return set(pd.read_csv(path, dtype=str)["test"].dropna())
+        if fold not in self._tests:
+            path = self.path / "splits" / f"splits_{fold}.csv"
+            found = set(pd.read_csv(path, dtype=str)["test"].dropna()) if path.is_file() else set()
+            self._tests[fold] = found
+        return self._tests[fold]
 
     def _attention_file(self, fold: str, slide_id: str) -> Path:
         path = self.fold_dir(fold) / "attention.h5"
         if not path.is_file():
             raise MilError(
-                f"slide {slide_id}: fold {fold} has no attention file ({path}); "
-                f"the fold is unfinished or its scores were deleted: re-run it with "
-                f"`mil train {self.path / 'config.yaml'} --out {self.path} --folds {fold}`"
+                f"slide {slide_id}: fold {fold} has no attention file ({path}); the fold is "
+                f"unfinished or the file was removed: re-run the fold with `mil train "
+                f"{self.path / 'config.yaml'} --out {self.path} --folds {fold}` (first delete "
+                f"{self.fold_dir(fold) / 'metrics.json'} if it exists, or the fold is skipped)"
             )
         with h5py.File(path, "r") as f:
             if not bool(f.attrs.get("has_scores", False)):

@@ -66,14 +66,15 @@ def infer_tile_size(coords: np.ndarray) -> float:
     """
     c = np.asarray(coords, dtype=np.float64)
     # float coordinates (micrometres) jitter: compare them on a grid a millionth of their scale
-    q = 1e-6 * max(float(np.abs(c).max()) if c.size else 0.0, 1.0)
+    decimals = 6 - int(np.floor(np.log10(max(float(np.abs(c).max()) if c.size else 0.0, 1.0))))
+    q = 10.0**-decimals
     c = np.round(c / q)
     d = np.concatenate([np.diff(np.unique(c[:, axis])) for axis in range(2)])
     d = d[d > 0]
     if len(d) == 0:
         return 1.0
     values, counts = np.unique(d, return_counts=True)
-    return float(values[np.argmax(counts)] * q)
+    return float(np.round(values[np.argmax(counts)] * q, decimals))
 
 
 def tile_size_from_attrs(attrs: dict) -> float | None:
@@ -255,6 +256,7 @@ def plot_heatmap(
     slide_path: str | Path | None = None,
     alpha: float = 0.5,
     colorbar: bool = True,
+    outline: str = "red",
 ):
     """Draw a slide's scores at their tile positions; returns the matplotlib Figure.
 
@@ -269,6 +271,8 @@ def plot_heatmap(
         ax: draw into these axes (e.g. a panel of a notebook figure).
         slide_path: a whole-slide image to draw underneath (needs openslide-python).
         alpha: heatmap opacity over a thumbnail.
+        colorbar: draw a colour bar beside the slide.
+        outline: colour of the top-k outlines.
     """
     import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
@@ -312,7 +316,7 @@ def plot_heatmap(
             for i in top["index"]
         ]
         ax.add_collection(
-            PatchCollection(boxes, facecolor="none", edgecolor="red", linewidth=1.2, zorder=3)
+            PatchCollection(boxes, facecolor="none", edgecolor=outline, linewidth=1.2, zorder=3)
         )
     left, right, bottom, topy = raster.extent
     pad = raster.cell
@@ -328,5 +332,7 @@ def plot_heatmap(
         label = NORMALIZE_LABELS.get(str(normalize), "score")
         if smooth:
             label += f", smoothed (sigma {smooth:g} tiles)"
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
+        # an inset axes follows the slide's box (equal aspect), so the bar is as tall as the slide
+        cax = ax.inset_axes([1.03, 0.0, 0.035, 1.0])
+        fig.colorbar(im, cax=cax, label=label)
     return fig

@@ -304,9 +304,8 @@ def write_scores(
         f.attrs["model"] = cfg.model_name
         f.attrs["fold"] = split.name
         f.attrs["has_scores"] = fwd.scores is not None
-        f.attrs["score_kinds"] = ",".join(
-            ["attention", *fwd.extra_scores] if fwd.scores is not None else []
-        )
+        # "scores" holds the model's main instance scores; "scores_<kind>" the extra kinds
+        f.attrs["score_kinds"] = ",".join(fwd.extra_scores)
         for i, bag_id in enumerate(bag_ids):
             g = f.create_group(bag_id.replace("/", "|"))
             g.attrs["bag_id"] = bag_id
