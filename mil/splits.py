@@ -117,7 +117,9 @@ def read_assignment(
     except Exception as exc:
         raise SplitError(f"{path}: cannot read the fold assignment ({exc})") from None
     if "test_fold" not in df.columns:
-        raise SplitError(f"{path}: no 'test_fold' column; expected columns repeat, <bag id>, test_fold")
+        raise SplitError(
+            f"{path}: no 'test_fold' column; expected columns repeat, <bag id>, test_fold"
+        )
     if "repeat" not in df.columns:
         if repeats != 1:
             raise SplitError(f"{path}: no 'repeat' column, but splits.repeats = {repeats}")
@@ -134,7 +136,9 @@ def read_assignment(
         v = pd.to_numeric(df[col], errors="coerce")
         if v.isna().any() or (v != v.round()).any():
             row = int(np.flatnonzero(v.isna() | (v != v.round()))[0])
-            raise SplitError(f"{path}: column {col!r} must hold integers (row {row}: {df[col].iloc[row]!r})")
+            raise SplitError(
+                f"{path}: column {col!r} must hold integers (row {row}: {df[col].iloc[row]!r})"
+            )
         nums[col] = v.astype(int).to_numpy()
     rep, fold = nums["repeat"], nums["test_fold"]
     if sorted(set(rep)) != list(range(repeats)):

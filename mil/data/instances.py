@@ -71,12 +71,15 @@ def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
     return df
 
 
-def bag_level_columns(cfg: Config, columns) -> list[str]:
-    """The table's columns that hold one value per bag (targets, optional patient)."""
+def bag_level_columns(cfg: Config, columns) -> dict[str, str]:
+    """The columns that hold one value per bag (targets, optional patient) -> their config key."""
     d = cfg.data
-    cols = [d.label_col] if cfg.task.type == "classification" else [d.time_col, d.event_col]
+    if cfg.task.type == "classification":
+        cols = {d.label_col: "label_col"}
+    else:
+        cols = {d.time_col: "time_col", d.event_col: "event_col"}
     if d.patient_col in columns and d.patient_col not in cols:
-        cols.append(d.patient_col)
+        cols[d.patient_col] = "patient_col"
     return cols
 
 
@@ -97,7 +100,9 @@ def feature_columns(df: pd.DataFrame, exclude: list[str], source: str) -> list[s
             f"x/y columns is read as a feature. Fix the values or drop those columns"
         )
     if not cols:
-        raise DataError(f"{source}: no feature columns (columns are: {', '.join(map(str, df.columns))})")
+        raise DataError(
+            f"{source}: no feature columns (columns are: {', '.join(map(str, df.columns))})"
+        )
     return cols
 
 
@@ -116,8 +121,9 @@ def read_instance_table(
     path = Path(path if path is not None else d.instances)
     source = str(path)
     df = read_table(path, d.bag_col)
-    level = bag_level_columns(cfg, df.columns)
-    for col, key in [(d.bag_col, "bag_col"), *((c, "label_col/time_col/event_col") for c in level)]:
+    level_keys = bag_level_columns(cfg, df.columns)
+    level = list(level_keys)
+    for col, key in [(d.bag_col, "bag_col"), *level_keys.items()]:
         if col not in df.columns:
             raise DataError(
                 f"{source}: column {col!r} (data.{key}) not in the instance table; "
@@ -153,7 +159,7 @@ def read_instance_table(
             raise DataError(f"{source}: column {INSTANCE_LABEL_COL!r} must hold 0/1 only")
         inst_label = inst_label.to_numpy(np.int8)
 
-    groups = df.assign(_bag=bag).groupby("_bag", sort=False)
+    groups = df[level].groupby(bag.to_numpy(), sort=False)
     for col in level:
         n = groups[col].nunique(dropna=False)
         if (n > 1).any():
@@ -163,7 +169,7 @@ def read_instance_table(
                 f"{source}: bag {b} has several values in column {col!r} ({', '.join(seen)}); "
                 f"a bag-level column must be constant within a bag"
             )
-    bags = groups[level].first().reset_index().rename(columns={"_bag": d.bag_col})
+    bags = groups.first().rename_axis(d.bag_col).reset_index()
     rows_of = groups.indices
     features = {}
     for b in bags[d.bag_col]:

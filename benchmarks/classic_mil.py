@@ -1,0 +1,240 @@
+"""The classic MIL benchmarks (Ilse et al., ICML 2018, Table 1) with the `mil` runner.
+
+MUSK1, MUSK2, Fox, Tiger and Elephant, each with ABMIL and gated ABMIL
+(``experiments/classic_mil/<dataset>_<model>.yaml``), 5 repetitions of
+10-fold cross-validation (the fixed fold files of the dataset collection;
+stratified folds with fixed seeds for MUSK2). Writes ``classic_mil.md``:
+test accuracy as mean ± SEM over the 5 repetition means and mean ± sd over
+the 50 folds, beside the published figures.
+
+    python benchmarks/classic_mil.py [--out results/classic_mil] [--jobs 2] [--only musk1,fox]
+
+``--select`` instead reruns the inner-validation sweep that chose the
+configs' hyper-parameters (slow: about an hour on two cores). It trains on
+each training fold of repetition 0 minus a stratified 20% inner validation
+split, records the validation accuracy after every epoch and, per config,
+picks the grid point of best mean validation accuracy, preferring fewer
+epochs among those within ``--tolerance`` of the best. Test folds are never
+scored for the choice; it prints the choice and writes ``selection.csv``.
+
+    python benchmarks/classic_mil.py --select [--out results/classic_mil_select] [--jobs 2]
+
+Run from the repository root: the configs read ``../shared/datasets/classic_mil/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pandas as pd
+
+DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant")
+MODELS = ("attention", "gated_attention")
+CONFIG_DIR = Path("experiments/classic_mil")
+
+# Ilse, Tomczak & Welling (2018), Table 1: accuracy, mean ± (as the caption says) standard error
+PUBLISHED = {
+    "musk1": {"attention": (0.892, 0.040), "gated_attention": (0.900, 0.050)},
+    "musk2": {"attention": (0.858, 0.048), "gated_attention": (0.863, 0.042)},
+    "fox": {"attention": (0.615, 0.043), "gated_attention": (0.603, 0.029)},
+    "tiger": {"attention": (0.839, 0.022), "gated_attention": (0.845, 0.018)},
+    "elephant": {"attention": (0.868, 0.022), "gated_attention": (0.857, 0.027)},
+}
+# the acceptance margin: our better variant within this of the published mean of that variant
+MARGIN = 0.02
+
+# --select: the inner-validation grid. Round 1 (batch 16, for the CPU budget): three learning
+# rates, then dropout or no standardisation at the two larger ones. Round 2, added after round 1
+# fell short on MUSK1 and Tiger: strong decoupled weight decay and batches of 8.
+SELECT_EPOCHS = 40
+EPOCH_CHOICES = (5, 10, 15, 20, 30, 40)
+BASE = {
+    "data.standardize": True,
+    "model.dropout": 0.0,
+    "train.batch_size": 16,
+    "train.weight_decay": 1e-4,
+}
+GRID = (
+    [{"train.lr": lr} for lr in (1e-4, 5e-4, 1e-3)]
+    + [
+        {"train.lr": lr, **extra}
+        for lr in (5e-4, 1e-3)
+        for extra in ({"model.dropout": 0.25}, {"data.standardize": False})
+    ]
+    + [{"train.lr": lr, "train.weight_decay": 1.0} for lr in (5e-4, 1e-3)]
+    + [{"train.lr": lr, "train.batch_size": 8} for lr in (1e-4, 5e-4)]
+)
+# rough relative cost, to start the slow configs first
+COST = {"musk2": 3, "tiger": 2, "fox": 2, "elephant": 2, "musk1": 1}
+
+
+def config_names(only: list[str] | None) -> list[str]:
+    names = [f"{d}_{m}" for d in DATASETS for m in MODELS if not only or d in only]
+    return sorted(names, key=lambda n: -COST[n.split("_")[0]])
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+def run_config(name: str, out: str, threads: int, n_boot: int) -> dict:
+    """One config's 5 x 10-fold CV (resuming finished folds); its accuracy summary and wall time."""
+    import torch
+
+    from mil.config import load_config
+    from mil.train.runner import run_cv
+
+    torch.set_num_threads(threads)
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    t = time.perf_counter()
+    run = run_cv(cfg, Path(out) / name, progress=False, log=_quiet, n_boot=n_boot)
+    seconds = time.perf_counter() - t
+    acc = json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
+    return {
+        "name": name,
+        "mean": acc["mean"],
+        "sd_folds": acc["sd"],
+        "sem_repeats": acc.get("sem_over_repeats", float("nan")),
+        "repeat_means": acc.get("repeat_means", []),
+        "n_folds": len(acc["folds"]),
+        "seconds": seconds,
+    }
+
+
+def markdown_table(results: dict[str, dict], wall: float) -> str:
+    """Ours (mean ± SEM over repeats; mean ± sd over folds) beside the published figures."""
+    lines = [
+        "| dataset | model | ours: mean ± SEM (5 repeats) | ours: mean ± sd (50 folds) "
+        "| published (Ilse et al. 2018) | ours − published | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for d in DATASETS:
+        gaps = []
+        for m in MODELS:
+            r = results.get(f"{d}_{m}")
+            pub, pub_se = PUBLISHED[d][m]
+            if r is None:
+                continue
+            gaps.append(r["mean"] - pub)
+            lines.append(
+                f"| {d.upper()} | {'gated ABMIL' if m.startswith('gated') else 'ABMIL'} "
+                f"| {r['mean']:.3f} ± {r['sem_repeats']:.3f} | {r['mean']:.3f} ± {r['sd_folds']:.3f} "
+                f"| {pub:.3f} ± {pub_se:.3f} | {r['mean'] - pub:+.3f} | {r['seconds']:.0f} |"
+            )
+        if len(gaps) == 2:
+            best = max(gaps)
+            verdicts.append(
+                f"{d.upper()}: better variant {best:+.3f} vs its published mean "
+                f"({'meets' if best >= -MARGIN else 'MISSES'} the −{MARGIN} bar)"
+            )
+    return "\n".join(
+        lines + ["", *[f"- {v}" for v in verdicts], "", f"Total wall time: {wall:.0f} s."]
+    )
+
+
+def run_table(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    names = config_names(args.only)
+    t0 = time.perf_counter()
+    results = {}
+    ctx = get_context("spawn")  # fresh interpreters: no torch thread pools inherited via fork
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_config, n, str(out), args.threads, args.n_boot) for n in names]
+        for f in futures:
+            r = f.result()
+            results[r["name"]] = r
+            print(
+                f"{r['name']}: accuracy {r['mean']:.3f} ({r['n_folds']} folds, {r['seconds']:.0f} s)"
+            )
+    wall = time.perf_counter() - t0
+    text = markdown_table(results, wall)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classic_mil.md").write_text(text + "\n")
+    (out / "classic_mil.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(text)
+    print(f"written: {out / 'classic_mil.md'}")
+
+
+def validation_curve(
+    name: str, point: int, grid_point: dict, out: str, threads: int
+) -> pd.DataFrame:
+    """Mean inner-validation accuracy per epoch over the 10 folds of repetition 0."""
+    import torch
+
+    from mil.config import load_config
+    from mil.train.runner import run_cv
+
+    torch.set_num_threads(threads)
+    over = {
+        **BASE,
+        **grid_point,
+        "splits.val_fraction": 0.2,
+        "train.patience": None,
+        "train.epochs": SELECT_EPOCHS,
+    }
+    sets = [f"{k}={'null' if v is None else str(v).lower()}" for k, v in over.items()]
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", sets)
+    run = run_cv(
+        cfg, Path(out) / f"{name}_{point}", folds=range(10), progress=False, log=_quiet, n_boot=10
+    )
+    hist = pd.concat(
+        [pd.read_csv(run / f"fold_{k}" / "history.csv") for k in range(10)], ignore_index=True
+    )
+    curve = hist.groupby("epoch")["val_accuracy"].mean().reset_index()
+    return curve.assign(config=name, point=point)
+
+
+def run_select(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    names = config_names(args.only)
+    jobs = [(n, p, GRID[p], str(out), args.threads) for n in names for p in range(len(GRID))]
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        curves = list(pool.map(validation_curve, *zip(*jobs)))
+    c = pd.concat(curves)
+    c = c[c["epoch"].isin([e - 1 for e in EPOCH_CHOICES])].assign(epochs=lambda d: d["epoch"] + 1)
+    rows = []
+    for name, g in c.groupby("config", sort=False):
+        best = g["val_accuracy"].max()
+        near = g[g["val_accuracy"] >= best - args.tolerance]
+        pick = near.sort_values(["epochs", "val_accuracy"], ascending=[True, False]).iloc[0]
+        rows.append(
+            {
+                "config": name,
+                **BASE,
+                **GRID[int(pick["point"])],
+                "train.epochs": int(pick["epochs"]),
+                "val_accuracy": float(pick["val_accuracy"]),
+                "best_val_accuracy": float(best),
+            }
+        )
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    c.to_csv(out / "validation_curves.csv", index=False)
+    table.to_csv(out / "selection.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="output folder (default results/classic_mil[_select])")
+    p.add_argument("--jobs", type=int, default=2, help="configs trained at once (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--only", type=lambda s: s.split(","), help="datasets, e.g. musk1,fox")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for pooled CIs")
+    p.add_argument("--select", action="store_true", help="rerun the inner-validation selection")
+    p.add_argument("--tolerance", type=float, default=0.01, help="--select: accuracy tolerance")
+    args = p.parse_args()
+    args.out = args.out or ("results/classic_mil_select" if args.select else "results/classic_mil")
+    (run_select if args.select else run_table)(args)
+
+
+if __name__ == "__main__":
+    main()
