@@ -24,6 +24,28 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
     """Every problem found (not only the first) and a per-slide table."""
     d = cfg.data
     problems: list[Problem] = []
+    if d.instances:
+        from mil.data.instances import load_instances
+
+        try:
+            cohort, store = load_instances(cfg)
+        except DataError as exc:
+            return [Problem("error", str(d.instances), str(exc))], pd.DataFrame()
+        table = pd.DataFrame(
+            {
+                "slide_id": cohort.bag_ids,
+                "file": str(d.instances),
+                "layout": "instance table",
+                "tiles": [len(store.get(b)[0]) for b in cohort.bag_ids],
+                "dim": store.dim,
+                "coords": [store.get(b)[1] is not None for b in cohort.bag_ids],
+                "status": "ok",
+            }
+        )
+        if cohort.classes:
+            counts = cohort.bags["label"].map(dict(enumerate(cohort.classes))).value_counts()
+            table.attrs["class_counts"] = counts.to_dict()
+        return problems, table
     csv = Path(d.csv)
     if not csv.is_file():
         return [Problem("error", str(csv), "cohort CSV not found (data.csv)")], pd.DataFrame()

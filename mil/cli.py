@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,11 +24,11 @@ def _parse_folds(text: str | None) -> list[int] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from mil.config import load_config
     from mil.train.runner import run_cv
-    from mil.train.summary import format_summary, summarize
+    from mil.train.summary import format_summary
 
     cfg = load_config(args.config, args.set)
     run_dir = run_cv(cfg, args.out, folds=_parse_folds(args.folds), progress=not args.quiet)
-    print(format_summary(summarize(run_dir)))
+    print(format_summary(json.loads((run_dir / "summary.json").read_text())))
     print(f"results: {run_dir}")
     return 0
 
@@ -49,6 +50,7 @@ def cmd_splits(args: argparse.Namespace) -> int:
         cfg.splits.seed,
         cfg.splits.repeats,
         force=args.force,
+        assignment=cfg.splits.assignment,
     )
     print(
         f"{'wrote' if made else 'read existing (use --force to remake)'} {len(splits)} splits in {cfg.splits.dir}"
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except MilError as exc:
         print(f"mil: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except KeyboardInterrupt:
         print("mil: interrupted; finished folds are kept and a re-run resumes", file=sys.stderr)
         return 130

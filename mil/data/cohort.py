@@ -45,7 +45,20 @@ class Cohort:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Cohort:
+        """The cohort a config names: its CSV, or its instance table (``data.instances``).
+
+        With ``data.synthetic`` and no CSV yet, the built-in synthetic cohort
+        is written at ``data.csv`` / ``data.features`` first.
+        """
         d = cfg.data
+        if d.instances:
+            from mil.data.instances import load_instances
+
+            return load_instances(cfg)[0]
+        if d.synthetic and not Path(d.csv).is_file():
+            from mil.data.demo import write_synthetic_cohort
+
+            write_synthetic_cohort(d.synthetic, Path(d.csv), Path(d.features))
         path = Path(d.csv)
         if not path.is_file():
             raise DataError(f"data.csv: cohort CSV not found: {path}")
@@ -113,6 +126,15 @@ class Cohort:
                 )
             ev = pd.to_numeric(df[d.event_col], errors="coerce")
             if d.censored_value is not None:
+                # two codes, one of them the censored value; otherwise the mapping would
+                # silently read every other code (a typo, a third status) as an event
+                codes = sorted(ev.dropna().unique().tolist())
+                if d.censored_value not in codes or len(codes) > 2:
+                    raise DataError(
+                        f"{source}: column {d.event_col!r} holds the values {codes[:10]}, but "
+                        f"data.censored_value = {d.censored_value} needs two codes, one of them "
+                        f"{d.censored_value} (censored); check data.event_col and data.censored_value"
+                    )
                 ev = (ev != d.censored_value).astype(float).where(ev.notna())
             if ev.isna().any() or not ev.isin([0, 1]).all():
                 bad = out["slide_id"][~ev.isin([0, 1])].iloc[0]

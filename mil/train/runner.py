@@ -87,11 +87,7 @@ class Experiment:
         self.data = BagDataset(self.cohort.bag_slides, self.store, graph_fn=graph_fn)
 
     def _load_feature_files(self, cfg: Config) -> None:
-        """Cohort CSV + feature folder (writing the synthetic demo cohort first if asked)."""
-        if cfg.data.synthetic and not Path(cfg.data.csv).is_file():
-            from mil.data.demo import write_synthetic_cohort
-
-            write_synthetic_cohort(cfg.data.synthetic, Path(cfg.data.csv), Path(cfg.data.features))
+        """Cohort CSV + feature folder."""
         self.cohort = Cohort.from_config(cfg)
         self.store = FeatureStore.from_dir(
             cfg.data.features, budget_gb=cfg.data.cache_gb, cache_dtype=cfg.data.cache_dtype
