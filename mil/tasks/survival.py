@@ -108,7 +108,7 @@ class SurvivalTask(Task):
             return True
         warnings.warn(
             f"{self._where}: the validation partition ({len(val_bags)} bags) has no events, so "
-            f"its loss and C-index are undefined; this fold trains for the full "
+            f"its loss and C-index are undefined and not logged; this fold trains for the full "
             f"train.epochs = {self.cfg.train.epochs} without early stopping",
             SurvivalWarning,
             stacklevel=2,
@@ -183,14 +183,23 @@ class SurvivalTask(Task):
         """
         time, event, risk = (pred[c].to_numpy(float) for c in ("time", "event", "risk"))
         validating = train_pred is None
+        nan = float("nan")
         out: dict[str, Any] = {}
+        if not validating and event.sum() == 0:
+            warnings.warn(
+                f"{self._where}: the test partition ({len(pred)} bags) has no events; its "
+                "survival metrics are undefined (NaN). Use fewer folds (splits.folds)",
+                SurvivalWarning,
+                stacklevel=2,
+            )
+            names = ("c_index", "c_index_uno", "c_index_uno_tau", "td_auc", "ibs", "logrank_p")
+            return dict.fromkeys(names, nan)
         with self._undefined_as_nan(out, "c_index", quiet=validating):
             out["c_index"] = c_index(time, event, risk)
         if validating:
             return out
         tr_time, tr_event = (train_pred[c].to_numpy(float) for c in ("time", "event"))
-        tr_risk = train_pred["risk"].to_numpy(float)
-        out["c_index_uno"], out["c_index_uno_tau"] = float("nan"), float("nan")
+        out["c_index_uno"], out["c_index_uno_tau"] = nan, nan
         with self._undefined_as_nan(out, "c_index_uno"):
             uno = c_index_uno(tr_time, tr_event, time, event, risk)
             out["c_index_uno"], out["c_index_uno_tau"] = uno["c_index"], uno["tau"]
@@ -239,15 +248,16 @@ class SurvivalTask(Task):
         """
         fold = pred["fold"].astype(str).to_numpy() if "fold" in pred else np.zeros(len(pred))
         arrays = (pred[c].to_numpy(float) for c in ("time", "event", "risk"))
-        ci = bootstrap_ci(
-            _fold_stratified_c_index,
+        return bootstrap_ci(
+            lambda time, event, risk, fold: {
+                "c_index": _fold_stratified_c_index(time, event, risk, fold)
+            },
             *arrays,
             fold,
             n_boot=n_boot,
             seed=seed,
             groups=pred["patient_id"].astype(str).to_numpy(),
         )
-        return {"c_index": ci}
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         """Every bag: witness AUC is averaged over the bags that hold aggressive tiles at all."""
@@ -265,6 +275,7 @@ class SurvivalTask(Task):
             Path(fold_dir) / "km.png",
             groups,
             f"{self.cfg.name}, fold {self.fold_name}: test bags by predicted risk",
+            self.cfg.data.time_col,
         )
 
     def summary_artifacts(self, run_dir: Path, fold_dirs: list[Path]) -> dict[str, Any]:
@@ -272,12 +283,14 @@ class SurvivalTask(Task):
 
         Each fold's risks are standardised with its own training fold
         (``risk_std``, centred at the training median), so the pooled cut at
-        0 is exactly each fold's own cut.
+        0 is exactly each fold's own cut. With repeated cross-validation only
+        the first repeat is pooled, so that every patient counts once.
         """
+        dirs = [d for d in fold_dirs if (d / "risk_groups.csv").is_file()]
+        first = [d for d in dirs if not d.name.startswith("fold_r")]  # repeat 0: fold_<k>
         parts = [
             pd.read_csv(d / "risk_groups.csv", dtype={"bag_id": str, "patient_id": str})
-            for d in fold_dirs
-            if (d / "risk_groups.csv").is_file()
+            for d in (first or dirs)
         ]
         if not parts:
             return {}
@@ -287,6 +300,7 @@ class SurvivalTask(Task):
             Path(run_dir) / "km.png",
             pooled,
             f"{self.cfg.name}: out-of-fold risk groups, {len(parts)} folds pooled",
+            self.cfg.data.time_col,
         )
         return {"logrank_p_pooled": logrank_p(pooled)}
 
@@ -388,11 +402,13 @@ def logrank_p(groups: pd.DataFrame) -> float:
     hi, lo = groups[groups["group"] == "high"], groups[groups["group"] == "low"]
     if len(hi) == 0 or len(lo) == 0 or groups["event"].sum() == 0:
         return float("nan")
-    res = logrank_test(hi["time"], lo["time"], event_observed_A=hi["event"], event_observed_B=lo["event"])
+    res = logrank_test(
+        hi["time"], lo["time"], event_observed_A=hi["event"], event_observed_B=lo["event"]
+    )
     return float(res.p_value)
 
 
-def save_km_plot(path: Path, groups: pd.DataFrame, title: str) -> None:
+def save_km_plot(path: Path, groups: pd.DataFrame, title: str, time_label: str = "time") -> None:
     """Kaplan–Meier curves (lifelines) per risk group with the log-rank p, as a PNG."""
     from lifelines import KaplanMeierFitter
     from matplotlib.figure import Figure
@@ -406,14 +422,11 @@ def save_km_plot(path: Path, groups: pd.DataFrame, title: str) -> None:
         kmf = KaplanMeierFitter(label=f"{name} risk (n={len(g)}, events={int(g['event'].sum())})")
         kmf.fit(g["time"], g["event"])
         kmf.plot_survival_function(ax=ax, ci_show=True, color=colour, show_censors=True)
-    p = logrank_p(groups)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("time")
+    ax.set_xlabel(time_label)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
-    ax.text(
-        0.98, 0.95, f"log-rank p = {p:.2g}", transform=ax.transAxes, ha="right", va="top"
-    )
+    ax.legend(title=f"log-rank p = {logrank_p(groups):.2g}", loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -438,4 +451,4 @@ def _fold_stratified_c_index(
             continue
         concordant += conc + 0.5 * tied_risk
         comparable += conc + disc + tied_risk
-    return concordant / comparable if comparable else float("nan")
+    return float(concordant / comparable) if comparable else float("nan")
