@@ -112,6 +112,15 @@ def predict(
     return out
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer``: AdamW (decoupled decay), Adam (coupled L2) or SGD (momentum 0.9, L2)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def fit(
     model: MILModel,
     task: Task,
@@ -123,14 +132,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
 ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
-    """Train with AdamW; early stopping on the validation loss restores the best weights.
+    """Train with ``cfg.optimizer`` (AdamW by default); early stopping on the validation
+    loss restores the best weights.
 
     With ``cfg.patience`` None (or no validation bags) it trains a fixed
     ``cfg.epochs`` and keeps the final weights. Returns (history, state_dict).
     """
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg)
     train_ids = train["bag_id"].tolist()
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
