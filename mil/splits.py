@@ -45,8 +45,16 @@ def strata(cohort: Cohort, n_time_bins: int = 2) -> np.ndarray:
     s = cohort.slides
     if cohort.task == "classification":
         return s["label"].to_numpy()
-    q = pd.qcut(s["time"].rank(method="first"), n_time_bins, labels=False).to_numpy()
-    return s["event"].to_numpy() * n_time_bins + q
+    # time quantiles within events and within censored patients, so no stratum is tiny
+    event = s["event"].to_numpy()
+    q = np.zeros(len(s), dtype=int)
+    for e in (0, 1):
+        idx = np.flatnonzero(event == e)
+        bins = min(n_time_bins, len(idx))
+        if bins > 1:
+            ranks = s["time"].iloc[idx].rank(method="first")
+            q[idx] = pd.qcut(ranks, bins, labels=False).to_numpy()
+    return event * n_time_bins + q
 
 
 def make_splits(
