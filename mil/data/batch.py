@@ -7,7 +7,7 @@ small class of our own so that packing costs one ``torch.cat`` and nothing else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -55,7 +55,6 @@ class BagBatch:
     coords: Tensor | None = None
     edge_index: Tensor | None = None
     targets: Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_bags(self) -> int:

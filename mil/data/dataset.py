@@ -173,9 +173,6 @@ class BagDataset:
             edges.append(self.graph_fn(part) + lo)
         return torch.cat(edges, 1)
 
-    def sizes(self, bag_ids: Sequence[str]) -> list[int]:
-        return [sum(len(self.store.get(s)[0]) for s in self.bag_slides[b]) for b in bag_ids]
-
     def instance_labels(self, bag_id: str) -> np.ndarray | None:
         labels = [self.store.instance_labels.get(s) for s in self.bag_slides[bag_id]]
         if any(v is None for v in labels):
