@@ -41,11 +41,18 @@ def plain_forward(model, x: torch.Tensor) -> torch.Tensor:
     return model.head(a @ h)
 
 
-def epoch_loop(model, opt, bags, labels, order) -> float:
+def autocast(precision: str):
+    """bf16 autocast (matmuls in bfloat16, reductions and the loss in float32) or a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def epoch_loop(model, opt, bags, labels, order, precision) -> float:
     model.train()
     t = time.perf_counter()
     for i in order:
-        loss = F.cross_entropy(plain_forward(model, bags[i].x)[None], labels[i : i + 1])
+        with autocast(precision):
+            logits = plain_forward(model, bags[i].x)[None]
+        loss = F.cross_entropy(logits.float(), labels[i : i + 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,21 +71,24 @@ def loss_batches(
 
 
 def epoch_packed(
-    model, opt, bags, labels, order, max_bags, batch_instances, chunk_instances
+    model, opt, bags, labels, order, precision, max_bags, batch_instances, chunk_instances
 ) -> float:
     model.train()
     sizes = [len(b) for b in bags]
     t = time.perf_counter()
     for idx in loss_batches(sizes, order, max_bags, batch_instances):
-        out = forward_bags(model, [bags[i] for i in idx], chunk_instances, torch.device("cpu"))
-        loss = F.cross_entropy(out.logits, labels[idx])
+        with autocast(precision):
+            out = forward_bags(model, [bags[i] for i in idx], chunk_instances, torch.device("cpu"))
+        loss = F.cross_entropy(out.logits.float(), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return sum(sizes) / (time.perf_counter() - t)
 
 
-def measure(conf, bags, labels, epochs: int, seed: int, hidden: int, attn: int) -> float:
+def measure(
+    conf, bags, labels, epochs: int, seed: int, hidden: int, attn: int, precision: str
+) -> float:
     """Median instances/s over ``epochs`` epochs after a warm-up, for a fresh model."""
     torch.manual_seed(0)
     model = create(
@@ -96,8 +106,8 @@ def measure(conf, bags, labels, epochs: int, seed: int, hidden: int, attn: int) 
     def one_epoch() -> float:
         order = rng.permutation(len(bags))
         if conf is None:
-            return epoch_loop(model, opt, bags, labels, order)
-        return epoch_packed(model, opt, bags, labels, order, *conf)
+            return epoch_loop(model, opt, bags, labels, order, precision)
+        return epoch_packed(model, opt, bags, labels, order, precision, *conf)
 
     one_epoch()  # warm-up
     return statistics.median(one_epoch() for _ in range(epochs))
@@ -113,6 +123,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--attn", type=int, default=128, help="attention width (mil's default = hidden)"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: both loops under bfloat16 autocast (train.precision: bf16)",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,13 +146,15 @@ def main() -> None:
             "packed, instance budget": (64, 8192, 8192),
         }
         for label, conf in configs.items():
-            results[label] = measure(conf, bags, labels, args.epochs, 1, args.hidden, args.attn)
+            results[label] = measure(
+                conf, bags, labels, args.epochs, 1, args.hidden, args.attn, args.precision
+            )
         base = results["one bag at a time"]
         for label, v in results.items():
             rows.append((name, f"{n_bags} bags of {lo}-{hi}", label, v, v / base))
     print(
         f"ABMIL (gated, {dim}->{args.hidden}, attention {args.attn}) training throughput, "
-        f"{args.threads} threads, median of {args.epochs} epochs after a warm-up"
+        f"{args.precision}, {args.threads} threads, median of {args.epochs} epochs after a warm-up"
     )
     print(f"{'bags':<6} {'cohort':<24} {'method':<26} {'instances/s':>12} {'vs loop':>8}")
     for r in rows:

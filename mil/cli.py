@@ -33,6 +33,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mil.compare import format_comparison, run_compare
+    from mil.config import load_config
+
+    for item in args.set:
+        if item.split("=", 1)[0].strip().split(".")[0] == "model":
+            raise MilError(
+                f"--set {item}: each compared model takes its hyper-parameters from its "
+                f"compare: entry in {args.config} (or its defaults), not from model:; "
+                "edit the entry, or give it a label and list that label in --models"
+            )
+    cfg = load_config(args.config, args.set)
+    models = None
+    if args.models and args.models != "all":
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    elif args.models == "all":
+        from mil.models import available
+
+        models = available()
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+    table = run_compare(
+        cfg, out, models=models, folds=_parse_folds(args.folds), progress=not args.quiet
+    )
+    print(format_comparison(table, cfg))
+    print(f"table: {out / 'comparison.md'}")
+    return 0
+
+
 def cmd_splits(args: argparse.Namespace) -> int:
     from mil.config import load_config
     from mil.data.cohort import Cohort
@@ -162,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", help="only these folds, e.g. 0,2 (for one job per fold)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
+
+    cp = sub.add_parser(
+        "compare", help="run several models through the same folds and tabulate them"
+    )
+    with_config(cp)
+    cp.add_argument(
+        "--models",
+        help="comma-separated compare labels or model names, or 'all' registered models "
+        "(default: the config's compare: list, else all)",
+    )
+    cp.add_argument("--out", help="folder for the runs and comparison.md (default results/<name>)")
+    cp.add_argument("--folds", help="only these folds, e.g. 0,2")
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("splits", help="write (or show) the patient-level split files")
     with_config(s)

@@ -382,7 +382,13 @@ class Run:
         data = BagDataset(bag_slides, store, graph_fn=graph_fn, transform=transform)
         ids = list(bag_slides)
         return predict(
-            model, data, ids, self.config.train.max_instances, torch.device(device), keep_scores
+            model,
+            data,
+            ids,
+            self.config.train.max_instances,
+            torch.device(device),
+            keep_scores,
+            precision=self.config.train.precision,
         ), payload
 
     def _bags_of(self, bags) -> tuple[dict[str, list[str]], Any]:

@@ -307,3 +307,30 @@ def test_graph_models_build_their_graph_when_the_batch_has_none(kind):
         assert without.edge_index is None
         with torch.no_grad():
             torch.testing.assert_close(model(without).logits, model(with_graph).logits)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast_tracks_fp32(name):
+    """``train.precision: bf16`` path: features packed in bfloat16, the model under autocast.
+
+    The logits stay within bf16 rounding of the fp32 forward and the weights
+    get finite fp32 gradients.
+    """
+    from mil.train.loop import forward_bags
+
+    model = build(name, n_out=2)
+    bags = make_bags(model)
+    with torch.no_grad():
+        ref = forward_bags(model, bags, 10**6, torch.device("cpu")).logits
+    # eval mode (no dropout) but with gradients: the same function in both precisions
+    out = forward_bags(model, bags, 10**6, torch.device("cpu"), precision="bf16")
+    assert out.logits.dtype == torch.float32
+    scale = ref.abs().max().clamp(min=1.0)
+    assert (out.logits.detach() - ref).abs().max() <= 0.05 * scale, (out.logits, ref)
+    assert not torch.equal(out.logits.detach(), ref)  # bf16 did run
+    loss = out.logits.square().sum() + (out.aux_loss if out.aux_loss is not None else 0)
+    loss.backward()
+    # (parameters used only by a training-time loss, e.g. CLAM's instance classifiers, get none)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -104,6 +104,25 @@ def test_early_stopping_restores_best_checkpoint(tmp_path, small_cohort):
     assert np.isclose(float(task.loss(fwd.logits, task.targets(val))), best["val_loss"].iloc[0], atol=1e-5)
 
 
+def test_best_from_epoch_skips_early_checkpoints(tmp_path, small_cohort):
+    raw = dict(small_cohort)
+    raw["train"] = {**raw["train"], "epochs": 12, "patience": 3, "lr": 3e-3}
+    run = run_cv(config_from_dict(raw), tmp_path / "a", folds=[0], progress=False, log=quiet)
+    first = pd.read_csv(run / "fold_0" / "history.csv")
+    k = int(first.loc[first["val_loss"].idxmin(), "epoch"]) + 1  # the run's best is now too early
+    raw["train"]["best_from_epoch"] = k
+    run = run_cv(config_from_dict(raw), tmp_path / "b", folds=[0], progress=False, log=quiet)
+    hist = pd.read_csv(run / "fold_0" / "history.csv")
+    # the same training up to where the first run stopped (seeded), a later checkpoint
+    n = min(len(first), len(hist))
+    np.testing.assert_allclose(hist["val_loss"][:n], first["val_loss"][:n], rtol=1e-6)
+    best = hist.loc[hist["best"]]
+    eligible = hist[hist["epoch"] >= k]
+    assert len(best) == 1 and int(best["epoch"].iloc[0]) >= k
+    assert best["val_loss"].iloc[0] == eligible["val_loss"].min()
+    assert len(hist) >= min(12, k + 3)  # patience counts from epoch k
+
+
 def test_patient_level_bags(tmp_path, small_cohort):
     raw = dict(small_cohort)
     raw["data"] = {**raw["data"], "bag_level": "patient"}

@@ -85,15 +85,19 @@ class BagBatch:
 
 
 def collate_bags(bags: Sequence[Bag], dtype: torch.dtype = torch.float32) -> BagBatch:
-    """Pack ``bags`` into one :class:`BagBatch` (one copy of the features)."""
+    """Pack ``bags`` into one :class:`BagBatch` (one copy of the features, cast to ``dtype``;
+    none for a single bag already in ``dtype``)."""
     if len(bags) == 0:
         raise ValueError("collate_bags needs at least one bag")
     sizes = torch.tensor([len(b) for b in bags], dtype=torch.long)
     ptr = torch.zeros(len(bags) + 1, dtype=torch.long)
     torch.cumsum(sizes, 0, out=ptr[1:])
-    x = torch.cat([b.x for b in bags], 0)
-    if x.dtype != dtype:
-        x = x.to(dtype)
+    if len(bags) == 1 and bags[0].x.dtype == dtype:
+        x = bags[0].x  # one bag: no copy
+    else:
+        # one pass: copy (and cast) every bag straight into the packed tensor
+        x = torch.empty((int(ptr[-1]), bags[0].x.shape[1]), dtype=dtype)
+        torch.cat([b.x for b in bags], 0, out=x)
     batch = torch.repeat_interleave(torch.arange(len(bags)), sizes)
     coords = None
     if all(b.coords is not None for b in bags):

@@ -37,23 +37,28 @@ def forward_bags(
     device: torch.device,
     targets: Tensor | None = None,
     keep_scores: bool = False,
+    precision: str = "fp32",
 ) -> Forward:
     """Forward ``bags`` in compute chunks of at most ``max_instances`` rows.
 
     The chunks of one loss batch are run one after another and their bag
     outputs concatenated, so the loss (and a Cox risk set) spans the whole
-    batch while each matrix product stays cache-sized.
+    batch while each matrix product stays cache-sized. ``precision="bf16"``
+    packs the features straight into bfloat16 and runs the model under autocast;
+    the returned logits are float32 either way.
     """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     logits, aux, scores = [], [], []
     extra: dict[str, list[Tensor]] = {}
     for chunk in chunk_by_budget([len(b) for b in bags], max_instances):
-        batch = collate_bags([bags[i] for i in chunk]).to(device)
+        batch = collate_bags([bags[i] for i in chunk], dtype=dtype).to(device)
         if targets is not None:
             batch.targets = targets[chunk].to(device)
-        out = model(batch)
-        logits.append(out.logits)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(batch)
+        logits.append(out.logits.float())
         if out.aux_loss is not None:
-            aux.append(out.aux_loss * len(chunk))
+            aux.append(out.aux_loss.float() * len(chunk))
         if keep_scores:
             if out.scores is not None:
                 scores.extend(unpack(out.scores.detach().float().cpu(), batch.ptr.cpu()))
@@ -96,13 +101,18 @@ def predict(
     device: torch.device,
     keep_scores: bool = False,
     group: int = 64,
+    precision: str = "fp32",
 ) -> Forward:
     """Evaluation-mode forward over all ``bag_ids`` (full bags, never subsampled)."""
     model.eval()
     parts = []
     for i in range(0, len(bag_ids), group):
         bags = [data[b] for b in bag_ids[i : i + group]]
-        parts.append(forward_bags(model, bags, max_instances, device, keep_scores=keep_scores))
+        parts.append(
+            forward_bags(
+                model, bags, max_instances, device, keep_scores=keep_scores, precision=precision
+            )
+        )
     out = Forward(logits=torch.cat([p.logits for p in parts]).cpu())
     if keep_scores:
         out.scores = [s for p in parts for s in (p.scores or [])] or None
@@ -133,7 +143,8 @@ def fit(
     desc: str = "train",
 ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
     """Train with ``cfg.optimizer`` (AdamW by default); early stopping on the validation
-    loss restores the best weights.
+    loss restores the best weights (of epoch ``cfg.best_from_epoch`` or later; patience
+    counts from there).
 
     With ``cfg.patience`` None (or no validation bags) it trains a fixed
     ``cfg.epochs`` and keeps the final weights. Returns (history, state_dict).
@@ -157,7 +168,12 @@ def fit(
                 bags = [subsample(b, cfg.subsample, gen) for b in bags]
             tgt = task.targets(train.iloc[rows])
             out = forward_bags(
-                model, bags, cfg.max_instances, device, targets=task.model_targets(tgt)
+                model,
+                bags,
+                cfg.max_instances,
+                device,
+                targets=task.model_targets(tgt),
+                precision=cfg.precision,
             )
             loss = task.loss(out.logits, tgt)
             if out.aux_loss is not None:
@@ -176,7 +192,14 @@ def fit(
             "instances_per_s": n_inst / max(time.perf_counter() - t0, 1e-9),
         }
         if val_targets is not None:
-            fwd = predict(model, data, val["bag_id"].tolist(), cfg.max_instances, device)
+            fwd = predict(
+                model,
+                data,
+                val["bag_id"].tolist(),
+                cfg.max_instances,
+                device,
+                precision=cfg.precision,
+            )
             row["val_loss"] = float(task.loss(fwd.logits, val_targets))
             row.update(
                 {
@@ -187,7 +210,7 @@ def fit(
             )
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_loss", "val_loss")})
-        if early:
+        if early and epoch >= cfg.best_from_epoch:
             if row["val_loss"] < best_loss - 1e-6:
                 best_loss, best_epoch, waited = row["val_loss"], epoch, 0
                 best_state = copy.deepcopy(model.state_dict())

@@ -200,12 +200,25 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
     )
     train_seconds = time.perf_counter() - t0
     fwd = predict(
-        model, exp.data, test["bag_id"].tolist(), cfg.train.max_instances, device, keep_scores=True
+        model,
+        exp.data,
+        test["bag_id"].tolist(),
+        cfg.train.max_instances,
+        device,
+        keep_scores=True,
+        precision=cfg.train.precision,
     )
     pred = task.predictions(test, fwd.logits.numpy())
     train_pred = None
     if getattr(task, "needs_train_predictions", False):
-        tfwd = predict(model, exp.data, train["bag_id"].tolist(), cfg.train.max_instances, device)
+        tfwd = predict(
+            model,
+            exp.data,
+            train["bag_id"].tolist(),
+            cfg.train.max_instances,
+            device,
+            precision=cfg.train.precision,
+        )
         train_pred = task.predictions(train, tfwd.logits.numpy())
     metrics = task.metrics(pred, train_pred)
     witness = instance_auc(exp.data, pred, fwd.scores, task.positive_bags(pred))

@@ -1,0 +1,183 @@
+"""Run several aggregators through the same cross-validation and tabulate them.
+
+``mil compare CONFIG [--models a,b]`` takes one config (cohort, task, splits,
+training) and runs it once per model, each into ``<out>/<label>/`` on the
+*same* split files, then writes ``<out>/comparison.csv`` and
+``comparison.md``: per model its parameter count, the task's metrics as
+mean ± sd over folds, ``witness_auc`` where the features carry instance
+labels, and training seconds per epoch.
+
+The models come from the config's ``compare:`` list, one entry per run::
+
+    compare:
+      - {model: {name: abmil, gated: true}}
+      - {model: {name: transmil, dim: 128}, train: {subsample: 512}, label: transmil_s512}
+
+``train`` entries override the config's ``train`` section for that model
+only; ``label`` names its folder and table row (default: the model name).
+``--models`` picks entries by label or model name; a registered model
+without an entry runs with its default hyper-parameters. With neither,
+every registered model runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mil.config import Config, config_from_dict
+from mil.errors import ConfigError
+from mil.io import write_csv, write_text
+from mil.models import available
+
+# the headline metrics of each task, in table order
+TASK_METRICS = {
+    "classification": ["auc", "balanced_accuracy"],
+    "survival": ["c_index"],
+}
+ENTRY_KEYS = {"model", "train", "label"}
+
+
+def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]]:
+    """The runs to make: the config's ``compare`` entries, filtered or completed by ``models``."""
+    listed = []
+    for i, e in enumerate(cfg.compare):
+        where = f"{cfg.source}: compare[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("model"), dict):
+            raise ConfigError(f"{where} must be a mapping with a 'model' mapping, e.g. {{model: {{name: abmil}}}}")
+        unknown = sorted(set(e) - ENTRY_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key '{unknown[0]}'; valid keys here: {', '.join(sorted(ENTRY_KEYS))}"
+            )
+        if "name" not in e["model"]:
+            raise ConfigError(f"{where}.model: 'name' is missing")
+        if not isinstance(e.get("train", {}), dict):
+            raise ConfigError(f"{where}.train must be a mapping of train keys")
+        listed.append({"label": str(e.get("label", e["model"]["name"])), **e})
+    labels = [e["label"] for e in listed]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"{cfg.source}: compare: label {dup[0]!r} is used twice; give each entry its own label")
+    if models is None:
+        return listed or [{"label": m, "model": {"name": m}} for m in available()]
+    out = []
+    for name in models:
+        hits = [e for e in listed if e["label"] == name] or [
+            e for e in listed if e["model"]["name"] == name
+        ]
+        if hits:
+            out += hits
+        elif name in available():
+            out.append({"label": name, "model": {"name": name}})
+        else:
+            raise ConfigError(
+                f"--models: {name!r} is neither a compare entry of {cfg.source} nor a registered "
+                f"model; available models: {', '.join(available())}"
+            )
+    return out
+
+
+def entry_config(cfg: Config, entry: dict[str, Any]) -> Config:
+    """The plain config of one comparison run (validated like any config)."""
+    raw = cfg.to_dict()
+    raw.pop("compare", None)
+    raw["name"] = f"{cfg.name}_{entry['label']}"
+    raw["model"] = dict(entry["model"])
+    raw["train"].update(entry.get("train") or {})
+    return config_from_dict(raw, source=f"{cfg.source}: compare entry {entry['label']!r}")
+
+
+def run_compare(
+    cfg: Config,
+    out: str | Path | None = None,
+    models: list[str] | None = None,
+    folds: list[int] | None = None,
+    progress: bool = True,
+    log=print,
+) -> pd.DataFrame:
+    """Run every entry (resuming finished folds) and write the comparison table."""
+    from mil.train.runner import run_cv
+
+    out = Path(out) if out else Path("results") / cfg.name
+    runs = [(e["label"], entry_config(cfg, e)) for e in entries(cfg, models)]  # validate all first
+    for label, sub in runs:
+        log(f"== {label} ==")
+        run_cv(sub, out / label, folds=folds, progress=progress, log=log)
+    table = comparison_table({label: out / label for label, _ in runs})
+    write_csv(out / "comparison.csv", table)
+    write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
+    return table
+
+
+def n_parameters(run_dir: Path) -> int | None:
+    """Trainable parameters of the model saved in the run's first finished fold."""
+    from mil.train.runner import load_model
+    from mil.train.summary import fold_dirs
+
+    done = fold_dirs(run_dir)
+    if not done:
+        return None
+    model, _ = load_model(done[0] / "model.pt")
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
+    """One row per run: parameters, metric mean/sd over folds, seconds per epoch."""
+    rows = []
+    for label, run_dir in run_dirs.items():
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        m = summary["metrics"]
+        row: dict[str, Any] = {
+            "model": label,
+            "name": summary["model"],
+            "task": summary["task"],
+            "folds": len(summary["folds"]),
+            "params": n_parameters(Path(run_dir)),
+        }
+        for k in TASK_METRICS.get(summary["task"], []) + ["witness_auc"]:
+            if k in m:
+                row[f"{k}_mean"], row[f"{k}_sd"] = m[k]["mean"], m[k]["sd"]
+        for k in ("seconds_per_epoch", "train_seconds"):
+            if k in m:
+                row[k] = m[k]["mean"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
+    """A markdown table of :func:`comparison_table`."""
+    metrics = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+    head = ["model", "params"] + [f"{k} (mean ± sd)" for k in metrics]
+    head += ["s / epoch", "train s / fold", "folds"]
+    lines = []
+    if cfg is not None:
+        lines.append(
+            f"{cfg.name}: {cfg.task.type}, {cfg.splits.folds}-fold CV"
+            f"{f' x {cfg.splits.repeats}' if cfg.splits.repeats > 1 else ''}, the same splits for every model\n"
+        )
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pm(r, k: str) -> str:
+        mean, sd = r.get(f"{k}_mean"), r.get(f"{k}_sd")
+        if mean is None or not np.isfinite(mean):
+            return "–"
+        return f"{mean:.3f} ± {sd:.3f}" if sd is not None and np.isfinite(sd) else f"{mean:.3f}"
+
+    def num(v, fmt: str) -> str:
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+    for r in table.to_dict("records"):
+        cells = [r["model"], num(r.get("params"), ",")]
+        cells += [pm(r, k) for k in metrics]
+        cells += [
+            num(r.get("seconds_per_epoch"), ".2f"),
+            num(r.get("train_seconds"), ".0f"),
+            str(r["folds"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
