@@ -77,8 +77,10 @@ def epoch_packed(
     sizes = [len(b) for b in bags]
     t = time.perf_counter()
     for idx in loss_batches(sizes, order, max_bags, batch_instances):
-        with autocast(precision):
-            out = forward_bags(model, [bags[i] for i in idx], chunk_instances, torch.device("cpu"))
+        # mil's path: features packed straight into bf16, the model under autocast
+        out = forward_bags(
+            model, [bags[i] for i in idx], chunk_instances, torch.device("cpu"), precision=precision
+        )
         loss = F.cross_entropy(out.logits.float(), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -67,10 +67,14 @@ def mlp_encoder(in_dim: int, hidden: int | list[int], dropout: float) -> tuple[n
 def segment_weighted_sum(h: Tensor, weights: Tensor, batch: Tensor, num_bags: int) -> Tensor:
     """``z_b = sum_{i in bag b} w_i h_i`` for packed rows; returns ``[B, H]``.
 
-    Implemented as one sparse ``[B, sum N_i] @ [sum N_i, H]`` product: measured
-    faster on CPU than materialising ``w * h`` and scattering it, on both many
-    small bags and few large ones.
+    On CPU one ``index_add_`` of the scaled rows (measured ~2x faster than a
+    sparse ``[B, sum N_i] @ [sum N_i, H]`` product, fp32 and bf16, few large or
+    many small bags); on CUDA the sparse product, which is deterministic where
+    ``index_add_``'s atomics are not.
     """
+    if h.device.type == "cpu":
+        w = weights.to(h.dtype).unsqueeze(-1)
+        return h.new_zeros(num_bags, h.shape[1]).index_add_(0, batch, w * h)
     n = h.shape[0]
     weights = weights.contiguous()  # CUDA sparse mm misreads strided values
     index = torch.stack([batch, torch.arange(n, device=h.device)])
