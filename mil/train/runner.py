@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,26 +200,19 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
         desc=f"fold {split.name}",
     )
     train_seconds = time.perf_counter() - t0
-    fwd = predict(
+    infer = partial(
+        predict,
         model,
         exp.data,
-        test["bag_id"].tolist(),
-        cfg.train.max_instances,
-        device,
-        keep_scores=True,
+        max_instances=cfg.train.max_instances,
+        device=device,
         precision=cfg.train.precision,
     )
+    fwd = infer(test["bag_id"].tolist(), keep_scores=True)
     pred = task.predictions(test, fwd.logits.numpy())
     train_pred = None
     if getattr(task, "needs_train_predictions", False):
-        tfwd = predict(
-            model,
-            exp.data,
-            train["bag_id"].tolist(),
-            cfg.train.max_instances,
-            device,
-            precision=cfg.train.precision,
-        )
+        tfwd = infer(train["bag_id"].tolist())
         train_pred = task.predictions(train, tfwd.logits.numpy())
     metrics = task.metrics(pred, train_pred)
     witness = instance_auc(exp.data, pred, fwd.scores, task.positive_bags(pred))
