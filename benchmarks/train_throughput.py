@@ -7,7 +7,8 @@ Figures are instances per second, the median of 3 epochs after one warm-up
 epoch; the ratio packed / loop is what matters (absolute numbers depend on
 the CPU).
 
-    python benchmarks/train_throughput.py [--threads 2] [--quick]
+    python benchmarks/train_throughput.py [--threads 2] [--quick] [--precision bf16]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,21 +42,30 @@ def plain_forward(model, x: torch.Tensor) -> torch.Tensor:
     return model.head(a @ h)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: torch.device):
     """bf16 autocast (matmuls in bfloat16, reductions and the loss in float32) or a no-op."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def epoch_loop(model, opt, bags, labels, order, precision) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_loop(model, opt, bags, labels, order, precision, device) -> float:
+    """The usual per-paper loop: each bag moved to the device and trained on alone."""
     model.train()
+    sync(device)
     t = time.perf_counter()
     for i in order:
-        with autocast(precision):
-            logits = plain_forward(model, bags[i].x)[None]
-        loss = F.cross_entropy(logits.float(), labels[i : i + 1])
+        x = bags[i].x.to(device)
+        with autocast(precision, device):
+            logits = plain_forward(model, x)[None]
+        loss = F.cross_entropy(logits.float(), labels[i : i + 1].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync(device)
     return sum(len(b) for b in bags) / (time.perf_counter() - t)
 
 
@@ -71,25 +81,27 @@ def loss_batches(
 
 
 def epoch_packed(
-    model, opt, bags, labels, order, precision, max_bags, batch_instances, chunk_instances
+    model, opt, bags, labels, order, precision, device, max_bags, batch_instances, chunk_instances
 ) -> float:
     model.train()
     sizes = [len(b) for b in bags]
+    sync(device)
     t = time.perf_counter()
     for idx in loss_batches(sizes, order, max_bags, batch_instances):
         # mil's path: features packed straight into bf16, the model under autocast
         out = forward_bags(
-            model, [bags[i] for i in idx], chunk_instances, torch.device("cpu"), precision=precision
+            model, [bags[i] for i in idx], chunk_instances, device, precision=precision
         )
-        loss = F.cross_entropy(out.logits.float(), labels[idx])
+        loss = F.cross_entropy(out.logits.float(), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync(device)
     return sum(sizes) / (time.perf_counter() - t)
 
 
 def measure(
-    conf, bags, labels, epochs: int, seed: int, hidden: int, attn: int, precision: str
+    conf, bags, labels, epochs: int, seed: int, hidden: int, attn: int, precision: str, device
 ) -> float:
     """Median instances/s over ``epochs`` epochs after a warm-up, for a fresh model."""
     torch.manual_seed(0)
@@ -101,15 +113,15 @@ def measure(
         attn_dim=attn,
         gated=True,
         dropout=0.0,
-    )
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rng = np.random.default_rng(seed)
 
     def one_epoch() -> float:
         order = rng.permutation(len(bags))
         if conf is None:
-            return epoch_loop(model, opt, bags, labels, order, precision)
-        return epoch_packed(model, opt, bags, labels, order, precision, *conf)
+            return epoch_loop(model, opt, bags, labels, order, precision, device)
+        return epoch_packed(model, opt, bags, labels, order, precision, device, *conf)
 
     one_epoch()  # warm-up
     return statistics.median(one_epoch() for _ in range(epochs))
@@ -132,8 +144,12 @@ def main() -> None:
         default="fp32",
         help="bf16: both loops under bfloat16 autocast (train.precision: bf16)",
     )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda (bags live in CPU memory, as in a run)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     dim, scale = 1024, (10 if args.quick else 1)
     rows = []
     for name, n_bags, lo, hi in [
@@ -149,14 +165,14 @@ def main() -> None:
         }
         for label, conf in configs.items():
             results[label] = measure(
-                conf, bags, labels, args.epochs, 1, args.hidden, args.attn, args.precision
+                conf, bags, labels, args.epochs, 1, args.hidden, args.attn, args.precision, device
             )
         base = results["one bag at a time"]
         for label, v in results.items():
             rows.append((name, f"{n_bags} bags of {lo}-{hi}", label, v, v / base))
     print(
         f"ABMIL (gated, {dim}->{args.hidden}, attention {args.attn}) training throughput, "
-        f"{args.precision}, {args.threads} threads, median of {args.epochs} epochs after a warm-up"
+        f"{args.precision}, {device.type}, {args.threads} threads, median of {args.epochs} epochs after a warm-up"
     )
     print(f"{'bags':<6} {'cohort':<24} {'method':<26} {'instances/s':>12} {'vs loop':>8}")
     for r in rows:

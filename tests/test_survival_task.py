@@ -217,7 +217,8 @@ def test_test_fold_without_events_warns_and_gives_nan(tmp_path):
     with pytest.warns(SurvivalWarning) as caught:
         m = task.metrics(train.assign(time=[5.0, 6, 7, 8]), train)  # events after tau = 4
     assert math.isnan(m["td_auc"]) and np.isfinite(m["c_index"])
-    messages = [str(w.message) for w in caught]
+    # (other libraries' deprecation warnings, e.g. from a newer pandas, are not counted)
+    messages = [str(w.message) for w in caught if issubclass(w.category, SurvivalWarning)]
     assert any(msg.startswith("fold 2: td_auc is undefined") for msg in messages)
     assert len(messages) == len(set(messages))
 

@@ -84,9 +84,12 @@ class BagBatch:
         return self.x[int(self.ptr[i]) : int(self.ptr[i + 1])]
 
 
-def collate_bags(bags: Sequence[Bag], dtype: torch.dtype = torch.float32) -> BagBatch:
+def collate_bags(
+    bags: Sequence[Bag], dtype: torch.dtype = torch.float32, pin_memory: bool = False
+) -> BagBatch:
     """Pack ``bags`` into one :class:`BagBatch` (one copy of the features, cast to ``dtype``;
-    none for a single bag already in ``dtype``)."""
+    none for a single bag already in ``dtype``). ``pin_memory`` packs into page-locked
+    memory, for an asynchronous copy to a GPU."""
     if len(bags) == 0:
         raise ValueError("collate_bags needs at least one bag")
     sizes = torch.tensor([len(b) for b in bags], dtype=torch.long)
@@ -96,7 +99,7 @@ def collate_bags(bags: Sequence[Bag], dtype: torch.dtype = torch.float32) -> Bag
         x = bags[0].x  # one bag: no copy
     else:
         # one pass: copy (and cast) every bag straight into the packed tensor
-        x = torch.empty((int(ptr[-1]), bags[0].x.shape[1]), dtype=dtype)
+        x = torch.empty((int(ptr[-1]), bags[0].x.shape[1]), dtype=dtype, pin_memory=pin_memory)
         torch.cat([b.x for b in bags], 0, out=x)
     batch = torch.repeat_interleave(torch.arange(len(bags)), sizes)
     coords = None

@@ -70,15 +70,19 @@ def segment_weighted_sum(h: Tensor, weights: Tensor, batch: Tensor, num_bags: in
     On CPU one ``index_add_`` of the scaled rows (measured ~2x faster than a
     sparse ``[B, sum N_i] @ [sum N_i, H]`` product, fp32 and bf16, few large or
     many small bags); on CUDA the sparse product, which is deterministic where
-    ``index_add_``'s atomics are not.
+    ``index_add_``'s atomics are not. CUDA has no bfloat16/float16 sparse
+    product, so reduced-precision rows are summed in float32 there (the result
+    is cast back).
     """
     if h.device.type == "cpu":
         w = weights.to(h.dtype).unsqueeze(-1)
         return h.new_zeros(num_bags, h.shape[1]).index_add_(0, batch, w * h)
     n = h.shape[0]
-    weights = weights.contiguous()  # CUDA sparse mm misreads strided values
+    wide = h if h.dtype in (torch.float32, torch.float64) else h.float()
+    weights = weights.to(wide.dtype).contiguous()  # CUDA sparse mm misreads strided values
     index = torch.stack([batch, torch.arange(n, device=h.device)])
     a = torch.sparse_coo_tensor(
-        index, weights.to(h.dtype), (num_bags, n), is_coalesced=True, check_invariants=False
+        index, weights, (num_bags, n), is_coalesced=True, check_invariants=False
     )
-    return torch.sparse.mm(a, h)
+    with torch.autocast("cuda", enabled=False):  # autocast would cast it back to bf16
+        return torch.sparse.mm(a, wide).to(h.dtype)

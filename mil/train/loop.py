@@ -51,7 +51,9 @@ def forward_bags(
     logits, aux, scores = [], [], []
     extra: dict[str, list[Tensor]] = {}
     for chunk in chunk_by_budget([len(b) for b in bags], max_instances):
-        batch = collate_bags([bags[i] for i in chunk], dtype=dtype).to(device)
+        cuda = device.type == "cuda"
+        batch = collate_bags([bags[i] for i in chunk], dtype=dtype, pin_memory=cuda)
+        batch = batch.to(device, non_blocking=cuda)
         if targets is not None:
             batch.targets = targets[chunk].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
