@@ -32,6 +32,19 @@ def test_collate_float16_cast():
     assert b.x.dtype == torch.float32
 
 
+def test_collate_casts_mixed_dtypes_bag_by_bag():
+    """float16 cache and float32 bags packed into float32 or bfloat16: each bag's rows are
+    the bag cast on its own (``Tensor.to``)."""
+    g = torch.Generator().manual_seed(1)
+    bags = [Bag("a", torch.randn(4, 6, generator=g).half()), Bag("b", torch.randn(2, 6, generator=g)),
+            Bag("c", torch.randn(5, 6, generator=g).half())]
+    for dtype in (torch.float32, torch.bfloat16):
+        b = collate_bags(bags, dtype=dtype)
+        assert b.x.dtype == dtype and b.ptr.tolist() == [0, 4, 6, 11]
+        for bag, x in zip(bags, unpack(b.x, b.ptr)):
+            assert torch.equal(x, bag.x.to(dtype))
+
+
 def test_chunk_by_budget_never_splits_and_respects_budget():
     sizes = [5, 5, 5, 20, 1, 1, 9]
     chunks = chunk_by_budget(sizes, 10)
@@ -39,3 +52,11 @@ def test_chunk_by_budget_never_splits_and_respects_budget():
     for c in chunks:
         assert len(c) == 1 or sum(sizes[i] for i in c) <= 10
     assert [3] in chunks  # an over-budget bag forms its own chunk
+
+
+def test_chunk_by_budget_runs_large_bags_alone_and_keeps_order():
+    sizes = [3, 4, 12, 2, 2, 30, 5, 1]
+    chunks = chunk_by_budget(sizes, 10, alone=8)
+    assert sum(chunks, []) == list(range(len(sizes)))  # consecutive, in bag order
+    assert chunks == [[0, 1], [2], [3, 4], [5], [6, 7]]
+    assert chunk_by_budget(sizes, 100, alone=None) == [list(range(len(sizes)))]

@@ -30,6 +30,9 @@ class Forward:
     extra_scores: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
+ALONE_CPU = 1024
+
+
 def forward_bags(
     model: MILModel,
     bags: Sequence[Bag],
@@ -50,7 +53,10 @@ def forward_bags(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     logits, aux, scores = [], [], []
     extra: dict[str, list[Tensor]] = {}
-    for chunk in chunk_by_budget([len(b) for b in bags], max_instances):
+    # CPU: a bag of >= ALONE_CPU rows runs alone (no packing copy; its products are
+    # already efficient). CUDA: pack up to the budget (fewer, larger kernels; one pinned copy).
+    alone = ALONE_CPU if device.type == "cpu" else None
+    for chunk in chunk_by_budget([len(b) for b in bags], max_instances, alone=alone):
         cuda = device.type == "cuda"
         batch = collate_bags([bags[i] for i in chunk], dtype=dtype, pin_memory=cuda)
         batch = batch.to(device, non_blocking=cuda)
