@@ -65,8 +65,10 @@ class TrainConfig:
     lr: float = 2.0e-4
     weight_decay: float = 1.0e-4
     # adamw: decoupled weight decay (torch.optim.AdamW); adam: Adam with coupled L2 weight decay
-    # (torch.optim.Adam, as Ilse et al. 2018); sgd: SGD, momentum 0.9, L2 weight decay (mi-Net)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    # (torch.optim.Adam, as Ilse et al. 2018); sgd: SGD, momentum 0.9, L2 weight decay (mi-Net);
+    # radam: rectified Adam with coupled L2 weight decay (torch.optim.RAdam; TransMIL's optimiser,
+    # there inside Lookahead)
+    optimizer: Literal["adamw", "adam", "sgd", "radam"] = "adamw"
     patience: int | None = 8
     # early stopping never stops before this many epochs (as CLAM's stop_epoch)
     min_epochs: int = 0

@@ -11,7 +11,7 @@ from mil.errors import ConfigError
 from mil.train import loop
 from mil.train.runner import run_cv
 
-LR, WD, STEPS = 0.1, 0.5, 3
+LR, WD, STEPS = 0.1, 0.5, 8  # RAdam rectifies from step 6 on (rho_t > 5)
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
 
@@ -31,13 +31,23 @@ def by_hand(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             m = g if t == 1 else 0.9 * m + g
             w = w - LR * m
             continue
-        if kind == "adam":  # coupled: the L2 term goes through the moment estimates
+        if kind in ("adam", "radam"):  # coupled: the L2 term goes through the moment estimates
             g = g + WD * w
         else:  # adamw: decoupled, the weights shrink directly
             w = w * (1 - LR * WD)
         m = B1 * m + (1 - B1) * g
         v = B2 * v + (1 - B2) * g * g
         m_hat, v_hat = m / (1 - B1**t), v / (1 - B2**t)
+        if kind == "radam":  # Liu et al. 2020: SGD with momentum until the variance is tractable
+            rho_inf = 2 / (1 - B2) - 1
+            rho = rho_inf - 2 * t * B2**t / (1 - B2**t)
+            if rho <= 5:
+                w = w - LR * m_hat
+                continue
+            r = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+            # torch's form of 1 / (sqrt(v_hat) + eps): sqrt(1 - b2^t) / (sqrt(v) + eps)
+            w = w - LR * m_hat * r * (1 - B2**t) ** 0.5 / (v.sqrt() + EPS)
+            continue
         w = w - LR * m_hat / (v_hat.sqrt() + EPS)
     return w
 
@@ -53,7 +63,7 @@ def by_factory(kind: str, w0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return w.detach()
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd", "radam"])
 def test_optimizer_updates_match_hand_computation(kind):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)

@@ -131,7 +131,10 @@ def predict(
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer``: AdamW (decoupled decay), Adam (coupled L2) or SGD (momentum 0.9, L2)."""
+    """``cfg.optimizer``: AdamW (decoupled decay), Adam (coupled L2), SGD (momentum 0.9, L2)
+    or RAdam (coupled L2)."""
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
