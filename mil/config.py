@@ -83,8 +83,9 @@ class TrainConfig:
     subsample: int | None = None
     device: str = "auto"
     # bf16: bfloat16 autocast for training and inference (matmuls in bf16, softmax,
-    # reductions and the loss in fp32); several times faster on CPUs with AVX512-BF16/AMX
-    # and on recent GPUs. fp32 is exact and the default.
+    # reductions and the loss in fp32); several times faster on CPUs with AVX512-BF16/AMX;
+    # on a GPU, copying features from CPU memory is usually the limit. fp32 is exact and the
+    # default.
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
     grad_clip: float | None = None

@@ -55,9 +55,9 @@ def forward_bags(
     extra: dict[str, list[Tensor]] = {}
     # CPU: a bag of >= ALONE_CPU rows runs alone (no packing copy; its products are
     # already efficient). CUDA: pack up to the budget (fewer, larger kernels; one pinned copy).
+    cuda = device.type == "cuda"
     alone = ALONE_CPU if device.type == "cpu" else None
     for chunk in chunk_by_budget([len(b) for b in bags], max_instances, alone=alone):
-        cuda = device.type == "cuda"
         batch = collate_bags([bags[i] for i in chunk], dtype=dtype, pin_memory=cuda)
         batch = batch.to(device, non_blocking=cuda)
         if targets is not None:
