@@ -70,6 +70,37 @@ def test_resume_skips_finished_folds_and_summarize_rebuilds(tmp_path, small_coho
     assert s["folds"] == ["0", "1", "2"] and (run / "summary.json").is_file()
 
 
+def test_resume_refuses_another_config_but_not_one_saved_before_a_new_default(
+    tmp_path, small_cohort
+):
+    import copy
+
+    import pytest
+    import yaml
+
+    from mil.errors import ConfigError
+    from mil.train.runner import prepare_run_dir
+
+    cfg = config_from_dict(small_cohort)
+    run = run_cv(cfg, tmp_path / "run", folds=[0], progress=False, log=quiet)
+    saved = run / "config.yaml"
+    before = saved.read_text()
+    # another learning rate: refused, naming the folder, and nothing is overwritten
+    other = copy.deepcopy(small_cohort)
+    other["train"]["lr"] = 0.123
+    with pytest.raises(ConfigError, match="holds a run of a different config"):
+        run_cv(config_from_dict(other), run, progress=False, log=quiet)
+    assert saved.read_text() == before
+    # a config written by an older mil that lacked keys now filled with their defaults
+    old = yaml.safe_load(before)
+    old["train"].pop("best_from_epoch")
+    old["train"].pop("precision")
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    prepare_run_dir(cfg, run)  # the same run: accepted
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_dir(config_from_dict(other), run)
+
+
 def test_runs_are_repeatable(tmp_path, small_cohort):
     cfg = config_from_dict(small_cohort)
     a = run_cv(cfg, tmp_path / "a", folds=[1], progress=False, log=quiet)

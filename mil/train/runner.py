@@ -31,7 +31,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from mil.config import Config, dump_config
+from mil.config import Config, config_from_dict, dump_config
 from mil.data.cohort import Cohort
 from mil.data.dataset import BagDataset, FeatureStore
 from mil.errors import ConfigError, DataError
@@ -116,6 +116,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     path = run_dir / "config.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
+        try:  # fill keys that a newer mil added (with defaults) into the saved config
+            old = yaml.safe_load(dump_config(config_from_dict(old, source=str(path))))
+        except ConfigError:
+            pass  # a key this mil no longer has: the configs differ
         new = yaml.safe_load(text)
         for section in (old, new):
             section.get("train", {}).pop("device", None)
