@@ -157,6 +157,23 @@ def test_pooled_km_and_logrank_in_summary(finished_run):
     assert 0 <= lo_ci <= hi_ci <= 1
 
 
+def test_format_summary_does_not_average_p_values(finished_run):
+    from mil.train.summary import format_summary
+
+    _, run = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    ps = np.array(summary["metrics"]["logrank_p"]["folds"], float)
+    text = format_summary(summary)
+    line = next(x for x in text.splitlines() if x.strip().startswith("logrank_p "))
+    assert f"median {np.median(ps):.2g}" in line
+    assert f"pooled over folds {summary['logrank_p_pooled']:.2g}" in line
+    assert f"{ps.mean():.3f} ±" not in line  # no mean ± sd of p-values
+    tau = next(x for x in text.splitlines() if x.strip().startswith("c_index_uno_tau"))
+    assert "±" not in tau and "time horizon" in tau
+    c = next(x for x in text.splitlines() if x.strip().startswith("c_index "))
+    assert f"{summary['metrics']['c_index']['mean']:.3f} ±" in c
+
+
 def test_pooled_c_index_compares_pairs_within_folds_only():
     rng = np.random.default_rng(0)
     time, event, risk = rng.exponential(10, 60), rng.uniform(size=60) < 0.7, rng.normal(size=60)

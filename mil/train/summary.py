@@ -102,13 +102,29 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table: metric, mean ± sd over folds, pooled bootstrap 95% CI."""
+    """A plain-text table: metric, mean ± sd over folds, pooled bootstrap 95% CI.
+
+    P-values (``*_p``) are not averaged: the line shows their median and range
+    over folds, and the pooled test where the run has one (``<name>_pooled``).
+    Settings that vary by fold (``*_tau``, Uno's truncation time) show their range.
+    """
     lines = [
         f"{summary['name']}  ({summary['task']}, model {summary['model']}, "
         f"{len(summary['folds'])}/{summary['n_folds_expected']} folds)"
     ]
     lines.append(f"  {'metric':<20} {'mean ± sd':>17}   95% CI (pooled bootstrap)")
     for k, m in summary["metrics"].items():
+        folds = np.array([v for v in m.get("folds", []) if v is not None], float)
+        lo_hi = f"[{folds.min():.3g}, {folds.max():.3g}]" if len(folds) else "[]"
+        if k.endswith("_p"):
+            med = f"{np.median(folds):.2g}" if len(folds) else "nan"
+            pooled = summary.get(f"{k}_pooled")
+            tail = f"; pooled over folds {pooled:.2g}" if pooled is not None else ""
+            lines.append(f"  {k:<20} median {med} over folds, range {lo_hi}{tail}")
+            continue
+        if k.endswith("_tau"):
+            lines.append(f"  {k:<20} per fold {lo_hi} (a time horizon, not a metric)")
+            continue
         ci = m.get("ci95_pooled")
         ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
         lines.append(f"  {k:<20} {m['mean']:>8.3f} ± {m['sd']:<6.3f}   {ci_s}")
