@@ -184,3 +184,36 @@ def test_witness_auc_equals_sklearn_on_saved_scores(tmp_path, small_cohort):
                 truth = g["instance_label"][()]
             aucs.append(skm.roc_auc_score(truth, f[bag]["scores"][()]))
     assert np.isclose(m["witness_auc"], np.mean(aucs))
+
+
+def test_out_of_fold_roc_matches_sklearn(tmp_path, small_cohort):
+    cfg = config_from_dict(small_cohort)
+    run = run_cv(cfg, tmp_path / "run", progress=False, log=quiet)
+    pred = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
+    curves = pd.read_csv(run / "roc.csv", dtype={"fold": str})
+    assert set(curves["class"]) == {"positive"} and set(curves["fold"]) == {"0", "1", "2", "pooled"}
+    pooled = curves[curves["fold"] == "pooled"]
+    fpr, tpr, _ = skm.roc_curve(pred["label_index"], pred["prob_positive"])
+    np.testing.assert_allclose(pooled["fpr"], fpr)
+    np.testing.assert_allclose(pooled["tpr"], tpr)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["auc_pooled"] == skm.roc_auc_score(pred["label_index"], pred["prob_positive"])
+    assert (run / "roc.png").stat().st_size > 1000
+
+
+def test_out_of_fold_roc_multiclass_one_vs_rest(tmp_path, small_cohort):
+    csv = pd.read_csv(small_cohort["data"]["csv"])
+    third = csv["case_id"].isin(csv["case_id"].drop_duplicates().iloc[::3])
+    csv.loc[third, "label"] = "other"  # by patient, so a patient keeps one label
+    path = tmp_path / "three.csv"
+    csv.to_csv(path, index=False)
+    small_cohort["data"]["csv"] = str(path)
+    small_cohort["splits"]["dir"] = str(tmp_path / "splits3")
+    run = run_cv(config_from_dict(small_cohort), tmp_path / "run", progress=False, log=quiet)
+    pred = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
+    s = json.loads((run / "summary.json").read_text())
+    classes = sorted(csv["label"].unique())
+    assert sorted(s["auc_pooled"]) == classes
+    for k, c in enumerate(classes):
+        y = pred["label_index"] == k
+        assert s["auc_pooled"][c] == skm.roc_auc_score(y, pred[f"prob_{c}"])

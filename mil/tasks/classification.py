@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from mil.config import Config
 from mil.errors import ConfigError
+from mil.io import atomic_path, write_csv
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
 from mil.tasks.base import Task, as_tensor
 
@@ -94,6 +96,50 @@ class ClassificationTask(Task):
             classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=pred["patient_id"].to_numpy()
         )
 
+    def summary_artifacts(self, run_dir: Path, fold_dirs: list[Path]) -> dict[str, Any]:
+        """Out-of-fold ROC curves: ``roc.csv`` (per fold and pooled) and ``roc.png``.
+
+        Binary: the positive (last) class; multi-class: each class against the
+        rest, pooled. With repeated cross-validation only the first repeat is
+        used, so that every bag counts once. Returns ``auc_pooled`` (per class
+        for multi-class), the AUC of the pooled out-of-fold predictions.
+        """
+        from sklearn.metrics import roc_auc_score, roc_curve
+
+        first = [d for d in fold_dirs if not d.name.startswith("fold_r")] or list(fold_dirs)
+        preds = [
+            pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str}).assign(
+                fold=d.name[5:]
+            )
+            for d in first
+        ]
+        pooled = pd.concat(preds, ignore_index=True)
+        classes = self.classes[-1:] if len(self.classes) == 2 else self.classes
+        rows, aucs = [], {}
+        for c in classes:
+            k = self.classes.index(c)
+            for fold, part in [*((p["fold"].iloc[0], p) for p in preds), ("pooled", pooled)]:
+                y = part["label_index"].to_numpy(int) == k
+                if y.all() or not y.any():
+                    continue  # one class only: no curve
+                fpr, tpr, thr = roc_curve(y, part[f"prob_{c}"].to_numpy(float))
+                rows.append(pd.DataFrame({"class": c, "fold": fold, "fpr": fpr, "tpr": tpr, "threshold": thr}))
+                if fold == "pooled":
+                    aucs[c] = float(roc_auc_score(y, part[f"prob_{c}"]))
+        if not rows:
+            return {}
+        curves = pd.concat(rows, ignore_index=True)
+        write_csv(Path(run_dir) / "roc.csv", curves)
+        save_roc_plot(
+            Path(run_dir) / "roc.png",
+            curves,
+            aucs,
+            f"{self.cfg.name}: out-of-fold ROC, {len(preds)} folds",
+        )
+        if len(self.classes) == 2:
+            return {"auc_pooled": aucs.get(self.classes[-1], float("nan"))}
+        return {"auc_pooled": aucs}
+
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int) > 0
 
@@ -108,3 +154,30 @@ class ClassificationTask(Task):
         out["n_bags"] = g.size().values
         out["pred"] = [self.classes[i] for i in out[cols].to_numpy().argmax(1)]
         return out
+
+
+def save_roc_plot(path: Path, curves: pd.DataFrame, aucs: dict[str, float], title: str) -> None:
+    """ROC curves as a PNG: each fold thin, the pooled out-of-fold curve bold (per class)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.4), dpi=120)  # no pyplot: leaves the user's backend alone
+    ax = fig.subplots()
+    colours = [f"C{i}" for i in range(10)]
+    for i, (c, g) in enumerate(curves.groupby("class", sort=False)):
+        colour = colours[i % len(colours)]
+        for fold, f in g.groupby("fold", sort=False):
+            if fold != "pooled":
+                ax.plot(f["fpr"], f["tpr"], color=colour, alpha=0.25, lw=0.8)
+        f = g[g["fold"] == "pooled"]
+        label = f"{c}: pooled AUC {aucs[c]:.3f}" if c in aucs else str(c)
+        ax.plot(f["fpr"], f["tpr"], color=colour, lw=2.0, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8, title="thin: single folds")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
