@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,3 +78,14 @@ class Task:
 
 def as_tensor(values: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.as_tensor(np.asarray(values), dtype=dtype)
+
+
+def first_repeat_folds(fold_dirs: Sequence[Path], name: str) -> dict[str, pd.DataFrame]:
+    """Fold name -> the CSV ``name`` of that fold, for the folds of the first repeat
+    (``fold_<k>``; later repeats are ``fold_r<r>_<k>``), so that pooled out-of-fold
+    results count every bag once. Folds without the file are skipped."""
+    dirs = [Path(d) for d in fold_dirs if (Path(d) / name).is_file()]
+    first = [d for d in dirs if not d.name.startswith("fold_r")] or dirs
+    return {
+        d.name[5:]: pd.read_csv(d / name, dtype={"bag_id": str, "patient_id": str}) for d in first
+    }

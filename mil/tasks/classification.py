@@ -15,7 +15,7 @@ from mil.config import Config
 from mil.errors import ConfigError
 from mil.io import atomic_path, write_csv
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
-from mil.tasks.base import Task, as_tensor
+from mil.tasks.base import Task, as_tensor, first_repeat_folds
 
 
 class ClassificationTask(Task):
@@ -106,19 +106,15 @@ class ClassificationTask(Task):
         """
         from sklearn.metrics import roc_auc_score, roc_curve
 
-        first = [d for d in fold_dirs if not d.name.startswith("fold_r")] or list(fold_dirs)
-        preds = [
-            pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str}).assign(
-                fold=d.name[5:]
-            )
-            for d in first
-        ]
-        pooled = pd.concat(preds, ignore_index=True)
+        preds = first_repeat_folds(fold_dirs, "predictions.csv")
+        if not preds:
+            return {}
+        pooled = pd.concat(preds.values(), ignore_index=True)
         classes = self.classes[-1:] if len(self.classes) == 2 else self.classes
         rows, aucs = [], {}
         for c in classes:
             k = self.classes.index(c)
-            for fold, part in [*((p["fold"].iloc[0], p) for p in preds), ("pooled", pooled)]:
+            for fold, part in [*preds.items(), ("pooled", pooled)]:
                 y = part["label_index"].to_numpy(int) == k
                 if y.all() or not y.any():
                     continue  # one class only: no curve

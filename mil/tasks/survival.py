@@ -37,7 +37,7 @@ from mil.metrics.survival import (
     ipcw_tau,
     td_auc,
 )
-from mil.tasks.base import Task, as_tensor
+from mil.tasks.base import Task, as_tensor, first_repeat_folds
 
 
 class SurvivalWarning(UserWarning):
@@ -286,12 +286,7 @@ class SurvivalTask(Task):
         0 is exactly each fold's own cut. With repeated cross-validation only
         the first repeat is pooled, so that every patient counts once.
         """
-        dirs = [d for d in fold_dirs if (d / "risk_groups.csv").is_file()]
-        first = [d for d in dirs if not d.name.startswith("fold_r")]  # repeat 0: fold_<k>
-        parts = [
-            pd.read_csv(d / "risk_groups.csv", dtype={"bag_id": str, "patient_id": str})
-            for d in (first or dirs)
-        ]
+        parts = list(first_repeat_folds(fold_dirs, "risk_groups.csv").values())
         if not parts:
             return {}
         pooled = pd.concat(parts, ignore_index=True)
