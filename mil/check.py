@@ -67,6 +67,14 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
         else:
             for sid in ids[df[col].isna()]:
                 problems.append(Problem("error", sid, f"no value in column {col!r}"))
+    if not any(p.severity == "error" for p in problems):
+        # what only the whole cohort shows: patient-level consistency, subgroup columns
+        from mil.data.cohort import Cohort
+
+        try:
+            Cohort.from_frame(df, cfg, source=str(csv))
+        except DataError as exc:
+            problems.append(Problem("error", str(csv), str(exc)))
     try:
         index, layout = index_feature_dir(d.features)
     except DataError as exc:

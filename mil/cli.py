@@ -79,6 +79,7 @@ def cmd_splits(args: argparse.Namespace) -> int:
         cfg.splits.repeats,
         force=args.force,
         assignment=cfg.splits.assignment,
+        site_col=cfg.data.site_col if cfg.splits.by_site else None,
     )
     print(
         f"{'wrote' if made else 'read existing (use --force to remake)'} {len(splits)} splits in {cfg.splits.dir}"

@@ -42,6 +42,11 @@ class DataConfig:
     instances: str | None = None
     bag_col: str = "bag_id"
     standardize: bool = False
+    # tissue source site (centre) of each slide: reported as a subgroup, and the
+    # group of site-preserved folds with splits.by_site
+    site_col: str | None = None
+    # further cohort CSV columns (sex, stage, scanner, ...) whose values get their own metrics
+    subgroup_cols: list[str] = field(default_factory=list)
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
     # generate the built-in synthetic cohort at csv/features when they are absent
@@ -56,6 +61,9 @@ class SplitsConfig:
     seed: int = 0
     repeats: int = 1
     assignment: str | None = None
+    # site-preserved folds: all patients of a site (data.site_col) share one test fold,
+    # so a model is always tested on sites it never saw (Howard et al., Nat Commun 2021)
+    by_site: bool = False
 
 
 @dataclass
@@ -299,6 +307,15 @@ def _check_values(cfg: Config) -> None:
             cfg.splits.val_fraction > 0,
             "train.patience",
             "needs a validation split (splits.val_fraction > 0); set train.patience: null for fixed epochs",
+        )
+    if cfg.splits.by_site:
+        need(cfg.data.site_col is not None, "splits.by_site", "needs data.site_col (the site column)")
+        need(cfg.splits.assignment is None, "splits.by_site", "cannot be combined with splits.assignment")
+    if cfg.data.instances is not None:
+        need(
+            cfg.data.site_col is None and not cfg.data.subgroup_cols,
+            "data.site_col / data.subgroup_cols",
+            "are read from a cohort CSV (data.csv), not from an instance table (data.instances)",
         )
     if cfg.data.instances is None:
         need(cfg.data.csv is not None, "data.csv", "is required (the cohort CSV)")

@@ -1,4 +1,4 @@
-"""Patient-level stratified k-fold splits, written and read as CLAM-style split CSVs.
+"""Stratified k-fold splits (patient-level or site-preserved), written and read as CLAM-style CSVs.
 
 ``<dir>/splits_<k>.csv`` has columns ``train,val,test`` of slide ids (columns
 of unequal length, padded with empty cells); ``splits_<k>_descriptor.csv``
@@ -58,13 +58,25 @@ def strata(cohort: Cohort, n_time_bins: int = 2) -> np.ndarray:
 
 
 def make_splits(
-    cohort: Cohort, folds: int = 5, val_fraction: float = 0.15, seed: int = 0, repeats: int = 1
+    cohort: Cohort,
+    folds: int = 5,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    repeats: int = 1,
+    site_col: str | None = None,
 ) -> list[Split]:
     """Disjoint patient-level test folds, each with an inner validation split from its training patients.
 
     ``StratifiedGroupKFold`` (group = patient) makes the test folds; the
     validation patients are the first fold of a second ``StratifiedGroupKFold``
     over the training patients with ``round(1 / val_fraction)`` folds.
+
+    With ``site_col`` (a column of ``cohort.slides`` naming each slide's
+    tissue source site) the test folds are site-preserved: the outer groups
+    are sites, so all patients of a site share one test fold and every test
+    fold holds only sites absent from its training and validation patients
+    (Howard et al., Nat Commun 2021). The inner validation split stays
+    patient-level.
     """
     s = cohort.slides
     y = strata(cohort)
@@ -75,15 +87,86 @@ def make_splits(
         raise SplitError(
             f"{cohort.source}: {n_patients} patients cannot fill {folds} folds (splits.folds)"
         )
+    outer_groups = groups if site_col is None else site_groups(cohort, site_col, folds)
     out = []
     for r in range(repeats):
         outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + 1000 * r)
-        for k, (tr, te) in enumerate(outer.split(ids, y, groups)):
+        for k, (tr, te) in enumerate(outer.split(ids, y, outer_groups)):
             tr, val_idx = inner_validation(tr, y, groups, val_fraction, seed + 1000 * r + k + 1)
             out.append(
                 Split(k, ids[tr].tolist(), ids[val_idx].tolist(), ids[te].tolist(), repeat=r)
             )
     return out
+
+
+def site_groups(cohort: Cohort, site_col: str, folds: int) -> np.ndarray:
+    """Per-slide site of ``cohort.slides[site_col]``, checked for site-preserved folds.
+
+    Every patient must belong to one site, and there must be at least
+    ``folds`` sites.
+    """
+    s = cohort.slides
+    site = site_column(cohort, site_col)
+    per_patient = site.groupby(s["patient_id"]).unique()
+    multi = per_patient[per_patient.apply(len) > 1]
+    if len(multi):
+        pid, sites = multi.index[0], sorted(multi.iloc[0])
+        raise SplitError(
+            f"{cohort.source}: patient {pid!r} has slides from two sites, {sites[0]!r} and "
+            f"{sites[1]!r} (column {site_col!r}, data.site_col); site-preserved folds "
+            f"(splits.by_site) need one site per patient: fix the CSV"
+        )
+    n_sites = site.nunique()
+    if n_sites < folds:
+        raise SplitError(
+            f"{cohort.source}: {n_sites} sites cannot fill {folds} folds (splits.folds); "
+            f"column {site_col!r} (data.site_col) has the sites {', '.join(sorted(site.unique()))}; "
+            f"lower splits.folds or set splits.by_site: false"
+        )
+    return site.to_numpy()
+
+
+def site_column(cohort: Cohort, site_col: str) -> pd.Series:
+    """``cohort.slides[site_col]`` as strings; a clear error when the cohort lacks it."""
+    if site_col not in cohort.slides.columns:
+        raise SplitError(
+            f"{cohort.source}: no site column {site_col!r} (data.site_col) in the cohort; "
+            f"columns are: {', '.join(map(str, cohort.slides.columns))}"
+        )
+    return cohort.slides[site_col].astype(str)
+
+
+def check_site_preserved(
+    directory: str | Path, splits: list[Split], cohort: Cohort, site_col: str
+) -> None:
+    """Raise unless each site is tested in one fold per repeat and never trained on there.
+
+    ``splits`` were read from ``directory``; the messages name its files.
+    """
+    site_of = dict(zip(cohort.slides["slide_id"], site_column(cohort, site_col)))
+    remake = (
+        "remake the folder with splits.by_site (`mil splits --force`) or use another splits.dir"
+    )
+    tested_in: dict[tuple[int, str], Split] = {}
+    for sp in splits:
+        for site in sorted({site_of[i] for i in sp.test}):
+            first = tested_in.setdefault((sp.repeat, site), sp)
+            if first.fold != sp.fold:
+                raise SplitError(
+                    f"site {site!r} (data.site_col = {site_col!r}) is in the test partition of both "
+                    f"{split_file(directory, first)} and {split_file(directory, sp)}; "
+                    f"site-preserved folds (splits.by_site) test each site in one fold; {remake}"
+                )
+    for sp in splits:
+        test_sites = {site_of[i] for i in sp.test}
+        for p in ("train", "val"):
+            leaked = sorted(test_sites & {site_of[i] for i in sp.part(p)})
+            if leaked:
+                raise SplitError(
+                    f"{split_file(directory, sp)}: site {leaked[0]!r} (data.site_col = "
+                    f"{site_col!r}) is in both '{p}' and 'test'; site-preserved folds "
+                    f"(splits.by_site) never train on a test site; {remake}"
+                )
 
 
 def inner_validation(
@@ -295,15 +378,20 @@ def load_or_make_splits(
     repeats: int = 1,
     force: bool = False,
     assignment: str | Path | None = None,
+    site_col: str | None = None,
 ) -> tuple[list[Split], bool]:
     """Read the split folder if it has split files, else make and write them.
 
     With ``assignment`` (a fold-assignment CSV, see :func:`read_assignment`)
     the test folds come from that file; an existing split folder must agree
-    with it. Returns (splits, made). An existing folder is never overwritten
-    unless ``force``.
+    with it. With ``site_col`` new folds are site-preserved (see
+    :func:`make_splits`) and an existing folder must be site-preserved too.
+    Returns (splits, made). An existing folder is never overwritten unless
+    ``force``.
     """
     directory = Path(directory)
+    if assignment is not None and site_col is not None:
+        raise SplitError("splits.by_site cannot be combined with splits.assignment")
     exists = directory.is_dir() and any(directory.glob("splits_*.csv"))
     if assignment is not None:
         splits = read_assignment(assignment, cohort, folds, repeats, val_fraction, seed)
@@ -317,9 +405,12 @@ def load_or_make_splits(
                     )
             return old, False
     if exists and not force:
-        return read_splits(directory, cohort, folds, repeats), False
+        old = read_splits(directory, cohort, folds, repeats)
+        if site_col is not None:
+            check_site_preserved(directory, old, cohort, site_col)
+        return old, False
     if assignment is None:
-        splits = make_splits(cohort, folds, val_fraction, seed, repeats)
+        splits = make_splits(cohort, folds, val_fraction, seed, repeats, site_col)
     if exists:
         for old in directory.glob("splits_*.csv"):
             old.unlink()

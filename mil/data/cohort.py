@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +22,9 @@ class Cohort:
         bags: one row per bag (``bag_id``, ``patient_id``, targets), in a
             stable order; ``bag_slides`` maps each bag to its slides.
         classes: class names in label-index order (classification), else [].
+        group_cols: subgroup columns (``data.site_col`` first, then
+            ``data.subgroup_cols``), present in ``slides`` and ``bags`` as
+            strings; a missing value is its own group, ``"missing"``.
     """
 
     slides: pd.DataFrame
@@ -30,6 +33,7 @@ class Cohort:
     classes: list[str]
     task: str
     source: str
+    group_cols: list[str] = field(default_factory=list)
 
     @property
     def bag_ids(self) -> list[str]:
@@ -153,10 +157,11 @@ class Cohort:
         for col in df.columns:
             if col not in (d.slide_col,) and col not in out.columns:
                 out[col] = df[col].values
+        group_cols = _group_columns(df, out, cfg, source, need_col)
 
         if d.bag_level == "patient":
             out["bag_id"] = out["patient_id"]
-            for col in targets:
+            for col in [*targets, *group_cols]:
                 n = out.groupby("patient_id")[col].nunique()
                 if (n > 1).any():
                     p = n.index[n > 1][0]
@@ -169,12 +174,47 @@ class Cohort:
         bags = (
             out.groupby("bag_id", sort=False)
             .first()
-            .reset_index()[["bag_id", "patient_id", *targets]]
+            .reset_index()[["bag_id", "patient_id", *targets, *group_cols]]
         )
         bag_slides = out.groupby("bag_id", sort=False)["slide_id"].apply(list).to_dict()
         return cls(
-            slides=out, bags=bags, bag_slides=bag_slides, classes=classes, task=task, source=source
+            slides=out,
+            bags=bags,
+            bag_slides=bag_slides,
+            classes=classes,
+            task=task,
+            source=source,
+            group_cols=group_cols,
         )
+
+
+# columns of predictions.csv that a subgroup column would collide with
+PREDICTION_COLUMNS = ("bag_id", "patient_id", "label", "label_index", "pred", "fold", "time", "event", "risk")
+
+
+def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> list[str]:
+    """Validate ``data.site_col`` / ``data.subgroup_cols``; write them into ``out`` as strings."""
+    d = cfg.data
+    keys = ([("site_col", d.site_col)] if d.site_col else []) + [
+        (f"subgroup_cols[{i}]", c) for i, c in enumerate(d.subgroup_cols)
+    ]
+    cols: list[str] = []
+    for key, col in keys:
+        need_col(col, key)
+        if col in cols:
+            continue
+        if col in PREDICTION_COLUMNS or col.startswith(("prob_", "surv_")) or col == d.slide_col:
+            raise DataError(
+                f"{source}: data.{key} = {col!r} names a column that predictions.csv already "
+                f"has; rename it in the CSV"
+            )
+        raw = df[col]
+        missing = raw.isna() | (raw.astype(str).str.strip() == "")
+        if key == "site_col" and cfg.splits.by_site:
+            _no_missing(raw, out["slide_id"], col, source)
+        out[col] = raw.map(_label_str).where(~missing, "missing").to_numpy()
+        cols.append(col)
+    return cols
 
 
 def _label_str(v) -> str:

@@ -65,10 +65,18 @@ class Task:
         """Scalar metrics (and extras such as a confusion matrix) of one fold's predictions."""
         raise NotImplementedError
 
+    def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
+        """Metrics of pooled out-of-fold predictions: the statistics :meth:`pooled_ci` bootstraps."""
+        return {}
+
     def pooled_ci(
         self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
     ) -> dict[str, tuple[float, float]]:
         """Bootstrap 95% CIs of the metrics over pooled out-of-fold predictions."""
+        return {}
+
+    def counts(self, pred: pd.DataFrame) -> dict[str, int]:
+        """Outcome counts of some predictions (bags per class, or events), for subgroup tables."""
         return {}
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:

@@ -90,11 +90,18 @@ class ClassificationTask(Task):
         out["confusion_matrix"] = confusion(y, p)
         return out
 
+    def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
+        return classification_metrics(pred["label_index"].to_numpy(int), self._prob(pred))
+
     def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
         y, p = pred["label_index"].to_numpy(int), self._prob(pred)
         return bootstrap_ci(
             classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=pred["patient_id"].to_numpy()
         )
+
+    def counts(self, pred: pd.DataFrame) -> dict[str, int]:
+        y = pred["label_index"].to_numpy(int)
+        return {f"n_{c}": int((y == k).sum()) for k, c in enumerate(self.classes)}
 
     def summary_artifacts(self, run_dir: Path, fold_dirs: list[Path]) -> dict[str, Any]:
         """Out-of-fold ROC curves: ``roc.csv`` (per fold and pooled) and ``roc.png``.

@@ -237,27 +237,29 @@ class SurvivalTask(Task):
         cols = [f"surv_{k}" for k in range(self.n_out)]
         return discrete_survival_at(pred[cols].to_numpy(float), self._edges(), times)
 
-    def pooled_ci(
-        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
-    ) -> dict[str, tuple[float, float]]:
-        """Bootstrap 95% CI of Harrell's C over pooled out-of-fold predictions, by patient.
+    def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
+        """Harrell's C of pooled out-of-fold predictions, over pairs within a fold.
 
         Risks of different folds come from different models (a Cox risk is
         defined only up to a shift), so the statistic compares pairs within a
         fold only: concordant / comparable pairs summed over folds.
         """
-        fold = pred["fold"].astype(str).to_numpy() if "fold" in pred else np.zeros(len(pred))
-        arrays = (pred[c].to_numpy(float) for c in ("time", "event", "risk"))
+        return _pooled_c_index(*_pooled_arrays(pred))
+
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
+        """Bootstrap 95% CI of :meth:`pooled_metrics`, resampling patients."""
         return bootstrap_ci(
-            lambda time, event, risk, fold: {
-                "c_index": _fold_stratified_c_index(time, event, risk, fold)
-            },
-            *arrays,
-            fold,
+            _pooled_c_index,
+            *_pooled_arrays(pred),
             n_boot=n_boot,
             seed=seed,
             groups=pred["patient_id"].astype(str).to_numpy(),
         )
+
+    def counts(self, pred: pd.DataFrame) -> dict[str, int]:
+        return {"n_events": int(pred["event"].to_numpy(int).sum())}
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         """Every bag: witness AUC is averaged over the bags that hold aggressive tiles at all."""
@@ -425,6 +427,17 @@ def save_km_plot(path: Path, groups: pd.DataFrame, title: str, time_label: str =
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _pooled_arrays(pred: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    fold = pred["fold"].astype(str).to_numpy() if "fold" in pred else np.zeros(len(pred))
+    return (*(pred[c].to_numpy(float) for c in ("time", "event", "risk")), fold)
+
+
+def _pooled_c_index(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, fold: np.ndarray
+) -> dict[str, float]:
+    return {"c_index": _fold_stratified_c_index(time, event, risk, fold)}
 
 
 def _fold_stratified_c_index(

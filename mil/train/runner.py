@@ -75,6 +75,7 @@ class Experiment:
             cfg.splits.repeats,
             force=force_splits,
             assignment=cfg.splits.assignment,
+            site_col=cfg.data.site_col if cfg.splits.by_site else None,
         )
         self.split_dir = split_dir
         self.model_cls = get(cfg.model_name)
@@ -214,6 +215,8 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
     )
     fwd = infer(test["bag_id"].tolist(), keep_scores=True)
     pred = task.predictions(test, fwd.logits.numpy())
+    for col in exp.cohort.group_cols:  # site and subgroup columns, for subgroup metrics
+        pred[col] = test[col].to_numpy()
     train_pred = None
     if getattr(task, "needs_train_predictions", False):
         tfwd = infer(train["bag_id"].tolist())

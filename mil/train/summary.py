@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 from mil.config import config_from_dict
 from mil.errors import DataError
 from mil.io import write_csv, write_json
+from mil.tasks.base import first_repeat_folds
 
 
 def fold_dirs(run_dir: Path) -> list[Path]:
@@ -90,6 +92,21 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     hook = getattr(task, "summary_artifacts", None)
     if hook is not None:
         summary.update(hook(run_dir, done) or {})
+    group_cols = list(dict.fromkeys([c for c in [cfg.data.site_col, *cfg.data.subgroup_cols] if c]))
+    if group_cols:
+        first = pd.concat(first_repeat_folds(done, "predictions.csv").values(), ignore_index=True)
+        absent = [c for c in group_cols if c not in first.columns]
+        if absent:
+            raise DataError(
+                f"{run_dir}: the folds' predictions.csv have no column {absent[0]!r} "
+                f"(data.site_col / data.subgroup_cols); they were run without it"
+            )
+        table_sub = subgroup_metrics(task, first, group_cols, n_boot=n_boot)
+        write_csv(run_dir / "subgroups.csv", table_sub)
+        summary["subgroups"] = [
+            {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+            for r in table_sub.to_dict("records")
+        ]
     agg = pd.DataFrame(
         [
             {"fold": "mean", **{k: metrics[k]["mean"] for k in scalar}},
@@ -99,6 +116,38 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     write_csv(run_dir / "summary.csv", pd.concat([table, agg], ignore_index=True))
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def subgroup_metrics(task, pred: pd.DataFrame, cols: list[str], n_boot: int = 1000) -> pd.DataFrame:
+    """Pooled out-of-fold metrics with bootstrap 95% CIs (patients resampled), for all
+    bags (``column = value = "all"``) and for each value of each column in ``cols``.
+
+    One row per group: ``column, value, n_bags, n_patients``, the task's outcome
+    counts, then each metric with ``<metric>_ci_low`` / ``<metric>_ci_high``. A
+    metric a group cannot define (one class only, no comparable pair) is NaN.
+    """
+    groups = [("all", "all", pred)]
+    for col in cols:
+        keys = pred[col].astype(str)
+        groups += [(col, value, pred[keys == value]) for value in sorted(keys.unique())]
+    rows = []
+    for col, value, sub in groups:
+        row: dict[str, Any] = {
+            "column": col,
+            "value": value,
+            "n_bags": len(sub),
+            "n_patients": int(sub["patient_id"].nunique()),
+            **task.counts(sub),
+        }
+        ci = task.pooled_ci(sub, n_boot=n_boot)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a one-class group warns in scikit-learn
+            point = task.pooled_metrics(sub)
+        for k, v in point.items():
+            lo, hi = ci.get(k, (float("nan"), float("nan")))
+            row.update({k: float(v), f"{k}_ci_low": lo, f"{k}_ci_high": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -128,4 +177,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         ci = m.get("ci95_pooled")
         ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
         lines.append(f"  {k:<20} {m['mean']:>8.3f} ± {m['sd']:<6.3f}   {ci_s}")
+    if summary.get("subgroups"):
+        metric = "auc" if summary["task"] == "classification" else "c_index"
+        lines.append(
+            f"  subgroups (pooled out-of-fold {metric}, 95% bootstrap CI; subgroups.csv):"
+        )
+        for r in summary["subgroups"]:
+            v, lo, hi = r.get(metric), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+            est = "undefined" if v is None else f"{v:.3f}"
+            ci_s = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+            name = "all" if r["column"] == "all" else f"{r['column']}={r['value']}"
+            lines.append(
+                f"    {name:<24} {r['n_bags']:>5} bags {r['n_patients']:>5} patients   {est}{ci_s}"
+            )
     return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Subgroup and per-site metrics: pooled out-of-fold values against scikit-learn / a pair count."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn import metrics as skm
+
+from mil.cli import main
+from mil.config import config_from_dict
+from mil.data.cohort import Cohort
+from mil.errors import ConfigError, DataError
+from mil.tasks.survival import SurvivalTask
+from mil.train.runner import run_cv
+from mil.train.summary import format_summary, subgroup_metrics
+from tests.conftest import small_config
+
+
+def quiet(*a):
+    pass
+
+
+def with_groups(raw: dict, tmp_path, edit) -> dict:
+    """``raw`` with its cohort CSV copied and changed by ``edit(df)``."""
+    df = pd.read_csv(raw["data"]["csv"])
+    edit(df)
+    path = tmp_path / "groups.csv"
+    df.to_csv(path, index=False)
+    raw["data"]["csv"] = str(path)
+    return raw
+
+
+def plant_groups(df: pd.DataFrame) -> None:
+    patients = df["case_id"].drop_duplicates().tolist()
+    site = {p: "ABC"[i % 3] for i, p in enumerate(patients)}
+    df["site"] = df["case_id"].map(site)
+    # sex "F" only on negative patients: its AUC is undefined (one class)
+    neg = df.groupby("case_id")["label"].first() == "negative"
+    f_patients = set(neg[neg].index[:4])
+    df["sex"] = np.where(df["case_id"].isin(f_patients), "F", "M")
+    df.loc[df["case_id"] == patients[1], "sex"] = np.nan  # unknown: its own group
+
+
+def test_subgroup_metrics_equal_sklearn_on_pooled_predictions(tmp_path):
+    raw = with_groups(small_config(tmp_path), tmp_path, plant_groups)
+    raw["data"].update(site_col="site", subgroup_cols=["sex"])
+    run = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=quiet)
+    pred = pd.concat(
+        pd.read_csv(run / f"fold_{k}" / "predictions.csv", dtype={"sex": str}) for k in range(3)
+    )
+    cohort = pd.read_csv(raw["data"]["csv"]).set_index("slide_id")
+    # predictions carry each bag's site and subgroup, as in the cohort CSV
+    assert (pred["site"].to_numpy() == cohort.loc[pred["bag_id"], "site"].to_numpy()).all()
+    table = pd.read_csv(run / "subgroups.csv", dtype={"value": str})
+    expected = [("all", "all")] + [("site", s) for s in "ABC"] + [
+        ("sex", v) for v in ("F", "M", "missing")
+    ]
+    assert list(zip(table["column"], table["value"])) == expected
+    for _, row in table.iterrows():
+        if row["column"] == "all":
+            sub = pred
+        else:
+            sub = pred[pred[row["column"]].fillna("missing").astype(str) == row["value"]]
+        assert row["n_bags"] == len(sub) and row["n_patients"] == sub["patient_id"].nunique()
+        assert row["n_positive"] == (sub["label"] == "positive").sum()
+        y, p = sub["label_index"].to_numpy(), sub["prob_positive"].to_numpy()
+        if len(np.unique(y)) < 2:
+            assert np.isnan(row["auc"])
+        else:
+            assert row["auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+            assert 0 <= row["auc_ci_low"] <= row["auc_ci_high"] <= 1
+        assert row["balanced_accuracy"] == pytest.approx(
+            skm.balanced_accuracy_score(y, (p >= 0.5).astype(int)), abs=1e-12
+        )
+    assert (table["value"] == "F").any() and np.isnan(table.loc[table["value"] == "F", "auc"]).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["subgroups"]) == len(table)
+    f_row = next(r for r in summary["subgroups"] if r["value"] == "F")
+    assert f_row["auc"] is None  # strict JSON: no NaN
+    text = format_summary(summary)
+    a = table[table["value"] == "A"].iloc[0]
+    assert "site=A" in text and f"{a['auc']:.3f} [{a['auc_ci_low']:.3f}" in text
+    assert "sex=F" in text and "undefined" in text
+
+
+def brute_c_index(time, event, risk, fold) -> float:
+    """Harrell's C by counting every ordered pair within a fold (no tied times)."""
+    conc = comp = 0.0
+    for i, j in itertools.permutations(range(len(time)), 2):
+        if fold[i] == fold[j] and event[i] and time[i] < time[j]:
+            comp += 1
+            conc += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return conc / comp
+
+
+def test_survival_subgroup_c_index_is_a_within_fold_pair_count(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 90
+    pred = pd.DataFrame(
+        {
+            "bag_id": [f"s{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "fold": np.repeat(["0", "1", "2"], n // 3),
+            "time": rng.permutation(n) + rng.uniform(0, 0.5, n),
+            "event": (rng.uniform(size=n) < 0.6).astype(int),
+            "site": rng.choice(["X", "Y"], n),
+        }
+    )
+    # planted: risk follows time on site X (C near 1 there), noise on site Y;
+    # fold shifts that a pooled (not within-fold) C would be fooled by
+    pred["risk"] = np.where(pred["site"] == "X", -pred["time"], rng.normal(size=n))
+    pred["risk"] += pred["fold"].map({"0": 0.0, "1": 50.0, "2": -50.0})
+    cfg = config_from_dict(
+        {"task": {"type": "survival"}, "data": {"csv": "x.csv", "features": "f"}}
+    )
+    task = SurvivalTask(cfg, [])
+    table = subgroup_metrics(task, pred, ["site"], n_boot=200).set_index("value")
+    for value in ("X", "Y"):
+        sub = pred[pred["site"] == value]
+        ref = brute_c_index(*(sub[c].to_numpy() for c in ("time", "event", "risk", "fold")))
+        assert table.loc[value, "c_index"] == pytest.approx(ref, abs=1e-12)
+        assert table.loc[value, "n_events"] == sub["event"].sum()
+    assert table.loc["X", "c_index"] == 1.0 and table.loc["Y", "c_index"] < 0.8
+
+
+def test_bad_group_columns_are_named(tmp_path, capsys):
+    raw = small_config(tmp_path)
+    raw["data"]["subgroup_cols"] = ["stage"]
+    with pytest.raises(DataError, match=r"'stage' \(data\.subgroup_cols\[0\]\) not in the CSV"):
+        Cohort.from_config(config_from_dict(raw))
+    raw["data"]["subgroup_cols"] = ["label"]
+    with pytest.raises(DataError, match="names a column that predictions.csv already has"):
+        Cohort.from_config(config_from_dict(raw))
+    raw["data"]["subgroup_cols"] = []
+    with pytest.raises(ConfigError, match="splits.by_site needs data.site_col"):
+        config_from_dict({**raw, "splits": {**raw["splits"], "by_site": True}})
+
+    def two_sites(df):
+        df["site"] = "A"
+        twice = df["case_id"][df["case_id"].duplicated()].iloc[0]
+        df.loc[(df["case_id"] == twice).to_numpy().nonzero()[0][0], "site"] = "B"
+
+    raw = with_groups(small_config(tmp_path), tmp_path, two_sites)
+    twice = pd.read_csv(raw["data"]["csv"]).pipe(lambda d: d[d["site"] == "B"]["case_id"].iloc[0])
+    raw["data"].update(site_col="site", bag_level="patient")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["check", str(path)])
+    out = capsys.readouterr()
+    assert code == 1 and f"patient {twice} has slides with different 'site' values" in out.out
+    assert "Traceback" not in out.out + out.err
+    code = main(["train", str(path), "--out", str(tmp_path / "run")])  # same line, nothing written
+    err = capsys.readouterr().err
+    assert code != 0 and f"patient {twice} has slides with different 'site' values" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
