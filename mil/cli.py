@@ -117,7 +117,6 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from mil.run import Run
 
@@ -127,8 +126,10 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for slide in slides:
         slide_path = _find_slide_file(args.slides_dir, slide) if args.slides_dir else None
-        fig = run.heatmap(
+        path = run.save_heatmap(
             slide,
+            out / f"{slide.replace('/', '|')}.png",
+            dpi=args.dpi,
             fold=args.fold,
             kind=args.kind,
             cls=args.cls,
@@ -138,9 +139,6 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
             cmap=args.cmap,
             slide_path=slide_path,
         )
-        path = out / f"{slide.replace('/', '|')}.png"
-        fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-        plt.close(fig)
         print(path)
     return 0
 

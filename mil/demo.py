@@ -12,8 +12,12 @@ import pandas as pd
 from mil.config import config_from_dict
 from mil.data.demo import demo_config
 from mil.metrics.survival import c_index
+from mil.run import Run
+from mil.train.report import write_report
 from mil.train.runner import run_cv
 from mil.train.summary import format_summary
+
+HEATMAPS = 3  # classification test slides drawn into <run>/heatmaps/
 
 
 def run_demo(out: Path, progress: bool = True) -> dict[str, dict]:
@@ -28,11 +32,17 @@ def run_demo(out: Path, progress: bool = True) -> dict[str, dict]:
         run_dir = run_cv(cfg, out / raw["name"], progress=progress)
         summary = summaries[raw["name"]] = json.loads((run_dir / "summary.json").read_text())
         print(format_summary(summary))
+        if kind == "classification":
+            # heatmaps of the slides the model was surest are positive, shown in the report
+            run = Run(run_dir)
+            for slide in run.top_slides(HEATMAPS):
+                run.save_heatmap(slide, run_dir / "heatmaps" / f"{slide}.png", dpi=100)
+            write_report(run_dir)
         if kind == "survival":
             oracle = oracle_c_index(run_dir, cfg.data.csv)
             summary["oracle_c_index"] = oracle
             print(f"  oracle C-index of the true hazard on the same test folds: {oracle:.3f}")
-        print(f"results: {run_dir} ({time.perf_counter() - t_run:.0f} s)\n")
+        print(f"results: {run_dir} ({time.perf_counter() - t_run:.0f} s); report: {run_dir / 'report.md'}\n")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results under {out}")
     return summaries
 

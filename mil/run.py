@@ -611,6 +611,22 @@ class Run:
             slide_path=slide_path,
         )
 
+    def save_heatmap(self, slide_id: str, path: str | Path, dpi: int = 150, **options) -> Path:
+        """Draw :meth:`heatmap` (same ``options``) and save it as a PNG at ``path`` (atomically)."""
+        import matplotlib.pyplot as plt
+
+        from mil.io import atomic_path
+
+        fig = self.heatmap(slide_id, **options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        return path
+
     def _title(self, slide_id: str, attrs: dict) -> str:
         parts = [f"{slide_id}", f"fold {attrs['fold']}"]
         try:

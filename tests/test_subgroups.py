@@ -158,3 +158,41 @@ def test_bad_group_columns_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and f"patient {twice} has slides with different 'site' values" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_report_states_the_protocol_and_the_summary_numbers(tmp_path):
+    import re
+
+    from mil.run import Run
+    from mil.train.report import write_report
+
+    raw = with_groups(small_config(tmp_path), tmp_path, plant_groups)
+    raw["data"].update(site_col="site", standardize=True)
+    raw["splits"].update(by_site=True, dir=str(tmp_path / "site_splits"))
+    run = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=quiet)
+    slide = Run(run).top_slides(1)[0]
+    Run(run).save_heatmap(slide, run / "heatmaps" / f"{slide}.png", dpi=50)
+    text = write_report(run).read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    methods = text.split("## Methods")[1].split("##")[0]
+    n_bags = sum(
+        len(pd.read_csv(run / f"fold_{k}" / "predictions.csv")) for k in range(3)
+    )
+    assert f"{n_bags} slides from 30 patients" in methods
+    assert "3-fold cross-validation with site-preserved folds" in methods and "`site`" in methods
+    assert "fixed 3 epochs" in methods and "standardised" in methods
+    assert "`abmil` (hidden_dim 16)" in methods and "learning rate 0.001" in methods
+    for k, m in summary["metrics"].items():
+        if k in ("train_seconds", "seconds_per_epoch") or k.endswith(("_p", "_tau")):
+            continue
+        ci = f"{m['ci95_pooled'][0]:.3f} – {m['ci95_pooled'][1]:.3f}" if "ci95_pooled" in m else ""
+        assert f"| {k} | {m['mean']:.3f} ± {m['sd']:.3f} | {ci} |" in text
+    for k in range(3):
+        fm = json.loads((run / f"fold_{k}" / "metrics.json").read_text())
+        row = f"| {k} | {fm['n_train']} | {fm['n_val']} | {fm['n_test']} | {fm['metrics']['epochs']} |"
+        assert row in text
+    a = next(r for r in summary["subgroups"] if r["value"] == "A")
+    assert f"| site = A | {a['n_bags']} | {a['n_patients']} |" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert "roc.png" in links and f"heatmaps/{slide}.png" in links
+    assert all((run / link).is_file() for link in links)

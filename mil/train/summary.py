@@ -86,6 +86,7 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "model": cfg.model_name,
         "folds": [r["fold"] for r in records],
         "n_folds_expected": cfg.splits.folds * cfg.splits.repeats,
+        "n_boot": n_boot,
         "metrics": metrics,
     }
     # task-specific run-level results (survival: pooled KM plot and log-rank p)
@@ -115,6 +116,9 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     )
     write_csv(run_dir / "summary.csv", pd.concat([table, agg], ignore_index=True))
     write_json(run_dir / "summary.json", summary)
+    from mil.train.report import write_report
+
+    write_report(run_dir)
     return summary
 
 

@@ -1,0 +1,218 @@
+"""``report.md``: a run's methods, results, figures and subgroups, in words a paper can adapt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mil.config import Config, config_from_dict
+from mil.io import atomic_path
+from mil.tasks.base import first_repeat_folds
+
+# metrics shown first (in this order) in the results table; the rest follow alphabetically
+LEAD = ("auc", "balanced_accuracy", "accuracy", "f1", "c_index", "c_index_uno", "td_auc", "ibs")
+MAX_HEATMAPS = 6
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` from the run's ``config.yaml``, ``summary.json`` and fold
+    folders (``summarize`` calls it; call it again after adding ``heatmaps/*.png``)."""
+    from mil.train.summary import fold_dirs
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    done = fold_dirs(run_dir)
+    records = [json.loads((d / "metrics.json").read_text()) for d in done]
+    first = first_repeat_folds(done, "predictions.csv")
+    pooled = pd.concat(first.values(), ignore_index=True) if first else pd.DataFrame()
+    lines = [f"# {cfg.name}: {_task_words(cfg)} with `{cfg.model_name}`", ""]
+    n_done, n_expected = len(summary["folds"]), summary["n_folds_expected"]
+    if n_done < n_expected:
+        lines += [f"**Partial run: {n_done} of {n_expected} folds finished.**", ""]
+    lines += ["## Methods", "", _methods(cfg, records, pooled, summary.get("n_boot", 1000)), ""]
+    lines += ["## Results", "", *_results(summary), ""]
+    figures = [(f, t) for f, t in (("roc.png", "Out-of-fold ROC curves (thin: folds; bold: pooled)."),
+                                   ("km.png", "Kaplan-Meier curves of out-of-fold risk groups.")) if (run_dir / f).is_file()]
+    heatmaps = sorted((run_dir / "heatmaps").glob("*.png"))[:MAX_HEATMAPS]
+    if figures or heatmaps:
+        lines += ["## Figures", ""]
+        for f, title in figures:
+            lines += [f"![{title}]({f})", "", f"*{title}*", ""]
+        if heatmaps:
+            lines += ["Instance-score heatmaps of test slides (`mil heatmap`):", ""]
+            lines += [f"![{p.stem}](heatmaps/{p.name})" for p in heatmaps] + [""]
+    if summary.get("subgroups"):
+        lines += ["## Sites and subgroups", "", *_subgroups(summary), ""]
+    lines += ["## Per fold", "", *_per_fold(records), ""]
+    lines += [
+        "## Files",
+        "",
+        "`config.yaml` (the resolved config), `splits/` (the split files used), "
+        "`summary.json` / `summary.csv`, and per fold `fold_<k>/`: `predictions.csv`, "
+        "`metrics.json`, `history.csv`, `attention.h5` (instance scores), `model.pt`.",
+        "",
+    ]
+    path = run_dir / "report.md"
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+    return path
+
+
+def _task_words(cfg: Config) -> str:
+    if cfg.task.type == "classification":
+        return "slide classification" if cfg.data.bag_level == "slide" else "patient classification"
+    return "survival prediction"
+
+
+def _methods(cfg: Config, records: list[dict], pooled: pd.DataFrame, n_boot: int) -> str:
+    s, t, d = cfg.splits, cfg.train, cfg.data
+    n_bags = len(pooled)
+    n_patients = int(pooled["patient_id"].nunique()) if n_bags else 0
+    if d.instances:
+        parts = [f"{n_bags} bags of instances (table {Path(d.instances).name}) were analysed."]
+    else:
+        if d.bag_level == "slide":
+            parts = [f"Bags of tile features of {n_bags} slides from {n_patients} patients were analysed."]
+        else:
+            parts = [
+                f"Bags of tile features of {n_patients} patients (each patient's slides "
+                f"concatenated into one bag) were analysed."
+            ]
+    if s.assignment:
+        cv = f"{s.folds}-fold cross-validation with the test folds of {Path(s.assignment).name}"
+    else:
+        strat = "class" if cfg.task.type == "classification" else "event status and time quantile"
+        group = (
+            f"site-preserved folds (all patients of a site, column `{d.site_col}`, in one test fold)"
+            if s.by_site
+            else "patient-level folds (a patient's slides never in two partitions)"
+        )
+        cv = f"{s.folds}-fold cross-validation with {group}, stratified by {strat} (scikit-learn `StratifiedGroupKFold`, seed {s.seed})"
+    if s.repeats > 1:
+        cv += f", repeated {s.repeats} times"
+    parts.append(cv + ".")
+    if s.val_fraction > 0 and t.patience is not None:
+        parts.append(
+            f"In each fold, {s.val_fraction:.0%} of the training patients formed an inner validation set "
+            f"for early stopping on the validation loss (patience {t.patience} epochs, at most "
+            f"{t.epochs}, at least {t.min_epochs}); the weights of the best validation epoch were restored."
+        )
+    else:
+        parts.append(f"Models were trained for a fixed {t.epochs} epochs, without early stopping.")
+    if d.standardize:
+        parts.append("Features were standardised with the mean and standard deviation of each training fold.")
+    hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
+    parts.append(
+        f"Aggregator: `{cfg.model_name}`{f' ({hp})' if hp else ''}. Optimiser: {t.optimizer} "
+        f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {t.batch_size} bag{'s' if t.batch_size > 1 else ''} per step"
+        + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
+        + "."
+    )
+    if cfg.task.type == "classification":
+        parts.append(
+            "Loss: cross-entropy"
+            + (f" with class weights ({cfg.task.class_weights})" if cfg.task.class_weights != "none" else "")
+            + ". Metrics (scikit-learn): ROC AUC (one-vs-rest macro for more than two classes), "
+            "balanced accuracy, accuracy and macro F1 at the most probable class."
+        )
+    elif cfg.task.loss == "cox":
+        parts.append(
+            f"Loss: Cox partial likelihood ({cfg.task.ties.capitalize()} ties) over the risk set of each "
+            "batch. Metrics (scikit-survival): Harrell's and Uno's C-index, time-dependent AUC and "
+            "integrated Brier score; log-rank test (lifelines) of risk groups split at the training median."
+        )
+    else:
+        parts.append(
+            f"Loss: discrete-time hazard negative log-likelihood over {cfg.task.bins} bins at quantiles "
+            "of the training fold's event times. Metrics (scikit-survival): Harrell's and Uno's C-index, "
+            "time-dependent AUC and integrated Brier score; log-rank test (lifelines) of risk groups."
+        )
+    parts.append(
+        "Results are the mean and standard deviation over test folds, and percentile-bootstrap 95% "
+        f"confidence intervals ({n_boot:,} resamples of patients) of the pooled out-of-fold predictions."
+    )
+    return " ".join(parts)
+
+
+def _ordered(keys) -> list[str]:
+    keys = list(keys)
+    return [k for k in LEAD if k in keys] + sorted(k for k in keys if k not in LEAD)
+
+
+def _results(summary: dict[str, Any]) -> list[str]:
+    metrics = summary["metrics"]
+    repeats = any("sem_over_repeats" in m for m in metrics.values())
+    head = ["metric", "mean ± sd over folds", *(["mean ± SEM over repeats"] if repeats else []), "95% CI (pooled bootstrap)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in _ordered(metrics):
+        if k in ("train_seconds", "seconds_per_epoch") or k.endswith(("_p", "_tau")):
+            continue
+        m = metrics[k]
+        ci = m.get("ci95_pooled")
+        cells = [k, f"{m['mean']:.3f} ± {m['sd']:.3f}"]
+        if repeats:
+            cells.append(f"{np.mean(m['repeat_means']):.3f} ± {m['sem_over_repeats']:.3f}" if "repeat_means" in m else "")
+        cells.append(f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and np.isfinite(ci[0]) else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    out = rows
+    if isinstance(summary.get("auc_pooled"), float):
+        out += ["", f"Pooled out-of-fold AUC: {summary['auc_pooled']:.3f}."]
+    if "logrank_p" in metrics:
+        ps = [v for v in metrics["logrank_p"]["folds"] if v is not None]
+        pooled = summary.get("logrank_p_pooled")
+        out += [
+            "",
+            f"Log-rank test of high- vs low-risk test patients: median p = {np.median(ps):.2g} "
+            f"over folds (range {min(ps):.2g} – {max(ps):.2g})"
+            + (f"; pooled over folds p = {pooled:.2g}" if pooled is not None else "")
+            + ".",
+        ]
+    if "seconds_per_epoch" in metrics:
+        out += ["", f"Training took {metrics['seconds_per_epoch']['mean']:.2f} s per epoch on average."]
+    return out
+
+
+def _subgroups(summary: dict[str, Any]) -> list[str]:
+    rows = summary["subgroups"]
+    count_keys = [k for k in rows[0] if k.startswith("n_") and k not in ("n_bags", "n_patients")]
+    metric_keys = [
+        k for k in _ordered(rows[0]) if f"{k}_ci_low" in rows[0] and not k.startswith("n_")
+    ]
+    head = ["group", "bags", "patients", *count_keys, *metric_keys]
+    out = [
+        "Pooled out-of-fold predictions of each group (first repeat), with patient-bootstrap "
+        "95% CIs; empty where a group cannot define the metric (e.g. one class).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        name = "all" if r["column"] == "all" else f"{r['column']} = {r['value']}"
+        cells = [name, str(r["n_bags"]), str(r["n_patients"]), *(str(r[k]) for k in count_keys)]
+        for k in metric_keys:
+            v, lo, hi = r.get(k), r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
+            cells.append(
+                "" if v is None else f"{v:.3f}" + (f" ({lo:.3f} – {hi:.3f})" if lo is not None else "")
+            )
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _per_fold(records: list[dict]) -> list[str]:
+    keys = [k for k in _ordered(records[0]["metrics"]) if k in LEAD or k == "witness_auc"]
+    head = ["fold", "train", "val", "test", "epochs", *keys]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        m = r["metrics"]
+        cells = [str(r["fold"]), str(r["n_train"]), str(r["n_val"]), str(r["n_test"]), str(m.get("epochs", ""))]
+        cells += [
+            f"{m[k]:.3f}" if isinstance(m.get(k), float) and np.isfinite(m[k]) else "" for k in keys
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
