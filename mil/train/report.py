@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from mil.config import Config, config_from_dict
 from mil.io import atomic_path
-from mil.tasks.base import first_repeat_folds
 
 # metrics shown first (in this order) in the results table; the rest follow alphabetically
 LEAD = ("auc", "balanced_accuracy", "accuracy", "f1", "c_index", "c_index_uno", "td_auc", "ibs")
@@ -29,13 +27,11 @@ def write_report(run_dir: str | Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     done = fold_dirs(run_dir)
     records = [json.loads((d / "metrics.json").read_text()) for d in done]
-    first = first_repeat_folds(done, "predictions.csv")
-    pooled = pd.concat(first.values(), ignore_index=True) if first else pd.DataFrame()
     lines = [f"# {cfg.name}: {_task_words(cfg)} with `{cfg.model_name}`", ""]
     n_done, n_expected = len(summary["folds"]), summary["n_folds_expected"]
     if n_done < n_expected:
         lines += [f"**Partial run: {n_done} of {n_expected} folds finished.**", ""]
-    lines += ["## Methods", "", _methods(cfg, records, pooled, summary.get("n_boot", 1000)), ""]
+    lines += ["## Methods", "", _methods(cfg, summary), ""]
     lines += ["## Results", "", *_results(summary), ""]
     figures = [(f, t) for f, t in (("roc.png", "Out-of-fold ROC curves (thin: folds; bold: pooled)."),
                                    ("km.png", "Kaplan-Meier curves of out-of-fold risk groups.")) if (run_dir / f).is_file()]
@@ -70,10 +66,9 @@ def _task_words(cfg: Config) -> str:
     return "survival prediction"
 
 
-def _methods(cfg: Config, records: list[dict], pooled: pd.DataFrame, n_boot: int) -> str:
+def _methods(cfg: Config, summary: dict[str, Any]) -> str:
     s, t, d = cfg.splits, cfg.train, cfg.data
-    n_bags = len(pooled)
-    n_patients = int(pooled["patient_id"].nunique()) if n_bags else 0
+    n_bags, n_patients, n_boot = summary["n_bags"], summary["n_patients"], summary["n_boot"]
     if d.instances:
         parts = [f"{n_bags} bags of instances (table {Path(d.instances).name}) were analysed."]
     else:

@@ -87,6 +87,8 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "folds": [r["fold"] for r in records],
         "n_folds_expected": cfg.splits.folds * cfg.splits.repeats,
         "n_boot": n_boot,
+        "n_bags": int(pooled["bag_id"].nunique()),  # tested bags (each once per repeat)
+        "n_patients": int(pooled["patient_id"].nunique()),
         "metrics": metrics,
     }
     # task-specific run-level results (survival: pooled KM plot and log-rank p)
