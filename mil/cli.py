@@ -23,13 +23,15 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mil.config import load_config
+    from mil.train.distributed import current
     from mil.train.runner import run_cv
     from mil.train.summary import format_summary
 
     cfg = load_config(args.config, args.set)
     run_dir = run_cv(cfg, args.out, folds=_parse_folds(args.folds), progress=not args.quiet)
-    print(format_summary(json.loads((run_dir / "summary.json").read_text())))
-    print(f"results: {run_dir}")
+    if current().main:  # under torchrun, rank 0 speaks for the run
+        print(format_summary(json.loads((run_dir / "summary.json").read_text())))
+        print(f"results: {run_dir}")
     return 0
 
 
@@ -56,8 +58,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = run_compare(
         cfg, out, models=models, folds=_parse_folds(args.folds), progress=not args.quiet
     )
-    print(format_comparison(table, cfg))
-    print(f"table: {out / 'comparison.md'}")
+    from mil.train.distributed import current
+
+    if current().main:
+        print(format_comparison(table, cfg))
+        print(f"table: {out / 'comparison.md'}")
     return 0
 
 
@@ -274,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mil: interrupted; finished folds are kept and a re-run resumes", file=sys.stderr)
         return 130
+    except Exception as exc:  # under torchrun: a collective broken by another process's exit
+        from mil.train.distributed import peer_failure
+
+        msg = peer_failure(exc)
+        if msg is None:
+            raise
+        print(f"mil: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]
     for i, e in enumerate(cfg.compare):
         where = f"{cfg.source}: compare[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("model"), dict):
-            raise ConfigError(f"{where} must be a mapping with a 'model' mapping, e.g. {{model: {{name: abmil}}}}")
+            raise ConfigError(
+                f"{where} must be a mapping with a 'model' mapping, e.g. {{model: {{name: abmil}}}}"
+            )
         unknown = sorted(set(e) - ENTRY_KEYS)
         if unknown:
             raise ConfigError(
@@ -62,7 +64,9 @@ def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]
     labels = [e["label"] for e in listed]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise ConfigError(f"{cfg.source}: compare: label {dup[0]!r} is used twice; give each entry its own label")
+        raise ConfigError(
+            f"{cfg.source}: compare: label {dup[0]!r} is used twice; give each entry its own label"
+        )
     if models is None:
         return listed or [{"label": m, "model": {"name": m}} for m in available()]
     out = []
@@ -100,17 +104,24 @@ def run_compare(
     progress: bool = True,
     log=print,
 ) -> pd.DataFrame:
-    """Run every entry (resuming finished folds) and write the comparison table."""
+    """Run every entry (resuming finished folds) and write the comparison table.
+
+    Under torchrun every entry is one data-parallel run; rank 0 writes the table.
+    """
+    from mil.train.distributed import setup
     from mil.train.runner import run_cv
 
     out = Path(out) if out else Path("results") / cfg.name
     runs = [(e["label"], entry_config(cfg, e)) for e in entries(cfg, models)]  # validate all first
+    dist, _ = setup(cfg.train.device)
     for label, sub in runs:
-        log(f"== {label} ==")
+        if dist.main:
+            log(f"== {label} ==")
         run_cv(sub, out / label, folds=folds, progress=progress, log=log)
     table = comparison_table({label: out / label for label, _ in runs})
-    write_csv(out / "comparison.csv", table)
-    write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
+    if dist.main:
+        write_csv(out / "comparison.csv", table)
+        write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
     return table
 
 

@@ -181,6 +181,24 @@ def test_training_step_and_aux_loss(name, n_out):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("targets", [None, [1, 1, 1, 1], [0, 1, 0, 1]])
+@pytest.mark.parametrize("name", MODELS)
+def test_every_parameter_gets_a_gradient_unless_declared(name, targets):
+    """Data-parallel training waits for a gradient of every parameter unless the model sets
+    ``unused_parameters`` (mil.train.loop.fit): no targets (survival), one class, two classes."""
+    model = build(name, 1 if targets is None else 2).train()
+    if model.unused_parameters:
+        pytest.skip(f"{name} declares parameters that a step may leave unused")
+    batch = collate_bags(make_bags(model))
+    if targets is not None:
+        batch.targets = torch.tensor(targets)
+    out = model(batch)
+    loss = out.logits.sum() + (out.aux_loss if out.aux_loss is not None else 0.0)
+    loss.backward()
+    missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing}; set unused_parameters = True"
+
+
 # Model-specific checks against hand computations of the papers' formulas.
 
 

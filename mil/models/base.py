@@ -39,10 +39,15 @@ class MILModel(nn.Module):
     outputs) as their first two arguments, then their own hyper-parameters.
     ``graph`` names the instance graph the model needs (``None``, ``"spatial"``
     or ``"feature"``); the data layer builds it into ``batch.edge_index``.
+    A model some of whose parameters can stay out of a training step's loss
+    sets ``unused_parameters = True`` (data-parallel training then looks for
+    them every step; the uniform tests hold every other model to a gradient
+    for every parameter).
     """
 
     graph: str | None = None
     graph_k: int = 8
+    unused_parameters: bool = False
 
     def __init__(self, in_dim: int, n_out: int) -> None:
         super().__init__()

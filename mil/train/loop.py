@@ -18,6 +18,7 @@ from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
 from mil.data.dataset import BagDataset
 from mil.models.base import MILModel
 from mil.tasks.base import Task
+from mil.train.distributed import SINGLE, Dist
 
 
 @dataclass
@@ -110,24 +111,96 @@ def predict(
     keep_scores: bool = False,
     group: int = 64,
     precision: str = "fp32",
+    dist: Dist = SINGLE,
 ) -> Forward:
-    """Evaluation-mode forward over all ``bag_ids`` (full bags, never subsampled)."""
+    """Evaluation-mode forward over all ``bag_ids`` (full bags, never subsampled).
+
+    Under torchrun each rank predicts its shard and every rank returns all
+    bags' outputs, in the order of ``bag_ids``.
+    """
     model.eval()
+    mine = dist.shard(list(bag_ids))
     parts = []
-    for i in range(0, len(bag_ids), group):
-        bags = [data[b] for b in bag_ids[i : i + group]]
+    for i in range(0, len(mine), group):
+        bags = [data[b] for b in mine[i : i + group]]
         parts.append(
             forward_bags(
                 model, bags, max_instances, device, keep_scores=keep_scores, precision=precision
             )
         )
-    out = Forward(logits=torch.cat([p.logits for p in parts]).cpu())
+    logits = torch.cat([p.logits for p in parts]).cpu() if parts else None
+    if logits is None:  # this rank's shard is empty: an empty block of the right width
+        logits = torch.zeros((0, model.n_out))
+    out = Forward(logits=dist.gather_rows(logits, len(bag_ids)))
     if keep_scores:
-        out.scores = [s for p in parts for s in (p.scores or [])] or None
+        scores = [s for p in parts for s in (p.scores or [])]
+        extra: dict[str, list[Tensor]] = {}
         for p in parts:
             for kind, vals in p.extra_scores.items():
-                out.extra_scores.setdefault(kind, []).extend(vals)
+                extra.setdefault(kind, []).extend(vals)
+        if dist.enabled:
+            # rank 0 holds at least one bag, so it knows whether the model gives scores
+            has_scores, kinds = dist.broadcast((bool(scores), list(extra)))
+            scores = dist.gather(scores, len(bag_ids)) if has_scores else []
+            extra = {k: dist.gather(extra.get(k, []), len(bag_ids)) for k in kinds}
+        out.scores = scores or None
+        out.extra_scores = extra
     return out
+
+
+class BatchForward(torch.nn.Module):
+    """A loss batch's chunked forward (:func:`forward_bags`) as one module call: what DDP wraps."""
+
+    def __init__(
+        self, model: MILModel, max_instances: int, device: torch.device, precision: str
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.max_instances = max_instances
+        self.device = device
+        self.precision = precision
+
+    def forward(
+        self, bags: Sequence[Bag], targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        out = forward_bags(
+            self.model,
+            bags,
+            self.max_instances,
+            self.device,
+            targets=targets,
+            precision=self.precision,
+        )
+        return out.logits, out.aux_loss
+
+
+def _sharded_objective(
+    task: Task,
+    targets: dict[str, Tensor],
+    logits: Tensor,
+    aux: Tensor | None,
+    mine: np.ndarray,
+    dist: Dist,
+) -> tuple[Tensor, float]:
+    """This rank's objective for a loss batch dealt out across ranks, and the batch's loss.
+
+    The loss is computed over the whole batch (all ranks' bag outputs,
+    gathered), differentiable through this rank's bags ``mine`` only; scaled
+    by the number of ranks, DDP's gradient average is the one-process gradient.
+    An auxiliary loss (a mean over this rank's bags) enters with its share of
+    the batch.
+    """
+    n = len(targets[next(iter(targets))])
+    full = dist.gather_rows(logits if len(mine) else logits[:0], n)
+    if len(mine):
+        full = full.index_put((torch.as_tensor(mine, device=full.device),), logits)
+    loss = task.loss(full, targets)
+    aux_share = aux * (len(mine) / n) if aux is not None else None
+    objective = loss if aux_share is None else loss + aux_share
+    if not len(mine):  # the stand-in bag: in the graph, at weight zero
+        objective = objective + 0.0 * logits.sum()
+    shown = float(loss.detach()) + dist.sum([0.0 if aux_share is None else float(aux_share)])[0]
+    return objective * dist.world, shown
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -152,6 +225,7 @@ def fit(
     device: torch.device,
     progress: bool = True,
     desc: str = "train",
+    dist: Dist = SINGLE,
 ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
     """Train with ``cfg.optimizer`` (AdamW by default); early stopping on the validation
     loss restores the best weights (of epoch ``cfg.best_from_epoch`` or later; patience
@@ -159,43 +233,58 @@ def fit(
 
     With ``cfg.patience`` None (or no validation bags) it trains a fixed
     ``cfg.epochs`` and keeps the final weights. Returns (history, state_dict).
+    Under torchrun (``dist``) each loss batch is shared out across the ranks
+    (:mod:`mil.train.distributed`); every rank returns the same weights.
     """
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # the batches are the same on every rank; the subsampling (and dropout) draws are per rank
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank)
     opt = make_optimizer(model.parameters(), cfg)
+    step: torch.nn.Module = BatchForward(model, cfg.max_instances, device, cfg.precision)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # one call per loss batch (forward_bags moves the data); a model that may leave
+        # parameters out of a step says so (MILModel.unused_parameters)
+        step = DistributedDataParallel(
+            step, find_unused_parameters=bool(getattr(model, "unused_parameters", False))
+        )
     train_ids = train["bag_id"].tolist()
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
     best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
     history = []
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
         losses, n_inst = [], 0
         for rows in task.batches(train, cfg.batch_size, rng):
-            bags = [data[train_ids[i]] for i in rows]
+            tgt = task.targets(train.iloc[rows])
+            mine = np.arange(len(rows))[dist.rank :: dist.world]
+            # fewer bags than ranks: a rank without one forwards bag 0 at weight 0 (DDP
+            # needs a forward and a backward on every rank)
+            use = mine if len(mine) else np.zeros(1, dtype=int)
+            bags = [data[train_ids[rows[i]]] for i in use]
             if cfg.subsample:
                 bags = [subsample(b, cfg.subsample, gen) for b in bags]
-            tgt = task.targets(train.iloc[rows])
-            out = forward_bags(
-                model,
-                bags,
-                cfg.max_instances,
-                device,
-                targets=task.model_targets(tgt),
-                precision=cfg.precision,
-            )
-            loss = task.loss(out.logits, tgt)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
+            mtgt = task.model_targets(tgt)
+            logits, aux = step(bags, None if mtgt is None else mtgt[torch.as_tensor(use)])
+            if dist.enabled:
+                loss, shown = _sharded_objective(task, tgt, logits, aux, mine, dist)
+            else:
+                loss = task.loss(logits, tgt)
+                if aux is not None:
+                    loss = loss + aux
+                shown = float(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            losses.append(float(loss.detach()))
-            n_inst += sum(len(b) for b in bags)
+            losses.append(shown)
+            n_inst += sum(len(b) for b in bags) if len(mine) else 0
+        n_inst = int(dist.sum([n_inst])[0])
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -210,6 +299,7 @@ def fit(
                 cfg.max_instances,
                 device,
                 precision=cfg.precision,
+                dist=dist,
             )
             row["val_loss"] = float(task.loss(fwd.logits, val_targets))
             row.update(

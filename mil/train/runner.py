@@ -39,6 +39,7 @@ from mil.io import atomic_path, write_csv, write_json, write_text
 from mil.models import create, get
 from mil.splits import Split, load_or_make_splits, write_splits
 from mil.tasks import Task, make_task
+from mil.train.distributed import SINGLE, Dist, setup
 from mil.train.loop import fit, predict
 from mil.train.summary import summarize
 
@@ -143,37 +144,61 @@ def run_cv(
     log=print,
     n_boot: int = 1000,
 ) -> Path:
-    """Run (or resume) cross-validation; returns the run folder."""
+    """Run (or resume) cross-validation; returns the run folder.
+
+    Under ``torchrun`` every process joins one data-parallel run
+    (:mod:`mil.train.distributed`); rank 0 makes the splits and writes the results.
+    """
     run_dir = Path(run_dir) if run_dir else Path("results") / cfg.name
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    exp = Experiment(cfg, run_dir, force_splits=force_splits, progress=progress)
-    prepare_run_dir(cfg, run_dir)
-    write_splits(run_dir / "splits", exp.splits, exp.cohort)
+    dist, dist_device = setup(cfg.train.device)
+    if not dist.main:
+        log = _quiet
+        progress = False
+        dist.barrier()  # rank 0 first: it makes (or checks) the split files and the run folder
+    exp = Experiment(cfg, run_dir, force_splits=force_splits and dist.main, progress=progress)
+    if dist.main:
+        prepare_run_dir(cfg, run_dir)
+        write_splits(run_dir / "splits", exp.splits, exp.cohort)
+        dist.barrier()
     todo = list(range(len(exp.splits))) if folds is None else list(folds)
     bad = [k for k in todo if not 0 <= k < len(exp.splits)]
     if bad:
         raise ConfigError(
             f"--folds: fold {bad[0]} does not exist (the run has folds 0..{len(exp.splits) - 1})"
         )
+    # rank 0's view of which folds are finished, so that every rank runs the same folds
+    done = dist.broadcast(
+        [(run_dir / f"fold_{exp.splits[k].name}" / "metrics.json").is_file() for k in todo]
+    )
     exp.store.preload(
         [s for k in todo for p in ("train", "val", "test") for s in exp.splits[k].part(p)],
         progress=progress,
     )
-    device = resolve_device(cfg.train.device)
-    for k in todo:
+    device = dist_device or resolve_device(cfg.train.device)
+    for k, finished in zip(todo, done):
         fold_dir = run_dir / f"fold_{exp.splits[k].name}"
-        if (fold_dir / "metrics.json").is_file():
+        if finished:
             log(f"fold {exp.splits[k].name}: done earlier, skipped ({fold_dir / 'metrics.json'})")
             continue
-        metrics = run_fold(exp, exp.splits[k], fold_dir, device)
+        metrics = run_fold(exp, exp.splits[k], fold_dir, device, dist)
         shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
         log(f"fold {exp.splits[k].name}: {shown}")
-    summarize(run_dir, n_boot=n_boot)
+    if dist.main:
+        summarize(run_dir, n_boot=n_boot)
+    dist.barrier()  # the other ranks return once the summary exists
     return run_dir
 
 
-def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device) -> dict[str, Any]:
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def run_fold(
+    exp: Experiment, split: Split, fold_dir: Path, device: torch.device, dist: Dist = SINGLE
+) -> dict[str, Any]:
+    """Train and test one fold; write its folder (rank 0 only under torchrun)."""
     cfg = exp.cfg
     train, val, test = (exp.fold_bags(split, p) for p in ("train", "val", "test"))
     if len(train) == 0 or len(test) == 0:
@@ -192,6 +217,8 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
         norm = feature_stats(exp.data, train["bag_id"].tolist())
         exp.data.transform = norm.apply
     model = create(cfg.model_name, in_dim=in_dim, n_out=task.n_out, **cfg.model_hparams).to(device)
+    if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
+        torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
     t0 = time.perf_counter()
     history, state = fit(
         model,
@@ -203,6 +230,7 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
         device,
         progress=exp.progress,
         desc=f"fold {split.name}",
+        dist=dist,
     )
     train_seconds = time.perf_counter() - t0
     infer = partial(
@@ -212,6 +240,7 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
         max_instances=cfg.train.max_instances,
         device=device,
         precision=cfg.train.precision,
+        dist=dist,
     )
     fwd = infer(test["bag_id"].tolist(), keep_scores=True)
     pred = task.predictions(test, fwd.logits.numpy())
@@ -228,6 +257,8 @@ def run_fold(exp: Experiment, split: Split, fold_dir: Path, device: torch.device
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
+    if not dist.main:
+        return metrics
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_csv(fold_dir / "history.csv", history)
