@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 from mil.cli import main
 from mil.config import config_from_dict
 from mil.data.cohort import Cohort
-from mil.errors import ConfigError, DataError
+from mil.errors import ConfigError, DataError, SplitError
 from mil.tasks.survival import SurvivalTask
 from mil.train.runner import run_cv
 from mil.train.summary import format_summary, subgroup_metrics
@@ -237,3 +237,37 @@ def test_site_preserved_folds_expose_a_planted_site_confound(tmp_path):
     # (seeds 0-2 of this design gave 0.735-0.763 and 0.487-0.525)
     assert aucs[False] > 0.68, aucs
     assert aucs[True] < 0.62, aucs
+
+
+def test_group_columns_added_to_a_finished_run_are_joined_without_retraining(tmp_path):
+    raw = with_groups(small_config(tmp_path), tmp_path, plant_groups)
+    run = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=quiet, n_boot=50)
+    assert not (run / "subgroups.csv").exists()
+    stamps = {k: (run / f"fold_{k}" / "metrics.json").stat().st_mtime_ns for k in range(3)}
+    raw["data"].update(site_col="site", subgroup_cols=["sex"])
+    said = []
+    run_cv(config_from_dict(raw), run, progress=False, log=said.append, n_boot=50)
+    assert sum("done earlier, skipped" in s for s in said) == 3
+    assert stamps == {k: (run / f"fold_{k}" / "metrics.json").stat().st_mtime_ns for k in range(3)}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["site_col"] == "site" and saved["data"]["subgroup_cols"] == ["sex"]
+    # the joined groups: sklearn on the predictions matched to the CSV by hand
+    pred = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
+    csv = pd.read_csv(raw["data"]["csv"]).set_index("slide_id")
+    pred["site"] = csv.loc[pred["bag_id"], "site"].to_numpy()
+    table = pd.read_csv(run / "subgroups.csv", dtype={"value": str}).set_index("value")
+    for site in "ABC":
+        sub = pred[pred["site"] == site]
+        assert table.loc[site, "n_bags"] == len(sub)
+        assert table.loc[site, "auc"] == pytest.approx(
+            skm.roc_auc_score(sub["label_index"], sub["prob_positive"]), abs=1e-12
+        )
+    assert table.loc["missing", "n_bags"] == (csv["sex"].isna()).sum()
+    # a site column that decides the folds is part of the run: still refused
+    raw["splits"]["by_site"] = True
+    with pytest.raises(SplitError, match="site-preserved"):  # the patient-level split folder
+        run_cv(config_from_dict(raw), run, progress=False, log=quiet)
+    raw["splits"]["dir"] = str(tmp_path / "site_splits")
+    with pytest.raises(ConfigError, match="different config"):  # the run folder
+        run_cv(config_from_dict(raw), run, progress=False, log=quiet)
+    assert stamps == {k: (run / f"fold_{k}" / "metrics.json").stat().st_mtime_ns for k in range(3)}

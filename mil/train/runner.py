@@ -17,6 +17,7 @@ folds whose ``metrics.json`` exists.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,7 +113,13 @@ class Experiment:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Write ``config.yaml``; refuse a folder that holds a run of another config."""
+    """Write ``config.yaml``; refuse a folder that holds a run of another config.
+
+    Reporting-only keys may change on a finished run: ``data.subgroup_cols``,
+    and ``data.site_col`` where the folds are not site-preserved. The saved
+    config takes the new values, and the summary joins those columns from the
+    cohort CSV (no fold is retrained).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     text = dump_config(cfg)
     path = run_dir / "config.yaml"
@@ -123,16 +130,26 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         except ConfigError:
             pass  # a key this mil no longer has: the configs differ
         new = yaml.safe_load(text)
-        for section in (old, new):
-            section.get("train", {}).pop("device", None)
-            section.get("train", {}).pop("threads", None)
-        if old != new:
+        if _run_identity(old) != _run_identity(new):
             raise ConfigError(
                 f"{run_dir} holds a run of a different config ({path}); "
                 f"use another --out folder, or delete that one to start again"
             )
-        return
+        if old == new:
+            return
     write_text(path, text)
+
+
+def _run_identity(raw: dict) -> dict:
+    """The parts of a resolved config that decide a run's results (compared on resume)."""
+    raw = copy.deepcopy(raw)
+    for key in ("device", "threads"):
+        raw.get("train", {}).pop(key, None)
+    data = raw.get("data", {})
+    data.pop("subgroup_cols", None)
+    if not raw.get("splits", {}).get("by_site"):
+        data.pop("site_col", None)
+    return raw
 
 
 def run_cv(

@@ -98,12 +98,7 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     group_cols = list(dict.fromkeys([c for c in [cfg.data.site_col, *cfg.data.subgroup_cols] if c]))
     if group_cols:
         first = pd.concat(first_repeat_folds(done, "predictions.csv").values(), ignore_index=True)
-        absent = [c for c in group_cols if c not in first.columns]
-        if absent:
-            raise DataError(
-                f"{run_dir}: the folds' predictions.csv have no column {absent[0]!r} "
-                f"(data.site_col / data.subgroup_cols); they were run without it"
-            )
+        first = join_group_columns(first, cfg, group_cols)
         table_sub = subgroup_metrics(task, first, group_cols, n_boot=n_boot)
         write_csv(run_dir / "subgroups.csv", table_sub)
         summary["subgroups"] = [
@@ -122,6 +117,31 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
 
     write_report(run_dir)
     return summary
+
+
+def join_group_columns(pred: pd.DataFrame, cfg, cols: list[str]) -> pd.DataFrame:
+    """``pred`` with every group column in ``cols`` it lacks, joined by bag from the cohort CSV.
+
+    Folds write the group columns the config named when they ran; columns
+    added to the config afterwards come from the CSV, read and checked as a
+    run reads it (a missing value is the group ``"missing"``).
+    """
+    absent = [c for c in cols if c not in pred.columns]
+    if not absent:
+        return pred
+    from mil.data.cohort import Cohort
+
+    bags = Cohort.from_config(cfg).bags.set_index("bag_id")
+    unknown = sorted(set(pred["bag_id"]) - set(bags.index))
+    if unknown:
+        raise DataError(
+            f"{cfg.data.csv}: bag {unknown[0]} of the run's predictions is not in the cohort "
+            f"CSV, so its {absent[0]!r} value is unknown; was the CSV changed after the run?"
+        )
+    out = pred.copy()
+    for col in absent:
+        out[col] = bags.loc[out["bag_id"], col].to_numpy()
+    return out
 
 
 def subgroup_metrics(task, pred: pd.DataFrame, cols: list[str], n_boot: int = 1000) -> pd.DataFrame:
