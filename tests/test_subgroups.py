@@ -271,3 +271,43 @@ def test_group_columns_added_to_a_finished_run_are_joined_without_retraining(tmp
     with pytest.raises(ConfigError, match="different config"):  # the run folder
         run_cv(config_from_dict(raw), run, progress=False, log=quiet)
     assert stamps == {k: (run / f"fold_{k}" / "metrics.json").stat().st_mtime_ns for k in range(3)}
+
+
+def site_predictions(rng, informative: dict[str, float], n: int = 40) -> pd.DataFrame:
+    """Pooled predictions of ``n`` patients per site; a site's positives score
+    ``informative[site]`` higher on average (0 = chance)."""
+    rows = []
+    for site, shift in informative.items():
+        y = rng.permutation(np.arange(n) % 2)
+        score = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + shift * y)))
+        for i in range(n):
+            rows.append(
+                {"bag_id": f"{site}{i}", "patient_id": f"{site}{i}", "label_index": int(y[i]),
+                 "label": ["negative", "positive"][y[i]], "prob_negative": 1 - score[i],
+                 "prob_positive": score[i], "site": site}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_group_difference_test_finds_a_planted_difference_and_holds_its_level(tmp_path):
+    from mil.tasks import make_task
+    from mil.train.summary import group_difference_test
+
+    task = make_task(config_from_dict(small_config(tmp_path)), ["negative", "positive"])
+    rng = np.random.default_rng(0)
+    planted = site_predictions(rng, {"A": 2.5, "B": 2.5, "C": 0.0})
+    t = group_difference_test(task, planted, "site", n_perm=199)
+    aucs = [
+        skm.roc_auc_score(g["label_index"], g["prob_positive"]) for _, g in planted.groupby("site")
+    ]
+    assert t["range"] == pytest.approx(max(aucs) - min(aucs), abs=1e-12)
+    assert t["groups"] == 3 and t["p"] < 0.02
+    # no difference: over 20 cohorts the p-values look uniform (level 0.05 kept)
+    ps = [
+        group_difference_test(
+            task, site_predictions(rng, {"A": 1.5, "B": 1.5, "C": 1.5}), "site", n_perm=19, seed=s
+        )["p"]
+        for s in range(20)
+    ]
+    assert np.mean(np.array(ps) <= 0.05) <= 0.15
+    assert 0.35 <= np.mean(ps) <= 0.65

@@ -196,6 +196,15 @@ def _subgroups(summary: dict[str, Any]) -> list[str]:
                 "" if v is None else f"{v:.3f}" + (f" ({lo:.3f} – {hi:.3f})" if lo is not None else "")
             )
         out.append("| " + " | ".join(cells) + " |")
+    tests = [t for t in summary.get("subgroup_tests", []) if t["p"] is not None]
+    if tests:
+        out += ["", "Differences between groups (permutation test of the range of the "
+                "groups' metric; group labels shuffled among patients within outcome strata):", ""]
+        out += [
+            f"- {t['column']}: {t['metric']} differs by up to {t['range']:.3f} across "
+            f"{t['groups']} groups, p = {t['p']:.3g} ({t['n_perm']} permutations)"
+            for t in tests
+        ]
     return out
 
 

@@ -100,6 +100,11 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         first = pd.concat(first_repeat_folds(done, "predictions.csv").values(), ignore_index=True)
         first = join_group_columns(first, cfg, group_cols)
         table_sub = subgroup_metrics(task, first, group_cols, n_boot=n_boot)
+        tests = [group_difference_test(task, first, col, n_perm=n_boot) for col in group_cols]
+        table_sub["p_difference"] = table_sub["column"].map(
+            {t["column"]: t["p"] for t in tests}
+        ).astype(float)
+        summary["subgroup_tests"] = tests
         write_csv(run_dir / "subgroups.csv", table_sub)
         summary["subgroups"] = [
             {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
@@ -176,6 +181,58 @@ def subgroup_metrics(task, pred: pd.DataFrame, cols: list[str], n_boot: int = 10
     return pd.DataFrame(rows)
 
 
+def group_difference_test(
+    task, pred: pd.DataFrame, col: str, n_perm: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Permutation test of "the main metric is the same in every group of ``col``".
+
+    Statistic: the range (largest minus smallest) of the pooled out-of-fold
+    AUC (classification) or within-fold Harrell's C (survival) over the groups
+    that define it. Null distribution: the group labels shuffled among
+    patients (among bags if a patient's bags differ in ``col``) within each
+    class (classification) or event status (survival), so every group keeps
+    its outcome mix. p = (1 + #{permuted >= observed}) / (1 + n_perm).
+    Returns ``column, metric, groups, range, p, n_perm`` (``range``/``p``
+    None with fewer than two groups that define the metric).
+    """
+    metric = "auc" if task.name == "classification" else "c_index"
+    keys = pred[col].astype(str).to_numpy()
+    values = sorted(set(keys))
+
+    def spread(labels: np.ndarray) -> tuple[float, int]:
+        found = []
+        for v in values:
+            rows = np.flatnonzero(labels == v)
+            if len(rows) == 0:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one-class groups
+                x = task.pooled_metrics(pred.iloc[rows]).get(metric, float("nan"))
+            if np.isfinite(x):
+                found.append(x)
+        return (max(found) - min(found) if len(found) > 1 else float("nan")), len(found)
+
+    observed, n_defined = spread(keys)
+    out: dict[str, Any] = {"column": col, "metric": metric, "groups": n_defined, "n_perm": n_perm}
+    if not np.isfinite(observed):
+        return {**out, "range": None, "p": None}
+    stratum = (pred["label_index"] if metric == "auc" else pred["event"]).to_numpy(int)
+    per_patient = pred.groupby("patient_id")[col].nunique().max() == 1
+    unit = pred["patient_id"].astype(str).to_numpy() if per_patient else np.arange(len(pred))
+    units, first, inverse = np.unique(unit, return_index=True, return_inverse=True)
+    unit_group, unit_stratum = keys[first], stratum[first]
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_perm):
+        shuffled = unit_group.copy()
+        for s_ in np.unique(unit_stratum):
+            idx = np.flatnonzero(unit_stratum == s_)
+            shuffled[idx] = shuffled[rng.permutation(idx)]
+        value, _ = spread(shuffled[inverse])
+        hits += bool(np.isfinite(value) and value >= observed - 1e-12)
+    return {**out, "range": float(observed), "p": (1 + hits) / (1 + n_perm)}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table: metric, mean ± sd over folds, pooled bootstrap 95% CI.
 
@@ -216,4 +273,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(
                 f"    {name:<24} {r['n_bags']:>5} bags {r['n_patients']:>5} patients   {est}{ci_s}"
             )
+        for t in summary.get("subgroup_tests", []):
+            if t["p"] is None:
+                lines.append(f"    {t['column']}: fewer than two groups define {t['metric']}; not tested")
+            else:
+                lines.append(
+                    f"    {t['column']}: groups differ in {t['metric']} by up to {t['range']:.3f}, "
+                    f"permutation p = {t['p']:.3g} ({t['n_perm']} permutations)"
+                )
     return "\n".join(lines)
