@@ -75,10 +75,13 @@ class Dist:
         if not self.enabled:
             return local
         m = -(-n // self.world)  # the largest shard
-        padded = local.new_zeros((m, *local.shape[1:]))
-        padded[: len(local)] = local.detach()
+        # NCCL gathers CUDA tensors only (predictions arrive on the CPU)
+        comm = torch.device("cuda", torch.cuda.current_device()) if _nccl() else local.device
+        padded = torch.zeros((m, *local.shape[1:]), dtype=local.dtype, device=comm)
+        padded[: len(local)] = local.detach().to(comm)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         tdist.all_gather(parts, padded)
+        parts = [part.to(local.device) for part in parts]
         out = local.new_empty((n, *local.shape[1:]))
         for r, part in enumerate(parts):
             rows = out[r :: self.world]
@@ -90,13 +93,17 @@ class Dist:
         if not self.enabled:
             return values
         t = torch.tensor(values, dtype=torch.float64)
-        if tdist.get_backend() == "nccl":
+        if _nccl():
             t = t.cuda()
         tdist.all_reduce(t)
         return t.cpu().tolist()
 
 
 SINGLE = Dist()
+
+
+def _nccl() -> bool:
+    return tdist.is_initialized() and tdist.get_backend() == "nccl"
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device | None]:
