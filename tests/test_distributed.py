@@ -23,9 +23,9 @@ import torch.distributed as tdist
 import yaml
 
 from mil.config import config_from_dict
-from mil.data.demo import write_synthetic_cohort
 from mil.train.runner import run_cv
 from tests.conftest import small_config
+from tests.test_survival_task import survival_config
 
 pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed missing")
 
@@ -43,29 +43,6 @@ def torchrun(cfg_path: Path, out: Path, *extra: str, ranks: int = 2, ok: bool = 
     return res.stdout + res.stderr
 
 
-def survival_config(root: Path) -> dict:
-    csv, feats = root / "cohort.csv", root / "features"
-    write_synthetic_cohort(
-        "survival", csv, feats, n_patients=40, n_two_slides=4, dim=16, min_tiles=20, max_tiles=60
-    )
-    return {
-        "name": "surv",
-        "task": {"type": "survival", "loss": "cox"},
-        "data": {
-            "csv": str(csv),
-            "features": str(feats),
-            "patient_col": "case_id",
-            "time_col": "survival_months",
-            "event_col": "censorship",
-            "censored_value": 1,
-            "bag_level": "patient",
-        },
-        "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.0, "seed": 0},
-        "model": {"name": "abmil", "hidden_dim": 16, "dropout": 0.0},
-        "train": {"epochs": 4, "batch_size": 12, "lr": 2e-3, "patience": None, "seed": 0},
-    }
-
-
 def centred_scores(path: Path) -> dict[str, np.ndarray]:
     """Instance scores per bag minus their bag mean (a softmax ignores a shared shift, so
     the bias in front of it has no gradient and Adam moves it by rounding noise)."""
@@ -76,7 +53,8 @@ def centred_scores(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", ["abmil", "clam_sb", "cox"])
 def test_two_ranks_match_one_process(tmp_path: Path, case: str) -> None:
     if case == "cox":
-        raw = survival_config(tmp_path)
+        raw = survival_config(tmp_path, "cox", epochs=4, batch_size=12, lr=2e-3, patience=None)
+        raw["model"]["dropout"] = 0.0
         value_cols = ["risk"]
     else:
         raw = small_config(tmp_path, epochs=4, batch_size=6, threads=1)
