@@ -20,7 +20,7 @@ def small_config(root: Path, **train) -> dict:
     if not csv.exists():
         write_synthetic_cohort(
             "classification", csv, feats, n_patients=30, n_two_slides=6, dim=16, min_tiles=20,
-            max_tiles=80, shift_norm=6.0,
+            max_tiles=80, shift_norm=6.0, witness_fraction=(0.04, 0.10),
         )
     return {
         "name": "small",
