@@ -1,9 +1,10 @@
-"""Can mean pooling separate the demo classification cohort at all?
+"""Can mean pooling separate the small-lesion classification cohort at all?
 
 Mean pooling computes a slide score as the average of an instance function
-f(x). This script measures the slide-level AUC of two such averages on the
-demo classification cohort, using the witness labels the cohort stores
-(an oracle a trained model never sees):
+f(x). This script measures the slide-level AUC of two such averages on a
+synthetic classification cohort (by default the small-lesion one: 4-10% witness
+tiles per positive slide, the demo cohort until session 12), using the witness
+labels the cohort stores (an oracle a trained model never sees):
 
 - f(x) = x . d, the projection on the witness direction d (the difference of
   the mean witness and mean non-witness tile): what mean pooling of a
@@ -15,10 +16,12 @@ If the second is near 1 and the first is not, the model class can solve the
 task and the failure of the trained `mean` model (docs/benchmarks.md) is one
 of learning from bag labels, not of capacity.
 
-    python benchmarks/mean_pooling_ceiling.py [--root results/demo]
+    python benchmarks/mean_pooling_ceiling.py [--root results/small_lesion]
+    python benchmarks/mean_pooling_ceiling.py --root results/demo --witness-fraction 0.10 0.20
 
-``--root`` is a ``mil demo --out`` folder (the cohort is generated there if
-absent, as ``mil demo`` would).
+The cohort is ``<root>/cohort_classification`` (a ``mil demo --out`` folder has
+one); it is generated there if absent, with ``--witness-fraction`` (default
+0.04 0.10; the demo's is 0.10 0.20).
 """
 
 from __future__ import annotations
@@ -36,11 +39,18 @@ from mil.data.readers import read_features
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default="results/demo", help="a `mil demo --out` folder")
+    p.add_argument("--root", default="results/small_lesion", help="holds cohort_classification/")
+    p.add_argument(
+        "--witness-fraction", nargs=2, type=float, default=(0.04, 0.10), metavar=("LO", "HI"),
+        help="witness tiles per positive slide, if the cohort is generated (default 0.04 0.10)",
+    )
     args = p.parse_args()
     cohort = Path(args.root) / "cohort_classification"
     if not (cohort / "cohort.csv").exists():
-        write_synthetic_cohort("classification", cohort / "cohort.csv", cohort / "features")
+        write_synthetic_cohort(
+            "classification", cohort / "cohort.csv", cohort / "features",
+            witness_fraction=tuple(args.witness_fraction),
+        )
     df = pd.read_csv(cohort / "cohort.csv")
     y = (df["label"] == "positive").to_numpy()
     bags = [read_features(cohort / "features" / f"{s}.h5") for s in df["slide_id"]]
