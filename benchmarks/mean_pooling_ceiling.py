@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from mil.data.demo import write_synthetic_cohort
+from mil.data.demo import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 from mil.data.readers import read_features
 
 
@@ -41,16 +41,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="results/small_lesion", help="holds cohort_classification/")
     p.add_argument(
-        "--witness-fraction", nargs=2, type=float, default=(0.04, 0.10), metavar=("LO", "HI"),
+        "--witness-fraction", nargs=2, type=float, metavar=("LO", "HI"),
+        default=SMALL_LESION_WITNESS_FRACTION,
         help="witness tiles per positive slide, if the cohort is generated (default 0.04 0.10)",
     )
     args = p.parse_args()
     cohort = Path(args.root) / "cohort_classification"
     if not (cohort / "cohort.csv").exists():
-        write_synthetic_cohort(
-            "classification", cohort / "cohort.csv", cohort / "features",
-            witness_fraction=tuple(args.witness_fraction),
-        )
+        try:
+            write_synthetic_cohort(
+                "classification", cohort / "cohort.csv", cohort / "features",
+                witness_fraction=tuple(args.witness_fraction),
+            )
+        except ValueError as e:  # a bad --witness-fraction
+            p.error(str(e))
     df = pd.read_csv(cohort / "cohort.csv")
     y = (df["label"] == "positive").to_numpy()
     bags = [read_features(cohort / "features" / f"{s}.h5") for s in df["slide_id"]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mil.config import config_from_dict
-from mil.data.demo import write_synthetic_cohort
+from mil.data.demo import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
 # small tensors: one thread avoids oversubscription when other processes share the two cores
 torch.set_num_threads(1)
@@ -20,7 +20,7 @@ def small_config(root: Path, **train) -> dict:
     if not csv.exists():
         write_synthetic_cohort(
             "classification", csv, feats, n_patients=30, n_two_slides=6, dim=16, min_tiles=20,
-            max_tiles=80, shift_norm=6.0, witness_fraction=(0.04, 0.10),
+            max_tiles=80, shift_norm=6.0, witness_fraction=SMALL_LESION_WITNESS_FRACTION,
         )
     return {
         "name": "small",

@@ -82,6 +82,12 @@ def _patients(rng: np.random.Generator, n_patients: int, n_two: int) -> list[tup
     return [(f"P{p:03d}", 2 if p in two else 1) for p in range(n_patients)]
 
 
+# Witness tiles per positive slide: the demo's range, and the small-lesion cohort's
+# (the demo until session 12, on which mean pooling fails; docs/benchmarks.md).
+DEMO_WITNESS_FRACTION = (0.10, 0.20)
+SMALL_LESION_WITNESS_FRACTION = (0.04, 0.10)
+
+
 def write_synthetic_cohort(
     kind: str,
     csv: Path,
@@ -93,21 +99,26 @@ def write_synthetic_cohort(
     min_tiles: int = 200,
     max_tiles: int = 2000,
     shift_norm: float = 5.0,
-    witness_fraction: tuple[float, float] = (0.10, 0.20),
+    witness_fraction: tuple[float, float] = DEMO_WITNESS_FRACTION,
 ) -> pd.DataFrame:
     """Write a synthetic cohort (CSV + one h5 per slide); returns the CSV's frame.
 
     ``kind="classification"``: half the patients are positive; each positive
     slide has one clustered region of witness tiles, a fraction drawn uniformly
-    from ``witness_fraction`` (10-20% of its tiles; ``(0.04, 0.10)`` gives the
-    small-lesion cohort of docs/benchmarks.md, on which mean pooling fails).
-    ``kind="survival"``: each patient has an aggressive-tile fraction f (0 for a third, else 2-25%; aggressive tiles are
+    from ``witness_fraction`` (10-20% of its tiles; ``SMALL_LESION_WITNESS_FRACTION``
+    gives the small-lesion cohort). ``kind="survival"``: each patient has an
+    aggressive-tile fraction f (0 for a third, else 2-25%; aggressive tiles are
     shifted by 1.5 ``shift_norm``); the true log-hazard ``true_risk`` is
     ``1.6 (f - mean f) / sd(f)``; times are exponential with uniform censoring.
     CLAM/Patch-GCN columns: ``case_id, slide_id, label`` or
     ``case_id, slide_id, survival_months, censorship`` (1 = censored), plus
     ``true_risk`` for survival (the oracle).
     """
+    lo, hi = witness_fraction
+    if not 0 < lo <= hi < 1:
+        raise ValueError(
+            f"witness_fraction must be (lo, hi) with 0 < lo <= hi < 1, got {witness_fraction}"
+        )
     seed = {"classification": 0, "survival": 1}[kind] if seed is None else seed
     rng = np.random.default_rng(seed)
     prototypes = rng.normal(0, 1.0, (6, dim))
@@ -122,7 +133,7 @@ def write_synthetic_cohort(
         for (pid, n_slides), pos in zip(patients, positive):
             for s in range(n_slides):
                 sid = f"{pid}-S{s + 1}"
-                frac = rng.uniform(*witness_fraction) if pos else 0.0
+                frac = rng.uniform(lo, hi) if pos else 0.0
                 f, c, lab = synthetic_slide(
                     rng, int(rng.integers(min_tiles, max_tiles + 1)), prototypes, shift, frac
                 )
