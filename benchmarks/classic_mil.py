@@ -19,6 +19,14 @@ scored for the choice; it prints the choice and writes ``selection.csv``.
 
     python benchmarks/classic_mil.py --select [--out results/classic_mil_select] [--jobs 2]
 
+``--seeds 0,1,2,3,4`` reruns every config, unchanged, once per training seed
+(``train.seed``: initialisation, bag order, dropout; the folds stay fixed) and
+writes ``seeds.md``: each seed's 50-fold mean accuracy, their mean and sd. It
+measures how much of a table figure is chance; nothing is chosen from it
+(about 15 minutes on two cores).
+
+    python benchmarks/classic_mil.py --seeds 0,1,2,3,4 [--out results/classic_mil_seeds]
+
 Run from the repository root: the configs read ``../shared/datasets/classic_mil/``.
 """
 
@@ -31,6 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant")
@@ -92,15 +101,18 @@ def _quiet(*args) -> None:
     pass
 
 
-def run_config(name: str, out: str, threads: int, n_boot: int) -> dict:
-    """One config's 5 x 10-fold CV (resuming finished folds); its accuracy summary and wall time."""
+def run_config(name: str, out: str, threads: int, n_boot: int, seed: int | None = None) -> dict:
+    """One config's 5 x 10-fold CV (resuming finished folds); its accuracy summary and wall time.
+
+    ``seed`` replaces the config's ``train.seed`` (initialisation, bag order, dropout); the
+    folds do not depend on it (``splits.seed``)."""
     import torch
 
     from mil.config import load_config
     from mil.train.runner import run_cv
 
     torch.set_num_threads(threads)
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", None if seed is None else [f"train.seed={seed}"])
     t = time.perf_counter()
     run = run_cv(cfg, Path(out) / name, progress=False, log=_quiet, n_boot=n_boot)
     seconds = time.perf_counter() - t
@@ -113,6 +125,7 @@ def run_config(name: str, out: str, threads: int, n_boot: int) -> dict:
         "repeat_means": acc.get("repeat_means", []),
         "n_folds": len(acc["folds"]),
         "seconds": seconds,
+        "seed": cfg.train.seed,
     }
 
 
@@ -169,6 +182,66 @@ def run_table(args: argparse.Namespace) -> None:
     (out / "classic_mil.json").write_text(json.dumps(results, indent=2) + "\n")
     print(text)
     print(f"written: {out / 'classic_mil.md'}")
+
+
+def seed_table(results: dict[tuple[str, int], dict], seeds: list[int]) -> str:
+    """Per config: the 50-fold mean accuracy for every training seed, their mean and sd."""
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [
+        f"| dataset | model | {head} | mean over seeds | sd over seeds "
+        "| published | mean over seeds − published |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|---|---|",
+    ]
+    verdicts = []
+    for d in DATASETS:
+        gaps = []
+        for m in MODELS:
+            accs = [results[(f"{d}_{m}", s)]["mean"] for s in seeds if (f"{d}_{m}", s) in results]
+            if len(accs) != len(seeds):
+                continue
+            mean, sd = float(np.mean(accs)), float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+            pub = PUBLISHED[d][m][0]
+            gaps.append(mean - pub)
+            cells = " | ".join(f"{a:.3f}" for a in accs)
+            lines.append(
+                f"| {d.upper()} | {'gated ABMIL' if m.startswith('gated') else 'ABMIL'} | {cells} "
+                f"| {mean:.3f} | {sd:.3f} | {pub:.3f} | {mean - pub:+.3f} |"
+            )
+        if len(gaps) == 2:
+            best = max(gaps)
+            verdicts.append(
+                f"{d.upper()}: better variant, averaged over seeds, {best:+.3f} vs its published "
+                f"mean ({'within' if best >= -MARGIN else 'OUTSIDE'} −{MARGIN})"
+            )
+    return "\n".join(lines + ["", *[f"- {v}" for v in verdicts]])
+
+
+def run_seeds(args: argparse.Namespace) -> None:
+    """Every config once per training seed: how much of a table figure is training randomness.
+
+    The configs and the main table are not changed by this; seed ``s`` runs under
+    ``<out>/seed_<s>/`` (resuming finished folds)."""
+    out = Path(args.out)
+    names = config_names(args.only)
+    t0 = time.perf_counter()
+    jobs = [
+        (n, str(out / f"seed_{s}"), args.threads, args.n_boot, s) for s in args.seeds for n in names
+    ]
+    ctx = get_context("spawn")
+    results = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        for r in pool.map(run_config, *zip(*jobs)):
+            results[(r["name"], r["seed"])] = r
+            print(f"{r['name']} seed {r['seed']}: accuracy {r['mean']:.3f} ({r['seconds']:.0f} s)")
+    text = (
+        seed_table(results, args.seeds) + f"\n\nTotal wall time: {time.perf_counter() - t0:.0f} s."
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.md").write_text(text + "\n")
+    rows = [{k: v for k, v in r.items() if k != "repeat_means"} for r in results.values()]
+    pd.DataFrame(rows).to_csv(out / "seeds.csv", index=False)
+    print(text)
+    print(f"written: {out / 'seeds.md'}")
 
 
 def validation_curve(
@@ -241,9 +314,23 @@ def main() -> None:
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for pooled CIs")
     p.add_argument("--select", action="store_true", help="rerun the inner-validation selection")
     p.add_argument("--tolerance", type=float, default=0.01, help="--select: accuracy tolerance")
+    p.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="run every config once per training seed, e.g. 0,1,2,3,4 (robustness report)",
+    )
     args = p.parse_args()
-    args.out = args.out or ("results/classic_mil_select" if args.select else "results/classic_mil")
-    (run_select if args.select else run_table)(args)
+    if args.select and args.seeds:
+        p.error("--select and --seeds are separate runs")
+    default = (
+        "classic_mil_select"
+        if args.select
+        else "classic_mil_seeds"
+        if args.seeds
+        else "classic_mil"
+    )
+    args.out = args.out or f"results/{default}"
+    (run_select if args.select else run_seeds if args.seeds else run_table)(args)
 
 
 if __name__ == "__main__":
