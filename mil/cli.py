@@ -56,7 +56,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         models = available()
     out = Path(args.out) if args.out else Path("results") / cfg.name
     table = run_compare(
-        cfg, out, models=models, folds=_parse_folds(args.folds), progress=not args.quiet
+        cfg,
+        out,
+        models=models,
+        folds=_parse_folds(args.folds),
+        progress=not args.quiet,
+        reference=args.reference,
     )
     from mil.train.distributed import current
 
@@ -206,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--out", help="folder for the runs and comparison.md (default results/<name>)")
     cp.add_argument("--folds", help="only these folds, e.g. 0,2")
+    cp.add_argument(
+        "--reference",
+        help="the label every other run is compared with, pairwise (default: best mean)",
+    )
     cp.add_argument("--quiet", action="store_true", help="no progress bars")
     cp.set_defaults(fn=cmd_compare)
 

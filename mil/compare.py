@@ -5,7 +5,9 @@ training) and runs it once per model, each into ``<out>/<label>/`` on the
 *same* split files, then writes ``<out>/comparison.csv`` and
 ``comparison.md``: per model its parameter count, the task's metrics as
 mean ± sd over folds, ``witness_auc`` where the features carry instance
-labels, and training seconds per epoch.
+labels, and training seconds per epoch; and, for every run, its pooled
+out-of-fold AUC or C-index minus a reference run's with a paired
+patient-bootstrap 95% CI and p (``--reference``; default the best mean).
 
 The models come from the config's ``compare:`` list, one entry per run::
 
@@ -23,6 +25,7 @@ every registered model runs.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mil.config import Config, config_from_dict
-from mil.errors import ConfigError
+from mil.errors import ConfigError, DataError
 from mil.io import write_csv, write_text
 from mil.models import available
 
@@ -103,9 +106,14 @@ def run_compare(
     folds: list[int] | None = None,
     progress: bool = True,
     log=print,
+    reference: str | None = None,
+    n_boot: int = 1000,
 ) -> pd.DataFrame:
     """Run every entry (resuming finished folds) and write the comparison table.
 
+    With two or more runs the table also holds each run's headline metric
+    minus that of ``reference`` (a label; default: the best mean over folds),
+    with a paired patient-bootstrap 95% CI and p (:func:`paired_differences`).
     Under torchrun every entry is one data-parallel run; rank 0 writes the table.
     """
     from mil.train.distributed import setup
@@ -113,12 +121,33 @@ def run_compare(
 
     out = Path(out) if out else Path("results") / cfg.name
     runs = [(e["label"], entry_config(cfg, e)) for e in entries(cfg, models)]  # validate all first
+    if reference is not None and reference not in [label for label, _ in runs]:
+        raise ConfigError(
+            f"--reference {reference}: not one of the compared runs "
+            f"({', '.join(label for label, _ in runs)})"
+        )
     dist, _ = setup(cfg.train.device)
     for label, sub in runs:
         if dist.main:
             log(f"== {label} ==")
         run_cv(sub, out / label, folds=folds, progress=progress, log=log)
-    table = comparison_table({label: out / label for label, _ in runs})
+    run_dirs = {label: out / label for label, _ in runs}
+    table = comparison_table(run_dirs)
+    if dist.main and len(runs) > 1:
+        metric = TASK_METRICS[cfg.task.type][0]
+        if reference is None:
+            best = table[f"{metric}_mean"].astype(float).fillna(-np.inf).to_numpy().argmax()
+            reference = str(table["model"].iloc[best])
+        try:
+            diffs = paired_differences(run_dirs, reference, n_boot=n_boot)
+        except DataError as err:  # e.g. runs finished on different folds: keep the table
+            log(f"pairwise differences left out: {err}")
+        else:
+            table = table.merge(
+                diffs.drop(columns=["metric"]).rename(columns={"value": f"{metric}_pooled"}),
+                on="model",
+                how="left",
+            )
     if dist.main:
         write_csv(out / "comparison.csv", table)
         write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
@@ -160,6 +189,62 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_differences(
+    run_dirs: dict[str, Path], reference: str, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Every run's headline metric minus the reference run's, on the same out-of-fold bags.
+
+    The metric is the task's first (``auc``; ``c_index``) computed as the run
+    summary pools it: over the out-of-fold predictions of every finished fold
+    (every repeat), survival pairs compared within a fold. Both runs' rows are
+    matched by fold and bag and resampled together, whole patients at a time
+    (:func:`mil.metrics.paired_difference`), which gives a 95% CI of the
+    difference and a two-sided bootstrap p. One row per run: ``model``,
+    ``reference``, ``metric``, ``value`` (pooled), ``delta``, ``delta_ci_low``,
+    ``delta_ci_high``, ``delta_p`` (the reference's own row: delta 0, p NaN).
+    """
+    from mil.metrics import paired_difference
+    from mil.train.summary import run_predictions, run_task
+
+    task = run_task(run_dirs[reference])
+    metric = TASK_METRICS[task.name][0]
+    key = ["fold_dir", "bag_id"]
+    ref = run_predictions(run_dirs[reference]).sort_values(key, ignore_index=True)
+    outcome = [c for c in ("label_index", "time", "event") if c in ref.columns]
+    rows = []
+    for label, run_dir in run_dirs.items():
+        pred = run_predictions(run_dir).sort_values(key, ignore_index=True)
+        if not pred[key].equals(ref[key]) or not pred[outcome].equals(ref[outcome]):
+            raise DataError(
+                f"{run_dir}: its out-of-fold predictions are not on the same folds and bags "
+                f"(with the same outcomes) as {run_dirs[reference]}'s, so the two cannot be "
+                "compared pairwise; finish both runs on the same split files"
+            )
+
+        def score(frame: pd.DataFrame) -> float:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # single-class resamples
+                return float(task.pooled_metrics(frame).get(metric, float("nan")))
+
+        row: dict[str, Any] = {"model": label, "reference": reference, "metric": metric}
+        row["value"] = score(pred)
+        if label == reference:
+            row.update(delta=0.0, delta_ci_low=0.0, delta_ci_high=0.0, delta_p=float("nan"))
+        else:
+            d = paired_difference(
+                lambda r, a=pred: score(a.iloc[r]) - score(ref.iloc[r]),
+                len(ref),
+                n_boot=n_boot,
+                seed=seed,
+                groups=ref["patient_id"].astype(str).to_numpy(),
+            )
+            row.update(
+                delta=d["delta"], delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"], delta_p=d["p"]
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
     """A markdown table of :func:`comparison_table`."""
     metrics = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
@@ -182,13 +267,46 @@ def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
     def num(v, fmt: str) -> str:
         return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
 
+    paired = "delta" in table.columns
+    if paired:
+        reference = str(table["reference"].iloc[0])
+        metric = [k for k in metrics if f"{k}_pooled" in table.columns][0]
+        head.insert(2 + len(metrics), f"{metric} pooled: Δ vs {reference} [95% CI], p")
+        lines[-2:] = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def signed(x: float) -> str:
+        return f"{round(x, 3) + 0.0:+.3f}"  # no "-0.000"
+
+    def delta(r) -> str:
+        pooled = num(r.get(f"{metric}_pooled"), ".3f")
+        if r["model"] == reference:
+            return f"{pooled} (reference)"
+        if r.get("delta") is None or not np.isfinite(r["delta"]):
+            return pooled
+        p = r["delta_p"]
+        return (
+            f"{pooled}: {signed(r['delta'])} [{signed(r['delta_ci_low'])}, "
+            f"{signed(r['delta_ci_high'])}], "
+            f"p {'< 0.001' if p < 0.001 else format(p, '.2g')}"
+        )
+
     for r in table.to_dict("records"):
         cells = [r["model"], num(r.get("params"), ",")]
         cells += [pm(r, k) for k in metrics]
+        if paired:
+            cells.append(delta(r))
         cells += [
             num(r.get("seconds_per_epoch"), ".2f"),
             num(r.get("train_seconds"), ".0f"),
             str(r["folds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines += [
+            "",
+            f"Δ: the run's {metric} over its pooled out-of-fold predictions minus {reference}'s, "
+            "on the same bags; 95% CI and two-sided p from a paired bootstrap over patients "
+            "(both runs resampled together). Several runs against one reference: read p with "
+            "a multiple-comparison correction in mind.",
+        ]
     return "\n".join(lines)

@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from mil.cli import main
-from mil.compare import entries, run_compare
+from mil.compare import entries, paired_differences, run_compare
 from mil.config import config_from_dict
-from mil.errors import ConfigError
+from mil.errors import ConfigError, DataError
 from mil.models import available, create
 
 
@@ -53,6 +54,45 @@ def test_compare_runs_each_model_on_the_same_splits_and_tabulates(tmp_path, smal
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| abmil8 |" in md and "auc (mean ± sd)" in md
     assert len(pd.read_csv(tmp_path / "cmp" / "comparison.csv")) == 2
+    # pairwise: against the run with the best mean AUC, on the pooled out-of-fold predictions
+    t = table.set_index("model")
+    ref = t["auc_mean"].idxmax()
+    other = "mean" if ref == "abmil8" else "abmil8"
+    assert (t["reference"] == ref).all() and t.loc[ref, "delta"] == 0
+
+    def pooled_auc(label):
+        pred = pd.concat(
+            pd.read_csv(tmp_path / "cmp" / label / f"fold_{k}" / "predictions.csv") for k in range(3)
+        )
+        return roc_auc_score(pred["label_index"], pred["prob_positive"])
+
+    assert t.loc[other, "auc_pooled"] == pytest.approx(pooled_auc(other))
+    assert t.loc[other, "delta"] == pytest.approx(pooled_auc(other) - pooled_auc(ref))
+    assert t.loc[other, "delta_ci_low"] <= t.loc[other, "delta"] <= t.loc[other, "delta_ci_high"]
+    assert 0 < t.loc[other, "delta_p"] <= 1
+    assert f"auc pooled: Δ vs {ref} [95% CI], p" in md and f"{pooled_auc(ref):.3f} (reference)" in md
+    # a chosen reference; and one that is not among the runs is refused before anything runs
+    again = run_compare(cfg, tmp_path / "cmp", progress=False, log=quiet, reference=other, n_boot=50)
+    assert (again["reference"] == other).all()
+    assert again.set_index("model").loc[ref, "delta"] == pytest.approx(-t.loc[other, "delta"])
+    with pytest.raises(ConfigError, match="--reference gat: not one of the compared runs"):
+        run_compare(cfg, tmp_path / "cmp", progress=False, log=quiet, reference="gat")
+
+
+def test_runs_on_different_folds_are_not_compared_pairwise(tmp_path, small_cohort):
+    raw = {**small_cohort, "compare": [{"model": {"name": "mean"}}, {"model": {"name": "max"}}]}
+    cfg = config_from_dict(raw)
+    run_compare(cfg, tmp_path / "cmp", models=["mean"], folds=[0, 1], progress=False, log=quiet)
+    said = []
+    table = run_compare(cfg, tmp_path / "cmp", folds=[0], progress=False, log=said.append)
+    # the table is still written, without the pairwise columns, and the log says why
+    assert "delta" not in table.columns and table["folds"].tolist() == [2, 1]
+    assert (tmp_path / "cmp" / "comparison.md").is_file()
+    msg = [m for m in said if m.startswith("pairwise differences left out")]
+    assert msg and "not on the same folds and bags" in msg[0]
+    assert any(str(tmp_path / "cmp" / m) in msg[0] for m in ("mean", "max"))
+    with pytest.raises(DataError, match="not on the same folds and bags"):
+        paired_differences({"mean": tmp_path / "cmp" / "mean", "max": tmp_path / "cmp" / "max"}, "mean")
 
 
 def test_compare_model_selection(small_cohort):

@@ -1,6 +1,12 @@
 """Metrics: thin wrappers over scikit-learn / scikit-survival, and bootstrap CIs."""
 
-from mil.metrics.bootstrap import bootstrap_ci
+from mil.metrics.bootstrap import bootstrap_ci, bootstrap_samples, paired_difference
 from mil.metrics.classification import classification_metrics, confusion
 
-__all__ = ["bootstrap_ci", "classification_metrics", "confusion"]
+__all__ = [
+    "bootstrap_ci",
+    "bootstrap_samples",
+    "classification_metrics",
+    "confusion",
+    "paired_difference",
+]

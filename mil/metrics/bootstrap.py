@@ -8,20 +8,19 @@ from collections.abc import Callable
 import numpy as np
 
 
-def bootstrap_ci(
+def bootstrap_samples(
     metric: Callable[..., dict[str, float]],
     *arrays: np.ndarray,
     n_boot: int = 1000,
-    level: float = 0.95,
     seed: int = 0,
     groups: np.ndarray | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs of every value of ``metric(*arrays) -> {name: value}``.
+) -> dict[str, np.ndarray]:
+    """The values of ``metric(*arrays) -> {name: value}`` over ``n_boot`` bootstrap resamples.
 
     Rows are resampled with replacement; with ``groups`` (e.g. patient ids)
     whole groups are resampled, so that a patient's slides stay together.
     Resamples where a metric is undefined (NaN or ValueError, e.g. a single
-    class drawn) are dropped for that metric; (nan, nan) if all are.
+    class drawn) are dropped for that metric.
     """
     rng = np.random.default_rng(seed)
     arrays = tuple(np.asarray(a) for a in arrays)
@@ -45,5 +44,61 @@ def bootstrap_ci(
             for k, v in values.items():
                 if isinstance(v, float) and np.isfinite(v):
                     stats.setdefault(k, []).append(v)
+    return {k: np.asarray(v, dtype=float) for k, v in stats.items()}
+
+
+def bootstrap_ci(
+    metric: Callable[..., dict[str, float]],
+    *arrays: np.ndarray,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of every value of ``metric(*arrays) -> {name: value}``.
+
+    Resampling as in :func:`bootstrap_samples` (whole ``groups`` when given);
+    a metric undefined in every resample is left out.
+    """
     alpha = (1.0 - level) / 2.0
-    return {k: tuple(float(q) for q in np.quantile(v, [alpha, 1.0 - alpha])) for k, v in stats.items()}
+    samples = bootstrap_samples(metric, *arrays, n_boot=n_boot, seed=seed, groups=groups)
+    return {
+        k: tuple(float(q) for q in np.quantile(v, [alpha, 1.0 - alpha])) for k, v in samples.items()
+    }
+
+
+def paired_difference(
+    metric: Callable[[np.ndarray], float],
+    n: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """A paired bootstrap of a difference between two predictors scored on the same rows.
+
+    ``metric(rows)`` is the difference (e.g. model A's AUC minus model B's)
+    on the rows ``rows`` of ``range(n)``; both predictors are resampled
+    together (whole ``groups``, e.g. patients). Returns ``delta`` (on all
+    rows), the percentile CI ``ci_low``/``ci_high`` and a two-sided ``p``:
+    twice the smaller share of resampled differences on either side of 0
+    (counted as ``(1 + k) / (1 + resamples)``, so never 0), about the level
+    at which the percentile CI would just touch 0; 1.0 when the two never
+    differ. ``n_resamples`` counts the usable resamples.
+    """
+    delta = float(metric(np.arange(n)))
+    d = bootstrap_samples(
+        lambda rows: {"d": float(metric(rows))},
+        np.arange(n),
+        n_boot=n_boot,
+        seed=seed,
+        groups=groups,
+    ).get("d", np.array([]))
+    if len(d) == 0:
+        nan = float("nan")
+        return {"delta": delta, "ci_low": nan, "ci_high": nan, "p": nan, "n_resamples": 0}
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(d, [alpha, 1.0 - alpha])
+    m = len(d)
+    p = min(1.0, 2.0 * (1 + min(int((d <= 0).sum()), int((d >= 0).sum()))) / (1 + m))
+    return {"delta": delta, "ci_low": float(lo), "ci_high": float(hi), "p": p, "n_resamples": m}

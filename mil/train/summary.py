@@ -31,17 +31,42 @@ def _fold_key(name: str) -> tuple[int, int]:
     return 0, int(name)
 
 
-def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
-    """Rebuild ``summary.csv`` and ``summary.json`` from the finished fold folders."""
-    run_dir = Path(run_dir)
+def _finished(run_dir: Path, what: str) -> tuple[Any, list[Path], list[dict[str, Any]]]:
+    """A run folder's config, its finished fold folders and their ``metrics.json`` records."""
     done = fold_dirs(run_dir)
     if not done:
-        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) to summarise")
+        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) to {what}")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: config.yaml missing; is this a mil run folder?")
     cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
-    records = [json.loads((d / "metrics.json").read_text()) for d in done]
+    return cfg, done, [json.loads((d / "metrics.json").read_text()) for d in done]
+
+
+def run_task(run_dir: str | Path):
+    """The task (metrics, pooled statistics) of a finished run, as its folds were scored."""
+    from mil.tasks import make_task
+
+    cfg, _, records = _finished(Path(run_dir), "score")
+    return make_task(cfg, records[0].get("classes", []))
+
+
+def run_predictions(run_dir: str | Path) -> pd.DataFrame:
+    """Out-of-fold predictions of every finished fold (all repeats), with a ``fold_dir``
+    column (``fold_3``, ``fold_r1_3``, ...) naming the fold that made each row."""
+    parts = []
+    for d in fold_dirs(Path(run_dir)):
+        pred = pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str})
+        parts.append(pred.assign(fold_dir=d.name))
+    if not parts:
+        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) with predictions")
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Rebuild ``summary.csv`` and ``summary.json`` from the finished fold folders."""
+    run_dir = Path(run_dir)
+    cfg, done, records = _finished(run_dir, "summarise")
     scalar = sorted(
         {
             k
@@ -74,9 +99,7 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     from mil.tasks import make_task
 
     task = make_task(cfg, records[0].get("classes", []))
-    pooled = pd.concat(
-        [pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str}) for d in done]
-    )
+    pooled = run_predictions(run_dir)
     for k, (lo, hi) in task.pooled_ci(pooled, n_boot=n_boot).items():
         if k in metrics:
             metrics[k]["ci95_pooled"] = [lo, hi]
