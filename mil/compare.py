@@ -211,6 +211,12 @@ def paired_differences(
     key = ["fold_dir", "bag_id"]
     ref = run_predictions(run_dirs[reference]).sort_values(key, ignore_index=True)
     outcome = [c for c in ("label_index", "time", "event") if c in ref.columns]
+
+    def score(frame: pd.DataFrame) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-class resamples
+            return float(task.pooled_metrics(frame).get(metric, float("nan")))
+
     rows = []
     for label, run_dir in run_dirs.items():
         pred = run_predictions(run_dir).sort_values(key, ignore_index=True)
@@ -220,12 +226,6 @@ def paired_differences(
                 f"(with the same outcomes) as {run_dirs[reference]}'s, so the two cannot be "
                 "compared pairwise; finish both runs on the same split files"
             )
-
-        def score(frame: pd.DataFrame) -> float:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # single-class resamples
-                return float(task.pooled_metrics(frame).get(metric, float("nan")))
-
         row: dict[str, Any] = {"model": label, "reference": reference, "metric": metric}
         row["value"] = score(pred)
         if label == reference:

@@ -137,3 +137,14 @@ def test_set_model_is_refused_in_compare(tmp_path, small_cohort, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.hidden_dim" in err and "compare: entry" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_predictions_of_a_finished_fold_are_named(tmp_path, small_cohort):
+    from mil.train.summary import run_predictions
+
+    cfg = config_from_dict({**small_cohort, "compare": [{"model": {"name": "mean"}}]})
+    run_compare(cfg, tmp_path / "cmp", folds=[0], progress=False, log=quiet)
+    bad = tmp_path / "cmp" / "mean" / "fold_0" / "predictions.csv"
+    bad.write_text("")
+    with pytest.raises(DataError, match=r"fold_0/predictions.csv: cannot read .*delete fold_0"):
+        run_predictions(tmp_path / "cmp" / "mean")

@@ -56,7 +56,14 @@ def run_predictions(run_dir: str | Path) -> pd.DataFrame:
     column (``fold_3``, ``fold_r1_3``, ...) naming the fold that made each row."""
     parts = []
     for d in fold_dirs(Path(run_dir)):
-        pred = pd.read_csv(d / "predictions.csv", dtype={"bag_id": str, "patient_id": str})
+        path = d / "predictions.csv"
+        try:
+            pred = pd.read_csv(path, dtype={"bag_id": str, "patient_id": str})
+        except (OSError, ValueError) as err:  # missing, empty or unparsable
+            raise DataError(
+                f"{path}: cannot read this finished fold's predictions ({err}); "
+                f"delete {d.name} to retrain the fold"
+            ) from None
         parts.append(pred.assign(fold_dir=d.name))
     if not parts:
         raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) with predictions")
