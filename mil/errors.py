@@ -17,3 +17,11 @@ class DataError(MilError):
 
 class SplitError(DataError):
     """A split file is malformed or puts one patient into two partitions."""
+
+
+class TrainingError(MilError):
+    """Training failed in a way a setting can fix (e.g. the loss became NaN: lower the learning rate)."""
+
+
+class MilWarning(UserWarning):
+    """Something the user should know and may want to fix; the CLI prints it as ``mil: warning: …``."""
