@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from mil.config import Config
+from mil.config import DEFAULT_PATIENT_COL, Config
+from mil.data.cohort import Cohort, normalize_id, read_cohort_csv
 from mil.data.readers import index_feature_dir, read_features
-from mil.errors import DataError
+from mil.errors import DataError, MilWarning
 
 
 @dataclass
@@ -49,12 +51,19 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
     csv = Path(d.csv)
     if not csv.is_file():
         return [Problem("error", str(csv), "cohort CSV not found (data.csv)")], pd.DataFrame()
-    df = pd.read_csv(csv, dtype={d.slide_col: str})
+    try:
+        df = read_cohort_csv(csv, d.slide_col)
+    except DataError as exc:
+        return [Problem("error", str(csv), str(exc))], pd.DataFrame()
+    if len(df) == 0:
+        return [
+            Problem("error", str(csv), "the cohort CSV has a header but no rows")
+        ], pd.DataFrame()
     if d.slide_col not in df.columns:
         return [
             Problem("error", d.slide_col, f"slide column not in {csv} (data.slide_col)")
         ], pd.DataFrame()
-    ids = df[d.slide_col].astype(str).str.strip()
+    ids = df[d.slide_col].map(normalize_id)
     for sid, n in Counter(ids).items():
         if n > 1:
             problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
@@ -67,20 +76,40 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
         else:
             for sid in ids[df[col].isna()]:
                 problems.append(Problem("error", sid, f"no value in column {col!r}"))
+    cohort = None
     if not any(p.severity == "error" for p in problems):
         # what only the whole cohort shows: patient-level consistency, subgroup columns
-        from mil.data.cohort import Cohort
-
-        try:
-            Cohort.from_frame(df, cfg, source=str(csv))
-        except DataError as exc:
-            problems.append(Problem("error", str(csv), str(exc)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MilWarning)
+            try:
+                cohort = Cohort.from_frame(df, cfg, source=str(csv))
+            except DataError as exc:
+                problems.append(Problem("error", str(csv), str(exc)))
+        where = d.patient_col or DEFAULT_PATIENT_COL
+        problems += [
+            Problem("warning", where, str(w.message))
+            for w in caught
+            if issubclass(w.category, MilWarning)
+        ]
+    if cohort is not None:
+        problems += split_problems(cfg, cohort)
+    if cfg.task.type == "survival" and "censor" in d.event_col.lower() and not d.censored_value:
+        problems.append(
+            Problem(
+                "warning",
+                d.event_col,
+                f"the event column is named {d.event_col!r} but data.censored_value is "
+                f"{'not set' if d.censored_value is None else d.censored_value}: its 1s are read "
+                f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
+            )
+        )
     try:
         index, layout = index_feature_dir(d.features)
     except DataError as exc:
         problems.append(Problem("error", str(d.features), str(exc)))
         return problems, pd.DataFrame()
     rows = []
+    casts: dict[str, list[str]] = defaultdict(list)
     for sid in ids:
         row = {
             "slide_id": sid,
@@ -104,10 +133,21 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
                     dim=sf.features.shape[1],
                     coords=sf.coords is not None,
                 )
+                if "cast_from" in sf.attrs:
+                    casts[sf.attrs["cast_from"]].append(sid)
             except DataError as exc:
                 row["status"] = "unreadable"
                 problems.append(Problem("error", sid, str(exc)))
         rows.append(row)
+    for dtype, slides in casts.items():
+        problems.append(
+            Problem(
+                "warning",
+                slides[0],
+                f"{len(slides)} feature file(s) hold {dtype} features (e.g. {slides[0]}), read as "
+                f"float32; integer arrays are rarely features: is 'features' the right dataset?",
+            )
+        )
     table = pd.DataFrame(rows)
     dims = table.loc[table["dim"] > 0, "dim"]
     if len(dims):
@@ -145,9 +185,54 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
     return problems, table
 
 
+def split_problems(cfg: Config, cohort) -> list[Problem]:
+    """What ``mil train`` would refuse in the folds: too few patients or events for
+    ``splits.folds`` and the inner validation split, Cox folds without two events."""
+    from mil.splits import make_splits, read_assignment, read_splits
+
+    s = cfg.splits
+    site_col = cfg.data.site_col if s.by_site else None
+    try:
+        if s.dir and any(Path(s.dir).glob("splits_*.csv")):  # what `mil train` would read
+            splits = read_splits(s.dir, cohort, s.folds, s.repeats)
+        elif s.assignment:
+            splits = read_assignment(
+                s.assignment, cohort, s.folds, s.repeats, s.val_fraction, s.seed
+            )
+        else:
+            splits = make_splits(cohort, s.folds, s.val_fraction, s.seed, s.repeats, site_col)
+    except DataError as exc:
+        return [Problem("error", "splits", str(exc))]
+    if cohort.task != "survival":
+        return []
+    problems = []
+    event = dict(zip(cohort.bags["bag_id"], cohort.bags["event"]))
+    for sp in splits:
+        n_train = sum(event[b] for b in cohort.bags_of_slides(sp.train))
+        if cfg.task.loss == "cox" and n_train < 2:
+            problems.append(
+                Problem(
+                    "error",
+                    f"fold {sp.name}",
+                    f"the training partition has {n_train} event(s); the Cox loss needs at least "
+                    f"2. Use fewer folds (splits.folds), more patients, or task.loss: nll",
+                )
+            )
+        if not any(event[b] for b in cohort.bags_of_slides(sp.test)):
+            problems.append(
+                Problem(
+                    "warning",
+                    f"fold {sp.name}",
+                    "the test partition has no events, so its survival metrics are undefined; "
+                    "use fewer folds (splits.folds)",
+                )
+            )
+    return problems
+
+
 def format_check(problems: list[Problem], table: pd.DataFrame) -> str:
     lines = []
-    if len(table):
+    if len(table) and "status" in table:
         ok = table[table["status"] == "ok"]
         lines.append(
             f"{len(table)} slides in the CSV, {len(ok)} readable; "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,12 +28,17 @@ class TaskConfig:
     alpha: float = 0.0
 
 
+DEFAULT_PATIENT_COL = "case_id"
+
+
 @dataclass
 class DataConfig:
     csv: str | None = None
     features: str | None = None
     slide_col: str = "slide_id"
-    patient_col: str = "case_id"
+    # the patient of each slide; null: the CSV's "case_id" column where it has one, else
+    # each slide is its own patient (with a warning). A column named here must exist.
+    patient_col: str | None = None
     label_col: str = "label"
     bag_level: Literal["slide", "patient"] = "slide"
     classes: list[str] | None = None
@@ -127,22 +134,36 @@ class Config:
         return {k: v for k, v in self.model.items() if k != "name"}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (safe loader), apply ``key.sub=value`` overrides, validate."""
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (``yaml.safe_load``); a missing, unreadable or
+    invalid file is a :class:`ConfigError` naming it (and the line, for a syntax error)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the {what} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys, found {type(raw).__name__}"
         )
-    return config_from_dict(raw, source=str(path), overrides=overrides)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (safe loader), apply ``key.sub=value`` overrides, validate."""
+    return config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides)
 
 
 def config_from_dict(
@@ -287,7 +308,33 @@ def _check_values(cfg: Config) -> None:
     need(cfg.splits.repeats >= 1, "splits.repeats", "must be at least 1")
     need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
-    need(cfg.train.lr > 0, "train.lr", "must be positive")
+    need(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "must be a positive finite number")
+    need(
+        math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0,
+        "train.weight_decay",
+        "must be a finite number >= 0",
+    )
+    need(cfg.train.min_epochs >= 0, "train.min_epochs", "must be >= 0")
+    need(
+        cfg.train.subsample is None or cfg.train.subsample >= 1,
+        "train.subsample",
+        "must be at least 1 tile per bag (or null: full bags)",
+    )
+    need(
+        cfg.train.threads is None or cfg.train.threads >= 1,
+        "train.threads",
+        "must be at least 1 (or null: torch's default)",
+    )
+    need(
+        cfg.train.grad_clip is None or (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip > 0),
+        "train.grad_clip",
+        "must be a positive finite number (or null: no clipping)",
+    )
+    need(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device) is not None,
+        "train.device",
+        f"= {cfg.train.device!r}; expected auto, cpu, cuda, cuda:<index> or mps",
+    )
     need(
         0 <= cfg.train.best_from_epoch < cfg.train.epochs,
         "train.best_from_epoch",
@@ -296,7 +343,7 @@ def _check_values(cfg: Config) -> None:
     need(cfg.train.max_instances >= 1, "train.max_instances", "must be at least 1")
     need(cfg.task.bins >= 2, "task.bins", "must be at least 2")
     need(0.0 <= cfg.task.alpha <= 1.0, "task.alpha", "must be in [0, 1]")
-    need(cfg.data.cache_gb >= 0, "data.cache_gb", "must be >= 0")
+    need(math.isfinite(cfg.data.cache_gb) and cfg.data.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0")
     if cfg.train.patience is not None:
         need(
             cfg.train.patience >= 1,

@@ -8,6 +8,7 @@ counts classes (or events) per partition. With ``repeats > 1`` the files are
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,64 @@ def strata(cohort: Cohort, n_time_bins: int = 2) -> np.ndarray:
     return event * n_time_bins + q
 
 
+def strata_options(cohort: Cohort) -> list[tuple[str, np.ndarray]]:
+    """Per-slide stratification labels, finest first: what a split may fall back to.
+
+    Survival: event x time quantile, then event status alone (a small cohort
+    whose training fold cannot fill every inner fold from each event x time
+    stratum). Classification: the class only; a split never gives up class
+    stratification silently.
+    """
+    if cohort.task == "classification":
+        return [("class", strata(cohort))]
+    return [
+        ("event status x time quantile", strata(cohort)),
+        ("event status", cohort.slides["event"].to_numpy(int)),
+    ]
+
+
+def stratified_group_folds(
+    n_splits: int,
+    positions: np.ndarray,
+    options: list[tuple[str, np.ndarray]],
+    groups: np.ndarray,
+    seed: int,
+    groups_name: str,
+    key: str,
+    where: str,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``StratifiedGroupKFold`` folds of ``positions`` (indices into ``groups`` and the
+    strata): ``[(train, test)]`` as positions.
+
+    Uses the finest strata of ``options`` that scikit-learn can split (it
+    refuses when every stratum is smaller than ``n_splits``); when none can,
+    or there are fewer groups than ``n_splits``, a :class:`SplitError` names
+    the config ``key`` to change.
+    """
+    n_groups = len(np.unique(groups[positions]))
+    if n_groups < n_splits:
+        raise SplitError(f"{where}: {n_groups} {groups_name} cannot fill {n_splits} folds; {key}")
+    for _, y in options:
+        counts = np.unique(y[positions], return_counts=True)[1]
+        if counts.max() >= n_splits:
+            sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():
+                # "the least populated class has only k members": folds without that class
+                # (mil check warns about small classes)
+                warnings.simplefilter("ignore", UserWarning)
+                return [
+                    (positions[a], positions[b])
+                    for a, b in sgkf.split(positions, y[positions], groups[positions])
+                ]
+    name, y = options[-1]
+    values, counts = np.unique(y[positions], return_counts=True)
+    sizes = ", ".join(f"{v}: {c}" for v, c in zip(values.tolist(), counts.tolist()))
+    raise SplitError(
+        f"{where}: stratified folds by {name} need at least one stratum of {n_splits} slides, "
+        f"but the strata have {sizes}; {key}"
+    )
+
+
 def make_splits(
     cohort: Cohort,
     folds: int = 5,
@@ -79,7 +138,7 @@ def make_splits(
     patient-level.
     """
     s = cohort.slides
-    y = strata(cohort)
+    options = strata_options(cohort)
     groups = s["patient_id"].to_numpy()
     ids = s["slide_id"].to_numpy()
     n_patients = len(np.unique(groups))
@@ -90,9 +149,20 @@ def make_splits(
     outer_groups = groups if site_col is None else site_groups(cohort, site_col, folds)
     out = []
     for r in range(repeats):
-        outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + 1000 * r)
-        for k, (tr, te) in enumerate(outer.split(ids, y, outer_groups)):
-            tr, val_idx = inner_validation(tr, y, groups, val_fraction, seed + 1000 * r + k + 1)
+        outer = stratified_group_folds(
+            folds,
+            np.arange(len(ids)),
+            options,
+            outer_groups,
+            seed + 1000 * r,
+            "sites" if site_col else "patients",
+            "lower splits.folds",
+            cohort.source,
+        )
+        for k, (tr, te) in enumerate(outer):
+            tr, val_idx = inner_validation(
+                tr, options, groups, val_fraction, seed + 1000 * r + k + 1, where=f"fold {k}"
+            )
             out.append(
                 Split(k, ids[tr].tolist(), ids[val_idx].tolist(), ids[te].tolist(), repeat=r)
             )
@@ -170,16 +240,29 @@ def check_site_preserved(
 
 
 def inner_validation(
-    train: np.ndarray, y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+    train: np.ndarray,
+    options: list[tuple[str, np.ndarray]],
+    groups: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    where: str = "a training fold",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split training positions into (train, val): the first of ``round(1 / val_fraction)``
-    stratified patient-level folds over ``train`` is the validation set (none when 0)."""
+    stratified patient-level folds over ``train`` is the validation set (none when 0).
+
+    ``options``: strata finest first (:func:`strata_options`); a training fold
+    too small for the finest falls back to the next."""
     if val_fraction <= 0:
         return train, np.array([], dtype=int)
     n_inner = max(2, int(round(1.0 / val_fraction)))
-    inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed)
-    _, v = next(inner.split(train, y[train], groups[train]))
-    val = train[v]
+    key = (
+        f"the inner validation split takes 1 of round(1 / splits.val_fraction) = {n_inner} folds; "
+        f"raise splits.val_fraction (fewer, larger inner folds), lower splits.folds (larger "
+        f"training folds), or set splits.val_fraction: 0 and train.patience: null (no early stopping)"
+    )
+    _, val = stratified_group_folds(
+        n_inner, train, options, groups, seed, "training patients", key, where
+    )[0]
     return np.setdiff1d(train, val), val
 
 
@@ -283,7 +366,7 @@ def read_assignment(
 
     s = cohort.slides
     slide_ids = s["slide_id"].to_numpy()
-    y = strata(cohort)
+    options = strata_options(cohort)
     groups = s["patient_id"].to_numpy()
     out = []
     for r in range(repeats):
@@ -291,7 +374,14 @@ def read_assignment(
         for k in range(folds):
             te = np.flatnonzero(slide_fold == k)
             tr = np.flatnonzero(slide_fold != k)
-            tr, val = inner_validation(tr, y, groups, val_fraction, seed + 1000 * r + k + 1)
+            tr, val = inner_validation(
+                tr,
+                options,
+                groups,
+                val_fraction,
+                seed + 1000 * r + k + 1,
+                where=f"{path}, fold {k}",
+            )
             out.append(
                 Split(k, slide_ids[tr].tolist(), slide_ids[val].tolist(), slide_ids[te].tolist(), r)
             )
@@ -302,12 +392,21 @@ def split_file(directory: Path, split: Split) -> Path:
     return Path(directory) / f"splits_{split.name}.csv"
 
 
-def write_splits(directory: str | Path, splits: list[Split], cohort: Cohort) -> None:
+def write_splits(
+    directory: str | Path, splits: list[Split], cohort: Cohort, unless_same: bool = False
+) -> None:
+    """Write each split's CSV and descriptor; ``unless_same`` leaves files that already
+    hold the same content (a resumed run rewrites nothing)."""
     directory = Path(directory)
     for sp in splits:
         cols = {p: pd.Series(sp.part(p), dtype=object) for p in PARTS}
-        write_csv(split_file(directory, sp), pd.DataFrame(cols))
-        write_csv(directory / f"splits_{sp.name}_descriptor.csv", describe(sp, cohort), index=True)
+        write_csv(split_file(directory, sp), pd.DataFrame(cols), unless_same=unless_same)
+        write_csv(
+            directory / f"splits_{sp.name}_descriptor.csv",
+            describe(sp, cohort),
+            index=True,
+            unless_same=unless_same,
+        )
 
 
 def describe(split: Split, cohort: Cohort) -> pd.DataFrame:

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from mil.config import Config
-from mil.errors import DataError
+from mil.config import DEFAULT_PATIENT_COL, Config
+from mil.errors import DataError, MilWarning
+
+
+class PatientColumnWarning(MilWarning):
+    """The cohort has no patient column: slides of one patient could cross folds."""
+
+
+def normalize_id(value) -> str:
+    """A slide or patient id as text: surrounding spaces removed, Unicode in NFC form.
+
+    File names on macOS are decomposed (NFD) while most CSVs are composed
+    (NFC); both sides are compared in NFC, so ``Ślajd`` matches ``Ślajd``.
+    """
+    return unicodedata.normalize("NFC", str(value).strip())
+
+
+def read_cohort_csv(path: str | Path, slide_col: str) -> pd.DataFrame:
+    """Read a cohort CSV with ids as text; a missing, empty, binary or non-UTF-8 file
+    is a :class:`DataError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.csv: cohort CSV not found: {path}")
+    try:
+        return pd.read_csv(path, dtype={slide_col: str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the cohort CSV is empty (no header, no rows)") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: the cohort CSV is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            f"save it as UTF-8 CSV"
+        ) from None
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read the cohort CSV ({exc})") from None
 
 
 @dataclass
@@ -64,18 +99,22 @@ class Cohort:
 
             write_synthetic_cohort(d.synthetic, Path(d.csv), Path(d.features))
         path = Path(d.csv)
-        if not path.is_file():
-            raise DataError(f"data.csv: cohort CSV not found: {path}")
-        try:
-            df = pd.read_csv(path, dtype={d.slide_col: str})
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read the cohort CSV ({exc})") from None
-        return cls.from_frame(df, cfg, source=str(path))
+        return cls.from_frame(read_cohort_csv(path, d.slide_col), cfg, source=str(path))
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, cfg: Config, source: str = "<frame>") -> Cohort:
+    def from_frame(
+        cls, df: pd.DataFrame, cfg: Config, source: str = "<frame>", bag_is_patient: bool = False
+    ) -> Cohort:
+        """Validate a cohort table and build the slides, bags and targets.
+
+        ``bag_is_patient``: the rows are bags that stand for patients unless a
+        patient column says otherwise (instance tables), so a missing patient
+        column is no cause for a warning.
+        """
         d = cfg.data
         task = cfg.task.type
+        if len(df) == 0:
+            raise DataError(f"{source}: the cohort table has a header but no rows")
 
         def need_col(col: str, key: str) -> None:
             if col not in df.columns:
@@ -84,16 +123,29 @@ class Cohort:
                 )
 
         need_col(d.slide_col, "slide_col")
-        out = pd.DataFrame({"slide_id": df[d.slide_col].astype(str).str.strip()})
+        out = pd.DataFrame({"slide_id": df[d.slide_col].map(normalize_id)})
         dup = out["slide_id"][out["slide_id"].duplicated()].unique().tolist()
         if dup:
             raise DataError(f"{source}: slide ids appear more than once: {', '.join(dup[:10])}")
-        if d.patient_col in df.columns:
-            pid = df[d.patient_col]
-            missing = pid.isna()
-            out["patient_id"] = pid.astype(str).where(~missing, out["slide_id"])
+        patient_col = d.patient_col if d.patient_col is not None else DEFAULT_PATIENT_COL
+        if patient_col in df.columns:
+            pid = df[patient_col]
+            missing = pid.isna() | (pid.astype(str).str.strip() == "")
+            out["patient_id"] = pid.map(normalize_id).where(~missing, out["slide_id"])
+        elif d.patient_col is not None:
+            need_col(d.patient_col, "patient_col")
         else:
             out["patient_id"] = out["slide_id"]
+            if not bag_is_patient:
+                warnings.warn(
+                    f"{source}: no patient column (data.patient_col is not set and the CSV has no "
+                    f"{DEFAULT_PATIENT_COL!r} column), so every slide counts as its own patient; "
+                    f"slides of one patient could then land in both training and test. Set "
+                    f"data.patient_col to the CSV's patient column, or to {d.slide_col!r} if each "
+                    f"slide is a different patient",
+                    PatientColumnWarning,
+                    stacklevel=2,
+                )
 
         classes: list[str] = []
         if task == "classification":
@@ -123,29 +175,31 @@ class Cohort:
             for col in (d.time_col, d.event_col):
                 _no_missing(df[col], out["slide_id"], col, source)
             time = pd.to_numeric(df[d.time_col], errors="coerce")
-            if time.isna().any() or (time < 0).any():
-                bad = out["slide_id"][time.isna() | (time < 0)].iloc[0]
+            invalid = time.isna() | (time < 0) | ~np.isfinite(time.fillna(0.0).to_numpy(float))
+            if invalid.any():
+                i = int(np.flatnonzero(invalid.to_numpy())[0])
                 raise DataError(
-                    f"{source}: column {d.time_col!r} must hold non-negative numbers (slide {bad}: {df[d.time_col][out['slide_id'] == bad].iloc[0]!r})"
+                    f"{source}: column {d.time_col!r} must hold finite non-negative numbers "
+                    f"(slide {out['slide_id'].iloc[i]}: {_shown(df[d.time_col].iloc[i])})"
                 )
             ev = pd.to_numeric(df[d.event_col], errors="coerce")
             if d.censored_value is not None:
                 # two codes, one of them the censored value; otherwise the mapping would
                 # silently read every other code (a typo, a third status) as an event
-                codes = sorted(ev.dropna().unique().tolist())
-                if d.censored_value not in codes or len(codes) > 2:
+                codes = [_shown(c) for c in sorted(ev.dropna().unique().tolist())]
+                if d.censored_value not in ev.dropna().unique() or len(codes) > 2:
                     raise DataError(
-                        f"{source}: column {d.event_col!r} holds the values {codes[:10]}, but "
+                        f"{source}: column {d.event_col!r} holds the values {', '.join(codes[:10])}, but "
                         f"data.censored_value = {d.censored_value} needs two codes, one of them "
                         f"{d.censored_value} (censored); check data.event_col and data.censored_value"
                     )
                 ev = (ev != d.censored_value).astype(float).where(ev.notna())
             if ev.isna().any() or not ev.isin([0, 1]).all():
-                bad = out["slide_id"][~ev.isin([0, 1])].iloc[0]
+                i = int(np.flatnonzero((~ev.isin([0, 1])).to_numpy())[0])
                 raise DataError(
                     f"{source}: column {d.event_col!r} must be 0/1 after mapping "
-                    f"(data.censored_value={d.censored_value}); slide {bad} has "
-                    f"{df[d.event_col][out['slide_id'] == bad].iloc[0]!r}"
+                    f"(data.censored_value={d.censored_value}); slide {out['slide_id'].iloc[i]} has "
+                    f"{_shown(df[d.event_col].iloc[i])}"
                 )
             out["time"] = time.astype(float)
             out["event"] = ev.astype(int)
@@ -215,6 +269,15 @@ def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
         out[col] = raw.map(_label_str).where(~missing, "missing").to_numpy()
         cols.append(col)
     return cols
+
+
+def _shown(v) -> str:
+    """A CSV value for a message: ``-3.0``, ``inf``, ``'yes'`` (never ``np.float64(-3.0)``)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return repr(v) if isinstance(v, str) else str(v)
 
 
 def _label_str(v) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mil.config import Config
+from mil.config import DEFAULT_PATIENT_COL, Config
 from mil.data.cohort import Cohort
 from mil.data.dataset import FeatureStore
 from mil.data.readers import SlideFeatures
@@ -78,8 +78,9 @@ def bag_level_columns(cfg: Config, columns) -> dict[str, str]:
         cols = {d.label_col: "label_col"}
     else:
         cols = {d.time_col: "time_col", d.event_col: "event_col"}
-    if d.patient_col in columns and d.patient_col not in cols:
-        cols[d.patient_col] = "patient_col"
+    patient_col = d.patient_col if d.patient_col is not None else DEFAULT_PATIENT_COL
+    if patient_col in columns and patient_col not in cols:
+        cols[patient_col] = "patient_col"
     return cols
 
 
@@ -190,7 +191,7 @@ def load_instances(cfg: Config) -> tuple[Cohort, FeatureStore]:
     bags, features, feat_cols = read_instance_table(cfg)
     frame = bags.drop(columns=d.bag_col)
     frame.insert(0, d.slide_col, bags[d.bag_col])
-    cohort = Cohort.from_frame(frame, cfg, source=str(d.instances))
+    cohort = Cohort.from_frame(frame, cfg, source=str(d.instances), bag_is_patient=True)
     nbytes = sum(sf.features.size for sf in features.values()) * (
         2 if d.cache_dtype == "float16" else 4
     )

@@ -18,6 +18,7 @@ scores rank positive instances.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def _validate(out: SlideFeatures, path: Path, check_finite: bool) -> None:
     if f.ndim != 2:
         raise DataError(f"{path}: features must be 2-D [N, D], found shape {tuple(f.shape)}")
     if not np.issubdtype(f.dtype, np.floating):
+        # integers or booleans are rarely features (tile indices, labels?): `mil check` warns
+        out.attrs["cast_from"] = str(f.dtype)
         f = f.astype(np.float32)
     elif f.dtype not in (np.float16, np.float32):
         f = f.astype(np.float32)
@@ -147,7 +150,19 @@ def _validate(out: SlideFeatures, path: Path, check_finite: bool) -> None:
             )
         out.coords = np.ascontiguousarray(c[:, :2], dtype=np.float32)
     if out.instance_label is not None:
-        out.instance_label = np.asarray(out.instance_label).reshape(-1).astype(np.int8)
+        lab = np.asarray(out.instance_label)
+        if lab.size != f.shape[0] or (lab.ndim > 1 and lab.size != lab.shape[0]):
+            raise DataError(
+                f"{path}: instance_label of shape {tuple(lab.shape)} does not match "
+                f"{f.shape[0]} tiles (expected [N] with N = {f.shape[0]})"
+            )
+        lab = lab.reshape(-1)
+        if not np.isin(lab, (0, 1)).all():
+            found = sorted(np.unique(lab).tolist())[:5]
+            raise DataError(
+                f"{path}: instance_label must hold 0/1 (1 = positive tile); found values {found}"
+            )
+        out.instance_label = lab.astype(np.int8)
 
 
 def _plain(v):
@@ -192,13 +207,15 @@ def index_feature_dir(root: str | Path) -> tuple[dict[str, Path], str]:
 
 
 def _flat_index(folder: Path) -> dict[str, Path]:
+    """Slide id (file stem, Unicode NFC as the cohort's ids) -> feature file."""
     index: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if not (p.is_file() and p.suffix.lower() in FEATURE_SUFFIXES):
             continue
-        if p.stem in index:
+        stem = unicodedata.normalize("NFC", p.stem)
+        if stem in index:
             raise DataError(
-                f"slide {p.stem!r} has two feature files: {index[p.stem].name} and {p.name} in {folder}"
+                f"slide {stem!r} has two feature files: {index[stem].name} and {p.name} in {folder}"
             )
-        index[p.stem] = p
+        index[stem] = p
     return index

@@ -14,7 +14,9 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
         prob: ``[n, C]`` class probabilities (rows sum to 1).
 
     ``auc`` is the ROC AUC of the positive class for C = 2 and the macro
-    one-vs-rest AUC for C > 2; NaN when the labels hold a single class.
+    one-vs-rest AUC for C > 2; NaN when the labels hold a single class. Where
+    only some of C > 2 classes occur (a small validation set), the AUC is over
+    the classes present, with probabilities renormalised over them.
     Predicted class = argmax (for C = 2: probability of class 1 >= 0.5).
     """
     y_true = np.asarray(y_true, dtype=int)
@@ -27,11 +29,14 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
     elif n_classes == 2:
         auc = skm.roc_auc_score(y_true, prob[:, 1])
     elif len(present) < n_classes:
-        # One-vs-rest over the classes present, probabilities renormalised over them.
+        # One-vs-rest over the classes present, probabilities renormalised over them;
+        # with two present that is the binary AUC of the second one's share
         sub = prob[:, present] / prob[:, present].sum(1, keepdims=True)
-        auc = skm.roc_auc_score(
-            np.searchsorted(present, y_true), sub, multi_class="ovr", average="macro"
-        )
+        y_sub = np.searchsorted(present, y_true)
+        if len(present) == 2:
+            auc = skm.roc_auc_score(y_sub, sub[:, 1])
+        else:
+            auc = skm.roc_auc_score(y_sub, sub, multi_class="ovr", average="macro")
     else:
         auc = skm.roc_auc_score(y_true, prob, multi_class="ovr", average="macro")
     return {

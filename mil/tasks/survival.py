@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mil.config import Config
-from mil.errors import DataError
+from mil.errors import DataError, MilWarning
 from mil.io import atomic_path, write_csv
 from mil.losses import (
     assign_bins,
@@ -40,7 +40,7 @@ from mil.metrics.survival import (
 from mil.tasks.base import Task, as_tensor, first_repeat_folds
 
 
-class SurvivalWarning(UserWarning):
+class SurvivalWarning(MilWarning):
     """A fold whose data leave a survival metric or early stopping undefined."""
 
 
