@@ -120,8 +120,17 @@ class FeatureStore:
 class BagDataset:
     """The bags of a cohort: one per slide or per patient (slides concatenated).
 
-    ``graph_fn(bag) -> edge_index`` adds an instance graph to each bag, cached
-    for the run.
+    ``graph_fn(bag) -> edge_index`` adds an instance graph to each bag, and
+    ``transform`` maps each bag's features (a fold's standardisation). Both
+    are fixed at construction: a fold gets its own view with
+    :meth:`with_transform`, whose graphs and transformed features are built
+    from that fold's transform and never seen by another fold.
+
+    Transformed features are cached within what the feature store's budget
+    leaves free (else recomputed per access); graphs are always cached.
+    ``graph_uses_features``: the graph is built from the features (a
+    feature-space kNN graph), so a view with another transform needs its own;
+    spatial graphs depend on coordinates alone and are shared by all views.
     """
 
     def __init__(
@@ -130,12 +139,33 @@ class BagDataset:
         store: FeatureStore,
         graph_fn: Callable[[Bag], torch.Tensor] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        graph_uses_features: bool = True,
     ) -> None:
         self.bag_slides = bag_slides
         self.store = store
         self.graph_fn = graph_fn
-        self.transform = transform
+        self.graph_uses_features = graph_uses_features
+        self._transform = transform
         self._graphs: dict[str, torch.Tensor] = {}
+        self._x: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._x_bytes = 0
+        self._x_budget = max(0, store.budget - store._bytes) if transform is not None else 0
+
+    @property
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._transform
+
+    def with_transform(
+        self, transform: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> BagDataset:
+        """The same bags seen through ``transform`` (one fold's preprocessing), with caches
+        of their own; graphs that do not depend on the features are shared."""
+        view = BagDataset(
+            self.bag_slides, self.store, self.graph_fn, transform, self.graph_uses_features
+        )
+        if not self.graph_uses_features or (transform is None and self._transform is None):
+            view._graphs = self._graphs
+        return view
 
     def __len__(self) -> int:
         return len(self.bag_slides)
@@ -150,8 +180,8 @@ class BagDataset:
             coords = (
                 torch.cat([p[1] for p in parts]) if all(p[1] is not None for p in parts) else None
             )
-        if self.transform is not None:
-            x = self.transform(x)
+        if self._transform is not None:
+            x = self._transformed(bag_id, x)
         ptr = tuple(np.cumsum([0] + [len(p[0]) for p in parts]).tolist())
         bag = Bag(bag_id=bag_id, x=x, coords=coords, slides=tuple(slides), slide_ptr=ptr)
         if self.graph_fn is not None:
@@ -159,6 +189,21 @@ class BagDataset:
                 self._graphs[bag_id] = self._graph(bag)
             bag.edge_index = self._graphs[bag_id]
         return bag
+
+    def _transformed(self, bag_id: str, x: torch.Tensor) -> torch.Tensor:
+        hit = self._x.get(bag_id)
+        if hit is not None:
+            self._x.move_to_end(bag_id)
+            return hit
+        out = self._transform(x)
+        size = out.numel() * out.element_size()
+        if size <= self._x_budget:
+            self._x[bag_id] = out
+            self._x_bytes += size
+            while self._x_bytes > self._x_budget:
+                _, old = self._x.popitem(last=False)
+                self._x_bytes -= old.numel() * old.element_size()
+        return out
 
     def _graph(self, bag: Bag) -> torch.Tensor:
         """Instance graph built per slide, so that tiles of two slides are never joined."""

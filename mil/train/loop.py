@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from mil.config import TrainConfig
 from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
 from mil.data.dataset import BagDataset
+from mil.errors import TrainingError
 from mil.models.base import MILModel
 from mil.tasks.base import Task
 from mil.train.distributed import SINGLE, Dist
@@ -203,6 +205,14 @@ def _sharded_objective(
     return objective * dist.world, shown
 
 
+def diverged(where: str, epoch: int, what: str, cfg: TrainConfig) -> TrainingError:
+    """The error for a run whose loss or outputs stopped being finite numbers."""
+    return TrainingError(
+        f"{where}, epoch {epoch + 1}: {what}; training diverged. Lower train.lr (now "
+        f"{cfg.lr:g}) or set train.grad_clip (e.g. 1.0); folds finished earlier are kept"
+    )
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer``: AdamW (decoupled decay), Adam (coupled L2), SGD (momentum 0.9, L2)
     or RAdam (coupled L2)."""
@@ -277,6 +287,8 @@ def fit(
                 if aux is not None:
                     loss = loss + aux
                 shown = float(loss.detach())
+            if not math.isfinite(shown):
+                raise diverged(desc, epoch, f"the training loss is {shown}", cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -301,6 +313,10 @@ def fit(
                 precision=cfg.precision,
                 dist=dist,
             )
+            if not torch.isfinite(fwd.logits).all():
+                raise diverged(
+                    desc, epoch, "the model's validation outputs are NaN or infinite", cfg
+                )
             row["val_loss"] = float(task.loss(fwd.logits, val_targets))
             row.update(
                 {

@@ -17,9 +17,12 @@ folds whose ``metrics.json`` exists.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,23 +35,42 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from mil.config import Config, config_from_dict, dump_config
+from mil.config import (
+    DEFAULT_PATIENT_COL,
+    Config,
+    config_from_dict,
+    dump_config,
+    read_yaml_mapping,
+)
 from mil.data.cohort import Cohort
 from mil.data.dataset import BagDataset, FeatureStore
-from mil.errors import ConfigError, DataError
-from mil.io import atomic_path, write_csv, write_json, write_text
+from mil.errors import ConfigError, DataError, MilWarning
+from mil.io import atomic_path, remove_orphan_temps, run_lock, write_csv, write_json, write_text
 from mil.models import create, get
 from mil.splits import Split, load_or_make_splits, write_splits
 from mil.tasks import Task, make_task
 from mil.train.distributed import SINGLE, Dist, setup
-from mil.train.loop import fit, predict
+from mil.train.loop import diverged, fit, predict
 from mil.train.summary import summarize
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; one this machine lacks is a :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (device.index or 0) >= n:
+            raise ConfigError(
+                f"train.device = {name!r}, but this machine's torch sees "
+                f"{n} CUDA device{'s' if n != 1 else ''}; use auto or cpu"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"train.device = {name!r}, but MPS is not available here; use auto or cpu"
+        )
+    return device
 
 
 class Experiment:
@@ -81,14 +103,20 @@ class Experiment:
         )
         self.split_dir = split_dir
         self.model_cls = get(cfg.model_name)
-        graph_fn = None
+        graph_fn, kind = None, None
         if getattr(self.model_cls, "graph", None):
             from mil.data.graph import bag_graph
 
             probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
             kind, k = probe.graph, probe.graph_k
             graph_fn = lambda bag: bag_graph(bag, kind, k)  # noqa: E731
-        self.data = BagDataset(self.cohort.bag_slides, self.store, graph_fn=graph_fn)
+        # the bags as read; each fold sees them through its own view (BagDataset.with_transform)
+        self.data = BagDataset(
+            self.cohort.bag_slides,
+            self.store,
+            graph_fn=graph_fn,
+            graph_uses_features=kind != "spatial",
+        )
 
     def _load_feature_files(self, cfg: Config) -> None:
         """Cohort CSV + feature folder."""
@@ -112,19 +140,19 @@ class Experiment:
         return b[b["bag_id"].isin(ids)].reset_index(drop=True)
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     """Write ``config.yaml``; refuse a folder that holds a run of another config.
 
     Reporting-only keys may change on a finished run: ``data.subgroup_cols``,
     and ``data.site_col`` where the folds are not site-preserved. The saved
     config takes the new values, and the summary joins those columns from the
-    cohort CSV (no fold is retrained).
+    cohort CSV (no fold is retrained). Returns whether ``config.yaml`` was written.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     text = dump_config(cfg)
     path = run_dir / "config.yaml"
     if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = read_yaml_mapping(path, "run's saved config")
         try:  # fill keys that a newer mil added (with defaults) into the saved config
             old = yaml.safe_load(dump_config(config_from_dict(old, source=str(path))))
         except ConfigError:
@@ -136,8 +164,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
                 f"use another --out folder, or delete that one to start again"
             )
         if old == new:
-            return
+            return False
     write_text(path, text)
+    return True
 
 
 def _run_identity(raw: dict) -> dict:
@@ -149,7 +178,38 @@ def _run_identity(raw: dict) -> dict:
     data.pop("subgroup_cols", None)
     if not raw.get("splits", {}).get("by_site"):
         data.pop("site_col", None)
+    # runs saved before data.patient_col defaulted to null wrote the default "case_id",
+    # which resolves to the same patients
+    if data.get("patient_col") is None:
+        data["patient_col"] = DEFAULT_PATIENT_COL
     return raw
+
+
+def fold_state(fold_dir: Path) -> str:
+    """``"done"`` (a readable ``metrics.json``), ``"todo"`` (none) or ``"damaged"``."""
+    path = fold_dir / "metrics.json"
+    if not path.is_file():
+        return "todo"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "damaged"
+    return "done" if isinstance(record, dict) and "metrics" in record else "damaged"
+
+
+def summary_stale(run_dir: Path, n_boot: int) -> bool:
+    """Whether ``summary.json``/``report.md`` are missing or older than what they summarise."""
+    summary, report = run_dir / "summary.json", run_dir / "report.md"
+    if not summary.is_file() or not report.is_file():
+        return True
+    try:
+        if json.loads(summary.read_text()).get("n_boot") != n_boot:
+            return True
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    made = min(summary.stat().st_mtime_ns, report.stat().st_mtime_ns)
+    sources = [run_dir / "config.yaml", *run_dir.glob("fold_*/metrics.json")]
+    return any(p.stat().st_mtime_ns > made for p in sources if p.is_file())
 
 
 def run_cv(
@@ -167,17 +227,21 @@ def run_cv(
     (:mod:`mil.train.distributed`); rank 0 makes the splits and writes the results.
     """
     run_dir = Path(run_dir) if run_dir else Path("results") / cfg.name
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     dist, dist_device = setup(cfg.train.device)
+    device = dist_device or resolve_device(cfg.train.device)
     if not dist.main:
         log = _quiet
         progress = False
         dist.barrier()  # rank 0 first: it makes (or checks) the split files and the run folder
-    exp = Experiment(cfg, run_dir, force_splits=force_splits and dist.main, progress=progress)
+    # one process at a time checks and writes a run folder's config and splits, so two
+    # `mil train`s on one --out cannot both pass the check (fold jobs then run side by side)
+    with run_lock(run_dir) if dist.main else contextlib.nullcontext():
+        exp = Experiment(cfg, run_dir, force_splits=force_splits and dist.main, progress=progress)
+        if dist.main:
+            remove_orphan_temps(run_dir)
+            prepare_run_dir(cfg, run_dir)
+            write_splits(run_dir / "splits", exp.splits, exp.cohort, unless_same=True)
     if dist.main:
-        prepare_run_dir(cfg, run_dir)
-        write_splits(run_dir / "splits", exp.splits, exp.cohort)
         dist.barrier()
     todo = list(range(len(exp.splits))) if folds is None else list(folds)
     bad = [k for k in todo if not 0 <= k < len(exp.splits)]
@@ -186,26 +250,49 @@ def run_cv(
             f"--folds: fold {bad[0]} does not exist (the run has folds 0..{len(exp.splits) - 1})"
         )
     # rank 0's view of which folds are finished, so that every rank runs the same folds
-    done = dist.broadcast(
-        [(run_dir / f"fold_{exp.splits[k].name}" / "metrics.json").is_file() for k in todo]
-    )
+    states = dist.broadcast([fold_state(run_dir / f"fold_{exp.splits[k].name}") for k in todo])
+    train_now = [k for k, st in zip(todo, states) if st != "done"]
     exp.store.preload(
-        [s for k in todo for p in ("train", "val", "test") for s in exp.splits[k].part(p)],
+        [s for k in train_now for p in ("train", "val", "test") for s in exp.splits[k].part(p)],
         progress=progress,
     )
-    device = dist_device or resolve_device(cfg.train.device)
-    for k, finished in zip(todo, done):
-        fold_dir = run_dir / f"fold_{exp.splits[k].name}"
-        if finished:
-            log(f"fold {exp.splits[k].name}: done earlier, skipped ({fold_dir / 'metrics.json'})")
-            continue
-        metrics = run_fold(exp, exp.splits[k], fold_dir, device, dist)
-        shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
-        log(f"fold {exp.splits[k].name}: {shown}")
-    if dist.main:
+    with torch_threads(cfg.train.threads):
+        for k, state in zip(todo, states):
+            fold_dir = run_dir / f"fold_{exp.splits[k].name}"
+            if state == "done":
+                log(
+                    f"fold {exp.splits[k].name}: done earlier, skipped ({fold_dir / 'metrics.json'})"
+                )
+                continue
+            if state == "damaged" and dist.main:
+                warnings.warn(
+                    f"{fold_dir / 'metrics.json'} is damaged (not a readable record of a finished "
+                    f"fold); fold {exp.splits[k].name} is trained again",
+                    MilWarning,
+                    stacklevel=2,
+                )
+            metrics = run_fold(exp, exp.splits[k], fold_dir, device, dist)
+            shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
+            log(f"fold {exp.splits[k].name}: {shown}")
+    # a no-op re-run of a finished run writes nothing
+    if dist.main and (train_now or summary_stale(run_dir, n_boot)):
         summarize(run_dir, n_boot=n_boot)
     dist.barrier()  # the other ranks return once the summary exists
     return run_dir
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block only (a notebook keeps its own setting)."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -228,11 +315,9 @@ def run_fold(
     fit_val = val if len(val) and (usable is None or usable(val)) else None
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     in_dim = exp.store.dim
-    exp.data.transform = None
-    norm = None
-    if cfg.data.standardize:
-        norm = feature_stats(exp.data, train["bag_id"].tolist())
-        exp.data.transform = norm.apply
+    # the fold's own view of the bags: its standardisation, and graphs built under it
+    norm = feature_stats(exp.data, train["bag_id"].tolist()) if cfg.data.standardize else None
+    data = exp.data.with_transform(None if norm is None else norm.apply)
     model = create(cfg.model_name, in_dim=in_dim, n_out=task.n_out, **cfg.model_hparams).to(device)
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
@@ -240,7 +325,7 @@ def run_fold(
     history, state = fit(
         model,
         task,
-        exp.data,
+        data,
         train,
         fit_val,
         cfg.train,
@@ -253,13 +338,20 @@ def run_fold(
     infer = partial(
         predict,
         model,
-        exp.data,
+        data,
         max_instances=cfg.train.max_instances,
         device=device,
         precision=cfg.train.precision,
         dist=dist,
     )
     fwd = infer(test["bag_id"].tolist(), keep_scores=True)
+    if not torch.isfinite(fwd.logits).all():
+        raise diverged(
+            f"fold {split.name}",
+            int(history["epoch"].max()),
+            "the model's test outputs are NaN or infinite",
+            cfg.train,
+        )
     pred = task.predictions(test, fwd.logits.numpy())
     for col in exp.cohort.group_cols:  # site and subgroup columns, for subgroup metrics
         pred[col] = test[col].to_numpy()
@@ -284,7 +376,7 @@ def run_fold(
         write_csv(fold_dir / "predictions_patient.csv", task.patient_predictions(pred))
     if train_pred is not None:
         write_csv(fold_dir / "predictions_train.csv", train_pred)
-    write_scores(fold_dir / "attention.h5", exp.data, test["bag_id"].tolist(), fwd, cfg, split)
+    write_scores(fold_dir / "attention.h5", data, test["bag_id"].tolist(), fwd, cfg, split)
     save_model(fold_dir / "model.pt", state, cfg, in_dim, task, norm)
     extra = getattr(task, "fold_artifacts", None)
     if extra is not None:
@@ -397,9 +489,35 @@ def save_model(
         torch.save(payload, tmp)
 
 
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """A ``model.pt`` payload (``torch.load(weights_only=True)``); a missing, damaged or
+    foreign file is a :class:`DataError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch/pickle raise many types for a damaged file
+        raise DataError(
+            f"{path}: cannot read this checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"the file is damaged or not a mil model.pt. Delete {path.parent / 'metrics.json'} "
+            f"and re-run `mil train` on the run folder to train the fold again"
+        ) from None
+    missing = (
+        [k for k in ("state_dict", "model", "hparams", "in_dim", "n_out") if k not in payload]
+        if isinstance(payload, dict)
+        else ["state_dict"]
+    )
+    if missing:
+        raise DataError(
+            f"{path}: not a mil checkpoint (no {missing[0]!r}); was it written by `mil train`?"
+        )
+    return payload
+
+
 def load_model(path: str | Path, map_location: str = "cpu"):
     """Rebuild a model saved by :func:`save_model` (``torch.load(weights_only=True)``)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = read_checkpoint(path, map_location=map_location)
     model = create(
         payload["model"], in_dim=payload["in_dim"], n_out=payload["n_out"], **payload["hparams"]
     )
