@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from mil.errors import MilError
+from mil.errors import MilError, MilWarning
+from mil.io import safe_filename
 
 
 def _parse_folds(text: str | None) -> list[int] | None:
@@ -138,7 +140,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         slide_path = _find_slide_file(args.slides_dir, slide) if args.slides_dir else None
         path = run.save_heatmap(
             slide,
-            out / f"{slide.replace('/', '|')}.png",
+            out / f"{safe_filename(slide)}.png",
             dpi=args.dpi,
             fold=args.fold,
             kind=args.kind,
@@ -154,7 +156,10 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _find_slide_file(folder: str, slide_id: str) -> Path:
-    hits = sorted(p for p in Path(folder).glob(f"{slide_id}.*") if p.is_file())
+    # compared by name, never globbed: an id holding "../" or "*" must not reach other folders
+    hits = sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and p.stem == slide_id and p.suffix
+    )
     if not hits:
         raise MilError(f"--slides-dir {folder}: no slide file named {slide_id}.* for the thumbnail")
     return hits[0]
@@ -171,10 +176,37 @@ def cmd_topk(args: argparse.Namespace) -> int:
         run.top_tiles(s, args.k, kind=args.kind, cls=args.cls, fold=args.fold) for s in args.slide
     ]
     table = pd.concat(frames, ignore_index=True)
-    out = Path(args.out) if args.out else run.path / f"topk_{'_'.join(args.slide)[:100]}.csv"
+    out = (
+        Path(args.out) if args.out else run.path / f"topk_{safe_filename('_'.join(args.slide))}.csv"
+    )
     write_csv(out, table)
     print(out)
     return 0
+
+
+def _count(least: int):
+    """An argparse type: an integer of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,16 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--slide", action="append", help="slide id (repeatable)")
     which.add_argument(
         "--top-n",
-        type=int,
+        type=_count(1),
         help="the N test slides with the highest predicted probability of the last "
         "(positive) class, or the highest risk",
     )
     h.add_argument("--out", help="folder for the PNGs (default RUN_DIR/heatmaps)")
     h.add_argument("--normalize", choices=["rank", "minmax", "raw"], default="rank")
-    h.add_argument("--smooth", type=float, default=0.0, help="Gaussian sigma in tiles (0 = none)")
-    h.add_argument("--top-k", type=int, default=16, help="outline the K highest tiles (0 = none)")
+    h.add_argument(
+        "--smooth", type=_non_negative, default=0.0, help="Gaussian sigma in tiles (0 = none)"
+    )
+    h.add_argument(
+        "--top-k", type=_count(0), default=16, help="outline the K highest tiles (0 = none)"
+    )
     h.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")
-    h.add_argument("--dpi", type=int, default=150)
+    h.add_argument("--dpi", type=_count(1), default=150)
     h.add_argument(
         "--slides-dir", help="folder of slide files <slide_id>.* to draw under (needs openslide)"
     )
@@ -270,14 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("topk", help="write a CSV of a slide's top-scored tiles for review")
     with_scores(k)
     k.add_argument("--slide", action="append", required=True, help="slide id (repeatable)")
-    k.add_argument("--k", type=int, default=16, help="tiles per slide (default 16)")
+    k.add_argument("--k", type=_count(1), default=16, help="tiles per slide (default 16)")
     k.add_argument("--out", help="CSV path (default RUN_DIR/topk_<slide>.csv)")
     k.set_defaults(fn=cmd_topk)
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """``mil: warning: …`` for warnings meant for users; Python's format for the rest."""
+    if issubclass(category, MilWarning):
+        return f"mil: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = before
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args) or 0)
     except MilError as exc:
@@ -285,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into head & co.
         return 0
+    except OSError as exc:  # unwritable output folder, full disk: the message names the path
+        print(f"mil: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mil: interrupted; finished folds are kept and a re-run resumes", file=sys.stderr)
         return 130

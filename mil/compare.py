@@ -24,7 +24,6 @@ every registered model runs.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import pandas as pd
 
 from mil.config import Config, config_from_dict
 from mil.errors import ConfigError, DataError
-from mil.io import write_csv, write_text
+from mil.io import json_float, read_json, write_csv, write_text
 from mil.models import available
 
 # the headline metrics of each task, in table order
@@ -157,9 +156,9 @@ def run_compare(
 def n_parameters(run_dir: Path) -> int | None:
     """Trainable parameters of the model saved in the run's first finished fold."""
     from mil.train.runner import load_model
-    from mil.train.summary import fold_dirs
+    from mil.train.summary import fold_records
 
-    done = fold_dirs(run_dir)
+    done, _ = fold_records(run_dir)
     if not done:
         return None
     model, _ = load_model(done[0] / "model.pt")
@@ -170,7 +169,9 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
     """One row per run: parameters, metric mean/sd over folds, seconds per epoch."""
     rows = []
     for label, run_dir in run_dirs.items():
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        summary = read_json(
+            Path(run_dir) / "summary.json", "run summary", f"rebuild it with `mil summarize {run_dir}`"
+        )
         m = summary["metrics"]
         row: dict[str, Any] = {
             "model": label,
@@ -181,10 +182,10 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
         }
         for k in TASK_METRICS.get(summary["task"], []) + ["witness_auc"]:
             if k in m:
-                row[f"{k}_mean"], row[f"{k}_sd"] = m[k]["mean"], m[k]["sd"]
+                row[f"{k}_mean"], row[f"{k}_sd"] = json_float(m[k]["mean"]), json_float(m[k]["sd"])
         for k in ("seconds_per_epoch", "train_seconds"):
             if k in m:
-                row[k] = m[k]["mean"]
+                row[k] = json_float(m[k]["mean"])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -11,6 +11,7 @@ import pandas as pd
 
 from mil.config import config_from_dict
 from mil.data.demo import demo_config
+from mil.io import safe_filename
 from mil.metrics.survival import c_index
 from mil.run import Run
 from mil.train.report import write_report
@@ -36,7 +37,7 @@ def run_demo(out: Path, progress: bool = True) -> dict[str, dict]:
             # heatmaps of the slides the model was surest are positive, shown in the report
             run = Run(run_dir)
             for slide in run.top_slides(HEATMAPS):
-                run.save_heatmap(slide, run_dir / "heatmaps" / f"{slide}.png", dpi=100)
+                run.save_heatmap(slide, run_dir / "heatmaps" / f"{safe_filename(slide)}.png", dpi=100)
             write_report(run_dir)
         if kind == "survival":
             oracle = oracle_c_index(run_dir, cfg.data.csv)

@@ -7,8 +7,8 @@ next: heatmaps, top tiles, and fold-ensemble predictions on new slides.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from mil.config import Config, config_from_dict
-from mil.errors import MilError
+from mil.config import Config, config_from_dict, read_yaml_mapping
+from mil.errors import DataError, MilError
+from mil.io import read_json
 
 Item = str | Path
 
@@ -52,10 +52,7 @@ class Run:
                 f"{self.path}: no config.yaml; is this a run folder of `mil train` "
                 f"(results/<name>/ holding fold_<k>/ folders)?"
             )
-        try:
-            raw = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise MilError(f"{cfg_path}: not valid YAML ({exc})") from None
+        raw = read_yaml_mapping(cfg_path, "run's saved config")
         self.config: Config = config_from_dict(raw, source=str(cfg_path))
         self._bags: dict[str, dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]] = {}
         self._tests: dict[str, set[str]] = {}
@@ -97,13 +94,17 @@ class Run:
         return pd.read_csv(path, dtype={"fold": str})
 
     def metrics(self, fold: int | str) -> dict[str, Any]:
-        """A fold's ``metrics.json`` (test metrics, sizes, classes)."""
+        """A fold's ``metrics.json`` (test metrics, sizes, classes; an undefined metric is None)."""
         path = self.fold_dir(fold) / "metrics.json"
         if not path.is_file():
             raise MilError(
                 f"fold {_fold_name(fold)} of {self.path} is not finished ({path} missing)"
             )
-        return json.loads(path.read_text())
+        return read_json(
+            path,
+            "fold record",
+            f"re-run `mil train` on this run folder (--out {self.path}) to train the fold again",
+        )
 
     @cached_property
     def classes(self) -> list[str]:
@@ -165,7 +166,7 @@ class Run:
                 f"{self.path / 'config.yaml'} --out {self.path} --folds {fold}` (first delete "
                 f"{self.fold_dir(fold) / 'metrics.json'} if it exists, or the fold is skipped)"
             )
-        with h5py.File(path, "r") as f:
+        with _open_scores(path, fold) as f:
             if not bool(f.attrs.get("has_scores", False)):
                 model = f.attrs.get("model", self.config.model_name)
                 raise MilError(
@@ -186,7 +187,7 @@ class Run:
                     self._attention_file(fold, slide_id)
                 return {}
             index: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
-            with h5py.File(path, "r") as f:
+            with _open_scores(path, fold) as f:
                 for name, g in f.items():
                     slides = tuple(str(s) for s in np.atleast_1d(g.attrs.get("slides", [])))
                     ptr = tuple(int(p) for p in np.atleast_1d(g.attrs.get("slide_ptr", [])))
@@ -233,7 +234,7 @@ class Run:
         if slide_id not in index:
             raise MilError(f"slide {slide_id}: not found in fold {fold}'s attention file ({path})")
         group, slides, ptr = index[slide_id]
-        with h5py.File(path, "r") as f:
+        with _open_scores(path, fold) as f:
             g = f[group]
             bag_id = str(g.attrs.get("bag_id", group))
             values, label = self._read_kind(g, kind, cls, slide_id, fold, path)
@@ -342,10 +343,12 @@ class Run:
 
     def checkpoint(self, fold: int | str) -> dict[str, Any]:
         """A fold's ``model.pt`` payload (weights, model name, hparams, classes, standardisation)."""
+        from mil.train.runner import read_checkpoint
+
         path = self.fold_dir(fold) / "model.pt"
         if not path.is_file():
             raise MilError(f"fold {_fold_name(fold)}: no checkpoint {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_checkpoint(path)
 
     def model(self, fold: int | str, device: str = "cpu"):
         """The fold's model in eval mode (checkpoint loaded with ``weights_only=True``)."""
@@ -363,23 +366,35 @@ class Run:
         from mil.train.loop import predict
         from mil.train.runner import Standardizer, load_model
 
-        model, payload = load_model(self.fold_dir(fold) / "model.pt", map_location=device)
-        if store.dim is not None and store.dim != payload["in_dim"]:
-            raise MilError(
-                f"the features have dimension {store.dim}, fold {fold}'s model expects "
-                f"{payload['in_dim']}: were they made by another encoder than the run's?"
-            )
+        path = self.fold_dir(fold) / "model.pt"
+        if not path.is_file():
+            raise MilError(f"fold {fold}: no checkpoint {path}")
+        model, payload = load_model(path, map_location=device)
+        for sid in dict.fromkeys(s for slides in bag_slides.values() for s in slides):
+            d = store.get(sid)[0].shape[1]
+            if d != payload["in_dim"]:
+                raise MilError(
+                    f"{store.path(sid)}: features of dimension {d}, but fold {fold}'s model was "
+                    f"trained on {payload['in_dim']}-dimensional features; were they made by "
+                    f"another encoder than the run's?"
+                )
         norm = payload.get("standardize")
         transform = None
         if norm is not None:
             transform = Standardizer(mean=norm["mean"].float(), std=norm["std"].float()).apply
-        graph_fn = None
+        graph_fn, kind = None, None
         if getattr(model, "graph", None):
             from mil.data.graph import bag_graph
 
             kind, k = model.graph, model.graph_k
             graph_fn = lambda bag: bag_graph(bag, kind, k)  # noqa: E731
-        data = BagDataset(bag_slides, store, graph_fn=graph_fn, transform=transform)
+        data = BagDataset(
+            bag_slides,
+            store,
+            graph_fn=graph_fn,
+            transform=transform,
+            graph_uses_features=kind != "spatial",
+        )
         ids = list(bag_slides)
         return predict(
             model,
@@ -645,6 +660,21 @@ class Run:
         if attrs.get("kind") not in (None, "score"):
             parts.append(str(attrs["kind"]))
         return " · ".join(parts)
+
+
+@contextlib.contextmanager
+def _open_scores(path: Path, fold: str) -> Iterator[h5py.File]:
+    """A fold's ``attention.h5``, opened for reading; a damaged file is a clear error."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(
+            f"{path}: cannot read fold {fold}'s instance scores ({exc}); the file is damaged "
+            f"(a partial copy?). Copy it again, or retrain the fold: delete "
+            f"{path.parent / 'metrics.json'} and re-run `mil train` on the run folder"
+        ) from None
+    with f:
+        yield f
 
 
 def _fold_name(fold: int | str) -> str:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from mil.config import Config, config_from_dict
-from mil.io import atomic_path
+from mil.config import Config
+from mil.io import atomic_path, json_float, read_json
 
 # metrics shown first (in this order) in the results table; the rest follow alphabetically
 LEAD = ("auc", "balanced_accuracy", "accuracy", "f1", "c_index", "c_index_uno", "td_auc", "ibs")
@@ -20,13 +18,14 @@ MAX_HEATMAPS = 6
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` from the run's ``config.yaml``, ``summary.json`` and fold
     folders (``summarize`` calls it; call it again after adding ``heatmaps/*.png``)."""
-    from mil.train.summary import fold_dirs
+    from mil.train.summary import fold_records, read_run_config
 
     run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    done = fold_dirs(run_dir)
-    records = [json.loads((d / "metrics.json").read_text()) for d in done]
+    cfg = read_run_config(run_dir)
+    summary = read_json(
+        run_dir / "summary.json", "run summary", f"rebuild it with `mil summarize {run_dir}`"
+    )
+    _, records = fold_records(run_dir)
     lines = [f"# {cfg.name}: {_task_words(cfg)} with `{cfg.model_name}`", ""]
     n_done, n_expected = len(summary["folds"]), summary["n_folds_expected"]
     if n_done < n_expected:
@@ -150,26 +149,36 @@ def _results(summary: dict[str, Any]) -> list[str]:
             continue
         m = metrics[k]
         ci = m.get("ci95_pooled")
-        cells = [k, f"{m['mean']:.3f} ± {m['sd']:.3f}"]
+        cells = [k, f"{json_float(m['mean']):.3f} ± {json_float(m['sd']):.3f}"]
         if repeats:
-            cells.append(f"{np.mean(m['repeat_means']):.3f} ± {m['sem_over_repeats']:.3f}" if "repeat_means" in m else "")
-        cells.append(f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and np.isfinite(ci[0]) else "")
+            cells.append(
+                f"{np.mean([json_float(v) for v in m['repeat_means']]):.3f} ± {json_float(m['sem_over_repeats']):.3f}"
+                if "repeat_means" in m
+                else ""
+            )
+        cells.append(f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci[:2] and np.isfinite(ci[0]) else "")
         rows.append("| " + " | ".join(cells) + " |")
     out = rows
     if isinstance(summary.get("auc_pooled"), float):
         out += ["", f"Pooled out-of-fold AUC: {summary['auc_pooled']:.3f}."]
     if "logrank_p" in metrics:
-        ps = [v for v in metrics["logrank_p"]["folds"] if v is not None]
+        ps = [v for v in metrics["logrank_p"]["folds"] if v is not None and np.isfinite(v)]
         pooled = summary.get("logrank_p_pooled")
-        out += [
-            "",
-            f"Log-rank test of high- vs low-risk test patients: median p = {np.median(ps):.2g} "
-            f"over folds (range {min(ps):.2g} – {max(ps):.2g})"
-            + (f"; pooled over folds p = {pooled:.2g}" if pooled is not None else "")
-            + ".",
-        ]
-    if "seconds_per_epoch" in metrics:
-        out += ["", f"Training took {metrics['seconds_per_epoch']['mean']:.2f} s per epoch on average."]
+        pooled_s = (
+            f"pooled over folds p = {pooled:.2g}"
+            if pooled is not None and np.isfinite(pooled)
+            else ""
+        )
+        if ps:
+            text = (
+                f"median p = {np.median(ps):.2g} over folds (range {min(ps):.2g} – {max(ps):.2g})"
+                + (f"; {pooled_s}" if pooled_s else "")
+            )
+        else:
+            text = "undefined in every fold" + (f"; {pooled_s}" if pooled_s else "")
+        out += ["", f"Log-rank test of high- vs low-risk test patients: {text}."]
+    if "seconds_per_epoch" in metrics and np.isfinite(json_float(metrics["seconds_per_epoch"]["mean"])):
+        out += ["", f"Training took {json_float(metrics['seconds_per_epoch']['mean']):.2f} s per epoch on average."]
     return out
 
 

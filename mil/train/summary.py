@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from mil.config import config_from_dict
-from mil.errors import DataError
-from mil.io import write_csv, write_json
+from mil.config import config_from_dict, read_yaml_mapping
+from mil.errors import DataError, MilWarning
+from mil.io import json_float, write_csv, write_json
 from mil.tasks.base import first_repeat_folds
 
 
@@ -31,16 +30,48 @@ def _fold_key(name: str) -> tuple[int, int]:
     return 0, int(name)
 
 
-def _finished(run_dir: Path, what: str) -> tuple[Any, list[Path], list[dict[str, Any]]]:
-    """A run folder's config, its finished fold folders and their ``metrics.json`` records."""
-    done = fold_dirs(run_dir)
-    if not done:
-        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) to {what}")
-    cfg_path = run_dir / "config.yaml"
+def read_run_config(run_dir: Path):
+    """The run's saved ``config.yaml``, validated; a missing or broken one is a clear error."""
+    cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: config.yaml missing; is this a mil run folder?")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
-    return cfg, done, [json.loads((d / "metrics.json").read_text()) for d in done]
+    return config_from_dict(read_yaml_mapping(cfg_path, "run's saved config"), source=str(cfg_path))
+
+
+def fold_records(run_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
+    """The finished fold folders and their ``metrics.json`` records.
+
+    A damaged ``metrics.json`` (the folder was copied in part, or edited) is
+    left out with a warning naming it; re-running ``mil train`` on the run
+    trains that fold again.
+    """
+    dirs, records = [], []
+    for d in fold_dirs(run_dir):
+        path = d / "metrics.json"
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+                raise ValueError("no 'metrics' record")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            warnings.warn(
+                f"{path} is damaged ({exc}); fold {d.name[5:]} is left out. Re-run `mil train` "
+                f"on this run folder (--out {run_dir}) to train it again",
+                MilWarning,
+                stacklevel=1,  # one warning per damaged file, whichever reader meets it
+            )
+            continue
+        dirs.append(d)
+        records.append(record)
+    return dirs, records
+
+
+def _finished(run_dir: Path, what: str) -> tuple[Any, list[Path], list[dict[str, Any]]]:
+    """A run folder's config, its finished fold folders and their ``metrics.json`` records."""
+    cfg = read_run_config(run_dir)
+    done, records = fold_records(run_dir)
+    if not done:
+        raise DataError(f"{run_dir}: no finished folds (fold_*/metrics.json) to {what}")
+    return cfg, done, records
 
 
 def run_task(run_dir: str | Path):
@@ -55,7 +86,7 @@ def run_predictions(run_dir: str | Path) -> pd.DataFrame:
     """Out-of-fold predictions of every finished fold (all repeats), with a ``fold_dir``
     column (``fold_3``, ``fold_r1_3``, ...) naming the fold that made each row."""
     parts = []
-    for d in fold_dirs(Path(run_dir)):
+    for d in fold_records(Path(run_dir))[0]:
         path = d / "predictions.csv"
         try:
             pred = pd.read_csv(path, dtype={"bag_id": str, "patient_id": str})
@@ -74,18 +105,19 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     """Rebuild ``summary.csv`` and ``summary.json`` from the finished fold folders."""
     run_dir = Path(run_dir)
     cfg, done, records = _finished(run_dir, "summarise")
+    # a metric a fold could not define is NaN, written as null (strict JSON)
     scalar = sorted(
         {
             k
             for r in records
             for k, v in r["metrics"].items()
-            if isinstance(v, (int, float)) and k not in ("epochs",)
+            if (v is None or isinstance(v, (int, float))) and k not in ("epochs",)
         },
         key=lambda k: (k in ("train_seconds", "seconds_per_epoch"), k),
     )
     rows = []
     for r in records:
-        rows.append({"fold": r["fold"], **{k: r["metrics"].get(k, np.nan) for k in scalar}})
+        rows.append({"fold": r["fold"], **{k: json_float(r["metrics"].get(k)) for k in scalar}})
     table = pd.DataFrame(rows)
     metrics: dict[str, Any] = {}
     for k in scalar:
@@ -288,8 +320,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {k:<20} per fold {lo_hi} (a time horizon, not a metric)")
             continue
         ci = m.get("ci95_pooled")
-        ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
-        lines.append(f"  {k:<20} {m['mean']:>8.3f} ± {m['sd']:<6.3f}   {ci_s}")
+        ci_s = (
+            f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+            if ci and None not in ci[:2] and np.isfinite(ci[0])
+            else ""
+        )
+        lines.append(
+            f"  {k:<20} {json_float(m['mean']):>8.3f} ± {json_float(m['sd']):<6.3f}   {ci_s}"
+        )
     if summary.get("subgroups"):
         metric = "auc" if summary["task"] == "classification" else "c_index"
         lines.append(
