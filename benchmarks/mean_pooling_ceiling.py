@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from mil.data.demo import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 from mil.data.readers import read_features
+from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
 
 def main() -> None:

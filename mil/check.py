@@ -25,29 +25,8 @@ class Problem:
 def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
     """Every problem found (not only the first) and a per-slide table."""
     d = cfg.data
-    problems: list[Problem] = []
     if d.instances:
-        from mil.data.instances import load_instances
-
-        try:
-            cohort, store = load_instances(cfg)
-        except DataError as exc:
-            return [Problem("error", str(d.instances), str(exc))], pd.DataFrame()
-        table = pd.DataFrame(
-            {
-                "slide_id": cohort.bag_ids,
-                "file": str(d.instances),
-                "layout": "instance table",
-                "tiles": [len(store.get(b)[0]) for b in cohort.bag_ids],
-                "dim": store.dim,
-                "coords": [store.get(b)[1] is not None for b in cohort.bag_ids],
-                "status": "ok",
-            }
-        )
-        if cohort.classes:
-            counts = cohort.bags["label"].map(dict(enumerate(cohort.classes))).value_counts()
-            table.attrs["class_counts"] = counts.to_dict()
-        return problems, table
+        return _check_instances(cfg)
     csv = Path(d.csv)
     if not csv.is_file():
         return [Problem("error", str(csv), "cohort CSV not found (data.csv)")], pd.DataFrame()
@@ -64,10 +43,73 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
             Problem("error", d.slide_col, f"slide column not in {csv} (data.slide_col)")
         ], pd.DataFrame()
     ids = df[d.slide_col].map(normalize_id)
+    problems = _csv_problems(cfg, df, ids, csv)
+    try:
+        index, _ = index_feature_dir(d.features)
+    except DataError as exc:
+        problems.append(Problem("error", str(d.features), str(exc)))
+        return problems, pd.DataFrame()
+    table, file_problems = _feature_table(ids, index, str(d.features))
+    problems += file_problems
+    extra = sorted(set(index) - set(ids))
+    if extra:
+        problems.append(
+            Problem(
+                "warning",
+                str(d.features),
+                f"{len(extra)} feature files not in the CSV (e.g. {', '.join(extra[:3])})",
+            )
+        )
+    if cfg.task.target_kind == "label" and d.label_col in df.columns:
+        counts = df[d.label_col].value_counts()
+        for label, n in counts.items():
+            if n < cfg.splits.folds:
+                problems.append(
+                    Problem(
+                        "warning",
+                        str(label),
+                        f"class has {n} slides, fewer than {cfg.splits.folds} folds",
+                    )
+                )
+        table.attrs["class_counts"] = counts.to_dict()
+    return problems, table
+
+
+def _check_instances(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
+    """An instance table: readable, consistent, and its per-bag table."""
+    from mil.data.instances import load_instances
+
+    d = cfg.data
+    try:
+        cohort, store = load_instances(cfg)
+    except DataError as exc:
+        return [Problem("error", str(d.instances), str(exc))], pd.DataFrame()
+    table = pd.DataFrame(
+        {
+            "slide_id": cohort.bag_ids,
+            "file": str(d.instances),
+            "layout": "instance table",
+            "tiles": [len(store.get(b)[0]) for b in cohort.bag_ids],
+            "dim": store.dim,
+            "coords": [store.get(b)[1] is not None for b in cohort.bag_ids],
+            "status": "ok",
+        }
+    )
+    if cohort.classes:
+        counts = cohort.bags["label"].map(dict(enumerate(cohort.classes))).value_counts()
+        table.attrs["class_counts"] = counts.to_dict()
+    return [], table
+
+
+def _csv_problems(cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path) -> list[Problem]:
+    """The cohort CSV's problems: duplicate ids, missing targets, what the cohort refuses or
+    warns about, folds it cannot fill, a censorship column read as events."""
+    d = cfg.data
+    problems: list[Problem] = []
     for sid, n in Counter(ids).items():
         if n > 1:
             problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
-    target_cols = [d.label_col] if cfg.task.type == "classification" else [d.time_col, d.event_col]
+    target_cols = [d.label_col] if cfg.task.target_kind == "label" else [d.time_col, d.event_col]
     for col in target_cols:
         if col not in df.columns:
             problems.append(
@@ -76,9 +118,9 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
         else:
             for sid in ids[df[col].isna()]:
                 problems.append(Problem("error", sid, f"no value in column {col!r}"))
-    cohort = None
     if not any(p.severity == "error" for p in problems):
         # what only the whole cohort shows: patient-level consistency, subgroup columns
+        cohort = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MilWarning)
             try:
@@ -91,9 +133,9 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
             for w in caught
             if issubclass(w.category, MilWarning)
         ]
-    if cohort is not None:
-        problems += split_problems(cfg, cohort)
-    if cfg.task.type == "survival" and "censor" in d.event_col.lower() and not d.censored_value:
+        if cohort is not None:
+            problems += split_problems(cfg, cohort)
+    if cfg.task.target_kind == "survival" and "censor" in d.event_col.lower() and not d.censored_value:
         problems.append(
             Problem(
                 "warning",
@@ -103,26 +145,22 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
                 f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
             )
         )
-    try:
-        index, layout = index_feature_dir(d.features)
-    except DataError as exc:
-        problems.append(Problem("error", str(d.features), str(exc)))
-        return problems, pd.DataFrame()
+    return problems
+
+
+def _feature_table(
+    ids: pd.Series, index: dict[str, Path], features: str
+) -> tuple[pd.DataFrame, list[Problem]]:
+    """Every slide's feature file read: layout, tiles, dimension, coordinates, status."""
+    problems: list[Problem] = []
     rows = []
     casts: dict[str, list[str]] = defaultdict(list)
     for sid in ids:
-        row = {
-            "slide_id": sid,
-            "file": "",
-            "layout": "",
-            "tiles": 0,
-            "dim": 0,
-            "coords": False,
-            "status": "ok",
-        }
+        row = {"slide_id": sid, "file": "", "layout": "", "tiles": 0, "dim": 0}
+        row.update(coords=False, status="ok")
         if sid not in index:
             row["status"] = "missing file"
-            problems.append(Problem("error", sid, f"no feature file in {d.features}"))
+            problems.append(Problem("error", sid, f"no feature file in {features}"))
         else:
             row["file"] = str(index[sid])
             try:
@@ -161,28 +199,7 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
                 )
             )
             table.loc[table["slide_id"] == r["slide_id"], "status"] = "wrong dimension"
-    extra = sorted(set(index) - set(ids))
-    if extra:
-        problems.append(
-            Problem(
-                "warning",
-                str(d.features),
-                f"{len(extra)} feature files not in the CSV (e.g. {', '.join(extra[:3])})",
-            )
-        )
-    if cfg.task.type == "classification" and d.label_col in df.columns:
-        counts = df[d.label_col].value_counts()
-        for label, n in counts.items():
-            if n < cfg.splits.folds:
-                problems.append(
-                    Problem(
-                        "warning",
-                        str(label),
-                        f"class has {n} slides, fewer than {cfg.splits.folds} folds",
-                    )
-                )
-        table.attrs["class_counts"] = counts.to_dict()
-    return problems, table
+    return table, problems
 
 
 def split_problems(cfg: Config, cohort) -> list[Problem]:
@@ -203,7 +220,7 @@ def split_problems(cfg: Config, cohort) -> list[Problem]:
             splits = make_splits(cohort, s.folds, s.val_fraction, s.seed, s.repeats, site_col)
     except DataError as exc:
         return [Problem("error", "splits", str(exc))]
-    if cohort.task != "survival":
+    if cohort.target_kind != "survival":
         return []
     problems = []
     event = dict(zip(cohort.bags["bag_id"], cohort.bags["event"]))

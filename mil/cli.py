@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mil.config import load_config
+    from mil.results import RunFolder
     from mil.train.distributed import current
     from mil.train.runner import run_cv
     from mil.train.summary import format_summary
@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = run_cv(cfg, args.out, folds=_parse_folds(args.folds), progress=not args.quiet)
     if current().main:  # under torchrun, rank 0 speaks for the run
-        print(format_summary(json.loads((run_dir / "summary.json").read_text())))
+        print(format_summary(RunFolder(run_dir).summary()))
         print(f"results: {run_dir}")
     return 0
 
@@ -75,13 +75,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_splits(args: argparse.Namespace) -> int:
     from mil.config import load_config
-    from mil.data.cohort import Cohort
+    from mil.data.sources import read_cohort
     from mil.splits import describe, load_or_make_splits
 
     cfg = load_config(args.config, args.set)
     if not cfg.splits.dir:
         raise MilError(f"{args.config}: splits.dir is not set; say where the split files go")
-    cohort = Cohort.from_config(cfg)
+    cohort = read_cohort(cfg)
     splits, made = load_or_make_splits(
         cfg.splits.dir,
         cohort,

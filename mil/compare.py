@@ -33,14 +33,11 @@ import pandas as pd
 
 from mil.config import Config, config_from_dict
 from mil.errors import ConfigError, DataError
-from mil.io import json_float, read_json, write_csv, write_text
+from mil.io import json_float, write_csv, write_text
 from mil.models import available
+from mil.results import MODEL, RunFolder
+from mil.tasks import get as get_task
 
-# the headline metrics of each task, in table order
-TASK_METRICS = {
-    "classification": ["auc", "balanced_accuracy"],
-    "survival": ["c_index"],
-}
 ENTRY_KEYS = {"model", "train", "label"}
 
 
@@ -133,7 +130,7 @@ def run_compare(
     run_dirs = {label: out / label for label, _ in runs}
     table = comparison_table(run_dirs)
     if dist.main and len(runs) > 1:
-        metric = TASK_METRICS[cfg.task.type][0]
+        metric = get_task(cfg.task.type).headline()
         if reference is None:
             best = table[f"{metric}_mean"].astype(float).fillna(-np.inf).to_numpy().argmax()
             reference = str(table["model"].iloc[best])
@@ -155,13 +152,12 @@ def run_compare(
 
 def n_parameters(run_dir: Path) -> int | None:
     """Trainable parameters of the model saved in the run's first finished fold."""
-    from mil.train.runner import load_model
-    from mil.train.summary import fold_records
-
-    done, _ = fold_records(run_dir)
+    from mil.results.checkpoint import load_model
+    run = RunFolder(run_dir)
+    done = list(run.records())
     if not done:
         return None
-    model, _ = load_model(done[0] / "model.pt")
+    model, _ = load_model(run.fold_file(done[0], MODEL))
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
@@ -169,9 +165,7 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
     """One row per run: parameters, metric mean/sd over folds, seconds per epoch."""
     rows = []
     for label, run_dir in run_dirs.items():
-        summary = read_json(
-            Path(run_dir) / "summary.json", "run summary", f"rebuild it with `mil summarize {run_dir}`"
-        )
+        summary = RunFolder(run_dir).summary()
         m = summary["metrics"]
         row: dict[str, Any] = {
             "model": label,
@@ -180,7 +174,7 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
             "folds": len(summary["folds"]),
             "params": n_parameters(Path(run_dir)),
         }
-        for k in TASK_METRICS.get(summary["task"], []) + ["witness_auc"]:
+        for k in [*_task_metrics(summary["task"]), "witness_auc"]:
             if k in m:
                 row[f"{k}_mean"], row[f"{k}_sd"] = json_float(m[k]["mean"]), json_float(m[k]["sd"])
         for k in ("seconds_per_epoch", "train_seconds"):
@@ -188,6 +182,14 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
                 row[k] = json_float(m[k]["mean"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _task_metrics(task_type: str) -> tuple[str, ...]:
+    """The metrics that compare runs of a task (none for a task this mil does not know)."""
+    try:
+        return get_task(task_type).headline_metrics
+    except ConfigError:
+        return ()
 
 
 def paired_differences(
@@ -208,10 +210,10 @@ def paired_differences(
     from mil.train.summary import run_predictions, run_task
 
     task = run_task(run_dirs[reference])
-    metric = TASK_METRICS[task.name][0]
+    metric = task.headline()
     key = ["fold_dir", "bag_id"]
     ref = run_predictions(run_dirs[reference]).sort_values(key, ignore_index=True)
-    outcome = [c for c in ("label_index", "time", "event") if c in ref.columns]
+    outcome = [c for c in task.outcome_columns if c in ref.columns]
 
     def score(frame: pd.DataFrame) -> float:
         with warnings.catch_warnings():

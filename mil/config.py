@@ -1,164 +1,40 @@
-"""YAML config -> validated, typed :class:`Config`; errors name the key and the file."""
+"""YAML config -> validated, typed :class:`Config`: the schema's checks (:mod:`mil.schema`)
+and the model and task names against their registries; errors name the key and the file."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any
 
 from mil.errors import ConfigError
+from mil.models import registry as models
+from mil.schema import (
+    DEFAULT_PATIENT_COL,
+    Config,
+    DataConfig,
+    SplitsConfig,
+    TaskConfig,
+    TrainConfig,
+    apply_override,
+    dump_config,
+    parse_config,
+    read_yaml_mapping,
+)
+from mil.tasks import registry as tasks
 
-
-@dataclass
-class TaskConfig:
-    type: Literal["classification", "survival"] = "classification"
-    class_weights: Literal["none", "balanced"] | list[float] = "none"
-    # survival
-    loss: Literal["cox", "nll"] = "cox"
-    ties: Literal["efron", "breslow"] = "efron"
-    bins: int = 4
-    alpha: float = 0.0
-
-
-DEFAULT_PATIENT_COL = "case_id"
-
-
-@dataclass
-class DataConfig:
-    csv: str | None = None
-    features: str | None = None
-    slide_col: str = "slide_id"
-    # the patient of each slide; null: the CSV's "case_id" column where it has one, else
-    # each slide is its own patient (with a warning). A column named here must exist.
-    patient_col: str | None = None
-    label_col: str = "label"
-    bag_level: Literal["slide", "patient"] = "slide"
-    classes: list[str] | None = None
-    time_col: str = "time"
-    event_col: str = "event"
-    censored_value: int | None = None
-    # instance-table input (one row per instance): see mil.data.instances
-    instances: str | None = None
-    bag_col: str = "bag_id"
-    standardize: bool = False
-    # tissue source site (centre) of each slide: reported as a subgroup, and the
-    # group of site-preserved folds with splits.by_site
-    site_col: str | None = None
-    # further cohort CSV columns (sex, stage, scanner, ...) whose values get their own metrics
-    subgroup_cols: list[str] = field(default_factory=list)
-    cache_gb: float = 8.0
-    cache_dtype: Literal["float16", "float32"] = "float32"
-    # generate the built-in synthetic cohort at csv/features when they are absent
-    synthetic: Literal["classification", "survival"] | None = None
-
-
-@dataclass
-class SplitsConfig:
-    dir: str | None = None
-    folds: int = 5
-    val_fraction: float = 0.15
-    seed: int = 0
-    repeats: int = 1
-    assignment: str | None = None
-    # site-preserved folds: all patients of a site (data.site_col) share one test fold,
-    # so a model is always tested on sites it never saw (Howard et al., Nat Commun 2021)
-    by_site: bool = False
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 16
-    lr: float = 2.0e-4
-    weight_decay: float = 1.0e-4
-    # adamw: decoupled weight decay (torch.optim.AdamW); adam: Adam with coupled L2 weight decay
-    # (torch.optim.Adam, as Ilse et al. 2018); sgd: SGD, momentum 0.9, L2 weight decay (mi-Net);
-    # radam: rectified Adam with coupled L2 weight decay (torch.optim.RAdam; TransMIL's optimiser,
-    # there inside Lookahead)
-    optimizer: Literal["adamw", "adam", "sgd", "radam"] = "adamw"
-    patience: int | None = 8
-    # early stopping never stops before this many epochs (as CLAM's stop_epoch)
-    min_epochs: int = 0
-    # the restored checkpoint is the lowest validation loss among epochs >= best_from_epoch:
-    # on a small validation set an untrained network (all predictions near the prior) can
-    # score the lowest loss of the run, and early stopping would keep it
-    best_from_epoch: int = 0
-    seed: int = 0
-    # compute chunk: instances per forward call (the loss batch may span several)
-    max_instances: int = 8192
-    # optional random instance subsampling per bag during training (None = full bags)
-    subsample: int | None = None
-    device: str = "auto"
-    # bf16: bfloat16 autocast for training and inference (matmuls in bf16, softmax,
-    # reductions and the loss in fp32); several times faster on CPUs with AVX512-BF16/AMX;
-    # on a GPU, copying features from CPU memory is usually the limit. fp32 is exact and the
-    # default.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    threads: int | None = None
-    grad_clip: float | None = None
-
-
-@dataclass
-class Config:
-    name: str = "run"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    splits: SplitsConfig = field(default_factory=SplitsConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "abmil"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # `mil compare`: models to run through the same folds, each {model: {...}, train: {...}, label}
-    compare: list[dict[str, Any]] = field(default_factory=list)
-    source: str = field(default="<dict>", metadata={"internal": True})
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("source")
-        if not out["compare"]:
-            out.pop("compare")  # plain runs keep the config.yaml they always had
-        return out
-
-    @property
-    def model_name(self) -> str:
-        return str(self.model["name"])
-
-    @property
-    def model_hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model.items() if k != "name"}
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """The top-level mapping of a YAML file (``yaml.safe_load``); a missing, unreadable or
-    invalid file is a :class:`ConfigError` naming it (and the line, for a syntax error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the {what} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise ConfigError(
-            f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
-        ) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys, found {type(raw).__name__}"
-        )
-    return raw
+__all__ = [
+    "DEFAULT_PATIENT_COL",
+    "Config",
+    "DataConfig",
+    "SplitsConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_override",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "read_yaml_mapping",
+]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -169,205 +45,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def config_from_dict(
     raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None
 ) -> Config:
-    raw = copy.deepcopy(raw)
-    for item in overrides or []:
-        apply_override(raw, item, source)
-    cfg = _build(Config, raw, "", source)
-    cfg.source = source
-    _check_model(cfg)
-    _check_values(cfg)
-    return cfg
-
-
-def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw config dict."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    """Parse and check a raw config: its values (:func:`mil.schema.parse_config`), the
+    model's name and hyper-parameters, and the task's name (which also says what the
+    cohort reads as targets)."""
+    cfg = parse_config(raw, source, overrides)
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node = nxt
-    node[parts[-1]] = parsed
-
-
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, found {raw!r}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, f"{key}.", source)
-        else:
-            kwargs[name] = _coerce(value, hint, key, source)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check ``value`` against a type hint, converting ints to floats where a float is wanted."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key, source)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{source}: {key} = {value!r} is not valid; expected {_describe(hint)}")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{source}: {key} must be empty")
-    if origin is Literal:
-        if value in typing.get_args(hint):
-            return value
-        raise ConfigError(
-            f"{source}: {key} = {value!r}; expected one of {list(typing.get_args(hint))}"
-        )
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, found {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict or hint is Any:
-        if origin is dict and not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, found {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{source}: {key} = {value!r}; expected {_describe(hint)}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "empty (null)"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _check_model(cfg: Config) -> None:
-    from mil.models import registry
-
-    cfg.model.setdefault("name", "abmil")
-    try:
-        allowed = registry.hyperparameters(cfg.model_name)
+        allowed = models.hyperparameters(cfg.model_name)
     except ConfigError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
     unknown = sorted(set(cfg.model_hparams) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"{cfg.source}: unknown key 'model.{unknown[0]}' for model {cfg.model_name!r}; "
+            f"{source}: unknown key 'model.{unknown[0]}' for model {cfg.model_name!r}; "
             f"it accepts: {', '.join(sorted(allowed))}"
         )
-
-
-def _check_values(cfg: Config) -> None:
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"{cfg.source}: {key} {what}")
-
-    need(cfg.splits.folds >= 2, "splits.folds", "must be at least 2")
-    need(0.0 <= cfg.splits.val_fraction < 0.5, "splits.val_fraction", "must be in [0, 0.5)")
-    need(cfg.splits.repeats >= 1, "splits.repeats", "must be at least 1")
-    need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")
-    need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
-    need(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "must be a positive finite number")
-    need(
-        math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0,
-        "train.weight_decay",
-        "must be a finite number >= 0",
-    )
-    need(cfg.train.min_epochs >= 0, "train.min_epochs", "must be >= 0")
-    need(
-        cfg.train.subsample is None or cfg.train.subsample >= 1,
-        "train.subsample",
-        "must be at least 1 tile per bag (or null: full bags)",
-    )
-    need(
-        cfg.train.threads is None or cfg.train.threads >= 1,
-        "train.threads",
-        "must be at least 1 (or null: torch's default)",
-    )
-    need(
-        cfg.train.grad_clip is None or (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip > 0),
-        "train.grad_clip",
-        "must be a positive finite number (or null: no clipping)",
-    )
-    need(
-        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device) is not None,
-        "train.device",
-        f"= {cfg.train.device!r}; expected auto, cpu, cuda, cuda:<index> or mps",
-    )
-    need(
-        0 <= cfg.train.best_from_epoch < cfg.train.epochs,
-        "train.best_from_epoch",
-        f"must be in [0, train.epochs = {cfg.train.epochs})",
-    )
-    need(cfg.train.max_instances >= 1, "train.max_instances", "must be at least 1")
-    need(cfg.task.bins >= 2, "task.bins", "must be at least 2")
-    need(0.0 <= cfg.task.alpha <= 1.0, "task.alpha", "must be in [0, 1]")
-    need(math.isfinite(cfg.data.cache_gb) and cfg.data.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0")
-    if cfg.train.patience is not None:
-        need(
-            cfg.train.patience >= 1,
-            "train.patience",
-            "must be at least 1 (or null for fixed epochs)",
+    if cfg.task.type not in tasks.available():
+        raise ConfigError(
+            f"{source}: task.type = {cfg.task.type!r}; expected one of {tasks.available()}"
         )
-        need(
-            cfg.splits.val_fraction > 0,
-            "train.patience",
-            "needs a validation split (splits.val_fraction > 0); set train.patience: null for fixed epochs",
-        )
-    if cfg.splits.by_site:
-        need(cfg.data.site_col is not None, "splits.by_site", "needs data.site_col (the site column)")
-        need(cfg.splits.assignment is None, "splits.by_site", "cannot be combined with splits.assignment")
-    if cfg.data.instances is not None:
-        need(
-            cfg.data.site_col is None and not cfg.data.subgroup_cols,
-            "data.site_col / data.subgroup_cols",
-            "are read from a cohort CSV (data.csv), not from an instance table (data.instances)",
-        )
-    if cfg.data.instances is None:
-        need(cfg.data.csv is not None, "data.csv", "is required (the cohort CSV)")
-        need(cfg.data.features is not None, "data.features", "is required (the feature folder)")
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    cfg.task.target_kind = tasks.get(cfg.task.type).target_kind
+    return cfg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import numpy as np
 import pandas as pd
 
 from mil.config import config_from_dict
-from mil.data.demo import demo_config
+from mil.data.synthetic import demo_config
 from mil.io import safe_filename
 from mil.metrics.survival import c_index
+from mil.results import RunFolder
 from mil.run import Run
 from mil.train.report import write_report
 from mil.train.runner import run_cv
@@ -31,7 +31,7 @@ def run_demo(out: Path, progress: bool = True) -> dict[str, dict]:
         raw = demo_config(kind, out) if loss is None else demo_config(kind, out, loss)
         cfg = config_from_dict(raw, source=f"<demo {raw['name']}>")
         run_dir = run_cv(cfg, out / raw["name"], progress=progress)
-        summary = summaries[raw["name"]] = json.loads((run_dir / "summary.json").read_text())
+        summary = summaries[raw["name"]] = RunFolder(run_dir).summary()
         print(format_summary(summary))
         if kind == "classification":
             # heatmaps of the slides the model was surest are positive, shown in the report
@@ -54,7 +54,8 @@ def oracle_c_index(run_dir: Path, cohort_csv: str | Path) -> float:
         pd.read_csv(cohort_csv, dtype={"case_id": str}).groupby("case_id")["true_risk"].first()
     )
     values = []
-    for fold_dir in sorted(Path(run_dir).glob("fold_*")):
-        pred = pd.read_csv(fold_dir / "predictions.csv", dtype={"patient_id": str})
+    run = RunFolder(run_dir)
+    for fold in run.finished_folds():
+        pred = run.predictions(fold)
         values.append(c_index(pred["time"], pred["event"], true_risk.loc[pred["patient_id"]]))
     return float(np.mean(values))

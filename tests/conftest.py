@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mil.config import config_from_dict
-from mil.data.demo import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
+from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
 # small tensors: one thread avoids oversubscription when other processes share the two cores
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mil.config import config_from_dict, dump_config, load_config
-from mil.data.demo import demo_config
+from mil.data.synthetic import demo_config
 from mil.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

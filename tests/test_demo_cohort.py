@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mil.data.demo import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 from mil.data.readers import read_features
+from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
 
 @pytest.mark.parametrize("fraction", [SMALL_LESION_WITNESS_FRACTION, (0.30, 0.40)])

@@ -201,7 +201,7 @@ def test_report_states_the_protocol_and_the_summary_numbers(tmp_path):
 def test_site_preserved_folds_expose_a_planted_site_confound(tmp_path):
     """Label follows the site and the features carry only a site signature: patient-level
     folds reward learning the site; site-preserved folds, which test on unseen sites, do not."""
-    from mil.data.demo import write_slide
+    from mil.data.synthetic import write_slide
 
     rng = np.random.default_rng(0)
     feats = tmp_path / "features"

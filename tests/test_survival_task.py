@@ -22,7 +22,7 @@ from sksurv.util import Surv
 
 from mil.cli import main
 from mil.config import config_from_dict, load_config
-from mil.data.demo import demo_config, write_synthetic_cohort
+from mil.data.synthetic import demo_config, write_synthetic_cohort
 from mil.errors import DataError
 from mil.tasks.survival import SurvivalTask, SurvivalWarning, _fold_stratified_c_index, cox_batches
 from mil.train.runner import run_cv

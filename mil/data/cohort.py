@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mil.config import DEFAULT_PATIENT_COL, Config
 from mil.errors import DataError, MilWarning
+from mil.schema import DEFAULT_PATIENT_COL, Config
 
 
 class PatientColumnWarning(MilWarning):
@@ -69,6 +69,8 @@ class Cohort:
     task: str
     source: str
     group_cols: list[str] = field(default_factory=list)
+    #: what the targets are: "label" (a class index) or "survival" (time and event)
+    target_kind: str = "label"
 
     @property
     def bag_ids(self) -> list[str]:
@@ -84,18 +86,15 @@ class Cohort:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Cohort:
-        """The cohort a config names: its CSV, or its instance table (``data.instances``).
+        """The cohort of a config's CSV (``data.csv``); for every source, instance tables
+        included, see :mod:`mil.data.sources`.
 
         With ``data.synthetic`` and no CSV yet, the built-in synthetic cohort
         is written at ``data.csv`` / ``data.features`` first.
         """
         d = cfg.data
-        if d.instances:
-            from mil.data.instances import load_instances
-
-            return load_instances(cfg)[0]
         if d.synthetic and not Path(d.csv).is_file():
-            from mil.data.demo import write_synthetic_cohort
+            from mil.data.synthetic import write_synthetic_cohort
 
             write_synthetic_cohort(d.synthetic, Path(d.csv), Path(d.features))
         path = Path(d.csv)
@@ -112,107 +111,26 @@ class Cohort:
         column is no cause for a warning.
         """
         d = cfg.data
-        task = cfg.task.type
         if len(df) == 0:
             raise DataError(f"{source}: the cohort table has a header but no rows")
-
-        def need_col(col: str, key: str) -> None:
-            if col not in df.columns:
-                raise DataError(
-                    f"{source}: column {col!r} (data.{key}) not in the CSV; columns are: {', '.join(map(str, df.columns))}"
-                )
-
+        need_col = _column_check(df, source)
         need_col(d.slide_col, "slide_col")
         out = pd.DataFrame({"slide_id": df[d.slide_col].map(normalize_id)})
         dup = out["slide_id"][out["slide_id"].duplicated()].unique().tolist()
         if dup:
             raise DataError(f"{source}: slide ids appear more than once: {', '.join(dup[:10])}")
-        patient_col = d.patient_col if d.patient_col is not None else DEFAULT_PATIENT_COL
-        if patient_col in df.columns:
-            pid = df[patient_col]
-            missing = pid.isna() | (pid.astype(str).str.strip() == "")
-            out["patient_id"] = pid.map(normalize_id).where(~missing, out["slide_id"])
-        elif d.patient_col is not None:
-            need_col(d.patient_col, "patient_col")
-        else:
-            out["patient_id"] = out["slide_id"]
-            if not bag_is_patient:
-                warnings.warn(
-                    f"{source}: no patient column (data.patient_col is not set and the CSV has no "
-                    f"{DEFAULT_PATIENT_COL!r} column), so every slide counts as its own patient; "
-                    f"slides of one patient could then land in both training and test. Set "
-                    f"data.patient_col to the CSV's patient column, or to {d.slide_col!r} if each "
-                    f"slide is a different patient",
-                    PatientColumnWarning,
-                    stacklevel=2,
-                )
-
+        out["patient_id"] = _patient_ids(df, out["slide_id"], cfg, source, need_col, bag_is_patient)
         classes: list[str] = []
-        if task == "classification":
-            need_col(d.label_col, "label_col")
-            raw = df[d.label_col]
-            _no_missing(raw, out["slide_id"], d.label_col, source)
-            labels = raw.map(_label_str)
-            if d.classes is not None:
-                classes = [str(c) for c in d.classes]
-                unknown = sorted(set(labels) - set(classes))
-                if unknown:
-                    bad = out["slide_id"][labels.isin(unknown)].iloc[0]
-                    raise DataError(
-                        f"{source}: label {unknown[0]!r} (slide {bad}) is not in data.classes {classes}"
-                    )
-            else:
-                classes = _stable_classes(raw)
-            if len(classes) < 2:
-                raise DataError(
-                    f"{source}: column {d.label_col!r} has a single class {classes}; need at least 2"
-                )
-            out["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
+        if cfg.task.target_kind == "label":
+            classes = _label_targets(df, out, cfg, source, need_col)
             targets = ["label"]
         else:
-            need_col(d.time_col, "time_col")
-            need_col(d.event_col, "event_col")
-            for col in (d.time_col, d.event_col):
-                _no_missing(df[col], out["slide_id"], col, source)
-            time = pd.to_numeric(df[d.time_col], errors="coerce")
-            invalid = time.isna() | (time < 0) | ~np.isfinite(time.fillna(0.0).to_numpy(float))
-            if invalid.any():
-                i = int(np.flatnonzero(invalid.to_numpy())[0])
-                raise DataError(
-                    f"{source}: column {d.time_col!r} must hold finite non-negative numbers "
-                    f"(slide {out['slide_id'].iloc[i]}: {_shown(df[d.time_col].iloc[i])})"
-                )
-            ev = pd.to_numeric(df[d.event_col], errors="coerce")
-            if d.censored_value is not None:
-                # two codes, one of them the censored value; otherwise the mapping would
-                # silently read every other code (a typo, a third status) as an event
-                codes = [_shown(c) for c in sorted(ev.dropna().unique().tolist())]
-                if d.censored_value not in ev.dropna().unique() or len(codes) > 2:
-                    raise DataError(
-                        f"{source}: column {d.event_col!r} holds the values {', '.join(codes[:10])}, but "
-                        f"data.censored_value = {d.censored_value} needs two codes, one of them "
-                        f"{d.censored_value} (censored); check data.event_col and data.censored_value"
-                    )
-                ev = (ev != d.censored_value).astype(float).where(ev.notna())
-            if ev.isna().any() or not ev.isin([0, 1]).all():
-                i = int(np.flatnonzero((~ev.isin([0, 1])).to_numpy())[0])
-                raise DataError(
-                    f"{source}: column {d.event_col!r} must be 0/1 after mapping "
-                    f"(data.censored_value={d.censored_value}); slide {out['slide_id'].iloc[i]} has "
-                    f"{_shown(df[d.event_col].iloc[i])}"
-                )
-            out["time"] = time.astype(float)
-            out["event"] = ev.astype(int)
-            if out["event"].sum() == 0:
-                raise DataError(
-                    f"{source}: column {d.event_col!r}: every patient is censored; survival needs events"
-                )
+            _survival_targets(df, out, cfg, source, need_col)
             targets = ["time", "event"]
         for col in df.columns:
             if col not in (d.slide_col,) and col not in out.columns:
                 out[col] = df[col].values
         group_cols = _group_columns(df, out, cfg, source, need_col)
-
         if d.bag_level == "patient":
             out["bag_id"] = out["patient_id"]
             for col in [*targets, *group_cols]:
@@ -236,9 +154,116 @@ class Cohort:
             bags=bags,
             bag_slides=bag_slides,
             classes=classes,
-            task=task,
+            task=cfg.task.type,
             source=source,
             group_cols=group_cols,
+            target_kind=cfg.task.target_kind,
+        )
+
+
+def _column_check(df: pd.DataFrame, source: str):
+    """``need_col(col, key)``: a :class:`DataError` naming ``data.<key>`` unless ``df`` has ``col``."""
+
+    def need_col(col: str, key: str) -> None:
+        if col not in df.columns:
+            raise DataError(
+                f"{source}: column {col!r} (data.{key}) not in the CSV; columns are: {', '.join(map(str, df.columns))}"
+            )
+
+    return need_col
+
+
+def _patient_ids(
+    df: pd.DataFrame, slide_ids: pd.Series, cfg: Config, source: str, need_col, bag_is_patient: bool
+) -> pd.Series:
+    """Each slide's patient: ``data.patient_col`` (which must exist when named), else the
+    CSV's ``case_id``, else the slide itself (with a :class:`PatientColumnWarning`)."""
+    d = cfg.data
+    patient_col = d.patient_col if d.patient_col is not None else DEFAULT_PATIENT_COL
+    if patient_col in df.columns:
+        pid = df[patient_col]
+        missing = pid.isna() | (pid.astype(str).str.strip() == "")
+        return pid.map(normalize_id).where(~missing, slide_ids)
+    if d.patient_col is not None:
+        need_col(d.patient_col, "patient_col")
+    if not bag_is_patient:
+        warnings.warn(
+            f"{source}: no patient column (data.patient_col is not set and the CSV has no "
+            f"{DEFAULT_PATIENT_COL!r} column), so every slide counts as its own patient; "
+            f"slides of one patient could then land in both training and test. Set "
+            f"data.patient_col to the CSV's patient column, or to {d.slide_col!r} if each "
+            f"slide is a different patient",
+            PatientColumnWarning,
+            stacklevel=3,
+        )
+    return slide_ids.copy()
+
+
+def _label_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> list[str]:
+    """``out["label"]`` (class index) from ``data.label_col``; returns the classes in index order."""
+    d = cfg.data
+    need_col(d.label_col, "label_col")
+    raw = df[d.label_col]
+    _no_missing(raw, out["slide_id"], d.label_col, source)
+    labels = raw.map(_label_str)
+    if d.classes is not None:
+        classes = [str(c) for c in d.classes]
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            bad = out["slide_id"][labels.isin(unknown)].iloc[0]
+            raise DataError(
+                f"{source}: label {unknown[0]!r} (slide {bad}) is not in data.classes {classes}"
+            )
+    else:
+        classes = _stable_classes(raw)
+    if len(classes) < 2:
+        raise DataError(
+            f"{source}: column {d.label_col!r} has a single class {classes}; need at least 2"
+        )
+    out["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
+    return classes
+
+
+def _survival_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> None:
+    """``out["time"]`` (finite, >= 0) and ``out["event"]`` (1 = observed, after
+    ``data.censored_value``) from ``data.time_col`` and ``data.event_col``."""
+    d = cfg.data
+    need_col(d.time_col, "time_col")
+    need_col(d.event_col, "event_col")
+    for col in (d.time_col, d.event_col):
+        _no_missing(df[col], out["slide_id"], col, source)
+    time = pd.to_numeric(df[d.time_col], errors="coerce")
+    invalid = time.isna() | (time < 0) | ~np.isfinite(time.fillna(0.0).to_numpy(float))
+    if invalid.any():
+        i = int(np.flatnonzero(invalid.to_numpy())[0])
+        raise DataError(
+            f"{source}: column {d.time_col!r} must hold finite non-negative numbers "
+            f"(slide {out['slide_id'].iloc[i]}: {_shown(df[d.time_col].iloc[i])})"
+        )
+    ev = pd.to_numeric(df[d.event_col], errors="coerce")
+    if d.censored_value is not None:
+        # two codes, one of them the censored value; otherwise the mapping would
+        # silently read every other code (a typo, a third status) as an event
+        codes = [_shown(c) for c in sorted(ev.dropna().unique().tolist())]
+        if d.censored_value not in ev.dropna().unique() or len(codes) > 2:
+            raise DataError(
+                f"{source}: column {d.event_col!r} holds the values {', '.join(codes[:10])}, but "
+                f"data.censored_value = {d.censored_value} needs two codes, one of them "
+                f"{d.censored_value} (censored); check data.event_col and data.censored_value"
+            )
+        ev = (ev != d.censored_value).astype(float).where(ev.notna())
+    if ev.isna().any() or not ev.isin([0, 1]).all():
+        i = int(np.flatnonzero((~ev.isin([0, 1])).to_numpy())[0])
+        raise DataError(
+            f"{source}: column {d.event_col!r} must be 0/1 after mapping "
+            f"(data.censored_value={d.censored_value}); slide {out['slide_id'].iloc[i]} has "
+            f"{_shown(df[d.event_col].iloc[i])}"
+        )
+    out["time"] = time.astype(float)
+    out["event"] = ev.astype(int)
+    if out["event"].sum() == 0:
+        raise DataError(
+            f"{source}: column {d.event_col!r}: every patient is censored; survival needs events"
         )
 
 

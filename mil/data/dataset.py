@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,24 @@ class BagDataset:
         self._x: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._x_bytes = 0
         self._x_budget = max(0, store.budget - store._bytes) if transform is not None else 0
+
+    @classmethod
+    def with_graph(
+        cls,
+        bag_slides: dict[str, list[str]],
+        store: FeatureStore,
+        graph: str | None,
+        graph_k: int = 8,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BagDataset:
+        """Bags with the instance graph a model asks for (its ``graph``, ``graph_k``;
+        None: no graph), built per slide by :func:`mil.data.graph.bag_graph`."""
+        graph_fn = None
+        if graph:
+            from mil.data.graph import bag_graph
+
+            graph_fn = partial(bag_graph, kind=graph, k=graph_k)
+        return cls(bag_slides, store, graph_fn, transform, graph_uses_features=graph != "spatial")
 
     @property
     def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

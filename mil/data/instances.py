@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mil.config import DEFAULT_PATIENT_COL, Config
 from mil.data.cohort import Cohort
 from mil.data.dataset import FeatureStore
 from mil.data.readers import SlideFeatures
 from mil.errors import DataError
+from mil.schema import DEFAULT_PATIENT_COL, Config
 
 INSTANCE_ID_COL = "instance_id"
 INSTANCE_LABEL_COL = "instance_label"
@@ -74,7 +74,7 @@ def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
 def bag_level_columns(cfg: Config, columns) -> dict[str, str]:
     """The columns that hold one value per bag (targets, optional patient) -> their config key."""
     d = cfg.data
-    if cfg.task.type == "classification":
+    if cfg.task.target_kind == "label":
         cols = {d.label_col: "label_col"}
     else:
         cols = {d.time_col: "time_col", d.event_col: "event_col"}

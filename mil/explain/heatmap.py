@@ -275,8 +275,6 @@ def plot_heatmap(
         outline: colour of the top-k outlines.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
 
     raster = score_raster(coords, scores, tile_size, normalize, smooth)
     if ax is None:
@@ -305,19 +303,7 @@ def plot_heatmap(
         alpha=alpha if slide_path is not None else 1.0,
     )
     if top_k:
-        top = top_k_tiles(coords, scores, top_k)
-        x0, y0 = raster.origin
-        boxes = [
-            Rectangle(
-                (x0 + raster.cols[i] * raster.cell, y0 + raster.rows[i] * raster.cell),
-                raster.cell,
-                raster.cell,
-            )
-            for i in top["index"]
-        ]
-        ax.add_collection(
-            PatchCollection(boxes, facecolor="none", edgecolor=outline, linewidth=1.2, zorder=3)
-        )
+        _outline_top_tiles(ax, raster, coords, scores, top_k, outline)
     left, right, bottom, topy = raster.extent
     pad = raster.cell
     if slide_path is None:
@@ -336,3 +322,23 @@ def plot_heatmap(
         cax = ax.inset_axes([1.03, 0.0, 0.035, 1.0])
         fig.colorbar(im, cax=cax, label=label)
     return fig
+
+
+def _outline_top_tiles(ax, raster: ScoreRaster, coords, scores, k: int, colour: str) -> None:
+    """Outline the ``k`` highest-scored tiles on ``ax``."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    top = top_k_tiles(coords, scores, k)
+    x0, y0 = raster.origin
+    boxes = [
+        Rectangle(
+            (x0 + raster.cols[i] * raster.cell, y0 + raster.rows[i] * raster.cell),
+            raster.cell,
+            raster.cell,
+        )
+        for i in top["index"]
+    ]
+    ax.add_collection(
+        PatchCollection(boxes, facecolor="none", edgecolor=colour, linewidth=1.2, zorder=3)
+    )

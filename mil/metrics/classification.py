@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 
 
@@ -58,3 +59,31 @@ def confusion(y_true: np.ndarray, prob: np.ndarray) -> list[list[int]]:
         np.asarray(y_true, dtype=int), np.asarray(prob).argmax(1), labels=np.arange(n_classes)
     )
     return cm.tolist()
+
+
+def roc_curves(
+    preds: dict[str, pd.DataFrame], classes: list[str], which: list[str]
+) -> tuple[pd.DataFrame | None, dict[str, float]]:
+    """ROC curves of each class in ``which`` against the rest, per fold and pooled.
+
+    ``preds``: fold name -> predictions with ``label_index`` and ``prob_<class>``.
+    Returns ``class, fold, fpr, tpr, threshold`` rows (None where no fold holds
+    both outcomes) and the pooled AUC per class.
+    """
+    pooled = pd.concat(preds.values(), ignore_index=True)
+    rows, aucs = [], {}
+    for c in which:
+        k = classes.index(c)
+        for fold, part in [*preds.items(), ("pooled", pooled)]:
+            y = part["label_index"].to_numpy(int) == k
+            if y.all() or not y.any():
+                continue  # one class only: no curve
+            fpr, tpr, thr = skm.roc_curve(y, part[f"prob_{c}"].to_numpy(float))
+            rows.append(
+                pd.DataFrame({"class": c, "fold": fold, "fpr": fpr, "tpr": tpr, "threshold": thr})
+            )
+            if fold == "pooled":
+                aucs[c] = float(skm.roc_auc_score(y, part[f"prob_{c}"]))
+    if not rows:
+        return None, aucs
+    return pd.concat(rows, ignore_index=True), aucs

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 from sksurv.linear_model.coxph import BreslowEstimator
 from sksurv.metrics import (
     concordance_index_censored,
@@ -273,3 +274,83 @@ def _as_data_error(what: str) -> Iterator[None]:
         yield
     except ValueError as exc:
         raise DataError(f"cannot compute the {what}: {exc}") from exc
+
+
+def ibs_times(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """The integrated Brier score's time grid: 15 quantiles (10%..90%) of the test times.
+
+    Kept strictly below the last test time and below :func:`ipcw_tau` of the
+    training fold, where scikit-survival's IPCW weights exist.
+    """
+    upper = min(ipcw_tau(train_time, train_event), float(np.max(time)))
+    grid = np.unique(np.quantile(np.asarray(time, float), np.linspace(0.1, 0.9, 15)))
+    grid = grid[grid < upper]
+    if len(grid) < 2:
+        raise DataError(
+            f"fewer than two test times below {upper:g} (the end of the training or test "
+            "follow-up); the integrated Brier score needs a time range"
+        )
+    return grid
+
+
+def risk_groups(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
+    """Test bags with ``risk_std`` and ``group`` (high / low): cut at the training median risk.
+
+    ``risk_std = (risk - median_train) / sd_train`` puts every fold on one
+    scale with its own cut at 0, ready for pooling across folds.
+    """
+    train_risk = train_pred["risk"].to_numpy(float)
+    median = float(np.median(train_risk))
+    sd = float(np.std(train_risk, ddof=1)) if len(train_risk) > 1 else 0.0
+    out = pred[["bag_id", "patient_id", "fold", "time", "event", "risk"]].copy()
+    out["risk_std"] = (out["risk"] - median) / (sd if sd > 0 else 1.0)
+    out["group"] = np.where(out["risk"].to_numpy(float) > median, "high", "low")
+    return out
+
+
+def logrank_p(groups: pd.DataFrame) -> float:
+    """Log-rank p-value (lifelines) of high vs low risk groups; NaN if a group is empty."""
+    from lifelines.statistics import logrank_test
+
+    hi, lo = groups[groups["group"] == "high"], groups[groups["group"] == "low"]
+    if len(hi) == 0 or len(lo) == 0 or groups["event"].sum() == 0:
+        return float("nan")
+    res = logrank_test(
+        hi["time"], lo["time"], event_observed_A=hi["event"], event_observed_B=lo["event"]
+    )
+    return float(res.p_value)
+
+
+def pooled_arrays(pred: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """``time, event, risk, fold`` arrays of pooled predictions (fold all 0 without a column)."""
+    fold = pred["fold"].astype(str).to_numpy() if "fold" in pred else np.zeros(len(pred))
+    return (*(pred[c].to_numpy(float) for c in ("time", "event", "risk")), fold)
+
+
+def pooled_c_index(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, fold: np.ndarray
+) -> dict[str, float]:
+    """``{"c_index": fold_stratified_c_index(...)}``: the statistic a bootstrap resamples."""
+    return {"c_index": fold_stratified_c_index(time, event, risk, fold)}
+
+
+def fold_stratified_c_index(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, fold: np.ndarray
+) -> float:
+    """Harrell's C over pairs within one fold (scikit-survival's pair counts, summed)."""
+    from sksurv.metrics import concordance_index_censored
+
+    concordant = comparable = 0.0
+    for f in np.unique(fold):
+        m = fold == f
+        if not event[m].any():
+            continue
+        try:
+            _, conc, disc, tied_risk, _ = concordance_index_censored(
+                event[m].astype(bool), time[m], risk[m]
+            )
+        except ValueError:  # no comparable pair in this fold's resample
+            continue
+        concordant += conc + 0.5 * tied_risk
+        comparable += conc + disc + tied_risk
+    return float(concordant / comparable) if comparable else float("nan")

@@ -1,19 +1,19 @@
-"""Tasks: classification and survival heads, losses, predictions and metrics."""
+"""Tasks: heads' losses, predictions and metrics; one registry (``task.type``)."""
 
 from __future__ import annotations
 
-from mil.config import Config
+from mil.tasks import classification, survival  # noqa: F401  (register the built-in tasks)
 from mil.tasks.base import Task
 from mil.tasks.classification import ClassificationTask
+from mil.tasks.registry import available, get, make_task, register
+from mil.tasks.survival import SurvivalTask
 
-
-def make_task(cfg: Config, classes: list[str]) -> Task:
-    """The task named by ``cfg.task.type``."""
-    if cfg.task.type == "classification":
-        return ClassificationTask(cfg, classes)
-    from mil.tasks.survival import SurvivalTask
-
-    return SurvivalTask(cfg, classes)
-
-
-__all__ = ["Task", "ClassificationTask", "make_task"]
+__all__ = [
+    "Task",
+    "ClassificationTask",
+    "SurvivalTask",
+    "available",
+    "get",
+    "make_task",
+    "register",
+]

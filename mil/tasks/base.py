@@ -1,9 +1,13 @@
-"""The task interface: what the runner asks of classification and survival alike."""
+"""The task interface: every hook the runner, summary, report, comparison and ``mil.Run`` use.
+
+A task is one subclass of :class:`Task` registered under its ``task.type``
+(:func:`mil.tasks.registry.register`). Every hook is declared here with a
+default, so callers never probe for optional methods.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,35 +15,82 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mil.config import Config
+from mil.schema import Config
+
+#: what a task's artifact hooks return: file name -> a table (CSV) or a matplotlib Figure (PNG)
+Artifacts = dict[str, Any]
+#: given a fold file name (e.g. ``"predictions.csv"``), that table of every fold of the first
+#: repeat, by fold name: how a task reads its folds back without knowing the run folder
+FoldTables = Callable[[str], dict[str, pd.DataFrame]]
 
 
 class Task:
-    """Turns head outputs into a loss, predictions and metrics.
+    """Turns head outputs into a loss, predictions, metrics and run artifacts.
 
     Per fold the runner calls :meth:`setup_fold` with the training bags, then
     :meth:`batches`, :meth:`targets` and :meth:`loss` while training, and
-    :meth:`predictions` and :meth:`metrics` on the test bags.
+    :meth:`predictions` and :meth:`metrics` on the test bags; :meth:`fold_artifacts`
+    and :meth:`patient_predictions` give the fold's extra files. The summary
+    pools the folds with :meth:`pooled_metrics`, :meth:`pooled_ci`,
+    :meth:`counts` and :meth:`summary_artifacts`.
     """
 
+    #: the ``task.type`` it is registered under (set by the registry)
     name = "task"
-    #: the metric that early stopping and model selection watch (lower is better)
-    monitor = "loss"
+    #: what the cohort reads as targets: ``"label"`` (a class column) or ``"survival"``
+    #: (time and event columns)
+    target_kind = "label"
+    #: metrics that compare runs, headline first (comparison tables, paired and subgroup tests)
+    headline_metrics: tuple[str, ...] = ()
+    #: metrics shown first in reports, in this order (the rest follow alphabetically)
+    report_metrics: tuple[str, ...] = ()
+    #: prediction columns that hold the outcome (two runs are paired only where they agree)
+    outcome_columns: tuple[str, ...] = ()
+    #: the runner also predicts the training bags and passes them to :meth:`metrics`
+    needs_train_predictions = False
+    #: how the folds are stratified, in the report's words
+    strata_description = "class"
+    #: run-level figures of :meth:`summary_artifacts` shown in the report, with their captions
+    figure_captions: dict[str, str] = {}
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         self.cfg = cfg
         self.classes = list(classes)
+        #: the fold being run ("" outside a fold), named in messages and predictions
+        self.fold_name = ""
+
+    @classmethod
+    def headline(cls) -> str:
+        """The metric that compares runs (``auc``, ``c_index``)."""
+        return cls.headline_metrics[0]
 
     @property
     def n_out(self) -> int:
         raise NotImplementedError
 
-    def setup_fold(self, train_bags: pd.DataFrame) -> None:
+    @property
+    def where(self) -> str:
+        """The fold, for messages."""
+        return f"fold {self.fold_name}" if self.fold_name != "" else "this fold"
+
+    # ---- one fold -----------------------------------------------------------------------
+
+    def setup_fold(self, train_bags: pd.DataFrame, fold_name: str | None = None) -> None:
+        """Start a fold: remember its name and fit fold state on the training bags."""
+        if fold_name is not None:
+            self.fold_name = fold_name
+        self.fit_fold(train_bags)
+
+    def fit_fold(self, train_bags: pd.DataFrame) -> None:
         """Fit fold-dependent state (class weights, survival bins) on the training bags."""
 
     def state(self) -> dict[str, Any]:
         """Fold state saved beside the model weights (plain Python types)."""
         return {}
+
+    def validation_usable(self, val_bags: pd.DataFrame) -> bool:
+        """Whether the validation bags can drive early stopping (survival: some event)."""
+        return True
 
     def batches(
         self, bags: pd.DataFrame, batch_size: int, rng: np.random.Generator
@@ -58,8 +109,24 @@ class Task:
     def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+    # ---- predictions and metrics ------------------------------------------------------------
+
+    def outputs(self, logits: np.ndarray) -> pd.DataFrame:
+        """The prediction columns of head outputs ``[B, n_out]`` (probabilities, risk, ...)."""
         raise NotImplementedError
+
+    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+        """One row per bag: ids, targets and :meth:`outputs`."""
+        raise NotImplementedError
+
+    def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
+        """:meth:`outputs` rows averaged within groups of column ``by`` (a fold ensemble)."""
+        cols = [c for c in rows.columns if c not in (by, "fold") and pd.api.types.is_numeric_dtype(rows[c])]
+        return rows.groupby(by, sort=False)[cols].mean().reset_index()
+
+    def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame | None:
+        """Patient-level predictions (``predictions_patient.csv``); None: no such file."""
+        return None
 
     def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
         """Scalar metrics (and extras such as a confusion matrix) of one fold's predictions."""
@@ -79,21 +146,42 @@ class Task:
         """Outcome counts of some predictions (bags per class, or events), for subgroup tables."""
         return {}
 
+    def outcome_strata(self, pred: pd.DataFrame) -> np.ndarray:
+        """Per-row outcome stratum (class, event status) within which permutation tests shuffle."""
+        return np.zeros(len(pred), dtype=int)
+
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         """Which bags can hold positive instances (for instance-level AUC)."""
         return np.ones(len(pred), dtype=bool)
 
+    def score_column(self) -> str | None:
+        """The prediction column that ranks bags from most to least positive (or at risk):
+        the slides ``mil heatmap --top-n`` draws. None: the task ranks no bags."""
+        return None
+
+    def describe(self, row: pd.Series) -> str:
+        """One prediction row in a few words, for a heatmap's title (``P(tumour) = 0.93``)."""
+        return ""
+
+    # ---- files beside the predictions, and the report -----------------------------------------
+
+    def fold_artifacts(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None) -> Artifacts:
+        """Extra files of a fold folder (e.g. survival's ``risk_groups.csv``, ``km.png``)."""
+        return {}
+
+    def summary_artifacts(self, folds: FoldTables) -> tuple[dict[str, Any], Artifacts]:
+        """Run-level results for ``summary.json`` and files of the run folder (pooled ROC or
+        Kaplan–Meier curves), from the first repeat's fold files."""
+        return {}, {}
+
+    def title(self) -> str:
+        """What the run does, for the report's heading (``slide classification``)."""
+        return self.name
+
+    def methods(self) -> str:
+        """The report's sentences on the loss and the metrics."""
+        return ""
+
 
 def as_tensor(values: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.as_tensor(np.asarray(values), dtype=dtype)
-
-
-def first_repeat_folds(fold_dirs: Sequence[Path], name: str) -> dict[str, pd.DataFrame]:
-    """Fold name -> the CSV ``name`` of that fold, for the folds of the first repeat
-    (``fold_<k>``; later repeats are ``fold_r<r>_<k>``), so that pooled out-of-fold
-    results count every bag once. Folds without the file are skipped."""
-    dirs = [Path(d) for d in fold_dirs if (Path(d) / name).is_file()]
-    first = [d for d in dirs if not d.name.startswith("fold_r")] or dirs
-    return {
-        d.name[5:]: pd.read_csv(d / name, dtype={"bag_id": str, "patient_id": str}) for d in first
-    }

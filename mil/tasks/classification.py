@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mil.config import Config
 from mil.errors import ConfigError
-from mil.io import atomic_path, write_csv
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
-from mil.tasks.base import Task, as_tensor, first_repeat_folds
+from mil.metrics.classification import roc_curves
+from mil.plots import roc_figure
+from mil.schema import Config
+from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
+from mil.tasks.registry import register
 
 
+@register("classification")
 class ClassificationTask(Task):
     """Cross-entropy over C classes (C >= 2), optional class weights.
 
@@ -26,7 +28,10 @@ class ClassificationTask(Task):
     list of C weights.
     """
 
-    name = "classification"
+    headline_metrics = ("auc", "balanced_accuracy")
+    report_metrics = ("auc", "balanced_accuracy", "accuracy", "f1")
+    outcome_columns = ("label_index",)
+    figure_captions = {"roc.png": "Out-of-fold ROC curves (thin: folds; bold: pooled)."}
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         super().__init__(cfg, classes)
@@ -41,7 +46,7 @@ class ClassificationTask(Task):
     def n_out(self) -> int:
         return len(self.classes)
 
-    def setup_fold(self, train_bags: pd.DataFrame) -> None:
+    def fit_fold(self, train_bags: pd.DataFrame) -> None:
         cw = self.cfg.task.class_weights
         if cw == "balanced":
             from sklearn.utils.class_weight import compute_class_weight
@@ -69,16 +74,29 @@ class ClassificationTask(Task):
         w = None if self.weight is None else self.weight.to(logits.device)
         return F.cross_entropy(logits, targets["label"].to(logits.device), weight=w)
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+    def outputs(self, logits: np.ndarray) -> pd.DataFrame:
+        """``prob_<class>`` (softmax) per class and ``pred``, the most probable class."""
         prob = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+        out = pd.DataFrame({f"prob_{c}": prob[:, i] for i, c in enumerate(self.classes)})
+        out["pred"] = [self.classes[i] for i in prob.argmax(1)]
+        return out
+
+    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
         out = pd.DataFrame(
             {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
         )
         out["label"] = [self.classes[i] for i in bags["label"]]
         out["label_index"] = bags["label"].to_numpy(int)
-        for i, c in enumerate(self.classes):
-            out[f"prob_{c}"] = prob[:, i]
-        out["pred"] = [self.classes[i] for i in prob.argmax(1)]
+        values = self.outputs(logits)
+        for col in values.columns:
+            out[col] = values[col].to_numpy()
+        return out
+
+    def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
+        """Class probabilities averaged within ``by``; ``pred`` recomputed from the means."""
+        out = super().mean_outputs(rows, by)
+        probs = out[[f"prob_{c}" for c in self.classes]].to_numpy()
+        out["pred"] = [self.classes[i] for i in probs.argmax(1)]
         return out
 
     def _prob(self, pred: pd.DataFrame) -> np.ndarray:
@@ -103,7 +121,10 @@ class ClassificationTask(Task):
         y = pred["label_index"].to_numpy(int)
         return {f"n_{c}": int((y == k).sum()) for k, c in enumerate(self.classes)}
 
-    def summary_artifacts(self, run_dir: Path, fold_dirs: list[Path]) -> dict[str, Any]:
+    def outcome_strata(self, pred: pd.DataFrame) -> np.ndarray:
+        return pred["label_index"].to_numpy(int)
+
+    def summary_artifacts(self, folds: FoldTables) -> tuple[dict[str, Any], Artifacts]:
         """Out-of-fold ROC curves: ``roc.csv`` (per fold and pooled) and ``roc.png``.
 
         Binary: the positive (last) class; multi-class: each class against the
@@ -111,37 +132,18 @@ class ClassificationTask(Task):
         used, so that every bag counts once. Returns ``auc_pooled`` (per class
         for multi-class), the AUC of the pooled out-of-fold predictions.
         """
-        from sklearn.metrics import roc_auc_score, roc_curve
-
-        preds = first_repeat_folds(fold_dirs, "predictions.csv")
+        preds = folds("predictions.csv")
         if not preds:
-            return {}
-        pooled = pd.concat(preds.values(), ignore_index=True)
+            return {}, {}
         classes = self.classes[-1:] if len(self.classes) == 2 else self.classes
-        rows, aucs = [], {}
-        for c in classes:
-            k = self.classes.index(c)
-            for fold, part in [*preds.items(), ("pooled", pooled)]:
-                y = part["label_index"].to_numpy(int) == k
-                if y.all() or not y.any():
-                    continue  # one class only: no curve
-                fpr, tpr, thr = roc_curve(y, part[f"prob_{c}"].to_numpy(float))
-                rows.append(pd.DataFrame({"class": c, "fold": fold, "fpr": fpr, "tpr": tpr, "threshold": thr}))
-                if fold == "pooled":
-                    aucs[c] = float(roc_auc_score(y, part[f"prob_{c}"]))
-        if not rows:
-            return {}
-        curves = pd.concat(rows, ignore_index=True)
-        write_csv(Path(run_dir) / "roc.csv", curves)
-        save_roc_plot(
-            Path(run_dir) / "roc.png",
-            curves,
-            aucs,
-            f"{self.cfg.name}: out-of-fold ROC, {len(preds)} folds",
-        )
+        curves, aucs = roc_curves(preds, self.classes, classes)
+        if curves is None:
+            return {}, {}
+        title = f"{self.cfg.name}: out-of-fold ROC, {len(preds)} folds"
+        artifacts = {"roc.csv": curves, "roc.png": roc_figure(curves, aucs, title)}
         if len(self.classes) == 2:
-            return {"auc_pooled": aucs.get(self.classes[-1], float("nan"))}
-        return {"auc_pooled": aucs}
+            return {"auc_pooled": aucs.get(self.classes[-1], float("nan"))}, artifacts
+        return {"auc_pooled": aucs}, artifacts
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int) > 0
@@ -158,29 +160,21 @@ class ClassificationTask(Task):
         out["pred"] = [self.classes[i] for i in out[cols].to_numpy().argmax(1)]
         return out
 
+    def score_column(self) -> str:
+        return f"prob_{self.classes[-1]}"
 
-def save_roc_plot(path: Path, curves: pd.DataFrame, aucs: dict[str, float], title: str) -> None:
-    """ROC curves as a PNG: each fold thin, the pooled out-of-fold curve bold (per class)."""
-    from matplotlib.figure import Figure
+    def describe(self, row: pd.Series) -> str:
+        c = self.classes[-1]
+        return f"label {row['label']}, P({c}) = {row[f'prob_{c}']:.2f}"
 
-    fig = Figure(figsize=(4.8, 4.4), dpi=120)  # no pyplot: leaves the user's backend alone
-    ax = fig.subplots()
-    colours = [f"C{i}" for i in range(10)]
-    for i, (c, g) in enumerate(curves.groupby("class", sort=False)):
-        colour = colours[i % len(colours)]
-        for fold, f in g.groupby("fold", sort=False):
-            if fold != "pooled":
-                ax.plot(f["fpr"], f["tpr"], color=colour, alpha=0.25, lw=0.8)
-        f = g[g["fold"] == "pooled"]
-        label = f"{c}: pooled AUC {aucs[c]:.3f}" if c in aucs else str(c)
-        ax.plot(f["fpr"], f["tpr"], color=colour, lw=2.0, label=label)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8, title="thin: single folds")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    def title(self) -> str:
+        return f"{self.cfg.data.bag_level} classification"
+
+    def methods(self) -> str:
+        weights = self.cfg.task.class_weights
+        return (
+            "Loss: cross-entropy"
+            + (f" with class weights ({weights})" if weights != "none" else "")
+            + ". Metrics (scikit-learn): ROC AUC (one-vs-rest macro for more than two classes), "
+            "balanced accuracy, accuracy and macro F1 at the most probable class."
+        )

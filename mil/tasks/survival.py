@@ -1,4 +1,4 @@
-"""Survival: a Cox or discrete-time hazard head, its loss batches, predictions, metrics and KM plots.
+"""Survival: a Cox or discrete-time hazard head, its loss batches, predictions, metrics and KM curves.
 
 Targets are ``time`` and ``event`` (1 = observed) as :class:`~mil.data.cohort.Cohort`
 reads them. Metrics come from scikit-survival (:mod:`mil.metrics.survival`),
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mil.config import Config
 from mil.errors import DataError, MilWarning
-from mil.io import atomic_path, write_csv
 from mil.losses import (
     assign_bins,
     cox_ph_loss,
@@ -33,17 +30,29 @@ from mil.metrics.survival import (
     c_index,
     c_index_uno,
     discrete_survival_at,
+    fold_stratified_c_index,
     ibs,
-    ipcw_tau,
+    ibs_times,
+    logrank_p,
+    pooled_arrays,
+    pooled_c_index,
+    risk_groups,
     td_auc,
 )
-from mil.tasks.base import Task, as_tensor, first_repeat_folds
+from mil.plots import km_figure
+from mil.schema import Config
+from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
+from mil.tasks.registry import register
+
+# the pooled C-index over pairs within a fold (kept importable from here)
+_fold_stratified_c_index = fold_stratified_c_index
 
 
 class SurvivalWarning(MilWarning):
     """A fold whose data leave a survival metric or early stopping undefined."""
 
 
+@register("survival")
 class SurvivalTask(Task):
     """Cox partial likelihood (``task.loss: cox``) or discrete-time hazard NLL (``nll``).
 
@@ -60,33 +69,32 @@ class SurvivalTask(Task):
     :meth:`validation_usable`).
     """
 
-    name = "survival"
+    target_kind = "survival"
+    headline_metrics = ("c_index",)
+    report_metrics = ("c_index", "c_index_uno", "td_auc", "ibs")
+    outcome_columns = ("time", "event")
     #: the runner also predicts the training bags: Uno's C, the IBS (Breslow
     #: baseline) and the risk-group cut all need the training fold
     needs_train_predictions = True
+    strata_description = "event status and time quantile"
+    figure_captions = {"km.png": "Kaplan-Meier curves of out-of-fold risk groups."}
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         super().__init__(cfg, [])
         self.loss_name = cfg.task.loss
         self.ties = cfg.task.ties
         self.bin_edges: np.ndarray | None = None
-        #: set by the runner before :meth:`setup_fold`, used in messages and predictions
-        self.fold_name = ""
 
     @property
     def n_out(self) -> int:
         return 1 if self.loss_name == "cox" else int(self.cfg.task.bins)
 
-    @property
-    def _where(self) -> str:
-        return f"fold {self.fold_name}" if self.fold_name != "" else "this fold"
-
-    def setup_fold(self, train_bags: pd.DataFrame) -> None:
+    def fit_fold(self, train_bags: pd.DataFrame) -> None:
         event = train_bags["event"].to_numpy(int)
         if self.loss_name == "cox":
             if event.sum() < 2:
                 raise DataError(
-                    f"{self._where}: the training partition has {int(event.sum())} event(s) among "
+                    f"{self.where}: the training partition has {int(event.sum())} event(s) among "
                     f"{len(event)} bags; the Cox loss needs at least 2 events per batch. Use fewer "
                     f"folds (splits.folds), more patients, or task.loss: nll"
                 )
@@ -96,7 +104,7 @@ class SurvivalTask(Task):
                 train_bags["time"].to_numpy(float), event, self.cfg.task.bins
             )
         except DataError as exc:
-            raise DataError(f"{self._where}: {exc} (task.bins = {self.cfg.task.bins})") from None
+            raise DataError(f"{self.where}: {exc} (task.bins = {self.cfg.task.bins})") from None
 
     def state(self) -> dict[str, Any]:
         cuts = None if self.bin_edges is None else self.bin_edges[1:-1].tolist()
@@ -107,7 +115,7 @@ class SurvivalTask(Task):
         if int(val_bags["event"].sum()) > 0:
             return True
         warnings.warn(
-            f"{self._where}: the validation partition ({len(val_bags)} bags) has no events, so "
+            f"{self.where}: the validation partition ({len(val_bags)} bags) has no events, so "
             f"its loss and C-index are undefined and not logged; this fold trains for the full "
             f"train.epochs = {self.cfg.train.epochs} without early stopping",
             SurvivalWarning,
@@ -120,7 +128,7 @@ class SurvivalTask(Task):
     ) -> list[np.ndarray]:
         if self.loss_name != "cox":
             return super().batches(bags, batch_size, rng)
-        return cox_batches(bags["event"].to_numpy(int), batch_size, rng, where=self._where)
+        return cox_batches(bags["event"].to_numpy(int), batch_size, rng, where=self.where)
 
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         time = bags["time"].to_numpy(float)
@@ -143,6 +151,17 @@ class SurvivalTask(Task):
             logits, targets["bin"].to(logits.device), event, alpha=self.cfg.task.alpha
         )
 
+    def outputs(self, logits: np.ndarray) -> pd.DataFrame:
+        """``risk`` (+ ``surv_k``: survival after bin k, for the nll loss)."""
+        logits = torch.as_tensor(logits, dtype=torch.float64)
+        if logits.shape[1] == 1:
+            return pd.DataFrame({"risk": logits[:, 0].numpy()})
+        d = discrete_survival(logits)
+        out = pd.DataFrame({"risk": d["risk"].numpy()})
+        for k in range(logits.shape[1]):
+            out[f"surv_{k}"] = d["survival"][:, k].numpy()
+        return out
+
     def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
         """``bag_id, patient_id, fold, time, event, risk`` (+ ``surv_k``: S after bin k, for nll)."""
         out = pd.DataFrame(
@@ -154,14 +173,9 @@ class SurvivalTask(Task):
                 "event": bags["event"].to_numpy(int),
             }
         )
-        logits = torch.as_tensor(logits, dtype=torch.float64)
-        if self.loss_name == "cox":
-            out["risk"] = logits[:, 0].numpy()
-        else:
-            d = discrete_survival(logits)
-            out["risk"] = d["risk"].numpy()
-            for k in range(logits.shape[1]):
-                out[f"surv_{k}"] = d["survival"][:, k].numpy()
+        values = self.outputs(logits)
+        for col in values.columns:
+            out[col] = values[col].to_numpy()
         return out
 
     def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame:
@@ -187,7 +201,7 @@ class SurvivalTask(Task):
         out: dict[str, Any] = {}
         if not validating and event.sum() == 0:
             warnings.warn(
-                f"{self._where}: the test partition ({len(pred)} bags) has no events; its "
+                f"{self.where}: the test partition ({len(pred)} bags) has no events; its "
                 "survival metrics are undefined (NaN). Use fewer folds (splits.folds)",
                 SurvivalWarning,
                 stacklevel=2,
@@ -244,15 +258,15 @@ class SurvivalTask(Task):
         defined only up to a shift), so the statistic compares pairs within a
         fold only: concordant / comparable pairs summed over folds.
         """
-        return _pooled_c_index(*_pooled_arrays(pred))
+        return pooled_c_index(*pooled_arrays(pred))
 
     def pooled_ci(
         self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
     ) -> dict[str, tuple[float, float]]:
         """Bootstrap 95% CI of :meth:`pooled_metrics`, resampling patients."""
         return bootstrap_ci(
-            _pooled_c_index,
-            *_pooled_arrays(pred),
+            pooled_c_index,
+            *pooled_arrays(pred),
             n_boot=n_boot,
             seed=seed,
             groups=pred["patient_id"].astype(str).to_numpy(),
@@ -261,45 +275,65 @@ class SurvivalTask(Task):
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
         return {"n_events": int(pred["event"].to_numpy(int).sum())}
 
+    def outcome_strata(self, pred: pd.DataFrame) -> np.ndarray:
+        return pred["event"].to_numpy(int)
+
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         """Every bag: witness AUC is averaged over the bags that hold aggressive tiles at all."""
         return np.ones(len(pred), dtype=bool)
 
-    def fold_artifacts(
-        self, fold_dir: Path, pred: pd.DataFrame, train_pred: pd.DataFrame | None
-    ) -> None:
+    def fold_artifacts(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None) -> Artifacts:
         """``risk_groups.csv`` and ``km.png``: test bags cut at the training fold's median risk."""
         if train_pred is None:
-            return
+            return {}
         groups = risk_groups(pred, train_pred)
-        write_csv(Path(fold_dir) / "risk_groups.csv", groups)
-        save_km_plot(
-            Path(fold_dir) / "km.png",
-            groups,
-            f"{self.cfg.name}, fold {self.fold_name}: test bags by predicted risk",
-            self.cfg.data.time_col,
-        )
+        title = f"{self.cfg.name}, fold {self.fold_name}: test bags by predicted risk"
+        return {
+            "risk_groups.csv": groups,
+            "km.png": km_figure(groups, title, self.cfg.data.time_col),
+        }
 
-    def summary_artifacts(self, run_dir: Path, fold_dirs: list[Path]) -> dict[str, Any]:
-        """Pooled KM plot (``km.png``) of all folds' risk groups; returns ``logrank_p_pooled``.
+    def summary_artifacts(self, folds: FoldTables) -> tuple[dict[str, Any], Artifacts]:
+        """Pooled KM curves (``km.png``) of all folds' risk groups, and ``logrank_p_pooled``.
 
         Each fold's risks are standardised with its own training fold
         (``risk_std``, centred at the training median), so the pooled cut at
         0 is exactly each fold's own cut. With repeated cross-validation only
         the first repeat is pooled, so that every patient counts once.
         """
-        parts = list(first_repeat_folds(fold_dirs, "risk_groups.csv").values())
+        parts = list(folds("risk_groups.csv").values())
         if not parts:
-            return {}
+            return {}, {}
         pooled = pd.concat(parts, ignore_index=True)
-        write_csv(Path(run_dir) / "risk_groups.csv", pooled)
-        save_km_plot(
-            Path(run_dir) / "km.png",
-            pooled,
-            f"{self.cfg.name}: out-of-fold risk groups, {len(parts)} folds pooled",
-            self.cfg.data.time_col,
+        title = f"{self.cfg.name}: out-of-fold risk groups, {len(parts)} folds pooled"
+        artifacts = {
+            "risk_groups.csv": pooled,
+            "km.png": km_figure(pooled, title, self.cfg.data.time_col),
+        }
+        return {"logrank_p_pooled": logrank_p(pooled)}, artifacts
+
+    def score_column(self) -> str:
+        return "risk"
+
+    def describe(self, row: pd.Series) -> str:
+        return f"risk {row['risk']:.2f}" if "risk" in row else ""
+
+    def title(self) -> str:
+        return "survival prediction"
+
+    def methods(self) -> str:
+        task = self.cfg.task
+        if task.loss == "cox":
+            return (
+                f"Loss: Cox partial likelihood ({task.ties.capitalize()} ties) over the risk set of each "
+                "batch. Metrics (scikit-survival): Harrell's and Uno's C-index, time-dependent AUC and "
+                "integrated Brier score; log-rank test (lifelines) of risk groups split at the training median."
+            )
+        return (
+            f"Loss: discrete-time hazard negative log-likelihood over {task.bins} bins at quantiles "
+            "of the training fold's event times. Metrics (scikit-survival): Harrell's and Uno's C-index, "
+            "time-dependent AUC and integrated Brier score; log-rank test (lifelines) of risk groups."
         )
-        return {"logrank_p_pooled": logrank_p(pooled)}
 
     def _edges(self) -> np.ndarray:
         if self.bin_edges is None:
@@ -307,7 +341,7 @@ class SurvivalTask(Task):
         return self.bin_edges
 
     def _undefined_as_nan(self, out: dict[str, Any], key: str, quiet: bool = False):
-        return _NanOnDataError(out, key, None if quiet else self._where)
+        return _NanOnDataError(out, key, None if quiet else self.where)
 
 
 class _NanOnDataError:
@@ -360,103 +394,3 @@ def cox_batches(
     return [batches[i] for i in rng.permutation(n_batches)]
 
 
-def ibs_times(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray) -> np.ndarray:
-    """The integrated Brier score's time grid: 15 quantiles (10%..90%) of the test times.
-
-    Kept strictly below the last test time and below :func:`ipcw_tau` of the
-    training fold, where scikit-survival's IPCW weights exist.
-    """
-    upper = min(ipcw_tau(train_time, train_event), float(np.max(time)))
-    grid = np.unique(np.quantile(np.asarray(time, float), np.linspace(0.1, 0.9, 15)))
-    grid = grid[grid < upper]
-    if len(grid) < 2:
-        raise DataError(
-            f"fewer than two test times below {upper:g} (the end of the training or test "
-            "follow-up); the integrated Brier score needs a time range"
-        )
-    return grid
-
-
-def risk_groups(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
-    """Test bags with ``risk_std`` and ``group`` (high / low): cut at the training median risk.
-
-    ``risk_std = (risk - median_train) / sd_train`` puts every fold on one
-    scale with its own cut at 0, ready for pooling across folds.
-    """
-    train_risk = train_pred["risk"].to_numpy(float)
-    median = float(np.median(train_risk))
-    sd = float(np.std(train_risk, ddof=1)) if len(train_risk) > 1 else 0.0
-    out = pred[["bag_id", "patient_id", "fold", "time", "event", "risk"]].copy()
-    out["risk_std"] = (out["risk"] - median) / (sd if sd > 0 else 1.0)
-    out["group"] = np.where(out["risk"].to_numpy(float) > median, "high", "low")
-    return out
-
-
-def logrank_p(groups: pd.DataFrame) -> float:
-    """Log-rank p-value (lifelines) of high vs low risk groups; NaN if a group is empty."""
-    from lifelines.statistics import logrank_test
-
-    hi, lo = groups[groups["group"] == "high"], groups[groups["group"] == "low"]
-    if len(hi) == 0 or len(lo) == 0 or groups["event"].sum() == 0:
-        return float("nan")
-    res = logrank_test(
-        hi["time"], lo["time"], event_observed_A=hi["event"], event_observed_B=lo["event"]
-    )
-    return float(res.p_value)
-
-
-def save_km_plot(path: Path, groups: pd.DataFrame, title: str, time_label: str = "time") -> None:
-    """Kaplan–Meier curves (lifelines) per risk group with the log-rank p, as a PNG."""
-    from lifelines import KaplanMeierFitter
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 4.0), dpi=120)  # no pyplot: leaves the user's backend alone
-    ax = fig.subplots()
-    for name, colour in (("low", "tab:blue"), ("high", "tab:red")):
-        g = groups[groups["group"] == name]
-        if len(g) == 0:
-            continue
-        kmf = KaplanMeierFitter(label=f"{name} risk (n={len(g)}, events={int(g['event'].sum())})")
-        kmf.fit(g["time"], g["event"])
-        kmf.plot_survival_function(ax=ax, ci_show=True, color=colour, show_censors=True)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(time_label)
-    ax.set_ylabel("survival probability")
-    ax.set_ylim(0, 1.02)
-    ax.legend(title=f"log-rank p = {logrank_p(groups):.2g}", loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def _pooled_arrays(pred: pd.DataFrame) -> tuple[np.ndarray, ...]:
-    fold = pred["fold"].astype(str).to_numpy() if "fold" in pred else np.zeros(len(pred))
-    return (*(pred[c].to_numpy(float) for c in ("time", "event", "risk")), fold)
-
-
-def _pooled_c_index(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, fold: np.ndarray
-) -> dict[str, float]:
-    return {"c_index": _fold_stratified_c_index(time, event, risk, fold)}
-
-
-def _fold_stratified_c_index(
-    time: np.ndarray, event: np.ndarray, risk: np.ndarray, fold: np.ndarray
-) -> float:
-    """Harrell's C over pairs within one fold (scikit-survival's pair counts, summed)."""
-    from sksurv.metrics import concordance_index_censored
-
-    concordant = comparable = 0.0
-    for f in np.unique(fold):
-        m = fold == f
-        if not event[m].any():
-            continue
-        try:
-            _, conc, disc, tied_risk, _ = concordance_index_censored(
-                event[m].astype(bool), time[m], risk[m]
-            )
-        except ValueError:  # no comparable pair in this fold's resample
-            continue
-        concordant += conc + 0.5 * tied_risk
-        comparable += conc + disc + tied_risk
-    return float(concordant / comparable) if comparable else float("nan")

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mil.config import TrainConfig
 from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
 from mil.data.dataset import BagDataset
 from mil.errors import TrainingError
 from mil.models.base import MILModel
+from mil.schema import TrainConfig
 from mil.tasks.base import Task
 from mil.train.distributed import SINGLE, Dist
 
@@ -205,10 +205,12 @@ def _sharded_objective(
     return objective * dist.world, shown
 
 
-def diverged(where: str, epoch: int, what: str, cfg: TrainConfig) -> TrainingError:
-    """The error for a run whose loss or outputs stopped being finite numbers."""
+def diverged(where: str, epoch: int | None, what: str, cfg: TrainConfig) -> TrainingError:
+    """The error for a run whose loss or outputs stopped being finite numbers (``where``
+    names the fold; ``epoch`` counts from 0, None when ``where`` names it already)."""
+    at = where if epoch is None else f"{where}, epoch {epoch + 1}"
     return TrainingError(
-        f"{where}, epoch {epoch + 1}: {what}; training diverged. Lower train.lr (now "
+        f"{at}: {what}; training diverged. Lower train.lr (now "
         f"{cfg.lr:g}) or set train.grad_clip (e.g. 1.0); folds finished earlier are kept"
     )
 
@@ -223,6 +225,78 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _train_epoch(
+    step: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    model: MILModel,
+    task: Task,
+    data: BagDataset,
+    train: pd.DataFrame,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    dist: Dist,
+    where: str,
+) -> tuple[float, int]:
+    """One pass over the training bags in loss batches; returns (mean loss, instances seen)."""
+    model.train()
+    train_ids = train["bag_id"].tolist()
+    losses, n_inst = [], 0
+    for rows in task.batches(train, cfg.batch_size, rng):
+        tgt = task.targets(train.iloc[rows])
+        mine = np.arange(len(rows))[dist.rank :: dist.world]
+        # fewer bags than ranks: a rank without one forwards bag 0 at weight 0 (DDP
+        # needs a forward and a backward on every rank)
+        use = mine if len(mine) else np.zeros(1, dtype=int)
+        bags = [data[train_ids[rows[i]]] for i in use]
+        if cfg.subsample:
+            bags = [subsample(b, cfg.subsample, gen) for b in bags]
+        mtgt = task.model_targets(tgt)
+        logits, aux = step(bags, None if mtgt is None else mtgt[torch.as_tensor(use)])
+        if dist.enabled:
+            loss, shown = _sharded_objective(task, tgt, logits, aux, mine, dist)
+        else:
+            loss = task.loss(logits, tgt)
+            if aux is not None:
+                loss = loss + aux
+            shown = float(loss.detach())
+        if not math.isfinite(shown):
+            raise diverged(where, None, f"the training loss is {shown}", cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(shown)
+        n_inst += sum(len(b) for b in bags) if len(mine) else 0
+    return float(np.mean(losses)), int(dist.sum([n_inst])[0])
+
+
+def _validate(
+    model: MILModel,
+    task: Task,
+    data: BagDataset,
+    val: pd.DataFrame,
+    val_targets: dict[str, Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    dist: Dist,
+    desc: str,
+    epoch: int,
+) -> dict[str, float]:
+    """Validation loss and metrics (``val_<metric>``) of one epoch."""
+    fwd = predict(
+        model, data, val["bag_id"].tolist(), cfg.max_instances, device,
+        precision=cfg.precision, dist=dist,
+    )  # fmt: skip
+    if not torch.isfinite(fwd.logits).all():
+        raise diverged(desc, epoch, "the model's validation outputs are NaN or infinite", cfg)
+    out = {"val_loss": float(task.loss(fwd.logits, val_targets))}
+    metrics = task.metrics(task.predictions(val, fwd.logits.numpy()))
+    out.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    return out
 
 
 def fit(
@@ -259,72 +333,24 @@ def fit(
         step = DistributedDataParallel(
             step, find_unused_parameters=bool(getattr(model, "unused_parameters", False))
         )
-    train_ids = train["bag_id"].tolist()
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
     best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
     history = []
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
     for epoch in bar:
-        model.train()
         t0 = time.perf_counter()
-        losses, n_inst = [], 0
-        for rows in task.batches(train, cfg.batch_size, rng):
-            tgt = task.targets(train.iloc[rows])
-            mine = np.arange(len(rows))[dist.rank :: dist.world]
-            # fewer bags than ranks: a rank without one forwards bag 0 at weight 0 (DDP
-            # needs a forward and a backward on every rank)
-            use = mine if len(mine) else np.zeros(1, dtype=int)
-            bags = [data[train_ids[rows[i]]] for i in use]
-            if cfg.subsample:
-                bags = [subsample(b, cfg.subsample, gen) for b in bags]
-            mtgt = task.model_targets(tgt)
-            logits, aux = step(bags, None if mtgt is None else mtgt[torch.as_tensor(use)])
-            if dist.enabled:
-                loss, shown = _sharded_objective(task, tgt, logits, aux, mine, dist)
-            else:
-                loss = task.loss(logits, tgt)
-                if aux is not None:
-                    loss = loss + aux
-                shown = float(loss.detach())
-            if not math.isfinite(shown):
-                raise diverged(desc, epoch, f"the training loss is {shown}", cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(shown)
-            n_inst += sum(len(b) for b in bags) if len(mine) else 0
-        n_inst = int(dist.sum([n_inst])[0])
+        train_loss, n_inst = _train_epoch(
+            step, opt, model, task, data, train, cfg, rng, gen, dist, f"{desc}, epoch {epoch + 1}"
+        )
         row = {
             "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": train_loss,
             "seconds": time.perf_counter() - t0,
             "instances_per_s": n_inst / max(time.perf_counter() - t0, 1e-9),
         }
         if val_targets is not None:
-            fwd = predict(
-                model,
-                data,
-                val["bag_id"].tolist(),
-                cfg.max_instances,
-                device,
-                precision=cfg.precision,
-                dist=dist,
-            )
-            if not torch.isfinite(fwd.logits).all():
-                raise diverged(
-                    desc, epoch, "the model's validation outputs are NaN or infinite", cfg
-                )
-            row["val_loss"] = float(task.loss(fwd.logits, val_targets))
-            row.update(
-                {
-                    f"val_{k}": v
-                    for k, v in task.metrics(task.predictions(val, fwd.logits.numpy())).items()
-                    if isinstance(v, float)
-                }
-            )
+            row.update(_validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch))
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_loss", "val_loss")})
         if early and epoch >= cfg.best_from_epoch:

@@ -8,33 +8,29 @@ from typing import Any
 import numpy as np
 
 from mil.config import Config
-from mil.io import atomic_path, json_float, read_json
+from mil.io import atomic_path, json_float
+from mil.results import HEATMAPS, REPORT, RunFolder
+from mil.tasks import Task, make_task
 
-# metrics shown first (in this order) in the results table; the rest follow alphabetically
-LEAD = ("auc", "balanced_accuracy", "accuracy", "f1", "c_index", "c_index_uno", "td_auc", "ibs")
 MAX_HEATMAPS = 6
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` from the run's ``config.yaml``, ``summary.json`` and fold
     folders (``summarize`` calls it; call it again after adding ``heatmaps/*.png``)."""
-    from mil.train.summary import fold_records, read_run_config
-
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    summary = read_json(
-        run_dir / "summary.json", "run summary", f"rebuild it with `mil summarize {run_dir}`"
-    )
-    _, records = fold_records(run_dir)
-    lines = [f"# {cfg.name}: {_task_words(cfg)} with `{cfg.model_name}`", ""]
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    summary = run.summary()
+    records = list(run.records().values())
+    task = make_task(cfg, records[0].get("classes", []) if records else [])
+    lines = [f"# {cfg.name}: {task.title()} with `{cfg.model_name}`", ""]
     n_done, n_expected = len(summary["folds"]), summary["n_folds_expected"]
     if n_done < n_expected:
         lines += [f"**Partial run: {n_done} of {n_expected} folds finished.**", ""]
-    lines += ["## Methods", "", _methods(cfg, summary), ""]
-    lines += ["## Results", "", *_results(summary), ""]
-    figures = [(f, t) for f, t in (("roc.png", "Out-of-fold ROC curves (thin: folds; bold: pooled)."),
-                                   ("km.png", "Kaplan-Meier curves of out-of-fold risk groups.")) if (run_dir / f).is_file()]
-    heatmaps = sorted((run_dir / "heatmaps").glob("*.png"))[:MAX_HEATMAPS]
+    lines += ["## Methods", "", _methods(cfg, task, summary), ""]
+    lines += ["## Results", "", *_results(summary, task), ""]
+    figures = [(f, t) for f, t in task.figure_captions.items() if run.file(f).is_file()]
+    heatmaps = sorted(run.file(HEATMAPS).glob("*.png"))[:MAX_HEATMAPS]
     if figures or heatmaps:
         lines += ["## Figures", ""]
         for f, title in figures:
@@ -43,8 +39,8 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["Instance-score heatmaps of test slides (`mil heatmap`):", ""]
             lines += [f"![{p.stem}](heatmaps/{p.name})" for p in heatmaps] + [""]
     if summary.get("subgroups"):
-        lines += ["## Sites and subgroups", "", *_subgroups(summary), ""]
-    lines += ["## Per fold", "", *_per_fold(records), ""]
+        lines += ["## Sites and subgroups", "", *_subgroups(summary, task), ""]
+    lines += ["## Per fold", "", *_per_fold(records, task), ""]
     lines += [
         "## Files",
         "",
@@ -53,19 +49,13 @@ def write_report(run_dir: str | Path) -> Path:
         "`metrics.json`, `history.csv`, `attention.h5` (instance scores), `model.pt`.",
         "",
     ]
-    path = run_dir / "report.md"
+    path = run.file(REPORT)
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines))
     return path
 
 
-def _task_words(cfg: Config) -> str:
-    if cfg.task.type == "classification":
-        return "slide classification" if cfg.data.bag_level == "slide" else "patient classification"
-    return "survival prediction"
-
-
-def _methods(cfg: Config, summary: dict[str, Any]) -> str:
+def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
     s, t, d = cfg.splits, cfg.train, cfg.data
     n_bags, n_patients, n_boot = summary["n_bags"], summary["n_patients"], summary["n_boot"]
     if d.instances:
@@ -81,7 +71,7 @@ def _methods(cfg: Config, summary: dict[str, Any]) -> str:
     if s.assignment:
         cv = f"{s.folds}-fold cross-validation with the test folds of {Path(s.assignment).name}"
     else:
-        strat = "class" if cfg.task.type == "classification" else "event status and time quantile"
+        strat = task.strata_description
         group = (
             f"site-preserved folds (all patients of a site, column `{d.site_col}`, in one test fold)"
             if s.by_site
@@ -108,25 +98,7 @@ def _methods(cfg: Config, summary: dict[str, Any]) -> str:
         + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
         + "."
     )
-    if cfg.task.type == "classification":
-        parts.append(
-            "Loss: cross-entropy"
-            + (f" with class weights ({cfg.task.class_weights})" if cfg.task.class_weights != "none" else "")
-            + ". Metrics (scikit-learn): ROC AUC (one-vs-rest macro for more than two classes), "
-            "balanced accuracy, accuracy and macro F1 at the most probable class."
-        )
-    elif cfg.task.loss == "cox":
-        parts.append(
-            f"Loss: Cox partial likelihood ({cfg.task.ties.capitalize()} ties) over the risk set of each "
-            "batch. Metrics (scikit-survival): Harrell's and Uno's C-index, time-dependent AUC and "
-            "integrated Brier score; log-rank test (lifelines) of risk groups split at the training median."
-        )
-    else:
-        parts.append(
-            f"Loss: discrete-time hazard negative log-likelihood over {cfg.task.bins} bins at quantiles "
-            "of the training fold's event times. Metrics (scikit-survival): Harrell's and Uno's C-index, "
-            "time-dependent AUC and integrated Brier score; log-rank test (lifelines) of risk groups."
-        )
+    parts.append(task.methods())
     parts.append(
         "Results are the mean and standard deviation over test folds, and percentile-bootstrap 95% "
         f"confidence intervals ({n_boot:,} resamples of patients) of the pooled out-of-fold predictions."
@@ -134,17 +106,18 @@ def _methods(cfg: Config, summary: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _ordered(keys) -> list[str]:
+def _ordered(keys, task: Task) -> list[str]:
     keys = list(keys)
-    return [k for k in LEAD if k in keys] + sorted(k for k in keys if k not in LEAD)
+    lead = task.report_metrics
+    return [k for k in lead if k in keys] + sorted(k for k in keys if k not in lead)
 
 
-def _results(summary: dict[str, Any]) -> list[str]:
+def _results(summary: dict[str, Any], task: Task) -> list[str]:
     metrics = summary["metrics"]
     repeats = any("sem_over_repeats" in m for m in metrics.values())
     head = ["metric", "mean ± sd over folds", *(["mean ± SEM over repeats"] if repeats else []), "95% CI (pooled bootstrap)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k in _ordered(metrics):
+    for k in _ordered(metrics, task):
         if k in ("train_seconds", "seconds_per_epoch") or k.endswith(("_p", "_tau")):
             continue
         m = metrics[k]
@@ -182,11 +155,11 @@ def _results(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def _subgroups(summary: dict[str, Any]) -> list[str]:
+def _subgroups(summary: dict[str, Any], task: Task) -> list[str]:
     rows = summary["subgroups"]
     count_keys = [k for k in rows[0] if k.startswith("n_") and k not in ("n_bags", "n_patients")]
     metric_keys = [
-        k for k in _ordered(rows[0]) if f"{k}_ci_low" in rows[0] and not k.startswith("n_")
+        k for k in _ordered(rows[0], task) if f"{k}_ci_low" in rows[0] and not k.startswith("n_")
     ]
     head = ["group", "bags", "patients", *count_keys, *metric_keys]
     out = [
@@ -217,8 +190,9 @@ def _subgroups(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def _per_fold(records: list[dict]) -> list[str]:
-    keys = [k for k in _ordered(records[0]["metrics"]) if k in LEAD or k == "witness_auc"]
+def _per_fold(records: list[dict], task: Task) -> list[str]:
+    lead = task.report_metrics
+    keys = [k for k in _ordered(records[0]["metrics"], task) if k in lead or k == "witness_auc"]
     head = ["fold", "train", "val", "test", "epochs", *keys]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:

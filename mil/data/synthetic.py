@@ -127,17 +127,13 @@ def write_synthetic_cohort(
     patients = _patients(rng, n_patients, n_two_slides)
     features = Path(features)
     features.mkdir(parents=True, exist_ok=True)
+    tiles = (min_tiles, max_tiles)
     rows = []
     if kind == "classification":
         positive = rng.permutation(np.arange(n_patients) < n_patients // 2)
         for (pid, n_slides), pos in zip(patients, positive):
-            for s in range(n_slides):
-                sid = f"{pid}-S{s + 1}"
-                frac = rng.uniform(lo, hi) if pos else 0.0
-                f, c, lab = synthetic_slide(
-                    rng, int(rng.integers(min_tiles, max_tiles + 1)), prototypes, shift, frac
-                )
-                write_slide(features / f"{sid}.h5", f, c, lab)
+            frac = (lambda: rng.uniform(lo, hi)) if pos else 0.0
+            for sid in _write_slides(rng, features, pid, n_slides, frac, prototypes, shift, tiles):
                 rows.append(
                     {"case_id": pid, "slide_id": sid, "label": "positive" if pos else "negative"}
                 )
@@ -154,26 +150,46 @@ def write_synthetic_cohort(
         time = np.minimum(t_event, t_cens)
         censored = (t_cens < t_event).astype(int)
         for i, (pid, n_slides) in enumerate(patients):
-            for s in range(n_slides):
-                sid = f"{pid}-S{s + 1}"
-                f, c, lab = synthetic_slide(
-                    rng, int(rng.integers(min_tiles, max_tiles + 1)), prototypes, shift, frac[i]
-                )
-                write_slide(features / f"{sid}.h5", f, c, lab)
-                rows.append(
-                    {
-                        "case_id": pid,
-                        "slide_id": sid,
-                        "survival_months": round(float(time[i]), 3),
-                        "censorship": int(censored[i]),
-                        "true_risk": float(eta[i]),
-                    }
-                )
+            sids = _write_slides(rng, features, pid, n_slides, frac[i], prototypes, shift, tiles)
+            rows += [
+                {
+                    "case_id": pid,
+                    "slide_id": sid,
+                    "survival_months": round(float(time[i]), 3),
+                    "censorship": int(censored[i]),
+                    "true_risk": float(eta[i]),
+                }
+                for sid in sids
+            ]
     else:
         raise ValueError(f"unknown synthetic cohort kind {kind!r}")
     df = pd.DataFrame(rows)
     write_csv(csv, df)
     return df
+
+
+def _write_slides(
+    rng: np.random.Generator,
+    features: Path,
+    pid: str,
+    n_slides: int,
+    frac,
+    prototypes: np.ndarray,
+    shift: np.ndarray,
+    tiles: tuple[int, int],
+) -> list[str]:
+    """Write a patient's slides (``<pid>-S<k>.h5``); ``frac`` is the witness fraction, or a
+    function drawing one per slide. Returns the slide ids."""
+    sids = []
+    for s in range(n_slides):
+        sid = f"{pid}-S{s + 1}"
+        f_slide = frac() if callable(frac) else frac
+        f, c, lab = synthetic_slide(
+            rng, int(rng.integers(tiles[0], tiles[1] + 1)), prototypes, shift, f_slide
+        )
+        write_slide(features / f"{sid}.h5", f, c, lab)
+        sids.append(sid)
+    return sids
 
 
 def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:

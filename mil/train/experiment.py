@@ -1,0 +1,59 @@
+"""What a run is made of, loaded once: cohort, features, splits, the model's bags, the task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mil.config import Config
+from mil.data.dataset import BagDataset
+from mil.data.sources import load_cohort
+from mil.models import create, get
+from mil.results import RunFolder
+from mil.splits import Split, load_or_make_splits
+from mil.tasks import Task, make_task
+
+
+class Experiment:
+    """Everything a run needs, loaded once: cohort, features, splits, task.
+
+    ``data`` holds the bags as read, with the instance graph the model asks
+    for; each fold sees them through its own view
+    (:meth:`~mil.data.dataset.BagDataset.with_transform`).
+    """
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, force_splits: bool = False, progress: bool = True
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.cohort, self.store = load_cohort(cfg)
+        split_dir = Path(cfg.splits.dir) if cfg.splits.dir else RunFolder(run_dir).splits_dir
+        self.splits, _ = load_or_make_splits(
+            split_dir,
+            self.cohort,
+            cfg.splits.folds,
+            cfg.splits.val_fraction,
+            cfg.splits.seed,
+            cfg.splits.repeats,
+            force=force_splits,
+            assignment=cfg.splits.assignment,
+            site_col=cfg.data.site_col if cfg.splits.by_site else None,
+        )
+        self.split_dir = split_dir
+        self.model_cls = get(cfg.model_name)
+        graph, graph_k = None, 8
+        if self.model_cls.graph:  # the instance graph is a hyper-parameter: ask a built model
+            probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
+            graph, graph_k = probe.graph, probe.graph_k
+        self.data = BagDataset.with_graph(self.cohort.bag_slides, self.store, graph, graph_k)
+
+    def task(self) -> Task:
+        return make_task(self.cfg, self.cohort.classes)
+
+    def fold_bags(self, split: Split, part: str) -> pd.DataFrame:
+        ids = set(self.cohort.bags_of_slides(split.part(part)))
+        b = self.cohort.bags
+        return b[b["bag_id"].isin(ids)].reset_index(drop=True)

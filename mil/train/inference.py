@@ -1,0 +1,147 @@
+"""Trained fold models on new bags: each fold's preprocessing, instance graph and task outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mil.config import Config
+from mil.data.dataset import BagDataset, FeatureStore
+from mil.data.readers import FEATURE_SUFFIXES
+from mil.data.transforms import Standardizer
+from mil.errors import MilError
+from mil.results.checkpoint import load_model
+from mil.tasks import Task, make_task
+from mil.train.loop import Forward, predict
+
+Item = str | Path
+
+
+class FoldModel:
+    """A fold's ``model.pt``: the model (eval mode), its task and feature standardisation."""
+
+    def __init__(self, path: Path, cfg: Config, fold: str, device: str = "cpu") -> None:
+        if not path.is_file():
+            raise MilError(f"fold {fold}: no checkpoint {path}")
+        self.model, self.payload = load_model(path, map_location=device)
+        self.cfg, self.fold, self.device = cfg, fold, torch.device(device)
+        self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
+        norm = self.payload.get("standardize")
+        self.transform = None if norm is None else Standardizer.from_state(norm).apply
+
+    def forward(
+        self, bag_slides: dict[str, list[str]], store: FeatureStore, keep_scores: bool = False
+    ) -> Forward:
+        """The model on ``bag_slides`` (bag id -> slide ids of ``store``), full bags."""
+        in_dim = self.payload["in_dim"]
+        for sid in dict.fromkeys(s for slides in bag_slides.values() for s in slides):
+            d = store.get(sid)[0].shape[1]
+            if d != in_dim:
+                raise MilError(
+                    f"{store.path(sid)}: features of dimension {d}, but fold {self.fold}'s model "
+                    f"was trained on {in_dim}-dimensional features; were they made by another "
+                    f"encoder than the run's?"
+                )
+        data = BagDataset.with_graph(
+            bag_slides, store, self.model.graph, self.model.graph_k, self.transform
+        )
+        train = self.cfg.train
+        return predict(
+            self.model, data, list(bag_slides), train.max_instances, self.device, keep_scores,
+            precision=train.precision,
+        )  # fmt: skip
+
+    def instance_scores(
+        self, fwd: Forward, kind: str | None, cls: int | str | None, slide_id: str
+    ) -> np.ndarray:
+        """The instance scores of ``kind`` (column ``cls``) of a one-bag :meth:`forward`."""
+        if kind is None:
+            if fwd.scores is None:
+                raise MilError(
+                    f"slide {slide_id}: fold {self.fold}'s model ({self.payload['model']}) has "
+                    f"no instance scores"
+                )
+            return fwd.scores[0].numpy()
+        if kind not in fwd.extra_scores:
+            raise MilError(
+                f"slide {slide_id}: fold {self.fold}'s model has no {kind!r} scores; "
+                f"kinds: {sorted(fwd.extra_scores)}"
+            )
+        v = fwd.extra_scores[kind][0].numpy()
+        classes = list(self.payload["classes"])
+        names = classes if len(classes) == v.shape[1] else []
+        j = names.index(cls) if cls in names else int(cls or 0)
+        return v[:, j]
+
+    def outputs(self, bag_slides: dict[str, list[str]], store: FeatureStore) -> pd.DataFrame:
+        """``bag_id``, ``fold`` and the task's prediction columns of each bag."""
+        df = self.task.outputs(self.forward(bag_slides, store).logits.numpy())
+        df.insert(0, "bag_id", list(bag_slides))
+        df.insert(1, "fold", self.fold)
+        return df
+
+
+def bags_of(
+    bags: Item | Sequence[Item] | Mapping[str, Sequence[Item]],
+    feature_index: dict[str, Path],
+    features_dir: str | None = None,
+) -> tuple[dict[str, list[str]], FeatureStore]:
+    """Bags to predict -> (bag id -> slide ids, a store of their files).
+
+    ``bags``: feature files or slide ids of ``feature_index``, one bag each;
+    or ``{bag_id: [files or ids]}`` for multi-slide (patient) bags.
+    """
+    if isinstance(bags, (str, Path)):
+        bags = [bags]
+    index: dict[str, Path] = {}
+    bag_slides: dict[str, list[str]] = {}
+    items = bags.items() if isinstance(bags, Mapping) else ((None, [b]) for b in bags)
+    for bag_id, members in items:
+        if isinstance(members, (str, Path)):
+            members = [members]
+        ids = []
+        for m in members:
+            sid, path = _resolve(m, feature_index, features_dir)
+            if sid in index and index[sid] != path:
+                raise MilError(f"two feature files named {sid}: {index[sid]} and {path}")
+            index[sid] = path
+            ids.append(sid)
+        key = str(bag_id) if bag_id is not None else ids[0]
+        if key in bag_slides:
+            raise MilError(f"{key} is given twice")
+        bag_slides[key] = ids
+    if not bag_slides:
+        raise MilError("predict: no bags given")
+    return bag_slides, FeatureStore(index)
+
+
+def _resolve(item: Item, feature_index: dict[str, Path], features_dir: str | None) -> tuple[str, Path]:
+    p = Path(item)
+    if p.suffix.lower() in FEATURE_SUFFIXES and p.is_file():
+        return p.stem, p
+    if str(item) in feature_index:
+        return str(item), feature_index[str(item)]
+    raise MilError(
+        f"{item}: neither a feature file (.h5/.pt/.npy) nor a slide id in the run's feature "
+        f"folder ({features_dir})"
+    )
+
+
+def ensemble(
+    models: Sequence[FoldModel],
+    bag_slides: dict[str, list[str]],
+    store: FeatureStore,
+    per_fold: bool = False,
+) -> pd.DataFrame:
+    """The fold models' outputs on ``bag_slides`` (see :func:`bags_of`): one row per bag and
+    fold (``per_fold``), or the mean over folds with ``n_folds``."""
+    long = pd.concat([m.outputs(bag_slides, store) for m in models], ignore_index=True)
+    if per_fold:
+        return long
+    out = models[0].task.mean_outputs(long, by="bag_id")
+    out["n_folds"] = len(models)
+    return out
