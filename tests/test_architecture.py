@@ -1,0 +1,129 @@
+"""The package's shape (docs/architecture.md): layers that import only downwards, no import
+circle, short modules and functions. Read from the source with ``ast``, imports inside
+functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "mil"
+
+# module (or package prefix) -> layer; a module may import its own layer and those below
+LAYERS = {
+    "mil.errors": 0,
+    "mil.io": 0,
+    "mil.schema": 1,
+    "mil.data": 2,
+    "mil.losses": 2,
+    "mil.metrics": 2,
+    "mil.splits": 3,
+    "mil.models": 3,
+    "mil.plots": 3,
+    "mil.tasks": 4,
+    "mil.config": 5,
+    "mil.results": 6,
+    "mil.explain": 7,
+    "mil.train.loop": 7,
+    "mil.train.distributed": 7,
+    "mil.train.report": 7,
+    "mil.train.summary": 8,
+    "mil.train.experiment": 9,
+    "mil.train.inference": 9,
+    "mil.train.runner": 9,
+    "mil.train": 9,
+    "mil.run": 10,
+    "mil.compare": 10,
+    "mil.check": 10,
+    "mil.demo": 10,
+    "mil.cli": 11,
+    "mil.__main__": 11,
+    "mil": 11,
+}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+LONG_ALLOWED = {"mil.cli.build_parser"}  # the argument-parser table
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(name: str) -> int:
+    best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text()) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def imports(tree: ast.Module) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mil":
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "mil"}
+    return out
+
+
+def test_every_module_has_a_layer():
+    for name in modules():
+        assert isinstance(layer(name), int), name
+
+
+def test_imports_go_down_the_layers_only():
+    upward = []
+    for name, tree in modules().items():
+        for target in imports(tree):
+            if target != name and layer(target) > layer(name):
+                upward.append(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph = {name: {t for t in imports(tree) if t != name} for name, tree in modules().items()}
+    # a package's __init__ importing its own submodules is how a package is built, not a circle
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
+    seen: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        seen[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt not in graph:
+                continue
+            if seen.get(nxt) == 1:
+                pytest.fail("import circle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+            if nxt not in seen:
+                visit(nxt, [*path, nxt])
+        seen[node] = 2
+
+    for name in graph:
+        if name not in seen:
+            visit(name, [name])
+
+
+def test_modules_and_functions_are_short():
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        name = module_name(path)
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and f"{name}.{node.name}" not in LONG_ALLOWED:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_layer_test_catches_an_upward_import(tmp_path):
+    """The checks above can fail: a data module importing the runner is caught."""
+    tree = ast.parse("from mil.train.runner import run_cv\n")
+    assert any(layer(t) > layer("mil.data.cohort") for t in imports(tree))
