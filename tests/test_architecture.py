@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mil"
 LAYERS = {
     "mil.errors": 0,
     "mil.io": 0,
+    "mil.registry": 0,
     "mil.schema": 1,
     "mil.data": 2,
     "mil.losses": 2,

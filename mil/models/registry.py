@@ -3,41 +3,23 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from mil.errors import ConfigError
 from mil.models.base import MILModel
-
-_REGISTRY: dict[str, type[MILModel]] = {}
-
-T = TypeVar("T", bound=type[MILModel])
+from mil.registry import Registry
 
 
-def register(name: str) -> Callable[[T], T]:
-    """Class decorator adding a model to the registry under ``name``."""
-
-    def deco(cls: T) -> T:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return deco
+def _named(name: str, cls: type[MILModel]) -> None:
+    cls.registry_name = name
 
 
-def available() -> list[str]:
-    """Names of all registered aggregators, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> type[MILModel]:
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"model.name: unknown model {name!r}; available models: {', '.join(available())}"
-        )
-    return _REGISTRY[name]
+_MODELS: Registry[type[MILModel]] = Registry("model", "model.name", _named)
+#: class decorator adding a model to the registry under ``name``
+register = _MODELS.register
+#: names of all registered aggregators, sorted
+available = _MODELS.available
+get = _MODELS.get
 
 
 def hyperparameters(name: str) -> dict[str, Any]:
