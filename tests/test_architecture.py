@@ -128,3 +128,21 @@ def test_the_layer_test_catches_an_upward_import(tmp_path):
     """The checks above can fail: a data module importing the runner is caught."""
     tree = ast.parse("from mil.train.runner import run_cv\n")
     assert any(layer(t) > layer("mil.data.cohort") for t in imports(tree))
+
+
+def test_run_cv_leaves_the_callers_torch_state_as_it_was(tmp_path):
+    """A notebook that calls run_cv keeps its random stream and thread count."""
+    import torch
+
+    from mil.config import config_from_dict
+    from mil.train.runner import run_cv
+    from tests.conftest import small_config
+
+    raw = small_config(tmp_path, epochs=1, threads=2)
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_num_threads() == threads
