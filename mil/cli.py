@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 from mil.errors import MilError, MilWarning
-from mil.io import safe_filename
 
 
 def _parse_folds(text: str | None) -> list[int] | None:
@@ -130,6 +129,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
 
+    from mil.io import safe_filename
     from mil.run import Run
 
     run = Run(args.run_dir)
@@ -168,7 +168,7 @@ def _find_slide_file(folder: str, slide_id: str) -> Path:
 def cmd_topk(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from mil.io import write_csv
+    from mil.io import safe_filename, write_csv
     from mil.run import Run
 
     run = Run(args.run_dir)
