@@ -25,3 +25,7 @@ class TrainingError(MilError):
 
 class MilWarning(UserWarning):
     """Something the user should know and may want to fix; the CLI prints it as ``mil: warning: …``."""
+
+
+class TrainingWarning(MilWarning):
+    """A fold that may not have trained well (:mod:`mil.train.diagnostics`): what, and what to change."""

@@ -1,11 +1,16 @@
-"""Cox partial-likelihood loss over a batch's risk set, with Efron or Breslow ties."""
+"""Cox partial-likelihood loss over a batch's risk set, with Efron or Breslow ties, and loss
+batches that each hold the two events a risk set needs."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from mil.errors import DataError
 
 Ties = Literal["efron", "breslow"]
 
@@ -113,3 +118,31 @@ class CoxPHLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ties={self.ties!r}"
+
+
+def cox_batches(
+    event: np.ndarray, batch_size: int, rng: np.random.Generator, where: str = "this fold"
+) -> list[np.ndarray]:
+    """Loss batches (row positions) of one epoch, each with at least two events.
+
+    ``ceil(n / batch_size)`` batches, or fewer (and then larger than
+    ``batch_size``) when there are fewer than two events per batch. Events and
+    censored rows are shuffled separately and dealt out evenly, so batch sizes
+    differ by at most one and the events are spread across batches.
+
+    Raises:
+        DataError: fewer than two events in total.
+    """
+    event = np.asarray(event).astype(bool)
+    n_events = int(event.sum())
+    if n_events < 2:
+        raise DataError(
+            f"{where}: the training bags hold {n_events} event(s); every Cox loss batch needs "
+            f"at least 2. Use fewer folds, more patients, or task.loss: nll"
+        )
+    n_batches = max(1, min(math.ceil(len(event) / max(batch_size, 1)), n_events // 2))
+    events = np.array_split(rng.permutation(np.flatnonzero(event)), n_batches)
+    # array_split puts the larger parts first: reversing one side balances the sums
+    censored = np.array_split(rng.permutation(np.flatnonzero(~event)), n_batches)[::-1]
+    batches = [rng.permutation(np.concatenate([e, c])) for e, c in zip(events, censored)]
+    return [batches[i] for i in rng.permutation(n_batches)]

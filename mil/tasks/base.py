@@ -102,6 +102,16 @@ class Task:
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def constant_logits(self, train_bags: pd.DataFrame) -> np.ndarray:
+        """The best constant head output ``[n_out]`` on the training bags: what a model that
+        learned nothing from the instances would predict. Its loss is the yardstick of the
+        under-training diagnostic (:mod:`mil.train.diagnostics`)."""
+        return np.zeros(self.n_out)
+
+    def constant_predictions(self, pred: pd.DataFrame) -> str | None:
+        """Why the test predictions are (nearly) the same for every bag, or None if they differ."""
+        return None
+
     def model_targets(self, targets: dict[str, Tensor]) -> Tensor | None:
         """Class labels handed to models with instance-level losses (CLAM), else None."""
         return None

@@ -61,6 +61,22 @@ class ClassificationTask(Task):
         else:
             self.weight = None
 
+    def constant_logits(self, train_bags: pd.DataFrame) -> np.ndarray:
+        """Log class frequencies of the training bags (+0.5 each): the class prior."""
+        counts = np.bincount(train_bags["label"].to_numpy(int), minlength=self.n_out) + 0.5
+        return np.log(counts / counts.sum())
+
+    def constant_predictions(self, pred: pd.DataFrame) -> str | None:
+        prob = self._prob(pred)
+        present = np.unique(pred["label_index"].to_numpy(int))
+        predicted = np.unique(prob.argmax(1))
+        if len(present) > 1 and len(predicted) == 1:
+            return f"every test bag was predicted {self.classes[int(predicted[0])]!r}"
+        spread = float(prob.std(0).max()) if len(prob) > 1 else 0.0
+        if len(prob) > 1 and spread < 0.01:
+            return f"the predicted probabilities vary by at most {spread:.3g} (sd) across test bags"
+        return None
+
     def state(self) -> dict[str, Any]:
         return {"class_weights": None if self.weight is None else self.weight.tolist()}
 

@@ -7,7 +7,6 @@ Kaplan–Meier curves and log-rank tests from lifelines.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import Tensor
 from mil.errors import DataError, MilWarning
 from mil.losses import (
     assign_bins,
+    cox_batches,
     cox_ph_loss,
     discrete_hazard_nll,
     discrete_survival,
@@ -105,6 +105,24 @@ class SurvivalTask(Task):
             )
         except DataError as exc:
             raise DataError(f"{self.where}: {exc} (task.bins = {self.cfg.task.bins})") from None
+
+    def constant_logits(self, train_bags: pd.DataFrame) -> np.ndarray:
+        """Cox: 0 (every constant risk is as good). NLL: the logit of each bin's hazard in the
+        training bags (events in the bin over bags at risk at its start)."""
+        if self.loss_name == "cox":
+            return np.zeros(1)
+        bins = assign_bins(train_bags["time"].to_numpy(float), self._edges())
+        event = train_bags["event"].to_numpy(int)
+        at_risk = np.array([(bins >= k).sum() for k in range(self.n_out)], float)
+        events = np.array([((bins == k) & (event == 1)).sum() for k in range(self.n_out)], float)
+        hazard = np.clip((events + 0.5) / (at_risk + 1.0), 1e-4, 1 - 1e-4)
+        return np.log(hazard / (1 - hazard))
+
+    def constant_predictions(self, pred: pd.DataFrame) -> str | None:
+        risk = pred["risk"].to_numpy(float)
+        if len(risk) > 1 and np.ptp(risk) <= 1e-9 * max(1.0, float(np.abs(risk).max())):
+            return "every test bag was given the same risk"
+        return None
 
     def state(self) -> dict[str, Any]:
         cuts = None if self.bin_edges is None else self.bin_edges[1:-1].tolist()
@@ -364,33 +382,3 @@ class _NanOnDataError:
                 stacklevel=3,
             )
         return True
-
-
-def cox_batches(
-    event: np.ndarray, batch_size: int, rng: np.random.Generator, where: str = "this fold"
-) -> list[np.ndarray]:
-    """Loss batches (row positions) of one epoch, each with at least two events.
-
-    ``ceil(n / batch_size)`` batches, or fewer (and then larger than
-    ``batch_size``) when there are fewer than two events per batch. Events and
-    censored rows are shuffled separately and dealt out evenly, so batch sizes
-    differ by at most one and the events are spread across batches.
-
-    Raises:
-        DataError: fewer than two events in total.
-    """
-    event = np.asarray(event).astype(bool)
-    n_events = int(event.sum())
-    if n_events < 2:
-        raise DataError(
-            f"{where}: the training bags hold {n_events} event(s); every Cox loss batch needs "
-            f"at least 2. Use fewer folds, more patients, or task.loss: nll"
-        )
-    n_batches = max(1, min(math.ceil(len(event) / max(batch_size, 1)), n_events // 2))
-    events = np.array_split(rng.permutation(np.flatnonzero(event)), n_batches)
-    # array_split puts the larger parts first: reversing one side balances the sums
-    censored = np.array_split(rng.permutation(np.flatnonzero(~event)), n_batches)[::-1]
-    batches = [rng.permutation(np.concatenate([e, c])) for e, c in zip(events, censored)]
-    return [batches[i] for i in rng.permutation(n_batches)]
-
-

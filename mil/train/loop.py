@@ -239,13 +239,17 @@ def _train_epoch(
     gen: torch.Generator,
     dist: Dist,
     where: str,
-) -> tuple[float, int]:
-    """One pass over the training bags in loss batches; returns (mean loss, instances seen)."""
+    constant: Tensor,
+) -> dict[str, float]:
+    """One pass over the training bags in loss batches: the mean loss, the mean loss of the
+    constant prediction ``constant`` on the same batches, optimizer steps, instances seen."""
     model.train()
     train_ids = train["bag_id"].tolist()
-    losses, n_inst = [], 0
+    losses, constant_losses, n_inst = [], [], 0
     for rows in task.batches(train, cfg.batch_size, rng):
         tgt = task.targets(train.iloc[rows])
+        with torch.no_grad():
+            constant_losses.append(float(task.loss(constant.expand(len(rows), -1), tgt)))
         mine = np.arange(len(rows))[dist.rank :: dist.world]
         # fewer bags than ranks: a rank without one forwards bag 0 at weight 0 (DDP
         # needs a forward and a backward on every rank)
@@ -271,7 +275,12 @@ def _train_epoch(
         opt.step()
         losses.append(shown)
         n_inst += sum(len(b) for b in bags) if len(mine) else 0
-    return float(np.mean(losses)), int(dist.sum([n_inst])[0])
+    return {
+        "train_loss": float(np.mean(losses)),
+        "constant_loss": float(np.mean(constant_losses)),
+        "steps": len(losses),
+        "instances": int(dist.sum([n_inst])[0]),
+    }
 
 
 def _validate(
@@ -333,6 +342,7 @@ def fit(
         step = DistributedDataParallel(
             step, find_unused_parameters=bool(getattr(model, "unused_parameters", False))
         )
+    constant = torch.as_tensor(task.constant_logits(train), dtype=torch.float32)
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
     best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
@@ -340,14 +350,16 @@ def fit(
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss, n_inst = _train_epoch(
-            step, opt, model, task, data, train, cfg, rng, gen, dist, f"{desc}, epoch {epoch + 1}"
-        )
+        where = f"{desc}, epoch {epoch + 1}"
+        ep = _train_epoch(step, opt, model, task, data, train, cfg, rng, gen, dist, where, constant)
         row = {
             "epoch": epoch,
-            "train_loss": train_loss,
+            "train_loss": ep["train_loss"],
             "seconds": time.perf_counter() - t0,
-            "instances_per_s": n_inst / max(time.perf_counter() - t0, 1e-9),
+            "instances_per_s": ep["instances"] / max(time.perf_counter() - t0, 1e-9),
+            # the loss of the best constant prediction on the same batches, and the updates
+            "constant_loss": ep["constant_loss"],
+            "steps": ep["steps"],
         }
         if val_targets is not None:
             row.update(_validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch))

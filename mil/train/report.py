@@ -38,6 +38,8 @@ def write_report(run_dir: str | Path) -> Path:
         if heatmaps:
             lines += ["Instance-score heatmaps of test slides (`mil heatmap`):", ""]
             lines += [f"![{p.stem}](heatmaps/{p.name})" for p in heatmaps] + [""]
+    if summary.get("diagnostics"):
+        lines += ["## Training diagnostics", "", *_diagnostics(summary), ""]
     if summary.get("subgroups"):
         lines += ["## Sites and subgroups", "", *_subgroups(summary, task), ""]
     lines += ["## Per fold", "", *_per_fold(records, task), ""]
@@ -203,3 +205,11 @@ def _per_fold(records: list[dict], task: Task) -> list[str]:
         ]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _diagnostics(summary: dict[str, Any]) -> list[str]:
+    return [
+        "Some folds may not have trained well (`history.csv` of each fold has the curves):",
+        "",
+        *(f"- fold {f['fold']}, {f['kind']}: {f['message']}" for f in summary["diagnostics"]),
+    ]

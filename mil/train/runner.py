@@ -22,7 +22,7 @@ import torch
 from mil.config import Config
 from mil.data.dataset import BagDataset
 from mil.data.transforms import Standardizer, feature_stats
-from mil.errors import ConfigError, DataError, MilWarning
+from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
 from mil.metrics.instances import witness_auc
 from mil.models import create
@@ -43,6 +43,7 @@ from mil.results.checkpoint import load_model, read_checkpoint, save_model
 from mil.results.scores import write_scores
 from mil.splits import Split, write_splits
 from mil.tasks import Task
+from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup
 from mil.train.experiment import Experiment
 from mil.train.loop import Forward, diverged, fit, predict
@@ -134,6 +135,10 @@ def run_cv(
     # a no-op re-run of a finished run writes nothing
     if dist.main and (train_now or run.summary_stale(n_boot)):
         summarize(run_dir, n_boot=n_boot)
+    if dist.main and train_now:
+        findings = [f for r in run.records().values() for f in r.get("diagnostics", [])]
+        for line in summarize_findings(findings):
+            warnings.warn(line, TrainingWarning, stacklevel=2)
     dist.barrier()  # the other ranks return once the summary exists
     return run_dir
 
@@ -195,6 +200,7 @@ class FoldResult:
     pred: pd.DataFrame
     train_pred: pd.DataFrame | None
     metrics: dict[str, Any]
+    findings: list[dict[str, Any]]
 
 
 def run_fold(
@@ -263,7 +269,9 @@ def _train_and_test(
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
-    return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics)
+    metrics["steps"] = int(history["steps"].sum())
+    findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name)
+    return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings)
 
 
 def _write_fold(
@@ -295,5 +303,5 @@ def _write_fold(
     )  # fmt: skip
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
     record = {"fold": split.name, "repeat": split.repeat, **sizes}
-    record.update(classes=task.classes, task=task.name, metrics=r.metrics)
+    record.update(classes=task.classes, task=task.name, metrics=r.metrics, diagnostics=r.findings)
     write_json(fold_dir / METRICS, record)

@@ -22,6 +22,7 @@ from mil.results import (
 )
 from mil.tasks import Task, make_task
 from mil.tasks import get as get_task
+from mil.train.diagnostics import summarize_findings
 from mil.train.report import write_report
 
 __all__ = [
@@ -78,6 +79,8 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         "n_patients": int(pooled["patient_id"].nunique()),
         "metrics": metrics,
     }
+    # folds that may not have trained well (mil.train.diagnostics)
+    summary["diagnostics"] = [f for r in records.values() for f in r.get("diagnostics", [])]
     # task-specific run-level results (survival: pooled KM curves and log-rank p)
     extra, artifacts = task.summary_artifacts(run.first_repeat_tables)
     write_artifacts(run.path, artifacts)
@@ -106,7 +109,7 @@ def _fold_metrics(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str
             k
             for r in records
             for k, v in r["metrics"].items()
-            if (v is None or isinstance(v, (int, float))) and k not in ("epochs",)
+            if (v is None or isinstance(v, (int, float))) and k not in ("epochs", "steps")
         },
         key=lambda k: (k in ("train_seconds", "seconds_per_epoch"), k),
     )
@@ -215,6 +218,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {k:<20} {json_float(m['mean']):>8.3f} ± {json_float(m['sd']):<6.3f}   {ci_s}"
         )
+    if summary.get("diagnostics"):
+        lines.append("  training diagnostics (see history.csv of the folds named):")
+        lines += [f"    {line}" for line in summarize_findings(summary["diagnostics"])]
     if summary.get("subgroups"):
         metric = _headline(summary["task"])
         lines.append(

@@ -1,0 +1,134 @@
+"""Did a fold train? Under-training, a validation loss still falling, over-fitting and
+constant predictions, read from the fold's history and test predictions.
+
+Each finding names the fold, what was seen (with numbers) and what to change.
+Thresholds (chosen so that a run that learned something does not trip them;
+see docs/benchmarks.md, "Training diagnostics"):
+
+* under-training: the training loss of the last epochs stayed above
+  ``UNDERTRAINED`` x the loss of the best constant prediction (the class prior;
+  a constant risk; each bin's hazard) on the same batches;
+* still improving: the run used every epoch and the validation loss was
+  lowest at the last one, having fallen over the last ``LOOKBACK`` epochs by at
+  least ``STILL_FALLING`` of its whole range (a converged curve creeping
+  towards 0 does not count);
+* over-fitting: the validation loss of the kept weights, and of the
+  ``LOOKBACK`` epochs before them, is above ``OVERFIT`` x its minimum while the
+  training loss fell below ``FITTED`` x the constant loss;
+* constant predictions: the task's own test (one predicted class for every
+  test bag, or probabilities that do not vary; one risk for all).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mil.schema import TrainConfig
+
+UNDERTRAINED = 0.95
+STILL_FALLING = 0.02
+LOOKBACK = 3
+OVERFIT = 1.2
+FITTED = 0.5
+
+
+def diagnose(
+    history: pd.DataFrame, cfg: TrainConfig, constant: str | None, fold: str
+) -> list[dict[str, Any]]:
+    """Findings about one fold: ``[{"fold", "kind", "message"}]`` (empty: it trained).
+
+    ``history``: the fold's ``history.csv`` (``train_loss``, ``constant_loss``,
+    ``steps``, ``val_loss`` when validated, ``best``); ``constant``: the task's
+    reason the test predictions are constant, or None.
+    """
+    found = []
+    for kind, message in (
+        ("under-training", _undertrained(history, cfg)),
+        ("still improving", _still_improving(history, cfg)),
+        ("over-fitting", _overfitted(history, cfg)),
+        ("constant predictions", _constant(constant, cfg)),
+    ):
+        if message:
+            found.append({"fold": fold, "kind": kind, "message": message})
+    return found
+
+
+def _undertrained(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
+    if "constant_loss" not in h or not len(h):
+        return None
+    last = h.tail(min(LOOKBACK, len(h)))
+    loss, constant = float(last["train_loss"].min()), float(last["constant_loss"].mean())
+    if not (constant > 0 and loss >= UNDERTRAINED * constant):
+        return None
+    steps = int(h["steps"].sum())
+    return (
+        f"the training loss ended at {loss:.3g}, {loss / constant:.0%} of a constant "
+        f"prediction's ({constant:.3g}), after {steps} optimizer steps ({len(h)} epochs of "
+        f"{int(h['steps'].iloc[0])}): the model barely trained. Raise train.epochs or "
+        f"train.lr (now {cfg.lr:g}), or lower train.batch_size (now {cfg.batch_size}) for more "
+        f"steps per epoch"
+    )
+
+
+def _still_improving(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
+    if "val_loss" not in h or len(h) < cfg.epochs or len(h) <= LOOKBACK:
+        return None
+    val = h["val_loss"].to_numpy(float)
+    if not np.isfinite(val).all() or val[-1] > val.min():
+        return None
+    before = val[-1 - LOOKBACK]
+    if before - val[-1] < STILL_FALLING * (val.max() - val.min()):
+        return None
+    return (
+        f"the validation loss was still falling at the last epoch ({before:.3g} -> "
+        f"{val[-1]:.3g} over the last {LOOKBACK} epochs of train.epochs = {cfg.epochs}); "
+        f"raise train.epochs"
+    )
+
+
+def _overfitted(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
+    if "val_loss" not in h or "constant_loss" not in h or len(h) <= cfg.best_from_epoch:
+        return None
+    val = h["val_loss"].to_numpy(float)
+    kept = int(np.flatnonzero(h["best"].to_numpy(bool))[-1]) if h["best"].any() else len(h) - 1
+    if not np.isfinite(val).all():
+        return None
+    # the lowest validation loss among the epochs early stopping could have kept
+    low = cfg.best_from_epoch + int(val[cfg.best_from_epoch :].argmin())
+    train_loss, constant = float(h["train_loss"].iloc[kept]), float(h["constant_loss"].iloc[kept])
+    recent = val[max(low + 1, kept - LOOKBACK) : kept + 1]
+    if not len(recent) or recent.min() <= OVERFIT * val[low] or train_loss >= FITTED * constant:
+        return None
+    return (
+        f"the validation loss rose from {val[low]:.3g} (epoch {low + 1}) to {val[kept]:.3g} at "
+        f"epoch {kept + 1}, whose weights were kept, while the training loss fell to "
+        f"{train_loss:.3g}; use early stopping (train.patience) or fewer epochs, or regularise "
+        f"more (train.weight_decay, model dropout)"
+    )
+
+
+def _constant(reason: str | None, cfg: TrainConfig) -> str | None:
+    if reason is None:
+        return None
+    return (
+        f"{reason}, so thresholded metrics (balanced accuracy, F1; risk groups) sit at chance "
+        f"whatever the ranking. If the training loss barely fell (history.csv), raise "
+        f"train.epochs or train.lr (now {cfg.lr:g})"
+    )
+
+
+def summarize_findings(findings: list[dict[str, Any]]) -> list[str]:
+    """One line per kind of finding, naming its folds (for the end of ``mil train``)."""
+    lines = []
+    for kind in dict.fromkeys(f["kind"] for f in findings):
+        these = [f for f in findings if f["kind"] == kind]
+        folds = ", ".join(f["fold"] for f in these)
+        first = these[0]
+        lines.append(
+            f"{kind} in fold{'s' if len(these) > 1 else ''} {folds} (fold {first['fold']}: "
+            f"{first['message']})"
+        )
+    return lines
