@@ -95,6 +95,13 @@ class TrainConfig:
     patience: int | None = 8
     # early stopping never stops before this many epochs (as CLAM's stop_epoch)
     min_epochs: int = 0
+    # at least this many optimizer steps: a small cohort gets more epochs (ceil(min_steps /
+    # batches per epoch)), and early stopping waits for them; null: train.epochs decides
+    min_steps: int | None = None
+    # learning rate over the steps: constant, or cosine decay to 0 over the run's steps
+    # (epochs x batches per epoch); both after a linear warm-up of warmup_steps
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
     # the restored checkpoint is the lowest validation loss among epochs >= best_from_epoch:
     # on a small validation set an untrained network (all predictions near the prior) can
     # score the lowest loss of the run, and early stopping would keep it
@@ -305,6 +312,12 @@ def _check_values(cfg: Config) -> None:
         "must be a finite number >= 0",
     )
     need(cfg.train.min_epochs >= 0, "train.min_epochs", "must be >= 0")
+    need(
+        cfg.train.min_steps is None or cfg.train.min_steps >= 1,
+        "train.min_steps",
+        "must be at least 1 (or null: train.epochs decides)",
+    )
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(
         cfg.train.subsample is None or cfg.train.subsample >= 1,
         "train.subsample",

@@ -29,6 +29,7 @@ LAYERS = {
     "mil.explain": 7,
     "mil.train.loop": 7,
     "mil.train.diagnostics": 7,
+    "mil.train.optim": 7,
     "mil.train.distributed": 7,
     "mil.train.report": 7,
     "mil.train.summary": 8,

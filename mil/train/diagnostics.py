@@ -21,6 +21,7 @@ see docs/benchmarks.md, "Training diagnostics"):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -63,18 +64,25 @@ def _undertrained(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     loss, constant = float(last["train_loss"].min()), float(last["constant_loss"].mean())
     if not (constant > 0 and loss >= UNDERTRAINED * constant):
         return None
-    steps = int(h["steps"].sum())
+    steps, per_epoch = int(h["steps"].sum()), int(h["steps"].iloc[0])
     return (
         f"the training loss ended at {loss:.3g}, {loss / constant:.0%} of a constant "
-        f"prediction's ({constant:.3g}), after {steps} optimizer steps ({len(h)} epochs of "
-        f"{int(h['steps'].iloc[0])}): the model barely trained. Raise train.epochs or "
-        f"train.lr (now {cfg.lr:g}), or lower train.batch_size (now {cfg.batch_size}) for more "
-        f"steps per epoch"
+        f"prediction's ({constant:.3g}), after {_n(steps, 'optimizer step')} "
+        f"({_n(len(h), 'epoch')} of {per_epoch}): the model barely trained. Raise train.min_steps or "
+        f"train.epochs, or train.lr (now {cfg.lr:g}); a smaller train.batch_size (now "
+        f"{cfg.batch_size}) gives more steps per epoch"
     )
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _still_improving(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
-    if "val_loss" not in h or len(h) < cfg.epochs or len(h) <= LOOKBACK:
+    epochs = cfg.epochs
+    if cfg.min_steps and "steps" in h and len(h):  # train.min_steps may have added epochs
+        epochs = max(epochs, math.ceil(cfg.min_steps / max(1, int(h["steps"].iloc[0]))))
+    if "val_loss" not in h or len(h) < epochs or len(h) <= LOOKBACK:
         return None
     val = h["val_loss"].to_numpy(float)
     if not np.isfinite(val).all() or val[-1] > val.min():
@@ -84,8 +92,8 @@ def _still_improving(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
         return None
     return (
         f"the validation loss was still falling at the last epoch ({before:.3g} -> "
-        f"{val[-1]:.3g} over the last {LOOKBACK} epochs of train.epochs = {cfg.epochs}); "
-        f"raise train.epochs"
+        f"{val[-1]:.3g} over the last {LOOKBACK} of {len(h)} epochs); raise train.epochs "
+        f"(or train.min_steps)"
     )
 
 

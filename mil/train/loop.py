@@ -21,6 +21,7 @@ from mil.models.base import MILModel
 from mil.schema import TrainConfig
 from mil.tasks.base import Task
 from mil.train.distributed import SINGLE, Dist
+from mil.train.optim import make_optimizer, make_scheduler, training_budget
 
 
 @dataclass
@@ -215,18 +216,6 @@ def diverged(where: str, epoch: int | None, what: str, cfg: TrainConfig) -> Trai
     )
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer``: AdamW (decoupled decay), Adam (coupled L2), SGD (momentum 0.9, L2)
-    or RAdam (coupled L2)."""
-    if cfg.optimizer == "radam":
-        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def _train_epoch(
     step: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -240,6 +229,7 @@ def _train_epoch(
     dist: Dist,
     where: str,
     constant: Tensor,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
 ) -> dict[str, float]:
     """One pass over the training bags in loss batches: the mean loss, the mean loss of the
     constant prediction ``constant`` on the same batches, optimizer steps, instances seen."""
@@ -273,6 +263,7 @@ def _train_epoch(
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        scheduler.step()
         losses.append(shown)
         n_inst += sum(len(b) for b in bags) if len(mine) else 0
     return {
@@ -325,7 +316,9 @@ def fit(
     counts from there).
 
     With ``cfg.patience`` None (or no validation bags) it trains a fixed
-    ``cfg.epochs`` and keeps the final weights. Returns (history, state_dict).
+    ``cfg.epochs`` (more to reach ``cfg.min_steps``: :func:`training_budget`) and keeps
+    the final weights; the learning rate follows ``cfg.schedule`` (:func:`make_scheduler`).
+    Returns (history, state_dict).
     Under torchrun (``dist``) each loss batch is shared out across the ranks
     (:mod:`mil.train.distributed`); every rank returns the same weights.
     """
@@ -343,15 +336,19 @@ def fit(
             step, find_unused_parameters=bool(getattr(model, "unused_parameters", False))
         )
     constant = torch.as_tensor(task.constant_logits(train), dtype=torch.float32)
+    budget = training_budget(task, train, cfg)
+    scheduler = make_scheduler(opt, cfg, budget.steps)
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
     best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
     history = []
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
+    bar = tqdm(range(budget.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         where = f"{desc}, epoch {epoch + 1}"
-        ep = _train_epoch(step, opt, model, task, data, train, cfg, rng, gen, dist, where, constant)
+        ep = _train_epoch(
+            step, opt, model, task, data, train, cfg, rng, gen, dist, where, constant, scheduler
+        )
         row = {
             "epoch": epoch,
             "train_loss": ep["train_loss"],
@@ -360,6 +357,7 @@ def fit(
             # the loss of the best constant prediction on the same batches, and the updates
             "constant_loss": ep["constant_loss"],
             "steps": ep["steps"],
+            "lr": opt.param_groups[0]["lr"],  # after the epoch's last step
         }
         if val_targets is not None:
             row.update(_validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch))
@@ -371,7 +369,7 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 waited += 1
-                if waited >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                if waited >= cfg.patience and epoch + 1 >= budget.min_epochs:
                     break
     hist = pd.DataFrame(history)
     hist["best"] = hist["epoch"] == best_epoch if early else hist["epoch"] == hist["epoch"].max()

@@ -100,6 +100,8 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
         + "."
     )
+    if t.min_steps or t.schedule != "constant" or t.warmup_steps:
+        parts.append(_budget_words(t))
     parts.append(task.methods())
     parts.append(
         "Results are the mean and standard deviation over test folds, and percentile-bootstrap 95% "
@@ -213,3 +215,14 @@ def _diagnostics(summary: dict[str, Any]) -> list[str]:
         "",
         *(f"- fold {f['fold']}, {f['kind']}: {f['message']}" for f in summary["diagnostics"]),
     ]
+
+
+def _budget_words(t) -> str:
+    words = []
+    if t.min_steps:
+        words.append(f"at least {t.min_steps} optimizer steps per fold (more epochs where a fold needed them)")
+    if t.warmup_steps:
+        words.append(f"a linear learning-rate warm-up over {t.warmup_steps} steps")
+    if t.schedule == "cosine":
+        words.append("cosine decay of the learning rate to 0 over the fold's steps")
+    return "Training used " + ", ".join(words) + "."
