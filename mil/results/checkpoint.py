@@ -1,0 +1,80 @@
+"""``fold_<k>/model.pt``: a fold's weights and what rebuilds the model and its preprocessing.
+
+A plain dict of tensors and Python values, so ``torch.load(weights_only=True)``
+reads it: ``state_dict``, ``model``, ``hparams``, ``in_dim``, ``n_out``,
+``task``, ``classes``, ``task_state`` and ``standardize`` (the training
+fold's feature mean and sd, or None).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mil.errors import DataError
+from mil.io import atomic_path
+from mil.models import create
+
+
+def save_model(
+    path: Path,
+    state: dict,
+    model: str,
+    hparams: dict[str, Any],
+    in_dim: int,
+    n_out: int,
+    task: str,
+    classes: list[str],
+    task_state: dict[str, Any],
+    standardize: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Weights and what is needed to rebuild the model; loadable with ``weights_only=True``."""
+    payload = {
+        "standardize": standardize,
+        "state_dict": state,
+        "model": model,
+        "hparams": hparams,
+        "in_dim": int(in_dim),
+        "n_out": int(n_out),
+        "task": task,
+        "classes": list(classes),
+        "task_state": task_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """A ``model.pt`` payload (``torch.load(weights_only=True)``); a missing, damaged or
+    foreign file is a :class:`DataError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch/pickle raise many types for a damaged file
+        raise DataError(
+            f"{path}: cannot read this checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"the file is damaged or not a mil model.pt. Delete {path.parent / 'metrics.json'} "
+            f"and re-run `mil train` on the run folder to train the fold again"
+        ) from None
+    keys = ("state_dict", "model", "hparams", "in_dim", "n_out")
+    missing = [k for k in keys if k not in payload] if isinstance(payload, dict) else list(keys)
+    if missing:
+        raise DataError(
+            f"{path}: not a mil checkpoint (no {missing[0]!r}); was it written by `mil train`?"
+        )
+    return payload
+
+
+def load_model(path: str | Path, map_location: str = "cpu"):
+    """The model of a ``model.pt`` in eval mode, and the payload (``weights_only=True``)."""
+    payload = read_checkpoint(path, map_location=map_location)
+    model = create(
+        payload["model"], in_dim=payload["in_dim"], n_out=payload["n_out"], **payload["hparams"]
+    )
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload
