@@ -13,6 +13,7 @@ from mil.config import DEFAULT_PATIENT_COL, Config
 from mil.data.cohort import Cohort, normalize_id, read_cohort_csv
 from mil.data.readers import index_feature_dir, read_features
 from mil.errors import DataError, MilWarning
+from mil.tasks import make_task
 
 
 @dataclass
@@ -204,7 +205,8 @@ def _feature_table(
 
 def split_problems(cfg: Config, cohort) -> list[Problem]:
     """What ``mil train`` would refuse in the folds: too few patients or events for
-    ``splits.folds`` and the inner validation split, Cox folds without two events."""
+    ``splits.folds`` and the inner validation split, and what the task's own fold setup
+    refuses (a Cox training fold without two events, survival bins it cannot cut)."""
     from mil.splits import make_splits, read_assignment, read_splits
 
     s = cfg.splits
@@ -220,21 +222,18 @@ def split_problems(cfg: Config, cohort) -> list[Problem]:
             splits = make_splits(cohort, s.folds, s.val_fraction, s.seed, s.repeats, site_col)
     except DataError as exc:
         return [Problem("error", "splits", str(exc))]
-    if cohort.target_kind != "survival":
-        return []
     problems = []
+    task = make_task(cfg, cohort.classes)
+    for sp in splits:
+        train = cohort.bags[cohort.bags["bag_id"].isin(cohort.bags_of_slides(sp.train))]
+        try:  # the fold's own checks, as `mil train` runs them (Cox events, survival bins, ...)
+            task.setup_fold(train, fold_name=sp.name)
+        except DataError as exc:
+            problems.append(Problem("error", f"fold {sp.name}", str(exc)))
+    if cohort.target_kind != "survival":
+        return problems
     event = dict(zip(cohort.bags["bag_id"], cohort.bags["event"]))
     for sp in splits:
-        n_train = sum(event[b] for b in cohort.bags_of_slides(sp.train))
-        if cfg.task.loss == "cox" and n_train < 2:
-            problems.append(
-                Problem(
-                    "error",
-                    f"fold {sp.name}",
-                    f"the training partition has {n_train} event(s); the Cox loss needs at least "
-                    f"2. Use fewer folds (splits.folds), more patients, or task.loss: nll",
-                )
-            )
         if not any(event[b] for b in cohort.bags_of_slides(sp.test)):
             problems.append(
                 Problem(

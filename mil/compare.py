@@ -37,6 +37,7 @@ from mil.io import json_float, write_csv, write_text
 from mil.models import available
 from mil.results import MODEL, RunFolder
 from mil.tasks import get as get_task
+from mil.tasks import headline_metrics
 
 ENTRY_KEYS = {"model", "train", "label"}
 
@@ -174,7 +175,7 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
             "folds": len(summary["folds"]),
             "params": n_parameters(Path(run_dir)),
         }
-        for k in [*_task_metrics(summary["task"]), "witness_auc"]:
+        for k in [*headline_metrics(summary["task"]), "witness_auc"]:
             if k in m:
                 row[f"{k}_mean"], row[f"{k}_sd"] = json_float(m[k]["mean"]), json_float(m[k]["sd"])
         for k in ("seconds_per_epoch", "train_seconds"):
@@ -182,14 +183,6 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
                 row[k] = json_float(m[k]["mean"])
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _task_metrics(task_type: str) -> tuple[str, ...]:
-    """The metrics that compare runs of a task (none for a task this mil does not know)."""
-    try:
-        return get_task(task_type).headline_metrics
-    except ConfigError:
-        return ()
 
 
 def paired_differences(

@@ -124,10 +124,10 @@ class RunFolder:
         if not path.is_file():
             return "todo"
         try:
-            record = json.loads(path.read_text())
+            _parse_record(path)
         except (OSError, UnicodeDecodeError, ValueError):
             return "damaged"
-        return "done" if isinstance(record, dict) and "metrics" in record else "damaged"
+        return "done"
 
     # ---- readers -------------------------------------------------------------------------
 
@@ -156,9 +156,7 @@ class RunFolder:
         for fold in self.finished_folds():
             path = self.fold_file(fold, METRICS)
             try:
-                record = json.loads(path.read_text())
-                if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-                    raise ValueError("no 'metrics' record")
+                record = _parse_record(path)
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 warnings.warn(
                     f"{path} is damaged ({exc}); fold {fold} is left out. Re-run `mil train` "
@@ -220,6 +218,14 @@ class RunFolder:
         made = min(summary.stat().st_mtime_ns, report.stat().st_mtime_ns)
         sources = [self.config_path, *self.path.glob(f"fold_*/{METRICS}")]
         return any(p.stat().st_mtime_ns > made for p in sources if p.is_file())
+
+
+def _parse_record(path: Path) -> dict[str, Any]:
+    """A fold's ``metrics.json``; ValueError (or OSError) unless it is a finished fold's record."""
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        raise ValueError("no 'metrics' record")
+    return record
 
 
 def write_artifacts(folder: str | Path, artifacts: dict[str, Any]) -> None:

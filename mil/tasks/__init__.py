@@ -5,7 +5,7 @@ from __future__ import annotations
 from mil.tasks import classification, survival  # noqa: F401  (register the built-in tasks)
 from mil.tasks.base import Task
 from mil.tasks.classification import ClassificationTask
-from mil.tasks.registry import available, get, make_task, register
+from mil.tasks.registry import available, get, headline_metrics, make_task, register
 from mil.tasks.survival import SurvivalTask
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "SurvivalTask",
     "available",
     "get",
+    "headline_metrics",
     "make_task",
     "register",
 ]

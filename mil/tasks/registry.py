@@ -27,6 +27,12 @@ available = _TASKS.available
 get = _TASKS.get
 
 
+def headline_metrics(task_type: str) -> tuple[str, ...]:
+    """The metrics that compare runs of ``task_type``, headline first; none for a task this
+    mil does not know (a run folder written by a plugin that is not imported)."""
+    return _TASKS.get(task_type).headline_metrics if task_type in _TASKS.available() else ()
+
+
 def make_task(cfg: Config, classes: list[str]) -> Task:
     """The task named by ``cfg.task.type``, for a cohort with ``classes`` (classification)."""
     return get(cfg.task.type)(cfg, classes)

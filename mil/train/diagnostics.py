@@ -21,7 +21,6 @@ see docs/benchmarks.md, "Training diagnostics"):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -37,18 +36,23 @@ FITTED = 0.5
 
 
 def diagnose(
-    history: pd.DataFrame, cfg: TrainConfig, constant: str | None, fold: str
+    history: pd.DataFrame,
+    cfg: TrainConfig,
+    constant: str | None,
+    fold: str,
+    epochs: int | None = None,
 ) -> list[dict[str, Any]]:
     """Findings about one fold: ``[{"fold", "kind", "message"}]`` (empty: it trained).
 
     ``history``: the fold's ``history.csv`` (``train_loss``, ``constant_loss``,
     ``steps``, ``val_loss`` when validated, ``best``); ``constant``: the task's
-    reason the test predictions are constant, or None.
+    reason the test predictions are constant, or None; ``epochs``: the epochs the fold
+    could run (:func:`mil.train.optim.training_budget`; default ``cfg.epochs``).
     """
     found = []
     for kind, message in (
         ("under-training", _undertrained(history, cfg)),
-        ("still improving", _still_improving(history, cfg)),
+        ("still improving", _still_improving(history, epochs or cfg.epochs)),
         ("over-fitting", _overfitted(history, cfg)),
         ("constant predictions", _constant(constant, cfg)),
     ):
@@ -78,10 +82,7 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _still_improving(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
-    epochs = cfg.epochs
-    if cfg.min_steps and "steps" in h and len(h):  # train.min_steps may have added epochs
-        epochs = max(epochs, math.ceil(cfg.min_steps / max(1, int(h["steps"].iloc[0]))))
+def _still_improving(h: pd.DataFrame, epochs: int) -> str | None:
     if "val_loss" not in h or len(h) < epochs or len(h) <= LOOKBACK:
         return None
     val = h["val_loss"].to_numpy(float)

@@ -47,6 +47,7 @@ from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup
 from mil.train.experiment import Experiment
 from mil.train.loop import Forward, diverged, fit, predict
+from mil.train.optim import training_budget
 from mil.train.summary import summarize
 
 # names other modules and notebooks import from here
@@ -270,7 +271,8 @@ def _train_and_test(
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
     metrics["steps"] = int(history["steps"].sum())
-    findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name)
+    epochs = training_budget(task, train, cfg.train).epochs
+    findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name, epochs)
     return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings)
 
 

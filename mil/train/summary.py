@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mil.data.sources import read_cohort
-from mil.errors import ConfigError, DataError
+from mil.errors import DataError
 from mil.io import json_float, write_csv, write_json
 from mil.metrics.subgroups import group_difference_test, subgroup_metrics
 from mil.results import (
@@ -20,8 +20,7 @@ from mil.results import (
     RunFolder,
     write_artifacts,
 )
-from mil.tasks import Task, make_task
-from mil.tasks import get as get_task
+from mil.tasks import Task, headline_metrics, make_task
 from mil.train.diagnostics import summarize_findings
 from mil.train.report import write_report
 
@@ -155,13 +154,6 @@ def _subgroups(
     return {"subgroup_tests": tests, "subgroups": rows}
 
 
-def _headline(task_type: str) -> str:
-    try:
-        return get_task(task_type).headline()
-    except ConfigError:  # a task this mil does not know: its summary still prints
-        return "auc"
-
-
 def join_group_columns(pred: pd.DataFrame, cfg, cols: list[str]) -> pd.DataFrame:
     """``pred`` with every group column in ``cols`` it lacks, joined by bag from the cohort CSV.
 
@@ -222,7 +214,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  training diagnostics (see history.csv of the folds named):")
         lines += [f"    {line}" for line in summarize_findings(summary["diagnostics"])]
     if summary.get("subgroups"):
-        metric = _headline(summary["task"])
+        metric = (headline_metrics(summary["task"]) or ("auc",))[0]
         lines.append(
             f"  subgroups (pooled out-of-fold {metric}, 95% bootstrap CI; subgroups.csv):"
         )
