@@ -42,12 +42,16 @@ class MILModel(nn.Module):
     A model some of whose parameters can stay out of a training step's loss
     sets ``unused_parameters = True`` (data-parallel training then looks for
     them every step; the uniform tests hold every other model to a gradient
-    for every parameter).
+    for every parameter). A model fitted in closed form rather than by the training
+    loop (the linear baselines of :mod:`mil.models.linear`) sets
+    ``trained_by_gradient = False``; the runner then fits it with
+    :mod:`mil.train.closed_form`, and the uniform tests skip the gradient contracts.
     """
 
     graph: str | None = None
     graph_k: int = 8
     unused_parameters: bool = False
+    trained_by_gradient: bool = True
 
     def __init__(self, in_dim: int, n_out: int) -> None:
         super().__init__()

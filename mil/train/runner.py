@@ -43,6 +43,7 @@ from mil.results.checkpoint import load_model, read_checkpoint, save_model
 from mil.results.scores import write_scores
 from mil.splits import Split, write_splits
 from mil.tasks import Task
+from mil.train.closed_form import fit_closed_form
 from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup
 from mil.train.experiment import Experiment
@@ -242,10 +243,14 @@ def _train_and_test(
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
     t0 = time.perf_counter()
-    history, state = fit(
-        model, task, data, train, val, cfg.train, device,
-        progress=exp.progress, desc=f"fold {split.name}", dist=dist,
-    )  # fmt: skip
+    if model.trained_by_gradient:
+        history, state = fit(
+            model, task, data, train, val, cfg.train, device,
+            progress=exp.progress, desc=f"fold {split.name}", dist=dist,
+        )  # fmt: skip
+    else:  # the linear baselines: a closed-form fit, the penalty chosen on the validation bags
+        history = fit_closed_form(model, task, data, train, val, cfg.train)
+        model, state = model.to(device), model.state_dict()
     train_seconds = time.perf_counter() - t0
     infer = partial(
         predict, model, data, max_instances=cfg.train.max_instances, device=device,
@@ -273,6 +278,8 @@ def _train_and_test(
     metrics["steps"] = int(history["steps"].sum())
     epochs = training_budget(task, train, cfg.train).epochs
     findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name, epochs)
+    if not model.trained_by_gradient:  # no training curve to read: only constant predictions
+        findings = [f for f in findings if f["kind"] == "constant predictions"]
     return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings)
 
 

@@ -1,0 +1,164 @@
+"""The linear baselines (meanpool_linear, bow_linear) against direct scikit-learn /
+scikit-survival fits on the same folds, written here from the split files and the
+feature files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_config
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.util import Surv
+
+from mil.config import config_from_dict
+from mil.data.synthetic import write_synthetic_cohort
+from mil.train.closed_form import ALPHA_GRID, C_GRID
+from mil.train.runner import run_cv
+
+
+def features(root: Path, bag: str) -> np.ndarray:
+    with h5py.File(root / "features" / f"{bag}.h5", "r") as f:
+        return f["features"][:].astype(np.float64)
+
+
+def split(run: Path, fold: int) -> dict[str, list[str]]:
+    frame = pd.read_csv(run / "splits" / f"splits_{fold}.csv")
+    return {p: frame[p].dropna().astype(str).tolist() for p in ("train", "val", "test")}
+
+
+def standardised(vectors: dict[str, np.ndarray], ids: dict[str, list[str]]):
+    tr = np.stack([vectors[b] for b in ids["train"]])
+    mu, sd = tr.mean(0), tr.std(0)
+    sd[~(sd > 1e-8)] = 1.0
+    return {p: (np.stack([vectors[b] for b in ids[p]]) - mu) / sd for p in ids}
+
+
+def run(raw: dict, out: Path) -> Path:
+    return run_cv(config_from_dict(raw), out, progress=False, log=lambda *a: None, n_boot=20)
+
+
+def test_meanpool_classification_is_sklearn_logistic_regression(tmp_path):
+    raw = small_config(tmp_path / "c")
+    raw["model"] = {"name": "meanpool_linear"}
+    out = run(raw, tmp_path / "run")
+    labels = pd.read_csv(tmp_path / "c" / "cohort.csv").set_index("slide_id")["label"]
+    y_of = {b: int(v == "positive") for b, v in labels.items()}
+    vectors = {b: features(tmp_path / "c", b).mean(0) for b in labels.index}
+    for fold in range(3):
+        ids = split(out, fold)
+        z = standardised(vectors, ids)
+        y = {p: np.array([y_of[b] for b in ids[p]]) for p in ids}
+        # the penalty: the lowest validation log-loss over the grid, computed independently
+        val = [
+            log_loss(y["val"], LogisticRegression(C=c, max_iter=5000).fit(z["train"], y["train"])
+                     .predict_proba(z["val"]), labels=[0, 1])
+            for c in C_GRID
+        ]  # fmt: skip
+        history = pd.read_csv(out / f"fold_{fold}" / "history.csv")
+        np.testing.assert_allclose(history["val_loss"], val, rtol=1e-4, atol=1e-5)
+        best = C_GRID[int(np.argmin(val))]
+        assert history.loc[history["best"], "C"].item() == pytest.approx(best)
+        direct = LogisticRegression(C=best, max_iter=5000).fit(z["train"], y["train"])
+        pred = pd.read_csv(out / f"fold_{fold}" / "predictions.csv").set_index("bag_id")
+        np.testing.assert_allclose(
+            pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
+        )
+
+
+def test_bag_of_words_is_kmeans_histograms_and_logistic_regression(tmp_path):
+    raw = small_config(tmp_path / "c")
+    raw["model"] = {"name": "bow_linear", "words": 8}
+    out = run(raw, tmp_path / "run")
+    labels = pd.read_csv(tmp_path / "c" / "cohort.csv").set_index("slide_id")["label"]
+    ids = split(out, 0)
+    x = {b: features(tmp_path / "c", b).astype(np.float32) for b in labels.index}
+    km = KMeans(n_clusters=8, n_init=3, random_state=0).fit(np.concatenate([x[b] for b in ids["train"]]))
+    hist = {b: np.bincount(km.predict(x[b]), minlength=8) / len(x[b]) for b in x}
+    z = standardised(hist, ids)
+    y = {p: np.array([int(labels[b] == "positive") for b in ids[p]]) for p in ids}
+    history = pd.read_csv(out / "fold_0" / "history.csv")
+    direct = LogisticRegression(C=history.loc[history["best"], "C"].item(), max_iter=5000)
+    direct.fit(z["train"], y["train"])
+    pred = pd.read_csv(out / "fold_0" / "predictions.csv").set_index("bag_id")
+    np.testing.assert_allclose(
+        pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def survival_cohort(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("surv")
+    write_synthetic_cohort(
+        "survival", root / "cohort.csv", root / "features", n_patients=60, n_two_slides=0,
+        dim=16, min_tiles=20, max_tiles=60,
+    )  # fmt: skip
+    return root
+
+
+def survival_config(root: Path, loss: str) -> dict:
+    return {
+        "task": {"type": "survival", "loss": loss, "bins": 3},
+        "data": {"csv": str(root / "cohort.csv"), "features": str(root / "features"),
+                 "patient_col": "case_id", "time_col": "survival_months",
+                 "event_col": "censorship", "censored_value": 1},
+        "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2, "seed": 0},
+        "model": {"name": "meanpool_linear"},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["cox", "nll"])
+def test_meanpool_survival_is_scikit_survival_ridge_cox(survival_cohort, tmp_path, loss):
+    out = run(survival_config(survival_cohort, loss), tmp_path / "run")
+    cohort = pd.read_csv(survival_cohort / "cohort.csv").set_index("slide_id")
+    vectors = {b: features(survival_cohort, b).mean(0) for b in cohort.index}
+    ids = split(out, 1)
+    z = standardised(vectors, ids)
+    part = cohort.loc[ids["train"]]
+    y = Surv.from_arrays(part["censorship"].to_numpy() == 0, part["survival_months"].to_numpy())
+    history = pd.read_csv(out / "fold_1" / "history.csv")
+    alpha = history.loc[history["best"], "alpha"].item()
+    assert alpha in ALPHA_GRID
+    cox = CoxPHSurvivalAnalysis(alpha=alpha, ties="efron", n_iter=200).fit(z["train"], y)
+    pred = pd.read_csv(out / "fold_1" / "predictions.csv").set_index("bag_id").loc[ids["test"]]
+    if loss == "cox":
+        np.testing.assert_allclose(pred["risk"], cox.predict(z["test"]), rtol=1e-3, atol=1e-4)
+        return
+    # discrete-time: survival after bin k is the Cox model's S(cut_k | x) (Breslow baseline)
+    cuts = json.loads((out / "fold_1" / "metrics.json").read_text())["metrics"]["bin_cuts"]
+    curves = cox.predict_survival_function(z["test"])
+    for k, cut in enumerate(cuts):
+        expected = [fn(min(max(cut, fn.x[0]), fn.x[-1])) if cut >= fn.x[0] else 1.0 for fn in curves]
+        np.testing.assert_allclose(pred[f"surv_{k}"], expected, atol=2e-3)
+
+
+def test_instance_scores_average_to_the_bag_logit(tmp_path):
+    """The baselines are additive: a bag's saved instance scores average to its logit of
+    the positive class against the negative one, less the bias; and mil.Run.predict
+    reproduces the saved predictions from model.pt."""
+    from mil import Run
+
+    raw = small_config(tmp_path / "c")
+    raw["model"] = {"name": "meanpool_linear"}
+    out = run(raw, tmp_path / "run")
+    r = Run(out)
+    model = r.model(0)
+    pred = pd.read_csv(out / "fold_0" / "predictions.csv")
+    for _, row in pred.head(4).iterrows():
+        scores = r.scores(row["bag_id"], fold=0)["score"].to_numpy()
+        logit = np.log(row["prob_positive"] / row["prob_negative"])
+        bias = float(model.bias[1] - model.bias[0])
+        # the scores use the positive row of the head; the negative row is 0 (binary)
+        assert float(model.weight[0].abs().max()) == 0.0
+        assert scores.mean() == pytest.approx(logit - bias, abs=1e-4)
+    again = r.predict(pred["bag_id"].tolist(), folds=[0]).set_index("bag_id")
+    np.testing.assert_allclose(
+        again.loc[pred["bag_id"], "prob_positive"], pred["prob_positive"], atol=1e-5
+    )
