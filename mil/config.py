@@ -3,6 +3,7 @@ and the model and task names against their registries; errors name the key and t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "load_config",
+    "point_config",
     "read_yaml_mapping",
+    "search_grid",
 ]
 
 
@@ -64,4 +67,33 @@ def config_from_dict(
             f"{source}: task.type = {cfg.task.type!r}; expected one of {tasks.available()}"
         )
     cfg.task.target_kind = tasks.get(cfg.task.type).target_kind
+    for key, values in cfg.search.items():  # each value alone first: the error names its key
+        for value in values:
+            point_config(cfg, {key: value})
+    for point in search_grid(cfg):
+        point_config(cfg, point)
     return cfg
+
+
+def search_grid(cfg: Config) -> list[dict[str, Any]]:
+    """The points of ``cfg.search``: every combination of its values (the cartesian product;
+    keys in the config's order, the last varying fastest), each ``{dotted key: value}``."""
+    if not cfg.search:
+        return []
+    keys = list(cfg.search)
+    return [dict(zip(keys, values)) for values in itertools.product(*cfg.search.values())]
+
+
+def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) -> Config:
+    """The plain config of one search point: ``cfg`` without ``search`` (and ``compare``), the
+    point's values in place of its own, checked like any config; errors name the point."""
+    raw = cfg.to_dict()
+    raw.pop("search", None)
+    raw.pop("compare", None)
+    for key, value in point.items():
+        section, _, sub = key.partition(".")
+        raw[section][sub] = value
+    if name is not None:
+        raw["name"] = name
+    where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
+    return config_from_dict(raw, source=f"{cfg.source}: search {where}")

@@ -131,6 +131,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # `mil compare`: models to run through the same folds, each {model: {...}, train: {...}, label}
     compare: list[dict[str, Any]] = field(default_factory=list)
+    # `mil train` hyper-parameter search (mil.train.search): train./model. key -> values to try
+    search: dict[str, list[Any]] = field(default_factory=dict)
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +141,8 @@ class Config:
         out["task"].pop("target_kind")
         if not out["compare"]:
             out.pop("compare")  # plain runs keep the config.yaml they always had
+        if not out["search"]:
+            out.pop("search")
         return out
 
     @property
@@ -189,6 +193,7 @@ def parse_config(
     cfg.source = source
     cfg.model.setdefault("name", "abmil")
     _check_values(cfg)
+    _check_search(cfg)
     return cfg
 
 
@@ -370,6 +375,19 @@ def _check_values(cfg: Config) -> None:
     if cfg.data.instances is None:
         need(cfg.data.csv is not None, "data.csv", "is required (the cohort CSV)")
         need(cfg.data.features is not None, "data.features", "is required (the feature folder)")
+
+
+def _check_search(cfg: Config) -> None:
+    """``search:`` keys are train./model. keys with non-empty lists, and need a validation split
+    (:func:`mil.config.config_from_dict` checks the values against the schema)."""
+    for key, values in cfg.search.items():
+        section, _, sub = str(key).partition(".")
+        if section not in ("train", "model") or not sub or "." in sub:
+            raise ConfigError(f"{cfg.source}: search: {key!r} cannot be searched; only train.<key> and model.<key> can, e.g. train.lr")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]")
+    if cfg.search and cfg.splits.val_fraction <= 0:
+        raise ConfigError(f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss")
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,0 +1,99 @@
+"""A hyper-parameter search's files in its run folder: the grid points' runs and ``search.csv``.
+
+Layout, beside an ordinary run's files (:mod:`mil.results`)::
+
+    search/<label>/      one ordinary run per grid point, on the run's split files
+    search.csv           per outer fold and point: the point's values, its validation
+                         loss, and whether it was selected (its fold copied to fold_<k>/)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mil.errors import DataError
+from mil.results import HISTORY, RunFolder
+
+SEARCH_DIR = "search"
+SEARCH_CSV = "search.csv"
+
+
+def point_dir(run_dir: str | Path, label: str) -> Path:
+    """The run folder of the grid point ``label``."""
+    return Path(run_dir) / SEARCH_DIR / label
+
+
+def kept_val_loss(history: str | Path, best_from_epoch: int) -> float:
+    """The validation loss of the weights a fold kept, from its ``history.csv``: the row
+    marked ``best`` (early stopping's lowest loss from ``best_from_epoch`` on; the last epoch
+    with fixed epochs), else the lowest from ``best_from_epoch`` on; NaN without validation."""
+    try:
+        h = pd.read_csv(history)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{history}: cannot read this fold's training history ({err})") from None
+    if "val_loss" not in h.columns:
+        return float("nan")
+    if "best" in h.columns and h["best"].astype(bool).any():
+        return float(h.loc[h["best"].astype(bool), "val_loss"].iloc[0])
+    return float(h.loc[h["epoch"] >= best_from_epoch, "val_loss"].min())
+
+
+def point_val_losses(runs: list[RunFolder], fold: str, best_from: list[int]) -> np.ndarray:
+    """Each point's kept validation loss on ``fold`` (``best_from``: its ``train.best_from_epoch``)."""
+    return np.array(
+        [kept_val_loss(r.fold_file(fold, HISTORY), b) for r, b in zip(runs, best_from)], float
+    )
+
+
+def read_search_table(run_dir: str | Path) -> pd.DataFrame | None:
+    """``search.csv`` of a search run (None for a plain run)."""
+    path = Path(run_dir) / SEARCH_CSV
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"fold": str, "point": str})
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the search table ({err})") from None
+
+
+def search_section(run_dir: str | Path) -> list[str]:
+    """``report.md``'s "Hyper-parameter search" section (markdown lines; none for a plain run):
+    the grid, the selection criterion and the values selected for each outer fold."""
+    table = read_search_table(run_dir)
+    if table is None:
+        return []
+    cfg = RunFolder(run_dir).read_config()
+    keys = list(cfg.search)
+    n_points = int(np.prod([len(v) for v in cfg.search.values()]))
+    grid = "; ".join(f"`{k}` ∈ {{{', '.join(_show(v) for v in vals)}}}" for k, vals in cfg.search.items())
+    kept = (
+        f"early stopping's criterion: its lowest from epoch {cfg.train.best_from_epoch} on"
+        if cfg.train.patience is not None
+        else "with fixed epochs, the last epoch's"
+    )
+    lines = [
+        "## Hyper-parameter search",
+        "",
+        f"Grid of {n_points} points (every combination): {grid}. In each outer fold every point "
+        "was trained on the same training and validation patients, and the point whose kept "
+        f"weights had the lowest validation loss ({kept}) was selected; only its predictions on "
+        "the outer test fold are reported, and the test folds took no part in the selection. "
+        "Methods gives the config's own values; the selected ones, per fold:",
+        "",
+        "| fold | point | " + " | ".join(f"`{k}`" for k in keys) + " | validation loss |",
+        "|" + "---|" * (len(keys) + 3),
+    ]
+    chosen = table[table["selected"].astype(bool)]
+    for r in chosen.to_dict("records"):
+        cells = [str(r["fold"]), f"`{r['point']}`", *[_show(r[k]) for k in keys]]
+        lines.append("| " + " | ".join(cells) + f" | {r['val_loss']:.4f} |")
+    lines += ["", f"All points' validation losses: `{SEARCH_CSV}`; their runs: `{SEARCH_DIR}/`.", ""]
+    return lines
+
+
+def _show(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
