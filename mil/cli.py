@@ -10,14 +10,14 @@ from pathlib import Path
 from mil.errors import MilError, MilWarning
 
 
-def _parse_folds(text: str | None) -> list[int] | None:
+def _parse_folds(text: str | None, option: str = "--folds") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise MilError(
-            f"--folds {text!r}: expected comma-separated fold numbers, e.g. 0,2"
+            f"{option} {text!r}: expected comma-separated {option[2:-1]} numbers, e.g. 0,2"
         ) from None
 
 
@@ -29,11 +29,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mil.train.summary import format_summary
 
     cfg = load_config(args.config, args.set)
-    run_dir = run_cv(cfg, args.out, folds=_parse_folds(args.folds), progress=not args.quiet)
+    folds, points = _parse_folds(args.folds), _parse_folds(args.points, "--points")
+    if cfg.search:
+        from mil.train.search import run_search
+
+        run_dir = run_search(cfg, args.out, folds=folds, points=points, progress=not args.quiet)
+    elif points is not None:
+        raise MilError(f"--points: {args.config} has no search: block to take grid points from")
+    else:
+        run_dir = run_cv(cfg, args.out, folds=folds, progress=not args.quiet)
     if current().main:  # under torchrun, rank 0 speaks for the run
-        print(format_summary(RunFolder(run_dir).summary()))
+        if RunFolder(run_dir).finished_folds():  # a search may have no fold selected yet
+            print(format_summary(RunFolder(run_dir).summary()))
+        if args.baseline:
+            _train_baselines(cfg, run_dir, args, folds)
         print(f"results: {run_dir}")
     return 0
+
+
+def _train_baselines(cfg, run_dir: Path, args: argparse.Namespace, folds: list[int] | None) -> None:
+    """``mil train --baseline``: the linear baselines on the run's folds, and the paired test."""
+    from mil.compare import run_baselines
+    from mil.models import available
+
+    names = [n.strip() for n in args.baseline.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        raise MilError(f"--baseline {unknown[0]}: not a registered model (e.g. meanpool_linear, bow_linear)")
+    table = run_baselines(cfg, run_dir, names, folds=folds, progress=not args.quiet)
+    for r in table.itertuples():
+        print(
+            f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} "
+            f"(95% CI {r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})"
+        )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -229,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--out", help="run folder (default results/<name>)")
     t.add_argument("--folds", help="only these folds, e.g. 0,2 (for one job per fold)")
+    t.add_argument(
+        "--points", help="with a search: block, only these grid points, e.g. 0,2 (one job per point)"
+    )
+    t.add_argument(
+        "--baseline", nargs="?", const="meanpool_linear", metavar="NAMES",
+        help="also run linear baselines on the same folds (default meanpool_linear; e.g. "
+        "meanpool_linear,bow_linear) and report the run's paired difference to each",
+    )  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
 

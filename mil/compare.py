@@ -35,7 +35,7 @@ from mil.config import Config, config_from_dict
 from mil.errors import ConfigError, DataError
 from mil.io import json_float, write_csv, write_text
 from mil.models import available
-from mil.results import MODEL, RunFolder
+from mil.results import BASELINE_RUNS, BASELINES, MODEL, RunFolder
 from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
 
@@ -90,6 +90,7 @@ def entry_config(cfg: Config, entry: dict[str, Any]) -> Config:
     """The plain config of one comparison run (validated like any config)."""
     raw = cfg.to_dict()
     raw.pop("compare", None)
+    raw.pop("search", None)  # one model's plain run
     raw["name"] = f"{cfg.name}_{entry['label']}"
     raw["model"] = dict(entry["model"])
     raw["train"].update(entry.get("train") or {})
@@ -148,6 +149,52 @@ def run_compare(
     if dist.main:
         write_csv(out / "comparison.csv", table)
         write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
+    return table
+
+
+def run_baselines(
+    cfg: Config,
+    run_dir: str | Path,
+    names: list[str],
+    folds: list[int] | None = None,
+    progress: bool = True,
+    log=print,
+    n_boot: int = 1000,
+) -> pd.DataFrame:
+    """The run against linear baselines on its own split files (``mil train --baseline``).
+
+    Each baseline (a registered model, e.g. ``meanpool_linear``) runs into
+    ``<run>/baselines/<name>/`` on the run's split files; ``<run>/baselines.csv`` then
+    holds, per baseline, its pooled headline metric and the run's minus it with a
+    paired patient-bootstrap 95% CI and p (:func:`paired_differences`), and the
+    run's ``report.md`` gets a section on it. Resumes like ``mil train``.
+    """
+    from mil.train.report import write_report
+    from mil.train.runner import run_cv
+
+    run_dir = Path(run_dir)
+    split_dir = cfg.splits.dir or str(RunFolder(run_dir).splits_dir)
+    rows = []
+    for name in names:
+        entry = {"label": name, "model": {"name": name}}
+        sub = entry_config(cfg, entry)
+        sub.splits.dir = split_dir  # the run's own split files
+        log(f"== baseline {name} ==")
+        out = run_cv(sub, run_dir / BASELINE_RUNS / name, folds=folds, progress=progress, log=log)
+        diffs = paired_differences({"model": run_dir, name: out}, name, n_boot=n_boot)
+        d = diffs.set_index("model")
+        rows.append({
+            "baseline": name, "metric": d.loc[name, "metric"], "baseline_value": d.loc[name, "value"],
+            "model_value": d.loc["model", "value"], "delta": d.loc["model", "delta"],
+            "delta_ci_low": d.loc["model", "delta_ci_low"],
+            "delta_ci_high": d.loc["model", "delta_ci_high"], "delta_p": d.loc["model", "delta_p"],
+        })  # fmt: skip
+    table = pd.DataFrame(rows)
+    path = run_dir / BASELINES
+    old = pd.read_csv(path) if path.is_file() else None
+    if old is None or not old.round(10).equals(table.round(10)):  # a no-op rerun writes nothing
+        write_csv(path, table)
+        write_report(run_dir)
     return table
 
 

@@ -162,3 +162,37 @@ def test_instance_scores_average_to_the_bag_logit(tmp_path):
     np.testing.assert_allclose(
         again.loc[pred["bag_id"], "prob_positive"], pred["prob_positive"], atol=1e-5
     )
+
+
+def test_train_with_baseline_reports_the_paired_difference(tmp_path):
+    """``mil train --baseline``: the baseline runs on the run's own split files; baselines.csv
+    holds both pooled AUCs (sklearn's, on the saved out-of-fold predictions) and their
+    difference; report.md shows it; a rerun writes nothing."""
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from mil.cli import main
+
+    raw = small_config(tmp_path / "c")
+    raw["splits"].pop("dir")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    base = out / "baselines" / "meanpool_linear"
+    for k in range(3):
+        assert (base / "splits" / f"splits_{k}.csv").read_bytes() == (out / "splits" / f"splits_{k}.csv").read_bytes()
+
+    def pooled_auc(run):
+        pred = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
+        return roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
+
+    row = pd.read_csv(out / "baselines.csv").iloc[0]
+    assert row["baseline"] == "meanpool_linear"
+    assert row["baseline_value"] == pytest.approx(pooled_auc(base))
+    assert row["model_value"] == pytest.approx(pooled_auc(out))
+    assert row["delta"] == pytest.approx(pooled_auc(out) - pooled_auc(base))
+    assert row["delta_ci_low"] <= row["delta"] <= row["delta_ci_high"]
+    assert "## Against linear baselines" in (out / "report.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

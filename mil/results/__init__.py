@@ -52,6 +52,9 @@ PREDICTIONS_TRAIN = "predictions_train.csv"
 SCORES = "attention.h5"
 MODEL = "model.pt"
 METRICS = "metrics.json"
+#: the run against the linear baselines on its folds (``mil train --baseline``)
+BASELINES = "baselines.csv"
+BASELINE_RUNS = "baselines"
 
 
 def fold_name(fold: int | str) -> str:
