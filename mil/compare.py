@@ -36,6 +36,7 @@ from mil.errors import ConfigError, DataError
 from mil.io import json_float, write_csv, write_text
 from mil.models import available
 from mil.results import BASELINE_RUNS, BASELINES, MODEL, RunFolder
+from mil.schema import fixed_epoch_budget
 from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
 
@@ -93,7 +94,9 @@ def entry_config(cfg: Config, entry: dict[str, Any]) -> Config:
     raw.pop("search", None)  # one model's plain run
     raw["name"] = f"{cfg.name}_{entry['label']}"
     raw["model"] = dict(entry["model"])
-    raw["train"].update(entry.get("train") or {})
+    train = entry.get("train") or {}
+    raw["train"].update(train)
+    fixed_epoch_budget(train, raw["train"])
     return config_from_dict(raw, source=f"{cfg.source}: compare entry {entry['label']!r}")
 
 

@@ -18,6 +18,7 @@ from mil.schema import (
     TrainConfig,
     apply_override,
     dump_config,
+    fixed_epoch_budget,
     parse_config,
     read_yaml_mapping,
 )
@@ -52,6 +53,7 @@ def config_from_dict(
     model's name and hyper-parameters, and the task's name (which also says what the
     cohort reads as targets)."""
     cfg = parse_config(raw, source, overrides)
+    _check_search(cfg)
     try:
         allowed = models.hyperparameters(cfg.model_name)
     except ConfigError as exc:
@@ -93,7 +95,22 @@ def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) ->
     for key, value in point.items():
         section, _, sub = key.partition(".")
         raw[section][sub] = value
+    asked = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("train.")}
+    fixed_epoch_budget(asked, raw["train"])
     if name is not None:
         raw["name"] = name
     where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
     return config_from_dict(raw, source=f"{cfg.source}: search {where}")
+
+
+def _check_search(cfg: Config) -> None:
+    """``search:`` keys are train./model. keys with non-empty lists, and need a validation split
+    (:func:`mil.config.config_from_dict` checks the values against the schema)."""
+    for key, values in cfg.search.items():
+        section, _, sub = str(key).partition(".")
+        if section not in ("train", "model") or not sub or "." in sub:
+            raise ConfigError(f"{cfg.source}: search: {key!r} cannot be searched; only train.<key> and model.<key> can, e.g. train.lr")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]")
+    if cfg.search and cfg.splits.val_fraction <= 0:
+        raise ConfigError(f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss")

@@ -83,25 +83,25 @@ class SplitsConfig:
 
 @dataclass
 class TrainConfig:
+    # lr, min_steps, schedule, warmup_steps: chosen on the cohort zoo (docs/benchmarks.md)
     epochs: int = 40
     batch_size: int = 16
-    lr: float = 2.0e-4
+    lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
-    # adamw: decoupled weight decay (torch.optim.AdamW); adam: Adam with coupled L2 weight decay
-    # (torch.optim.Adam, as Ilse et al. 2018); sgd: SGD, momentum 0.9, L2 weight decay (mi-Net);
-    # radam: rectified Adam with coupled L2 weight decay (torch.optim.RAdam; TransMIL's optimiser,
-    # there inside Lookahead)
+    # adamw: decoupled weight decay; adam: coupled L2 (Ilse et al. 2018); sgd: momentum 0.9,
+    # L2 (mi-Net); radam: rectified Adam, coupled L2 (TransMIL's, there inside Lookahead)
     optimizer: Literal["adamw", "adam", "sgd", "radam"] = "adamw"
     patience: int | None = 8
     # early stopping never stops before this many epochs (as CLAM's stop_epoch)
     min_epochs: int = 0
     # at least this many optimizer steps: a small cohort gets more epochs (ceil(min_steps /
-    # batches per epoch)), and early stopping waits for them; null: train.epochs decides
-    min_steps: int | None = None
+    # batches per epoch)), and early stopping waits for them; null: train.epochs decides.
+    # A config that sets train.epochs gets FIXED_EPOCHS for the budget keys it leaves unset.
+    min_steps: int | None = 500
     # learning rate over the steps: constant, or cosine decay to 0 over the run's steps
     # (epochs x batches per epoch); both after a linear warm-up of warmup_steps
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 50
     # the restored checkpoint is the lowest validation loss among epochs >= best_from_epoch:
     # on a small validation set an untrained network (all predictions near the prior) can
     # score the lowest loss of the run, and early stopping would keep it
@@ -112,10 +112,7 @@ class TrainConfig:
     # optional random instance subsampling per bag during training (None = full bags)
     subsample: int | None = None
     device: str = "auto"
-    # bf16: bfloat16 autocast for training and inference (matmuls in bf16, softmax,
-    # reductions and the loss in fp32); several times faster on CPUs with AVX512-BF16/AMX;
-    # on a GPU, copying features from CPU memory is usually the limit. fp32 is exact and the
-    # default.
+    # bf16: bfloat16 autocast (matmuls in bf16; softmax, reductions, loss in fp32); fp32: exact
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
     grad_clip: float | None = None
@@ -191,10 +188,25 @@ def parse_config(
         apply_override(raw, item, source)
     cfg = _build(Config, raw, "", source)
     cfg.source = source
+    budget = dict(vars(cfg.train))
+    fixed_epoch_budget(raw.get("train"), budget)
+    cfg.train = TrainConfig(**budget)
     cfg.model.setdefault("name", "abmil")
     _check_values(cfg)
-    _check_search(cfg)
     return cfg
+
+
+#: the budget of a config that sets train.epochs: those epochs at a constant lr
+FIXED_EPOCHS = {"min_steps": None, "schedule": "constant", "warmup_steps": 0}
+
+
+def fixed_epoch_budget(asked: Any, train: dict[str, Any]) -> None:
+    """``asked`` (train keys a config or override sets) names ``epochs``: the keys of
+    :data:`FIXED_EPOCHS` it leaves unset take those values in ``train`` (a dict or section)."""
+    if isinstance(asked, dict) and "epochs" in asked:
+        for key, value in FIXED_EPOCHS.items():
+            if key not in asked:
+                train[key] = value
 
 
 def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
@@ -375,19 +387,6 @@ def _check_values(cfg: Config) -> None:
     if cfg.data.instances is None:
         need(cfg.data.csv is not None, "data.csv", "is required (the cohort CSV)")
         need(cfg.data.features is not None, "data.features", "is required (the feature folder)")
-
-
-def _check_search(cfg: Config) -> None:
-    """``search:`` keys are train./model. keys with non-empty lists, and need a validation split
-    (:func:`mil.config.config_from_dict` checks the values against the schema)."""
-    for key, values in cfg.search.items():
-        section, _, sub = str(key).partition(".")
-        if section not in ("train", "model") or not sub or "." in sub:
-            raise ConfigError(f"{cfg.source}: search: {key!r} cannot be searched; only train.<key> and model.<key> can, e.g. train.lr")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]")
-    if cfg.search and cfg.splits.val_fraction <= 0:
-        raise ConfigError(f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss")
 
 
 def dump_config(cfg: Config) -> str:

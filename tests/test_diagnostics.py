@@ -55,6 +55,16 @@ def test_a_starved_run_is_flagged_as_undertrained_everywhere(cohort, tmp_path):
     assert record["metrics"]["steps"] == history["steps"].sum() == 2 * history["steps"].iloc[0]
 
 
+def test_two_epochs_under_the_default_training_settings_are_flagged(cohort, tmp_path):
+    """A deliberately short run (train.epochs: 2, every other training key at its default)."""
+    cfg = config_from_dict(config(cohort, epochs=2))
+    assert cfg.train.min_steps is None  # the epochs asked for, no step floor
+    with pytest.warns(TrainingWarning, match=r"under-training in folds? "):
+        run = run_cv(cfg, tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [d for d in summary["diagnostics"] if d["kind"] == "under-training"]
+
+
 def test_a_run_that_learned_is_not_flagged_as_undertrained(cohort, tmp_path):
     cfg = config_from_dict(config(cohort, epochs=15, lr=2e-3, batch_size=4))
     run = run_cv(cfg, tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10)
