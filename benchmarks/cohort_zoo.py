@@ -1,0 +1,304 @@
+"""A cohort zoo: do `mil`'s defaults train on cohorts nobody tuned them for?
+
+Ten cohorts that differ in size (60-2,000 bags), bag size (8-10,000 instances),
+feature dimension (30-1,536), feature scale (0-1 pixel values, raw, standardised,
+foundation-model-like) and signal (few witnesses, a witness fraction, a spatial
+cluster, survival by presence and by fraction of a tile kind), two of them real
+(MUSK1 and Tiger from ``../shared/datasets/classic_mil``) and two MNIST-bags
+style cohorts from scikit-learn's bundled 8x8 digits (Ilse et al. 2018's
+protocol: a bag is positive when it holds a 9).
+
+Every cohort runs through the same 5-fold patient-level splits with:
+
+- ``defaults``: a config with only ``task``, ``data`` and ``splits`` (no
+  ``train:`` or ``model:`` keys): what a new user gets;
+- the linear baselines ``meanpool_linear`` and ``bow_linear`` (mil.models.linear);
+- a small grid of training settings for the default model (``GRID``).
+
+It writes ``<out>/zoo.csv`` and ``<out>/zoo.md``: per cohort and run the
+headline metric (AUC or C-index) as mean ± sd over folds, the pooled
+out-of-fold value minus the mean-pool baseline's with a paired patient-bootstrap
+95% CI, and the folds that raised an under-training warning.
+
+    python benchmarks/cohort_zoo.py [--out results/zoo] [--jobs 2] [--only digits-b10,musk1]
+
+Runs resume (each is an ordinary `mil` run folder); cohorts are generated once
+under ``<out>/cohorts``. Run from the repository root (MUSK1/Tiger are read from
+``../shared/datasets``). About an hour on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIC = ROOT.parent / "shared" / "datasets" / "classic_mil"
+
+#: training settings of the default model tried on every cohort (dotted config keys; every
+#: budget key explicit, so that a point means the same whatever the defaults are)
+CONSTANT = {"train.min_steps": None, "train.schedule": "constant", "train.warmup_steps": 0}
+STEPS = {"train.min_steps": 500, "train.schedule": "cosine", "train.warmup_steps": 50}
+GRID = {
+    "lr2e-4": {"train.lr": 2.0e-4, **CONSTANT},  # the defaults until this study
+    "lr1e-3": {"train.lr": 1.0e-3, **CONSTANT},
+    "lr1e-3-steps": {"train.lr": 1.0e-3, **STEPS},  # the defaults since
+}
+BASELINES = ("meanpool_linear", "bow_linear")
+
+
+# ---- cohorts -----------------------------------------------------------------------------
+
+
+def _write_bags(root: Path, bags: list[np.ndarray], labels: list[np.ndarray], extra: pd.DataFrame):
+    """One h5 per bag (``features``, grid ``coords``, ``instance_label``) and cohort.csv."""
+    from mil.data.synthetic import write_slide
+
+    (root / "features").mkdir(parents=True, exist_ok=True)
+    ids = [f"B{i:04d}" for i in range(len(bags))]
+    for bag_id, x, lab in zip(ids, bags, labels):
+        side = int(np.ceil(np.sqrt(len(x))))
+        coords = np.stack([np.arange(len(x)) % side, np.arange(len(x)) // side], 1) * 256.0
+        write_slide(root / "features" / f"{bag_id}.h5", x.astype(np.float32), coords, lab.astype(np.uint8))
+    frame = pd.DataFrame({"case_id": [f"P{i:04d}" for i in range(len(bags))], "slide_id": ids})
+    frame = pd.concat([frame, extra.reset_index(drop=True)], axis=1)
+    frame.to_csv(root / "cohort.csv", index=False)
+
+
+def digits_cohort(root: Path, n_bags: int, mean: int, sd: int, max_nines: int, seed: int) -> None:
+    """MNIST-bags from sklearn's digits: 0-1 pixel vectors (64-d); positive bags hold 1 to
+    ``max_nines`` nines, negative bags none."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits()
+    x, y = digits.data / 16.0, digits.target
+    nines, others = np.flatnonzero(y == 9), np.flatnonzero(y != 9)
+    bags, labels, target = [], [], []
+    for i in range(n_bags):
+        n = int(max(2, round(rng.normal(mean, sd))))
+        idx = rng.choice(others, n, replace=True)
+        lab = np.zeros(n, bool)
+        if i % 2:
+            k = int(rng.integers(1, min(max_nines, n) + 1))
+            pos = rng.choice(n, k, replace=False)
+            idx[pos], lab[pos] = rng.choice(nines, k, replace=True), True
+        bags.append(x[idx]), labels.append(lab), target.append("positive" if i % 2 else "negative")
+    _write_bags(root, bags, labels, pd.DataFrame({"label": target}))
+
+
+def gaussian_cohort(
+    root: Path, n_bags: int, sizes: tuple[int, int], dim: int, witness: tuple[float, float],
+    shift: float, seed: int, foundation: bool = False, min_witnesses: int = 1,
+) -> None:  # fmt: skip
+    """Instances N(0, I) (or foundation-model-like: a 32-d latent through a random map plus
+    a common offset, norms of tens); positive bags shift a fraction of their instances by
+    ``shift`` along one direction. Bag sizes log-uniform in ``sizes``."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    if foundation:
+        mix, offset = rng.normal(size=(32, dim)) * 0.6, rng.normal(size=dim) * 0.8
+    bags, labels, target = [], [], []
+    for i in range(n_bags):
+        n = int(np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1] + 1))))
+        if foundation:
+            x = rng.normal(size=(n, 32)) @ mix + offset + rng.normal(size=(n, dim)) * 0.3
+        else:
+            x = rng.normal(size=(n, dim))
+        lab = np.zeros(n, bool)
+        if i % 2:
+            k = max(min_witnesses, int(round(rng.uniform(*witness) * n)))
+            lab[rng.choice(n, min(k, n), replace=False)] = True
+            x[lab] += shift * direction
+        bags.append(x), labels.append(lab), target.append("positive" if i % 2 else "negative")
+    _write_bags(root, bags, labels, pd.DataFrame({"label": target}))
+
+
+def presence_survival_cohort(root: Path, n: int, sizes: tuple[int, int], dim: int, seed: int) -> None:
+    """Survival by presence: 40% of patients hold a rare tile kind (1-5% of tiles, shifted
+    by 3 along one direction); their log-hazard is +1.2; exponential times, uniform censoring."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    bags, labels, risk = [], [], []
+    for _ in range(n):
+        m = int(rng.integers(sizes[0], sizes[1] + 1))
+        x, lab = rng.normal(size=(m, dim)), np.zeros(m, bool)
+        present = rng.random() < 0.4
+        if present:
+            lab[rng.choice(m, max(1, int(rng.uniform(0.01, 0.05) * m)), replace=False)] = True
+            x[lab] += 3.0 * direction
+        bags.append(x), labels.append(lab), risk.append(1.2 * present)
+    risk = np.array(risk) - np.mean(risk)
+    t = rng.exponential(30.0 * np.exp(-risk))
+    c = rng.uniform(10, 90, n)
+    extra = pd.DataFrame({"time": np.minimum(t, c), "event": (t <= c).astype(int), "true_risk": risk})
+    _write_bags(root, bags, labels, extra)
+
+
+def _instances_data(name: str) -> dict:
+    return {"instances": str(CLASSIC / f"{name}.csv.gz"), "bag_col": "bag_id", "label_col": "bag_label"}
+
+
+#: name -> (task, generator or None, data keys); generators write cohort.csv and features/
+COHORTS = {
+    "large-bags-few": (
+        "classification", lambda r: gaussian_cohort(r, 60, (1000, 10000), 30, (0.005, 0.02), 3.0, 4), {},
+    ),
+    "many-small": (
+        "classification", lambda r: gaussian_cohort(r, 2000, (8, 16), 32, (0.0, 0.0), 2.5, 5), {},
+    ),
+    "digits-b10": ("classification", lambda r: digits_cohort(r, 200, 10, 2, 3, 1), {}),
+    "digits-b100": ("classification", lambda r: digits_cohort(r, 120, 100, 20, 3, 2), {}),
+    "musk1": ("classification", None, _instances_data("musk1")),
+    "tiger": ("classification", None, _instances_data("tiger")),
+    "fm1536-fraction": (
+        "classification",
+        lambda r: gaussian_cohort(r, 200, (20, 200), 1536, (0.05, 0.3), 6.0, 3, foundation=True), {},
+    ),
+    "spatial-cluster": ("classification", "synthetic", {}),
+    "surv-fraction": ("survival", "synthetic", {}),
+    "surv-presence": ("survival", lambda r: presence_survival_cohort(r, 150, (50, 300), 128, 6), {}),
+}
+
+
+def make_cohort(name: str, out: Path) -> dict:
+    """The cohort's ``data`` section (generating the cohort once)."""
+    task, gen, data = COHORTS[name]
+    if gen is None:
+        return data
+    root = out / "cohorts" / name
+    if not (root / "cohort.csv").exists():
+        if gen == "synthetic":
+            from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
+
+            kw = dict(n_patients=150, n_two_slides=10, dim=64, min_tiles=40, max_tiles=400, seed=7)
+            if task == "classification":
+                kw["witness_fraction"] = SMALL_LESION_WITNESS_FRACTION
+            write_synthetic_cohort(task, root / "cohort.csv", root / "features", **kw)
+        else:
+            gen(root)
+    data = {"csv": str(root / "cohort.csv"), "features": str(root / "features"), "patient_col": "case_id"}
+    if gen == "synthetic" and task == "survival":
+        data.update(time_col="survival_months", event_col="censorship", censored_value=1)
+    return data
+
+
+# ---- runs --------------------------------------------------------------------------------
+
+
+def base_config(name: str, out: Path) -> dict:
+    task = COHORTS[name][0]
+    return {
+        "name": name,
+        "task": {"type": task},
+        "data": make_cohort(name, out),
+        "splits": {"dir": str(out / "splits" / name), "folds": 5, "val_fraction": 0.15, "seed": 0},
+    }
+
+
+def run_configs(name: str, out: Path) -> dict[str, dict]:
+    """label -> config dict: defaults, the baselines and the grid."""
+    base = base_config(name, out)
+    runs = {"defaults": base}
+    for b in BASELINES:
+        runs[b] = {**base, "model": {"name": b}}
+    for label, keys in GRID.items():
+        raw = json.loads(json.dumps(base))
+        for key, value in keys.items():
+            section, k = key.split(".")
+            raw.setdefault(section, {})[k] = value
+        runs[label] = raw
+    return runs
+
+
+def _folder(out: Path, name: str, label: str, raw: dict) -> Path:
+    """Run folders keyed by the resolved config, so that 'defaults' reuses an identical grid
+    point's run (and a change of the defaults gets a fresh one)."""
+    from mil.config import config_from_dict
+    from mil.schema import dump_config
+
+    text = dump_config(config_from_dict(raw)).replace(f"name: {name}\n", "")
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return out / "runs" / name / digest
+
+
+def run_cohort(name: str, out: str) -> list[dict]:
+    import torch
+
+    from mil.compare import comparison_table, paired_differences
+    from mil.config import config_from_dict
+    from mil.results import RunFolder
+    from mil.train.runner import run_cv
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    out = Path(out)
+    folders = {}
+    for label, raw in run_configs(name, out).items():
+        folders[label] = _folder(out, name, label, raw)
+        run_cv(config_from_dict(raw), folders[label], progress=False, log=lambda *a: None, n_boot=200)
+    table = comparison_table(folders).set_index("model")
+    diffs = paired_differences(folders, "meanpool_linear", n_boot=500).set_index("model")
+    metric = diffs["metric"].iloc[0]
+    rows = []
+    for label, folder in folders.items():
+        findings = [f for r in RunFolder(folder).records().values() for f in r.get("diagnostics", [])]
+        rows.append({
+            "cohort": name, "run": label, "metric": metric,
+            "mean": table.loc[label, f"{metric}_mean"], "sd": table.loc[label, f"{metric}_sd"],
+            "pooled": diffs.loc[label, "value"], "delta_vs_meanpool": diffs.loc[label, "delta"],
+            "ci_low": diffs.loc[label, "delta_ci_low"], "ci_high": diffs.loc[label, "delta_ci_high"],
+            "undertrained_folds": sum(f["kind"] == "under-training" for f in findings),
+            "folder": str(folder.relative_to(out)),
+        })  # fmt: skip
+    print(f"{name}: " + ", ".join(f"{r['run']} {r['mean']:.3f}" for r in rows), flush=True)
+    return rows
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    lines = [
+        "| cohort | run | metric | mean ± sd (5 folds) | pooled − mean-pool [95% CI] | under-trained folds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in frame.itertuples():
+        delta = "ref." if r.run == "meanpool_linear" else f"{r.delta_vs_meanpool:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        lines.append(
+            f"| {r.cohort} | {r.run} | {r.metric} | {r.mean:.3f} ± {r.sd:.3f} | {delta} | {r.undertrained_folds} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="results/zoo")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--only", help="comma-separated cohort names")
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else list(COHORTS)
+    unknown = [n for n in names if n not in COHORTS]
+    if unknown:
+        p.error(f"unknown cohort {unknown[0]!r}; choose from {', '.join(COHORTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in names:  # generate in this process, once
+        make_cohort(n, out)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(run_cohort, names, [str(out)] * len(names)))
+    frame = pd.DataFrame([r for rows in results for r in rows])
+    frame.to_csv(out / "zoo.csv", index=False)
+    (out / "zoo.md").write_text(format_table(frame) + "\n")
+    print(format_table(frame))
+
+
+if __name__ == "__main__":
+    main()
