@@ -71,6 +71,11 @@ def test_meanpool_classification_is_sklearn_logistic_regression(tmp_path):
         np.testing.assert_allclose(
             pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
         )
+    # no training curve, so no under-training advice; constant predictions say what to read
+    findings = [f for k in range(3)
+                for f in json.loads((out / f"fold_{k}" / "metrics.json").read_text())["diagnostics"]]
+    assert findings and all(f["kind"] == "constant predictions" for f in findings)
+    assert all("penalty grid" in f["message"] and "train.lr" not in f["message"] for f in findings)
 
 
 def test_bag_of_words_is_kmeans_histograms_and_logistic_regression(tmp_path):

@@ -279,7 +279,11 @@ def _train_and_test(
     epochs = training_budget(task, train, cfg.train).epochs
     findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name, epochs)
     if not model.trained_by_gradient:  # no training curve to read: only constant predictions
-        findings = [f for f in findings if f["kind"] == "constant predictions"]
+        findings = [
+            {**f, "message": f"{task.constant_predictions(pred)}, so thresholded metrics sit at "
+             "chance whatever the ranking; history.csv lists the penalty grid and its validation loss"}
+            for f in findings if f["kind"] == "constant predictions"
+        ]  # fmt: skip
     return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings)
 
 
