@@ -30,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     folds, points = _parse_folds(args.folds), _parse_folds(args.points, "--points")
+    baselines = _baseline_names(args.baseline)  # checked before anything trains
     if cfg.search:
         from mil.train.search import run_search
 
@@ -41,27 +42,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if current().main:  # under torchrun, rank 0 speaks for the run
         if RunFolder(run_dir).finished_folds():  # a search may have no fold selected yet
             print(format_summary(RunFolder(run_dir).summary()))
-        if args.baseline:
-            _train_baselines(cfg, run_dir, args, folds)
+        if baselines:
+            _train_baselines(cfg, run_dir, baselines, not args.quiet, folds)
         print(f"results: {run_dir}")
     return 0
 
 
-def _train_baselines(cfg, run_dir: Path, args: argparse.Namespace, folds: list[int] | None) -> None:
-    """``mil train --baseline``: the linear baselines on the run's folds, and the paired test."""
-    from mil.compare import run_baselines
+def _baseline_names(text: str | None) -> list[str]:
     from mil.models import available
 
-    names = [n.strip() for n in args.baseline.split(",") if n.strip()]
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in available()]
     if unknown:
         raise MilError(f"--baseline {unknown[0]}: not a registered model (e.g. meanpool_linear, bow_linear)")
-    table = run_baselines(cfg, run_dir, names, folds=folds, progress=not args.quiet)
+    return names
+
+
+def _train_baselines(cfg, run_dir: Path, names: list[str], progress: bool, folds) -> None:
+    """``mil train --baseline``: the linear baselines on the run's folds, and the paired test."""
+    from mil.compare import run_baselines
+
+    table = run_baselines(cfg, run_dir, names, folds=folds, progress=progress)
     for r in table.itertuples():
-        print(
-            f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} "
-            f"(95% CI {r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})"
-        )
+        print(f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} (95% CI "
+              f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})")  # fmt: skip
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

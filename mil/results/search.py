@@ -69,7 +69,7 @@ def search_section(run_dir: str | Path) -> list[str]:
     cfg = RunFolder(run_dir).read_config()
     keys = list(cfg.search)
     n_points = int(np.prod([len(v) for v in cfg.search.values()]))
-    grid = "; ".join(f"`{k}` ∈ {{{', '.join(_show(v) for v in vals)}}}" for k, vals in cfg.search.items())
+    grid = "; ".join(f"`{k}` ∈ {{{', '.join(show_value(v) for v in vals)}}}" for k, vals in cfg.search.items())
     kept = (
         f"early stopping's criterion: its lowest from epoch {cfg.train.best_from_epoch} on"
         if cfg.train.patience is not None
@@ -89,11 +89,12 @@ def search_section(run_dir: str | Path) -> list[str]:
     ]
     chosen = table[table["selected"].astype(bool)]
     for r in chosen.to_dict("records"):
-        cells = [str(r["fold"]), f"`{r['point']}`", *[_show(r[k]) for k in keys]]
+        cells = [str(r["fold"]), f"`{r['point']}`", *[show_value(r[k]) for k in keys]]
         lines.append("| " + " | ".join(cells) + f" | {r['val_loss']:.4f} |")
     lines += ["", f"All points' validation losses: `{SEARCH_CSV}`; their runs: `{SEARCH_DIR}/`.", ""]
     return lines
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A grid value as the report and the point labels write it (floats in %g)."""
     return format(value, "g") if isinstance(value, float) else str(value)

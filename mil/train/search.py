@@ -28,7 +28,7 @@ from mil.data.sources import read_cohort
 from mil.errors import ConfigError, SplitError
 from mil.io import remove_orphan_temps, run_lock, safe_filename, write_csv, write_text
 from mil.results import METRICS, RunFolder, prepare_run_dir
-from mil.results.search import SEARCH_CSV, point_dir, point_val_losses
+from mil.results.search import SEARCH_CSV, point_dir, point_val_losses, show_value
 from mil.splits import Split, load_or_make_splits, write_splits
 from mil.train.distributed import setup
 from mil.train.runner import run_cv
@@ -54,14 +54,10 @@ def point_label(index: int, values: dict[str, Any]) -> str:
     """A short, file-system-safe folder name: ``p2-lr=0.001-hidden_dim=64``."""
     short = [k.split(".", 1)[1] for k in values]
     parts = [
-        f"{s if short.count(s) == 1 else k}={_show(v)}"
+        f"{s if short.count(s) == 1 else k}={show_value(v).replace(' ', '')}"
         for (k, v), s in zip(values.items(), short)
     ]
     return safe_filename("-".join([f"p{index}", *parts]), max_len=80)
-
-
-def _show(value: Any) -> str:
-    return format(value, "g") if isinstance(value, float) else str(value).replace(" ", "")
 
 
 def _value(cfg: Config, key: str) -> Any:
