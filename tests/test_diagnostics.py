@@ -153,3 +153,15 @@ def test_constant_predictions_from_the_tasks(small_cohort, tmp_path):
     surv = make_task(config_from_dict(survival_config(tmp_path)), [])
     assert surv.constant_predictions(pd.DataFrame({"risk": [0.2] * 5})) is not None
     assert surv.constant_predictions(pd.DataFrame({"risk": [0.2, 0.3, 0.1, 0.2, 0.2]})) is None
+
+
+def test_constant_predictions_say_overfitting_when_the_kept_weights_predate_the_fit():
+    """Early stopping kept epoch 1 (lowest validation loss); later epochs memorised the
+    training bags: the advice is to regularise, not to train longer."""
+    memorised = history([0.70, 0.60, 0.20, 0.05, 0.01], [0.693] * 5, val=[0.69, 0.70, 0.9, 1.2, 1.5], best=0)
+    (found,) = [d for d in diagnose(memorised, TrainConfig(epochs=5), "probabilities vary by 0.001", "0") if d["kind"] == "constant predictions"]
+    assert "over-fitting" in found["message"] and "epoch 1's" in found["message"] and "0.01" in found["message"]
+    assert "raise train.epochs" not in found["message"]
+    never = history([0.70, 0.69, 0.69, 0.69, 0.69], [0.693] * 5, val=[0.69] * 5, best=4)
+    (found,) = [d for d in diagnose(never, TrainConfig(epochs=5), "probabilities vary by 0.001", "0") if d["kind"] == "constant predictions"]
+    assert "raise train.epochs" in found["message"] and "over-fitting" not in found["message"]

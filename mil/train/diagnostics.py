@@ -16,7 +16,10 @@ see docs/benchmarks.md, "Training diagnostics"):
   ``LOOKBACK`` epochs before them, is above ``OVERFIT`` x its minimum while the
   training loss fell below ``FITTED`` x the constant loss;
 * constant predictions: the task's own test (one predicted class for every
-  test bag, or probabilities that do not vary; one risk for all).
+  test bag, or probabilities that do not vary; one risk for all); the advice
+  tells a model that never fitted from one whose kept weights predate the fit of
+  the training bags (the training loss later fell below ``FITTED`` x the
+  constant loss while the validation loss did not improve).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def diagnose(
         ("under-training", _undertrained(history, cfg)),
         ("still improving", _still_improving(history, epochs or cfg.epochs)),
         ("over-fitting", _overfitted(history, cfg)),
-        ("constant predictions", _constant(constant, cfg)),
+        ("constant predictions", _constant(constant, history, cfg)),
     ):
         if message:
             found.append({"fold": fold, "kind": kind, "message": message})
@@ -119,14 +122,24 @@ def _overfitted(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     )
 
 
-def _constant(reason: str | None, cfg: TrainConfig) -> str | None:
+def _constant(reason: str | None, h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     if reason is None:
         return None
-    return (
-        f"{reason}, so thresholded metrics (balanced accuracy, F1; risk groups) sit at chance "
-        f"whatever the ranking. If the training loss barely fell (history.csv), raise "
-        f"train.epochs or train.lr (now {cfg.lr:g})"
-    )
+    said = f"{reason}, so thresholded metrics (balanced accuracy, F1; risk groups) sit at chance whatever the ranking"
+    kept = int(np.flatnonzero(h["best"].to_numpy(bool))[-1]) if "best" in h and h["best"].any() else len(h) - 1
+    if "constant_loss" in h and len(h) > kept + 1:
+        later = float(h["train_loss"].iloc[kept + 1 :].min())
+        constant = float(h["constant_loss"].iloc[kept])
+        if constant > 0 and later < FITTED * constant <= float(h["train_loss"].iloc[kept]):
+            return (
+                f"{said}. The kept weights are epoch {kept + 1}'s (the lowest validation loss), "
+                f"from before the model fitted the training bags; later epochs brought the "
+                f"training loss to {later:.3g} without lowering the validation loss: the model "
+                f"memorised the training bags (over-fitting). Regularise more (data.standardize: "
+                f"whiten for high-dimensional features, model dropout, train.weight_decay) or "
+                f"compare with a linear baseline (mil train --baseline)"
+            )
+    return f"{said}. If the training loss barely fell (history.csv), raise train.epochs or train.lr (now {cfg.lr:g})"
 
 
 def summarize_findings(findings: list[dict[str, Any]]) -> list[str]:
