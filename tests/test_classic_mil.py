@@ -207,3 +207,47 @@ def test_standardisation_statistics_come_from_the_training_bags_only(tmp_path):
         assert np.abs(mean - everything.mean(0)).max() > 0.1
         test = pd.read_csv(run / name / "predictions.csv")
         assert sorted(test["bag_id"]) == [b for b, k in enumerate(folds[repeat]) if k == fold]
+
+
+def test_whitening_is_the_ledoit_wolf_covariance_of_the_training_instances(tmp_path):
+    """``data.standardize: whiten``: the saved matrix is the inverse square root of
+    scikit-learn's Ledoit-Wolf covariance of the training fold's instances (never the test
+    fold's), and the saved preprocessing reproduces the fold's test predictions."""
+    from scipy.linalg import sqrtm
+    from sklearn.covariance import LedoitWolf
+
+    from mil.data.transforms import Standardizer
+    from mil.models.registry import create
+    from mil.data.batch import Bag, collate_bags
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for b in range(20):
+        z = rng.normal(size=(3 + b % 4, 2))
+        x = np.c_[z[:, 0] * 10, z[:, 0] * 10 + z[:, 1], rng.normal(size=len(z)) * 0.1] + 2 * (b >= 10)
+        rows += [{"bag_id": b, "bag_label": int(b >= 10), "instance_id": i, **{f"f{j}": v for j, v in enumerate(r)}} for i, r in enumerate(x)]
+    df = pd.DataFrame(rows)
+    raw = table_config(write_table(tmp_path, df), standardize="whiten")
+    run = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10)
+    for fold in (0, 1):
+        payload = torch.load(run / f"fold_{fold}" / "model.pt", weights_only=True)
+        test = pd.read_csv(run / f"fold_{fold}" / "predictions.csv")
+        train_x = df[~df["bag_id"].isin(test["bag_id"])][["f0", "f1", "f2"]].to_numpy(np.float64)
+        lw = LedoitWolf().fit(train_x)
+        state = payload["standardize"]
+        np.testing.assert_allclose(state["mean"].numpy(), train_x.mean(0), rtol=1e-5)
+        assert float(state["shrinkage"]) == pytest.approx(lw.shrinkage_, rel=1e-6)
+        expected = np.real(np.linalg.inv(sqrtm(lw.covariance_)))
+        np.testing.assert_allclose(state["whiten"].numpy(), expected, rtol=1e-3, atol=1e-5)
+        # whitened training instances have the identity covariance under the shrunk estimate
+        w = state["whiten"].double().numpy()
+        np.testing.assert_allclose(w @ lw.covariance_ @ w, np.eye(3), atol=1e-4)
+        model = create(payload["model"], in_dim=3, n_out=payload["n_out"], **payload["hparams"])
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
+        norm = Standardizer.from_state(state)
+        for bag_id, prob in zip(test["bag_id"], test["prob_1"]):
+            x = torch.tensor(df[df["bag_id"] == bag_id][["f0", "f1", "f2"]].to_numpy(np.float32))
+            with torch.no_grad():
+                logits = model(collate_bags([Bag(bag_id=str(bag_id), x=norm.apply(x))])).logits
+            assert float(torch.softmax(logits.double(), 1)[0, 1]) == pytest.approx(prob, abs=1e-5)

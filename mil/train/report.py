@@ -10,6 +10,7 @@ import pandas as pd
 
 from mil.config import Config
 from mil.io import atomic_path, json_float
+from mil.models.registry import get as get_model
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
 from mil.results.search import search_section
 from mil.tasks import Task, make_task
@@ -96,17 +97,30 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         )
     else:
         parts.append(f"Models were trained for a fixed {t.epochs} epochs, without early stopping.")
-    if d.standardize:
+    closed_form = not get_model(cfg.model_name).trained_by_gradient
+    if closed_form:  # the linear baselines: no training loop, no feature preprocessing
+        parts.append(
+            f"Model: `{cfg.model_name}`, a linear head on each bag's pooled features (standardised "
+            "with training-fold statistics), fitted in closed form (scikit-learn / scikit-survival) "
+            "with the penalty chosen by the validation loss."
+        )
+    elif d.standardize == "whiten":
+        parts.append(
+            "Features were whitened with the instance covariance of each training fold, shrunk "
+            "towards a multiple of the identity by the Ledoit-Wolf estimate."
+        )
+    elif d.standardize:
         parts.append("Features were standardised with the mean and standard deviation of each training fold.")
-    hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
-    parts.append(
-        f"Aggregator: `{cfg.model_name}`{f' ({hp})' if hp else ''}. Optimiser: {t.optimizer} "
-        f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {t.batch_size} bag{'s' if t.batch_size > 1 else ''} per step"
-        + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
-        + "."
-    )
-    if t.min_steps or t.schedule != "constant" or t.warmup_steps:
-        parts.append(_budget_words(t))
+    if not closed_form:
+        hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
+        parts.append(
+            f"Aggregator: `{cfg.model_name}`{f' ({hp})' if hp else ''}. Optimiser: {t.optimizer} "
+            f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {t.batch_size} bag{'s' if t.batch_size > 1 else ''} per step"
+            + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
+            + "."
+        )
+        if t.min_steps or t.schedule != "constant" or t.warmup_steps:
+            parts.append(_budget_words(t))
     parts.append(task.methods())
     parts.append(
         "Results are the mean and standard deviation over test folds, and percentile-bootstrap 95% "

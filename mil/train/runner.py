@@ -236,9 +236,12 @@ def _train_and_test(
     cfg = exp.cfg
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     # the fold's own view of the bags: its standardisation, and graphs built under it
-    norm = feature_stats(exp.data, train["bag_id"].tolist()) if cfg.data.standardize else None
-    data = exp.data.with_transform(None if norm is None else norm.apply)
     model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **cfg.model_hparams)
+    norm = None
+    if cfg.data.standardize and model.trained_by_gradient:  # baselines standardise their pooled vectors
+        ids = train["bag_id"].tolist()
+        norm = feature_stats(exp.data, ids, whiten=cfg.data.standardize == "whiten")
+    data = exp.data.with_transform(None if norm is None else norm.apply)
     model = model.to(device)
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
