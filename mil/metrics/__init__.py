@@ -1,6 +1,11 @@
 """Metrics: thin wrappers over scikit-learn / scikit-survival, and bootstrap CIs."""
 
-from mil.metrics.bootstrap import bootstrap_ci, bootstrap_samples, paired_difference
+from mil.metrics.bootstrap import (
+    bootstrap_ci,
+    bootstrap_samples,
+    paired_difference,
+    unpaired_difference,
+)
 from mil.metrics.classification import classification_metrics, confusion
 
 __all__ = [
@@ -9,4 +14,5 @@ __all__ = [
     "classification_metrics",
     "confusion",
     "paired_difference",
+    "unpaired_difference",
 ]

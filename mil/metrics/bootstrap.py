@@ -102,3 +102,45 @@ def paired_difference(
     m = len(d)
     p = min(1.0, 2.0 * (1 + min(int((d <= 0).sum()), int((d >= 0).sum()))) / (1 + m))
     return {"delta": delta, "ci_low": float(lo), "ci_high": float(hi), "p": p, "n_resamples": m}
+
+
+def unpaired_difference(
+    metric_a: Callable[[np.ndarray], dict[str, float]],
+    n_a: int,
+    metric_b: Callable[[np.ndarray], dict[str, float]],
+    n_b: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups_a: np.ndarray | None = None,
+    groups_b: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
+    """A bootstrap of differences between metrics of two independent samples (A minus B).
+
+    ``metric_a(rows) -> {name: value}`` on rows of ``range(n_a)`` (likewise B),
+    e.g. an external cohort's AUC and a run's internal one: different
+    patients, so each sample is resampled on its own (whole ``groups_a`` /
+    ``groups_b``), with independent streams, and the i-th usable resample of
+    A is paired with the i-th of B. Per name both define: ``delta`` (on all
+    rows), ``ci_low``/``ci_high`` (percentile) and ``p`` as in
+    :func:`paired_difference`, and ``n_resamples``.
+    """
+    point_a, point_b = metric_a(np.arange(n_a)), metric_b(np.arange(n_b))
+    draws_a = bootstrap_samples(metric_a, np.arange(n_a), n_boot=n_boot, seed=seed, groups=groups_a)
+    draws_b = bootstrap_samples(
+        metric_b, np.arange(n_b), n_boot=n_boot, seed=seed + 1, groups=groups_b
+    )
+    alpha = (1.0 - level) / 2.0
+    out: dict[str, dict[str, float]] = {}
+    for k in [k for k in point_a if k in point_b]:
+        delta = float(point_a[k]) - float(point_b[k])
+        m = min(len(draws_a.get(k, ())), len(draws_b.get(k, ())))
+        if m == 0:
+            nan = float("nan")
+            out[k] = {"delta": delta, "ci_low": nan, "ci_high": nan, "p": nan, "n_resamples": 0}
+            continue
+        d = draws_a[k][:m] - draws_b[k][:m]
+        lo, hi = np.quantile(d, [alpha, 1.0 - alpha])
+        p = min(1.0, 2.0 * (1 + min(int((d <= 0).sum()), int((d >= 0).sum()))) / (1 + m))
+        out[k] = dict(delta=delta, ci_low=float(lo), ci_high=float(hi), p=p, n_resamples=m)
+    return out
