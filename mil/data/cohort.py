@@ -311,6 +311,11 @@ def _label_str(v) -> str:
     return str(v).strip()
 
 
+def class_names(labels: pd.Series) -> pd.Series:
+    """Each label as the cohort names its class (``1.0`` -> ``"1"``, spaces stripped)."""
+    return labels.map(_label_str)
+
+
 def _stable_classes(raw: pd.Series) -> list[str]:
     """Classes sorted numerically when all labels are numbers, else as strings."""
     values = raw.dropna().unique()

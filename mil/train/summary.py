@@ -31,6 +31,7 @@ __all__ = [
     "run_predictions",
     "run_task",
     "subgroup_metrics",
+    "subgroup_results",
     "summarize",
 ]
 
@@ -141,17 +142,26 @@ def _subgroups(
     ``subgroup_tests`` and ``subgroups`` entries."""
     first = pd.concat(run.first_repeat_tables(PREDICTIONS).values(), ignore_index=True)
     first = join_group_columns(first, cfg, group_cols)
-    table_sub = subgroup_metrics(task, first, group_cols, n_boot=n_boot)
-    tests = [group_difference_test(task, first, col, n_perm=n_boot) for col in group_cols]
+    table_sub, entries = subgroup_results(task, first, group_cols, n_boot)
+    write_csv(run.file(SUBGROUPS), table_sub)
+    return entries
+
+
+def subgroup_results(
+    task: Task, pred: pd.DataFrame, group_cols: list[str], n_boot: int
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The ``subgroups.csv`` table of ``pred`` (metrics per site and subgroup, with the
+    permutation p of each column) and the summary's ``subgroup_tests`` and ``subgroups``."""
+    table_sub = subgroup_metrics(task, pred, group_cols, n_boot=n_boot)
+    tests = [group_difference_test(task, pred, col, n_perm=n_boot) for col in group_cols]
     table_sub["p_difference"] = table_sub["column"].map(
         {t["column"]: t["p"] for t in tests}
     ).astype(float)
-    write_csv(run.file(SUBGROUPS), table_sub)
     rows = [
         {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
         for r in table_sub.to_dict("records")
     ]
-    return {"subgroup_tests": tests, "subgroups": rows}
+    return table_sub, {"subgroup_tests": tests, "subgroups": rows}
 
 
 def join_group_columns(pred: pd.DataFrame, cfg, cols: list[str]) -> pd.DataFrame:
