@@ -157,6 +157,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mil.evaluate import evaluate, format_evaluation
+
+    summary = evaluate(
+        args.run_dir, args.cohort_config, args.out, n_boot=args.n_boot, device=args.device,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(format_evaluation(summary))
+    print(f"results: {args.out}")
+    return 0
+
+
 def _count(least: int):
     """An argparse type: an integer of at least ``least``."""
 
@@ -248,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="score a run's fold ensemble on an external cohort")
+    e.add_argument("run_dir", help="a finished run folder (results/<name>/...)")
+    e.add_argument("cohort_config", help="YAML whose data: section describes the external cohort")
+    e.add_argument("--out", required=True, help="folder for predictions, summary.json, report.md")
+    e.add_argument("--n-boot", type=_count(1), default=1000, help="bootstrap resamples")
+    e.add_argument("--device", default="cpu", help="torch device of the fold models (default cpu)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(fn=cmd_evaluate)
 
     def with_scores(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("run_dir", help="a run folder (results/<name>/...)")

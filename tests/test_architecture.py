@@ -42,7 +42,9 @@ LAYERS = {
     "mil.compare": 10,
     "mil.check": 10,
     "mil.demo": 10,
+    "mil.evaluate": 10,
     "mil.cli": 11,
+    "mil.cli_review": 11,
     "mil.__main__": 11,
     "mil": 11,
 }
