@@ -104,12 +104,16 @@ def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) ->
 
 
 def _check_search(cfg: Config) -> None:
-    """``search:`` keys are train./model. keys with non-empty lists, and need a validation split
+    """``search:`` keys are train./model. keys (and ``data.standardize``, a fold's own
+    preprocessing) with non-empty lists, and need a validation split
     (:func:`mil.config.config_from_dict` checks the values against the schema)."""
     for key, values in cfg.search.items():
         section, _, sub = str(key).partition(".")
-        if section not in ("train", "model") or not sub or "." in sub:
-            raise ConfigError(f"{cfg.source}: search: {key!r} cannot be searched; only train.<key> and model.<key> can, e.g. train.lr")
+        if (section not in ("train", "model") or not sub or "." in sub) and key != "data.standardize":
+            raise ConfigError(
+                f"{cfg.source}: search: {key!r} cannot be searched; only train.<key>, model.<key> "
+                "and data.standardize can, e.g. train.lr"
+            )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]")
     if cfg.search and cfg.splits.val_fraction <= 0:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mil.config import config_from_dict, dump_config, load_config
+from mil.config import config_from_dict, dump_config, load_config, point_config, search_grid
 from mil.errors import ConfigError
 from mil.results.checkpoint import read_checkpoint
 from mil.results.search import search_section
@@ -195,6 +195,8 @@ def test_test_labels_cannot_move_the_selection(searched, tmp_path, capsys, monke
         ({"train.lr": []}, "train.lr"),
         ({"train.lr": 1e-3}, "train.lr"),
         ({"train.optimizer": ["adamw", "lion"]}, "train.optimizer"),
+        ({"data.csv": ["other.csv"]}, "data.csv"),
+        ({"data.standardize": [False, "pca"]}, "data.standardize"),
     ],
 )
 def test_bad_search_keys_name_the_key_and_the_file(tmp_path, search, key):
@@ -204,6 +206,13 @@ def test_bad_search_keys_name_the_key_and_the_file(tmp_path, search, key):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_preprocessing_can_be_searched(tmp_path):
+    cfg = config_from_dict({**small_config(tmp_path), "search": {"data.standardize": [False, True, "whiten"]}})
+    points = [point_config(cfg, p) for p in search_grid(cfg)]
+    assert [p.data.standardize for p in points] == [False, True, "whiten"]
+    assert all(p.data.csv == cfg.data.csv and not p.search for p in points)
 
 
 def test_search_needs_a_validation_split_and_plain_configs_stay_as_they_were(tmp_path):
