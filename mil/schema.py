@@ -56,9 +56,10 @@ class DataConfig:
     # instance-table input (one row per instance): see mil.data.instances
     instances: str | None = None
     bag_col: str = "bag_id"
-    # per-feature (true) or ZCA whitening of the shrunk instance covariance ("whiten"), both
-    # fitted on each training fold (mil.data.transforms)
-    standardize: bool | Literal["whiten"] = False
+    # feature preprocessing fitted on each training fold (mil.data.transforms): none (false),
+    # per-feature (true), or ZCA whitening by the shrunk instance covariance ("whiten"; the
+    # default, chosen on the cohort zoo: docs/benchmarks.md)
+    standardize: bool | Literal["whiten"] = "whiten"
     # tissue source site (centre) of each slide: reported as a subgroup, and the
     # group of site-preserved folds with splits.by_site
     site_col: str | None = None

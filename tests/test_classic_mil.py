@@ -211,12 +211,13 @@ def test_standardisation_statistics_come_from_the_training_bags_only(tmp_path):
 
 def test_whitening_is_the_ledoit_wolf_covariance_of_the_training_instances(tmp_path):
     """``data.standardize: whiten``: the saved matrix is the inverse square root of
-    scikit-learn's Ledoit-Wolf covariance of the training fold's instances (never the test
-    fold's), and the saved preprocessing reproduces the fold's test predictions."""
+    scikit-learn's shrunk covariance of the training fold's instances (never the test
+    fold's) with the Ledoit-Wolf shrinkage (at least WHITEN_MIN_SHRINKAGE), and the saved
+    preprocessing reproduces the fold's test predictions."""
     from scipy.linalg import sqrtm
-    from sklearn.covariance import LedoitWolf
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
-    from mil.data.transforms import Standardizer
+    from mil.data.transforms import WHITEN_MIN_SHRINKAGE, Standardizer
     from mil.models.registry import create
     from mil.data.batch import Bag, collate_bags
 
@@ -233,10 +234,11 @@ def test_whitening_is_the_ledoit_wolf_covariance_of_the_training_instances(tmp_p
         payload = torch.load(run / f"fold_{fold}" / "model.pt", weights_only=True)
         test = pd.read_csv(run / f"fold_{fold}" / "predictions.csv")
         train_x = df[~df["bag_id"].isin(test["bag_id"])][["f0", "f1", "f2"]].to_numpy(np.float64)
-        lw = LedoitWolf().fit(train_x)
+        a = max(WHITEN_MIN_SHRINKAGE, LedoitWolf().fit(train_x).shrinkage_)
+        lw = ShrunkCovariance(shrinkage=a).fit(train_x)
         state = payload["standardize"]
         np.testing.assert_allclose(state["mean"].numpy(), train_x.mean(0), rtol=1e-5)
-        assert float(state["shrinkage"]) == pytest.approx(lw.shrinkage_, rel=1e-6)
+        assert float(state["shrinkage"]) == pytest.approx(a, rel=1e-6)
         expected = np.real(np.linalg.inv(sqrtm(lw.covariance_)))
         np.testing.assert_allclose(state["whiten"].numpy(), expected, rtol=1e-3, atol=1e-5)
         # whitened training instances have the identity covariance under the shrunk estimate

@@ -14,6 +14,11 @@ from mil.data.dataset import BagDataset
 #: training instances (a uniform sample) from which the Ledoit-Wolf shrinkage of the
 #: whitening covariance is estimated
 WHITEN_SAMPLE = 20_000
+#: the least shrinkage used: Ledoit-Wolf's estimate assumes independent instances, but
+#: tiles of one slide are not, so it understates how noisy the covariance of a small fold
+#: is; at ``a = 0.3`` no direction is amplified beyond ~1.8x the mean feature sd
+#: (0.3 rather than 0.1: better on MUSK1 and digits-b100, equal elsewhere; docs/benchmarks.md)
+WHITEN_MIN_SHRINKAGE = 0.3
 
 
 @dataclass
@@ -24,7 +29,8 @@ class Standardizer:
     set (``data.standardize: whiten``), ``(x - mean) @ whiten``: ZCA whitening by the
     inverse square root of the instance covariance shrunk towards a multiple of the
     identity, ``S = (1 - a) C + a (tr C / d) I``, with the Ledoit-Wolf shrinkage ``a``
-    (:func:`sklearn.covariance.ledoit_wolf_shrinkage`). The shrinkage grows as the
+    (:func:`sklearn.covariance.ledoit_wolf_shrinkage`), at least
+    :data:`WHITEN_MIN_SHRINKAGE`. The shrinkage grows as the
     training fold holds fewer instances per dimension, so that directions the fold barely
     saw are not blown up (with ``a = 1`` whitening is a uniform rescaling).
     """
@@ -81,7 +87,7 @@ def feature_stats(data: BagDataset, bag_ids: Sequence[str], whiten: bool = False
     if not whiten:
         return Standardizer(mean=mean.float(), std=std.float())
     rows = _keep_top(np.concatenate(sample), keys)[0][0]
-    a = float(ledoit_wolf_shrinkage(rows)) if len(rows) > 1 else 1.0
+    a = max(WHITEN_MIN_SHRINKAGE, float(ledoit_wolf_shrinkage(rows)) if len(rows) > 1 else 1.0)
     cov = second - torch.outer(mean, mean)
     cov = (cov + cov.T) / 2
     level = max(float(cov.trace()) / cov.shape[0], 1e-12)
