@@ -25,6 +25,7 @@ import pandas as pd
 from mil.config import Config, config_from_dict, read_yaml_mapping
 from mil.data.cohort import Cohort, class_names, read_cohort_csv
 from mil.data.dataset import FeatureStore
+from mil.data.provenance import compare_provenance
 from mil.data.sources import load_cohort
 from mil.errors import ConfigError, DataError, MilError, MilWarning
 from mil.io import write_csv, write_json
@@ -79,9 +80,13 @@ def evaluate(
         raise MilError(f"{run.path}: no finished folds (fold_*/metrics.json) to predict with")
     internal = run.folder.all_predictions()  # the run's out-of-fold predictions, for the gap
     cohort, store = _load_cohort(cfg, run, int(models[0].payload["in_dim"]), progress)
+    provenance, differences = compare_provenance(run.config, cfg)  # warned, not refused
+    for message in differences:
+        warnings.warn(message, MilWarning, stacklevel=2)
     pred = ensemble_predictions(task, models, cohort, store)
     reference = _reference(run, task, models)
     summary, artifacts = _score(run, cfg, task, pred, reference, internal, n_boot)
+    summary["provenance"] = provenance  # of the files of both cohorts, field -> value -> count
     subgroups = None
     if cohort.group_cols:
         subgroups, entries = subgroup_results(task, pred, cohort.group_cols, n_boot)
@@ -152,15 +157,16 @@ def _check_classes(cfg: Config, classes: list[str]) -> None:
     df = read_cohort_csv(d.csv, d.slide_col)
     if d.label_col not in df.columns:
         return  # the cohort's own check names the missing column
-    names = class_names(df[d.label_col].dropna())
+    names = class_names(df[d.label_col].dropna(), d.class_aliases)
     unknown = sorted(set(names) - set(classes))
     if unknown:
         row = names.index[names == unknown[0]][0]
         slide = df.at[row, d.slide_col] if d.slide_col in df.columns else row
         raise DataError(
             f"{d.csv}: class {unknown[0]!r} (column {d.label_col!r}, slide {slide}) is not one "
-            f"the run was trained on; its classes are {classes}. Relabel the cohort, or leave "
-            f"those slides out"
+            f"the run was trained on; its classes are {classes}. Relabel the cohort, name it "
+            f"as an alias (data.class_aliases: {{{classes[0]}: [{unknown[0]}]}}), or leave those "
+            f"slides out"
         )
 
 

@@ -205,7 +205,7 @@ def _label_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
     need_col(d.label_col, "label_col")
     raw = df[d.label_col]
     _no_missing(raw, out["slide_id"], d.label_col, source)
-    labels = raw.map(_label_str)
+    labels = class_names(raw, d.class_aliases)
     if d.classes is not None:
         classes = [str(c) for c in d.classes]
         unknown = sorted(set(labels) - set(classes))
@@ -215,7 +215,7 @@ def _label_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
                 f"{source}: label {unknown[0]!r} (slide {bad}) is not in data.classes {classes}"
             )
     else:
-        classes = _stable_classes(raw)
+        classes = _stable_classes(labels if d.class_aliases else raw)
     if len(classes) < 2:
         raise DataError(
             f"{source}: column {d.label_col!r} has a single class {classes}; need at least 2"
@@ -311,9 +311,14 @@ def _label_str(v) -> str:
     return str(v).strip()
 
 
-def class_names(labels: pd.Series) -> pd.Series:
-    """Each label as the cohort names its class (``1.0`` -> ``"1"``, spaces stripped)."""
-    return labels.map(_label_str)
+def class_names(labels: pd.Series, aliases: dict[str, list[str]] | None = None) -> pd.Series:
+    """Each label as the cohort names its class (``1.0`` -> ``"1"``, spaces stripped), an
+    alias of ``data.class_aliases`` (``{class: [aliases]}``) read as its class."""
+    names = labels.map(_label_str)
+    if aliases:
+        to_class = {_label_str(a): _label_str(c) for c, some in aliases.items() for a in some}
+        names = names.map(lambda n: to_class.get(n, n))
+    return names
 
 
 def _stable_classes(raw: pd.Series) -> list[str]:
