@@ -11,6 +11,8 @@ import pandas as pd
 
 from mil.config import DEFAULT_PATIENT_COL, Config
 from mil.data.cohort import Cohort, normalize_id, read_cohort_csv
+from mil.data.collapse import FeatureSpread
+from mil.data.provenance import Provenance, mixed_provenance
 from mil.data.readers import index_feature_dir, read_features
 from mil.errors import DataError, MilWarning
 from mil.tasks import make_task
@@ -152,10 +154,12 @@ def _csv_problems(cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path) -> l
 def _feature_table(
     ids: pd.Series, index: dict[str, Path], features: str
 ) -> tuple[pd.DataFrame, list[Problem]]:
-    """Every slide's feature file read: layout, tiles, dimension, coordinates, status."""
+    """Every slide's feature file read: layout, tiles, dimension, coordinates, status; and
+    what the files say together (a mix of provenances, collapsed or copied features)."""
     problems: list[Problem] = []
     rows = []
     casts: dict[str, list[str]] = defaultdict(list)
+    provenance, spread = [], FeatureSpread()
     for sid in ids:
         row = {"slide_id": sid, "file": "", "layout": "", "tiles": 0, "dim": 0}
         row.update(coords=False, status="ok")
@@ -174,6 +178,8 @@ def _feature_table(
                 )
                 if "cast_from" in sf.attrs:
                     casts[sf.attrs["cast_from"]].append(sid)
+                provenance.append(Provenance.of_features(index[sid], sf))
+                spread.add(index[sid], sf.features)
             except DataError as exc:
                 row["status"] = "unreadable"
                 problems.append(Problem("error", sid, str(exc)))
@@ -187,6 +193,8 @@ def _feature_table(
                 f"float32; integer arrays are rarely features: is 'features' the right dataset?",
             )
         )
+    for where, what in mixed_provenance(provenance) + spread.findings():
+        problems.append(Problem("warning", where, what))
     table = pd.DataFrame(rows)
     dims = table.loc[table["dim"] > 0, "dim"]
     if len(dims):
