@@ -54,6 +54,7 @@ def config_from_dict(
     cohort reads as targets)."""
     cfg = parse_config(raw, source, overrides)
     _check_search(cfg)
+    _check_targets(cfg)
     try:
         allowed = models.hyperparameters(cfg.model_name)
     except ConfigError as exc:
@@ -101,6 +102,23 @@ def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) ->
         raw["name"] = name
     where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
     return config_from_dict(raw, source=f"{cfg.source}: search {where}")
+
+
+def _check_targets(cfg: Config) -> None:
+    """``data.class_aliases``: {class: [aliases]}, each alias naming one class, no alias a class;
+    and ``task.operating_point``: youden or a sensitivity in (0, 1)."""
+    op = cfg.task.operating_point
+    if op != "youden" and not 0.0 < op < 1.0:
+        raise ConfigError(f"{cfg.source}: task.operating_point must be youden or a sensitivity in (0, 1), found {op!r}")
+    seen: dict[str, str] = {}
+    for cls, aliases in cfg.data.class_aliases.items():
+        if not isinstance(aliases, list) or not all(isinstance(a, (str, int, float)) for a in aliases):
+            raise ConfigError(f"{cfg.source}: data.class_aliases.{cls} must be a list of labels, found {aliases!r}")
+        for a in map(str, aliases):
+            if a in cfg.data.class_aliases and a != str(cls):
+                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is both a class and an alias of {cls!r}")
+            if seen.setdefault(a, str(cls)) != str(cls):
+                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is an alias of both {seen[a]!r} and {cls!r}")
 
 
 def _check_search(cfg: Config) -> None:

@@ -65,3 +65,24 @@ def km_figure(groups: pd.DataFrame, title: str, time_label: str = "time") -> Fig
     ax.legend(title=f"log-rank p = {logrank_p(groups):.2g}", loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def calibration_figure(table: pd.DataFrame, brier: float, title: str) -> Figure:
+    """Reliability diagram (``mean_predicted``, ``fraction_positive`` per bin): the
+    observed share of positives against the mean predicted probability, the diagonal being
+    perfect calibration."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.4), dpi=120)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.plot(table["mean_predicted"], table["fraction_positive"], "o-", color="C0", lw=1.5,
+            label=f"pooled out-of-fold (Brier {brier:.3f})")  # fmt: skip
+    ax.set_xlabel("mean predicted probability (bins of equal size)")
+    ax.set_ylabel("observed fraction positive")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -26,6 +26,9 @@ class TaskConfig:
     # a registered task (mil.tasks): classification, survival, or one a plugin adds
     type: str = "classification"
     class_weights: Literal["none", "balanced"] | list[float] = "none"
+    # binary: the threshold chosen on each fold's validation predictions, applied to its test
+    # bags: "youden" (max sensitivity + specificity - 1) or a target sensitivity in (0, 1)
+    operating_point: Literal["youden"] | float = "youden"
     # survival
     loss: Literal["cox", "nll"] = "cox"
     ties: Literal["efron", "breslow"] = "efron"
@@ -50,8 +53,7 @@ class DataConfig:
     label_col: str = "label"
     bag_level: Literal["slide", "patient"] = "slide"
     classes: list[str] | None = None
-    # labels that name one class differently, e.g. {DLBCL: [DLBCL NOS, NOS]}: each alias is
-    # read as its class, so that centres that name classes differently can be pooled
+    # labels read as another class, e.g. {DLBCL: [DLBCL NOS, NOS]} (centres' own names)
     class_aliases: dict[str, list[str]] = field(default_factory=dict)
     time_col: str = "time"
     event_col: str = "event"
@@ -59,9 +61,8 @@ class DataConfig:
     # instance-table input (one row per instance): see mil.data.instances
     instances: str | None = None
     bag_col: str = "bag_id"
-    # feature preprocessing fitted on each training fold (mil.data.transforms): none (false),
-    # per-feature (true), or ZCA whitening by the shrunk instance covariance ("whiten"; the
-    # default, chosen on the cohort zoo: docs/benchmarks.md)
+    # per training fold (mil.data.transforms): none (false), per-feature z-scores (true) or
+    # ZCA whitening ("whiten"; the default, chosen on the cohort zoo: docs/benchmarks.md)
     standardize: bool | Literal["whiten"] = "whiten"
     # tissue source site (centre) of each slide: reported as a subgroup, and the
     # group of site-preserved folds with splits.by_site
@@ -318,26 +319,12 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check_aliases(cfg: Config) -> None:
-    """``data.class_aliases``: {class: [aliases]}, each alias naming one class, no alias a class."""
-    seen: dict[str, str] = {}
-    for cls, aliases in cfg.data.class_aliases.items():
-        if not isinstance(aliases, list) or not all(isinstance(a, (str, int, float)) for a in aliases):
-            raise ConfigError(f"{cfg.source}: data.class_aliases.{cls} must be a list of labels, found {aliases!r}")
-        for a in map(str, aliases):
-            if a in cfg.data.class_aliases and a != str(cls):
-                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is both a class and an alias of {cls!r}")
-            if seen.setdefault(a, str(cls)) != str(cls):
-                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is an alias of both {seen[a]!r} and {cls!r}")
-
-
 def _check_values(cfg: Config) -> None:
     def need(cond: bool, key: str, what: str) -> None:
         if not cond:
             raise ConfigError(f"{cfg.source}: {key} {what}")
 
     need(cfg.splits.folds >= 2, "splits.folds", "must be at least 2")
-    _check_aliases(cfg)
     need(0.0 <= cfg.splits.val_fraction < 0.5, "splits.val_fraction", "must be in [0, 0.5)")
     need(cfg.splits.repeats >= 1, "splits.repeats", "must be at least 1")
     need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")

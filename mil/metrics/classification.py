@@ -8,7 +8,8 @@ from sklearn import metrics as skm
 
 
 def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """``auc``, ``balanced_accuracy``, ``accuracy``, ``f1`` (macro) from class probabilities.
+    """``auc``, ``auprc``, ``brier``, ``balanced_accuracy``, ``accuracy``, ``f1`` (macro) from
+    class probabilities.
 
     Args:
         y_true: ``[n]`` integer class indices.
@@ -42,6 +43,8 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
         auc = skm.roc_auc_score(y_true, prob, multi_class="ovr", average="macro")
     return {
         "auc": float(auc),
+        "auprc": _auprc(y_true, prob, present),
+        "brier": _brier(y_true, prob),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "f1": float(
@@ -49,6 +52,50 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
                 y_true, y_pred, average="macro", labels=np.arange(n_classes), zero_division=0
             )
         ),
+    }
+
+
+def _auprc(y_true: np.ndarray, prob: np.ndarray, present: np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve) of the positive class for
+    C = 2, else the macro mean over the classes present of each class against the rest."""
+    if len(present) < 2:
+        return float("nan")
+    if prob.shape[1] == 2:
+        return float(skm.average_precision_score(y_true, prob[:, 1]))
+    return float(np.mean([skm.average_precision_score(y_true == k, prob[:, k]) for k in present]))
+
+
+def _brier(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Brier score: ``mean (p_1 - y)^2`` for C = 2 (scikit-learn's ``brier_score_loss``), else
+    the multi-class form ``mean sum_k (p_k - [y = k])^2`` (Brier 1950)."""
+    if prob.shape[1] == 2:
+        return float(skm.brier_score_loss(y_true, prob[:, 1], pos_label=1))
+    onehot = np.eye(prob.shape[1])[y_true]
+    return float(((prob - onehot) ** 2).sum(1).mean())
+
+
+def operating_threshold(y_true: np.ndarray, p_pos: np.ndarray, sensitivity: float | None = None) -> float | None:
+    """The decision threshold on ``p_pos`` chosen on (validation) predictions: the largest
+    Youden's J (sensitivity + specificity - 1) over scikit-learn's ROC thresholds, or, with
+    ``sensitivity``, the highest threshold whose sensitivity reaches it. None without both
+    classes."""
+    y_true = np.asarray(y_true, dtype=int)
+    if len(np.unique(y_true)) < 2:
+        return None
+    fpr, tpr, thr = skm.roc_curve(y_true, np.asarray(p_pos, dtype=float), drop_intermediate=False)
+    thr = np.minimum(thr, 1.0)  # scikit-learn's first threshold is inf (nothing positive)
+    if sensitivity is None:
+        return float(thr[int(np.argmax(tpr - fpr))])
+    return float(thr[int(np.flatnonzero(tpr >= sensitivity)[0])])
+
+
+def threshold_metrics(y_true: np.ndarray, positive: np.ndarray) -> dict[str, float]:
+    """``sensitivity`` and ``specificity`` of binary decisions ``positive`` (class 1)."""
+    y_true, positive = np.asarray(y_true, dtype=int), np.asarray(positive, dtype=bool)
+    pos, neg = y_true == 1, y_true == 0
+    return {
+        "sensitivity": float(positive[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~positive[neg]).mean()) if neg.any() else float("nan"),
     }
 
 

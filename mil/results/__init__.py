@@ -49,6 +49,7 @@ HISTORY = "history.csv"
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_PATIENT = "predictions_patient.csv"
 PREDICTIONS_TRAIN = "predictions_train.csv"
+PREDICTIONS_VAL = "predictions_val.csv"  # binary classification: the operating point's source
 SCORES = "attention.h5"
 MODEL = "model.pt"
 METRICS = "metrics.json"

@@ -88,6 +88,13 @@ class Task:
         """Fold state saved beside the model weights (plain Python types)."""
         return {}
 
+    #: whether the runner predicts the validation bags (with the kept weights) for
+    #: :meth:`fit_operating_point` and writes them to ``predictions_val.csv``
+    needs_val_predictions = False
+
+    def fit_operating_point(self, val_pred: pd.DataFrame) -> None:
+        """Fit fold state on the validation predictions (a decision threshold)."""
+
     def validation_usable(self, val_bags: pd.DataFrame) -> bool:
         """Whether the validation bags can drive early stopping (survival: some event)."""
         return True

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from mil.errors import ConfigError
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
-from mil.metrics.classification import roc_curves
-from mil.plots import roc_figure
+from mil.metrics.classification import operating_threshold, roc_curves, threshold_metrics
+from mil.plots import calibration_figure, roc_figure
 from mil.schema import Config
 from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
 from mil.tasks.registry import register
@@ -29,13 +29,18 @@ class ClassificationTask(Task):
     """
 
     headline_metrics = ("auc", "balanced_accuracy")
-    report_metrics = ("auc", "balanced_accuracy", "accuracy", "f1")
+    report_metrics = ("auc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "brier")
     outcome_columns = ("label_index",)
-    figure_captions = {"roc.png": "Out-of-fold ROC curves (thin: folds; bold: pooled)."}
+    figure_captions = {
+        "roc.png": "Out-of-fold ROC curves (thin: folds; bold: pooled).",
+        "calibration.png": "Reliability diagram of the pooled out-of-fold probabilities (bins of equal size).",
+    }
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         super().__init__(cfg, classes)
         self.weight: Tensor | None = None
+        # binary: the fold's decision threshold on P(positive), from its validation bags
+        self.threshold: float | None = None
         cw = cfg.task.class_weights
         if isinstance(cw, list) and len(cw) != len(classes):
             raise ConfigError(
@@ -46,7 +51,27 @@ class ClassificationTask(Task):
     def n_out(self) -> int:
         return len(self.classes)
 
+    @property
+    def needs_val_predictions(self) -> bool:
+        return len(self.classes) == 2
+
+    def fit_operating_point(self, val_pred: pd.DataFrame) -> None:
+        """``task.operating_point`` on the validation predictions (binary; None without both
+        classes among them, and then no thresholded metrics)."""
+        op = self.cfg.task.operating_point
+        self.threshold = operating_threshold(
+            val_pred["label_index"], val_pred[f"prob_{self.classes[1]}"], None if op == "youden" else op
+        )
+
+    def with_operating_point(self, out: pd.DataFrame) -> pd.DataFrame:
+        """``out`` with ``pred_op``, the class at the fold's threshold (binary, once fitted)."""
+        if self.threshold is not None and len(self.classes) == 2:
+            positive = out[f"prob_{self.classes[1]}"].to_numpy(float) >= self.threshold
+            out["pred_op"] = np.where(positive, self.classes[1], self.classes[0])
+        return out
+
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
+        self.threshold = None
         cw = self.cfg.task.class_weights
         if cw == "balanced":
             from sklearn.utils.class_weight import compute_class_weight
@@ -78,7 +103,7 @@ class ClassificationTask(Task):
         return None
 
     def state(self) -> dict[str, Any]:
-        return {"class_weights": None if self.weight is None else self.weight.tolist()}
+        return {"class_weights": None if self.weight is None else self.weight.tolist(), "threshold": self.threshold}
 
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         return {"label": as_tensor(bags["label"].to_numpy(int), torch.long)}
@@ -106,7 +131,7 @@ class ClassificationTask(Task):
         values = self.outputs(logits)
         for col in values.columns:
             out[col] = values[col].to_numpy()
-        return out
+        return self.with_operating_point(out)
 
     def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
         """Class probabilities averaged within ``by``; ``pred`` recomputed from the means."""
@@ -118,20 +143,32 @@ class ClassificationTask(Task):
     def _prob(self, pred: pd.DataFrame) -> np.ndarray:
         return pred[[f"prob_{c}" for c in self.classes]].to_numpy(float)
 
+    def _positive(self, pred: pd.DataFrame) -> np.ndarray | None:
+        """Decisions at the operating point (``pred_op`` is the positive class), if any."""
+        if "pred_op" not in pred or len(self.classes) != 2:
+            return None
+        return (pred["pred_op"].astype(str) == str(self.classes[1])).to_numpy()
+
     def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
         y, p = pred["label_index"].to_numpy(int), self._prob(pred)
-        out: dict[str, Any] = classification_metrics(y, p)
+        out: dict[str, Any] = self.pooled_metrics(pred)
         out["confusion_matrix"] = confusion(y, p)
+        if self.threshold is not None and "pred_op" in pred:
+            out["threshold"] = self.threshold
         return out
 
     def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
-        return classification_metrics(pred["label_index"].to_numpy(int), self._prob(pred))
+        y, p, positive = pred["label_index"].to_numpy(int), self._prob(pred), self._positive(pred)
+        if positive is None:
+            return classification_metrics(y, p)
+        return _with_threshold_metrics(y, p, positive)
 
     def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
-        y, p = pred["label_index"].to_numpy(int), self._prob(pred)
-        return bootstrap_ci(
-            classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=pred["patient_id"].to_numpy()
-        )
+        y, p, positive = pred["label_index"].to_numpy(int), self._prob(pred), self._positive(pred)
+        groups = pred["patient_id"].to_numpy()
+        if positive is None:
+            return bootstrap_ci(classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=groups)
+        return bootstrap_ci(_with_threshold_metrics, y, p, positive, n_boot=n_boot, seed=seed, groups=groups)
 
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
         y = pred["label_index"].to_numpy(int)
@@ -158,8 +195,26 @@ class ClassificationTask(Task):
         title = f"{self.cfg.name}: out-of-fold ROC, {len(preds)} folds"
         artifacts = {"roc.csv": curves, "roc.png": roc_figure(curves, aucs, title)}
         if len(self.classes) == 2:
+            artifacts.update(self._calibration(preds))
             return {"auc_pooled": aucs.get(self.classes[-1], float("nan"))}, artifacts
         return {"auc_pooled": aucs}, artifacts
+
+    def _calibration(self, preds: dict[str, pd.DataFrame]) -> Artifacts:
+        """Reliability diagram of the pooled out-of-fold predictions (first repeat, as the
+        ROC): ``calibration.csv`` and ``calibration.png``, 10 bins of equal size
+        (scikit-learn ``calibration_curve``, quantile strategy)."""
+        from sklearn.calibration import calibration_curve
+
+        pooled = pd.concat(list(preds.values()), ignore_index=True)
+        y, p = pooled["label_index"].to_numpy(int), pooled[f"prob_{self.classes[1]}"].to_numpy(float)
+        if len(np.unique(y)) < 2:
+            return {}
+        bins = int(min(10, max(2, len(y) // 10)))
+        frac, mean = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+        table = pd.DataFrame({"mean_predicted": mean, "fraction_positive": frac})
+        brier = float(np.mean((p - y) ** 2))
+        title = f"{self.cfg.name}: calibration, {len(y)} out-of-fold predictions"
+        return {"calibration.csv": table, "calibration.png": calibration_figure(table, brier, title)}
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int) > 0
@@ -174,7 +229,7 @@ class ClassificationTask(Task):
         out.insert(2, "label_index", first["label_index"].values)
         out["n_bags"] = g.size().values
         out["pred"] = [self.classes[i] for i in out[cols].to_numpy().argmax(1)]
-        return out
+        return self.with_operating_point(out)
 
     def score_column(self) -> str:
         return f"prob_{self.classes[-1]}"
@@ -192,5 +247,23 @@ class ClassificationTask(Task):
             "Loss: cross-entropy"
             + (f" with class weights ({weights})" if weights != "none" else "")
             + ". Metrics (scikit-learn): ROC AUC (one-vs-rest macro for more than two classes), "
-            "balanced accuracy, accuracy and macro F1 at the most probable class."
+            "average precision (AUPRC), Brier score, and balanced accuracy, accuracy and macro F1 "
+            "at the most probable class"
+            + (
+                f"; sensitivity and specificity at a threshold chosen on each fold's validation "
+                f"predictions ({_operating_words(self.cfg.task.operating_point)}) and applied "
+                f"unchanged to its test bags."
+                if len(self.classes) == 2 and self.cfg.splits.val_fraction > 0
+                else "."
+            )
         )
+
+
+def _operating_words(op) -> str:
+    if op == "youden":
+        return "the largest Youden's J, sensitivity + specificity - 1"
+    return f"the highest threshold reaching a sensitivity of {op:g}"
+
+
+def _with_threshold_metrics(y: np.ndarray, p: np.ndarray, positive: np.ndarray) -> dict[str, float]:
+    return {**classification_metrics(y, p), **threshold_metrics(y, positive)}

@@ -33,6 +33,7 @@ from mil.results import (
     PREDICTIONS,
     PREDICTIONS_PATIENT,
     PREDICTIONS_TRAIN,
+    PREDICTIONS_VAL,
     SCORES,
     RunFolder,
     prepare_run_dir,
@@ -203,6 +204,7 @@ class FoldResult:
     train_pred: pd.DataFrame | None
     metrics: dict[str, Any]
     findings: list[dict[str, Any]]
+    val_pred: pd.DataFrame | None = None
 
 
 def run_fold(
@@ -259,6 +261,10 @@ def _train_and_test(
         predict, model, data, max_instances=cfg.train.max_instances, device=device,
         precision=cfg.train.precision, dist=dist,
     )  # fmt: skip
+    val_pred = None
+    if task.needs_val_predictions and val is not None and len(val):  # the operating point
+        val_pred = task.predictions(val, infer(val["bag_id"].tolist()).logits.numpy())
+        task.fit_operating_point(val_pred)
     fwd = infer(test["bag_id"].tolist(), keep_scores=True)
     if not torch.isfinite(fwd.logits).all():
         epoch = int(history["epoch"].max())
@@ -287,7 +293,7 @@ def _train_and_test(
              "chance whatever the ranking; history.csv lists the penalty grid and its validation loss"}
             for f in findings if f["kind"] == "constant predictions"
         ]  # fmt: skip
-    return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings)
+    return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings, val_pred)
 
 
 def _write_fold(
@@ -308,6 +314,8 @@ def _write_fold(
         write_csv(fold_dir / PREDICTIONS_PATIENT, patients)
     if r.train_pred is not None:
         write_csv(fold_dir / PREDICTIONS_TRAIN, r.train_pred)
+    if r.val_pred is not None:
+        write_csv(fold_dir / PREDICTIONS_VAL, r.val_pred)
     test_bags = [r.data[b] for b in r.test["bag_id"]]
     write_scores(
         fold_dir / SCORES, test_bags, r.forward.scores, r.forward.extra_scores,
