@@ -74,17 +74,17 @@ def test_a_bad_operating_point_names_the_key(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A run, and the same run with fold 0's test labels flipped (same split files)."""
-    root = tmp_path_factory.mktemp("op")
-    raw = small_config(root, epochs=4)
-    clean = run_cv(config_from_dict(raw), root / "clean", progress=False, log=lambda *a: None, n_boot=50)
+    base = tmp_path_factory.mktemp("op")
+    raw = small_config(base, epochs=4)
+    clean = run_cv(config_from_dict(raw), base / "clean", progress=False, log=lambda *a: None, n_boot=50)
     cohort = pd.read_csv(raw["data"]["csv"])
     test0 = set(pd.read_csv(clean / "splits" / "splits_0.csv")["test"].dropna())
     flip = cohort["slide_id"].isin(test0)
     cohort.loc[flip, "label"] = cohort.loc[flip, "label"].map({"positive": "negative", "negative": "positive"})
-    cohort.to_csv(root / "poisoned.csv", index=False)
-    raw["data"]["csv"] = str(root / "poisoned.csv")
+    cohort.to_csv(base / "poisoned.csv", index=False)
+    raw["data"]["csv"] = str(base / "poisoned.csv")
     raw["splits"]["dir"] = str(clean / "splits")
-    poisoned = run_cv(config_from_dict(raw), root / "poisoned", progress=False, log=lambda *a: None, n_boot=50)
+    poisoned = run_cv(config_from_dict(raw), base / "poisoned", progress=False, log=lambda *a: None, n_boot=50)
     return clean, poisoned
 
 
