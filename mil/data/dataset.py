@@ -41,6 +41,8 @@ class FeatureStore:
         )
         self._bytes = 0
         self.instance_labels: dict[str, np.ndarray] = {}
+        # one slide read per kind of file (True: a slide/patient embedding [D]), for the error
+        self._kind_seen: dict[bool, str] = {}
 
     @classmethod
     def from_dir(cls, root: str | Path, **kw) -> FeatureStore:
@@ -56,8 +58,20 @@ class FeatureStore:
 
     def read(self, slide_id: str) -> SlideFeatures:
         sf = read_features(self.path(slide_id))
+        self._check_kind(slide_id, sf)
         self._check_dim(slide_id, sf.features.shape[1])
         return sf
+
+    def _check_kind(self, slide_id: str, sf: SlideFeatures) -> None:
+        """Refuse a cohort that mixes tile features ``[N, D]`` and embeddings ``[D]``."""
+        self._kind_seen.setdefault(sf.embedding, slide_id)
+        if len(self._kind_seen) > 1:
+            one, tiles = self._kind_seen[True], self._kind_seen[False]
+            raise DataError(
+                f"the feature folder mixes slide/patient embeddings (one vector [D], e.g. "
+                f"{self.path(one)}) and tile features ([N, D], e.g. {self.path(tiles)}); "
+                f"a cohort is one kind: point data.features at a folder of one encoder's output"
+            )
 
     def _check_dim(self, slide_id: str, d: int) -> None:
         if self.dim is None:
@@ -110,6 +124,7 @@ class FeatureStore:
                     # the dimension most slides share is the reference, so the odd one out is named
                     self.dim = Counter(sf.features.shape[1] for sf in read).most_common(1)[0][0]
                 for slide_id, sf in zip(group, read):
+                    self._check_kind(slide_id, sf)
                     self._check_dim(slide_id, sf.features.shape[1])
                 for slide_id, sf in zip(group, read):
                     self._insert(slide_id, sf)

@@ -10,6 +10,10 @@ Layouts (see DESIGN.md):
 * CLAM ``pt_files/<id>.pt`` and any ``.pt``: a tensor, or a dict with
   ``features``/``coords`` (always loaded with ``weights_only=True``).
 * ``.npy``: a ``[N, D]`` array (``allow_pickle=False``).
+* slide or patient embeddings (TRIDENT ``slide_features_<encoder>/<slide>.h5``,
+  STAMP ``<encoder>-slide/`` and ``<encoder>-pat/``): any of the above holding
+  one vector ``[D]``, read as a bag of one instance ``[1, D]`` without
+  coordinates (TRIDENT's copy of the tiles' ``coords`` is dropped).
 
 Optional ``instance_label [N]`` (h5) carries instance-level ground truth such
 as annotated tumour tiles; when present the runner reports how well instance
@@ -40,6 +44,7 @@ class SlideFeatures:
     instance_label: np.ndarray | None = None  # [N], int8
     attrs: dict = field(default_factory=dict)
     layout: str = ""
+    embedding: bool = False  # the file held one vector [D] (a slide or patient embedding)
 
 
 def read_features(path: str | Path, check_finite: bool = True) -> SlideFeatures:
@@ -125,9 +130,14 @@ def _read_pt(path: Path) -> SlideFeatures:
 
 
 def _validate(out: SlideFeatures, path: Path, check_finite: bool) -> None:
+    if out.features.ndim == 1:
+        _as_bag_of_one(out, path)
     f = out.features
     if f.ndim != 2:
-        raise DataError(f"{path}: features must be 2-D [N, D], found shape {tuple(f.shape)}")
+        raise DataError(
+            f"{path}: features must be [N, D] (tiles) or [D] (one slide or patient embedding), "
+            f"found shape {tuple(f.shape)}"
+        )
     if not np.issubdtype(f.dtype, np.floating):
         # integers or booleans are rarely features (tile indices, labels?): `mil check` warns
         out.attrs["cast_from"] = str(f.dtype)
@@ -165,6 +175,22 @@ def _validate(out: SlideFeatures, path: Path, check_finite: bool) -> None:
         out.instance_label = lab.astype(np.int8)
 
 
+def _as_bag_of_one(out: SlideFeatures, path: Path) -> None:
+    """A slide or patient embedding ``[D]`` becomes a bag of one instance ``[1, D]``.
+
+    Tile coordinates and labels stored beside it (TRIDENT keeps the patches'
+    ``coords``) describe no instance of that bag, so they are dropped.
+    """
+    if out.features.size == 0:  # TRIDENT writes (0,) for a slide without tiles
+        raise DataError(
+            f"{path}: empty slide embedding (0 values); remove the slide from the CSV or re-encode it"
+        )
+    out.features = out.features[None, :]
+    out.coords = out.instance_label = None
+    out.embedding = True
+    out.layout = f"{out.layout} embedding"
+
+
 def _plain(v):
     if isinstance(v, bytes):
         return v.decode()
@@ -180,7 +206,8 @@ def index_feature_dir(root: str | Path) -> tuple[dict[str, Path], str]:
 
     Returns (index, description). CLAM (``h5_files/`` + ``pt_files/``): h5 wins
     (it has coordinates). TRIDENT: ``root`` may be the job folder holding one
-    ``features_<encoder>/`` directory. Otherwise a flat folder of
+    ``features_<encoder>/`` (tiles) or ``slide_features_<encoder>/`` (slide
+    embeddings) directory. Otherwise a flat folder of
     ``.h5``/``.pt``/``.npy`` files; a slide with two files of different types
     is an error.
     """
@@ -192,16 +219,20 @@ def index_feature_dir(root: str | Path) -> tuple[dict[str, Path], str]:
         if (root / "h5_files").is_dir():
             index.update(_flat_index(root / "h5_files"))
         return index, f"CLAM layout in {root} ({len(index)} slides)"
-    trident = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("features_"))
+    trident = sorted(
+        p for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(("features_", "slide_features_"))
+    )  # fmt: skip
     if trident and not any(p.suffix in FEATURE_SUFFIXES for p in root.iterdir() if p.is_file()):
         if len(trident) > 1:
             names = ", ".join(p.name for p in trident)
             raise DataError(
-                f"data.features: {root} holds several TRIDENT encoders ({names}); "
-                f"point data.features at one of them"
+                f"data.features: {root} holds several TRIDENT encoders ({names}; features_*: "
+                f"tiles, slide_features_*: one embedding per slide); point data.features at one of them"
             )
         index = _flat_index(trident[0])
-        return index, f"TRIDENT layout {trident[0]} ({len(index)} slides)"
+        kind = "slide embeddings" if trident[0].name.startswith("slide_") else "layout"
+        return index, f"TRIDENT {kind} {trident[0]} ({len(index)} slides)"
     index = _flat_index(root)
     return index, f"feature folder {root} ({len(index)} slides)"
 
