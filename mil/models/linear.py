@@ -21,6 +21,14 @@ training fold's Breslow baseline: :math:`h_k = 1 - \exp(-\Delta H_0(k)\,e^{\eta}
 The models are additive: an instance's score is its share of the bag's linear
 predictor, :math:`s_i = w\cdot(\phi(x_i)-\mu)/\sigma` with :math:`w` the row of the
 last class (or the risk), so the scores of a bag average to :math:`\eta_b - c`.
+
+On slide or patient embeddings (one vector per file, read as a bag of one by
+:mod:`mil.data.readers`) :math:`f_b` is the embedding itself, and ``meanpool_linear``
+is the linear probe of the slide-encoder papers and Patho-Bench: an L2-penalised
+logistic regression (ridge Cox for survival) on the embedding, its penalty chosen on
+validation. Unlike Patho-Bench's, each feature is first standardised with the
+training fold's statistics, and the penalty comes from
+:data:`mil.train.closed_form.C_GRID` (``ALPHA_GRID``).
 """
 
 from __future__ import annotations
@@ -96,7 +104,10 @@ class PooledLinear(MILModel):
 
 @register("meanpool_linear")
 class MeanPoolLinear(PooledLinear):
-    r"""Mean-pooled instance features, a linear head: :math:`\phi(x) = x` (see :mod:`mil.models.linear`)."""
+    r"""Mean-pooled instance features, a linear head: :math:`\phi(x) = x` (see :mod:`mil.models.linear`).
+
+    On slide embeddings (bags of one) this is a linear probe on the embedding.
+    """
 
     def __init__(self, in_dim: int, n_out: int) -> None:
         super().__init__(in_dim, n_out, in_dim)
