@@ -70,8 +70,8 @@ def config(root: Path, model: str) -> dict:
                  "patient_col": "case_id"},
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": model},
-        # the default budget (500 steps at lr 1e-3) takes ~40 s here; fewer, larger steps
-        # reach the same model in a few seconds (closed-form models ignore train:)
+        # the default budget (500 steps at lr 1e-3) takes ~40 s here (AUC 0.95); 150 larger
+        # steps train linear in a few seconds (closed-form models ignore train:)
         "train": {"epochs": 30, "lr": 1e-2, "batch_size": 8, "seed": 0},
     }  # fmt: skip
 
