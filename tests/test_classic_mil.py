@@ -217,9 +217,9 @@ def test_whitening_is_the_ledoit_wolf_covariance_of_the_training_instances(tmp_p
     from scipy.linalg import sqrtm
     from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
+    from mil.data.batch import Bag, collate_bags
     from mil.data.transforms import WHITEN_MIN_SHRINKAGE, Standardizer
     from mil.models.registry import create
-    from mil.data.batch import Bag, collate_bags
 
     rng = np.random.default_rng(1)
     rows = []
