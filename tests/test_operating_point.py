@@ -44,9 +44,11 @@ def test_youden_threshold_reaches_the_best_j_and_a_target_sensitivity_is_met(see
     for target in (0.8, 0.95):
         t = operating_threshold(y, p, target)
         assert (p[y == 1] >= t).mean() >= target
-        above = np.unique(p[p > t])  # no higher cut reaches the target
-        assert all((p[y == 1] >= u).mean() < target for u in above)
+        higher = np.unique(p[p >= t])[1:]  # the cuts above the chosen one miss the target
+        assert all((p[y == 1] >= u).mean() < target for u in higher)
     assert operating_threshold(np.zeros(5, int), p[:5]) is None
+    # perfectly separated: midway between the classes, not at the lowest positive score
+    assert operating_threshold([0, 0, 1, 1], [0.1, 0.3, 0.9, 0.95]) == pytest.approx(0.6)
 
 
 def test_auprc_and_brier_match_scikit_learn():
