@@ -128,7 +128,10 @@ def test_early_stopping_restores_best_checkpoint(tmp_path, small_cohort):
     cohort = Cohort.from_config(cfg)
     split = pd.read_csv(run / "splits" / "splits_0.csv")
     val = cohort.bags[cohort.bags["bag_id"].isin(split["val"].dropna())].reset_index(drop=True)
-    data = BagDataset(cohort.bag_slides, FeatureStore.from_dir(cfg.data.features))
+    from mil.data.transforms import Standardizer
+
+    norm = Standardizer.from_state(meta["standardize"])  # the fold's own (default) whitening
+    data = BagDataset(cohort.bag_slides, FeatureStore.from_dir(cfg.data.features)).with_transform(norm.apply)
     task = make_task(cfg, cohort.classes)
     task.setup_fold(val)
     fwd = predict(model, data, val["bag_id"].tolist(), 8192, torch.device("cpu"))
