@@ -94,6 +94,12 @@ def paired_difference(
         seed=seed,
         groups=groups,
     ).get("d", np.array([]))
+    return _difference(delta, d, level)
+
+
+def _difference(delta: float, d: np.ndarray, level: float) -> dict[str, float]:
+    """``delta``, the percentile CI of its resampled values ``d`` and the two-sided ``p`` of
+    :func:`paired_difference` (NaN without resamples)."""
     if len(d) == 0:
         nan = float("nan")
         return {"delta": delta, "ci_low": nan, "ci_high": nan, "p": nan, "n_resamples": 0}
@@ -130,17 +136,9 @@ def unpaired_difference(
     draws_b = bootstrap_samples(
         metric_b, np.arange(n_b), n_boot=n_boot, seed=seed + 1, groups=groups_b
     )
-    alpha = (1.0 - level) / 2.0
     out: dict[str, dict[str, float]] = {}
     for k in [k for k in point_a if k in point_b]:
-        delta = float(point_a[k]) - float(point_b[k])
         m = min(len(draws_a.get(k, ())), len(draws_b.get(k, ())))
-        if m == 0:
-            nan = float("nan")
-            out[k] = {"delta": delta, "ci_low": nan, "ci_high": nan, "p": nan, "n_resamples": 0}
-            continue
-        d = draws_a[k][:m] - draws_b[k][:m]
-        lo, hi = np.quantile(d, [alpha, 1.0 - alpha])
-        p = min(1.0, 2.0 * (1 + min(int((d <= 0).sum()), int((d >= 0).sum()))) / (1 + m))
-        out[k] = dict(delta=delta, ci_low=float(lo), ci_high=float(hi), p=p, n_resamples=m)
+        d = draws_a[k][:m] - draws_b[k][:m] if m else np.array([])
+        out[k] = _difference(float(point_a[k]) - float(point_b[k]), d, level)
     return out

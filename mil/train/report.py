@@ -63,6 +63,14 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+#: ``data.standardize`` in the methods paragraphs (each fold fits its own)
+PREPROCESSING = {
+    "whiten": "ZCA whitening with the instance covariance of each training fold, shrunk towards "
+    "a multiple of the identity by the Ledoit-Wolf estimate (at least 0.3)",
+    True: "standardisation with the mean and standard deviation of each training fold",
+}
+
+
 def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
     s, t, d = cfg.splits, cfg.train, cfg.data
     n_bags, n_patients, n_boot = summary["n_bags"], summary["n_patients"], summary["n_boot"]
@@ -104,13 +112,8 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
             "with training-fold statistics), fitted in closed form (scikit-learn / scikit-survival) "
             "with the penalty chosen by the validation loss."
         )
-    elif d.standardize == "whiten":
-        parts.append(
-            "Features were whitened with the instance covariance of each training fold, shrunk "
-            "towards a multiple of the identity by the Ledoit-Wolf estimate."
-        )
     elif d.standardize:
-        parts.append("Features were standardised with the mean and standard deviation of each training fold.")
+        parts.append(f"Features were preprocessed by {PREPROCESSING[d.standardize]}.")
     if not closed_form:
         hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
         parts.append(
@@ -329,10 +332,7 @@ def _external_methods(summary: dict[str, Any], cfg: Config, task: Task) -> str:
         if d.bag_level == "slide"
         else f"{n_patients} patients, each patient's slides concatenated into one bag"
     )
-    norm = {
-        "whiten": "ZCA whitening by its training fold's shrunk instance covariance",
-        True: "standardisation by its training fold's feature means and standard deviations",
-    }.get(d.standardize, "none fitted")
+    norm = PREPROCESSING.get(d.standardize, "none fitted")
     parts = [
         f"The {len(summary['folds'])} fold models of the run `{summary['run']}` predicted every bag "
         f"of the external cohort `{summary['cohort']}`: {bags}. A bag's prediction is the mean of the "
