@@ -75,7 +75,7 @@ def evaluate(
     cfg = cohort_config_of(run, cohort_config)
     task = make_task(cfg, run.classes)
     task.fold_name = ENSEMBLE
-    _ensemble_operating_point(run, task)
+    task.ensemble_operating_point([r["metrics"] for r in run.folder.records().values()])
     models = [FoldModel(run.folder.fold_file(f, MODEL), run.config, f, device) for f in run.folds]
     if not models:
         raise MilError(f"{run.path}: no finished folds (fold_*/metrics.json) to predict with")
@@ -202,21 +202,10 @@ def ensemble_predictions(
     pred = task.predictions(bags, np.zeros((len(bags), task.n_out)))  # ids and outcomes
     for col in mean.columns:
         pred[col] = mean[col].to_numpy()
-    if hasattr(task, "with_operating_point"):  # binary: the class at the ensemble's threshold
-        pred = task.with_operating_point(pred)
+    pred = task.with_operating_point(pred)  # binary: the class at the ensemble's threshold
     for col in cohort.group_cols:
         pred[col] = bags[col].to_numpy()
     return pred
-
-
-def _ensemble_operating_point(run: Run, task: Task) -> None:
-    """Binary classification: the ensemble's decision threshold, the median of the fold
-    models' thresholds (each chosen on its fold's validation predictions); none if no fold
-    chose one."""
-    found = [r["metrics"].get("threshold") for r in run.folder.records().values()]
-    found = [float(t) for t in found if t is not None]
-    if found and hasattr(task, "threshold"):
-        task.threshold = float(np.median(found))
 
 
 def _reference(run: Run, task: Task, models: list[FoldModel]) -> pd.DataFrame | None:

@@ -95,6 +95,13 @@ class Task:
     def fit_operating_point(self, val_pred: pd.DataFrame) -> None:
         """Fit fold state on the validation predictions (a decision threshold)."""
 
+    def ensemble_operating_point(self, fold_metrics: list[dict[str, Any]]) -> None:
+        """Set the fold ensemble's operating point from the folds' ``metrics.json`` metrics."""
+
+    def with_operating_point(self, pred: pd.DataFrame) -> pd.DataFrame:
+        """``pred`` with the decisions at the operating point, where the task has one."""
+        return pred
+
     def validation_usable(self, val_bags: pd.DataFrame) -> bool:
         """Whether the validation bags can drive early stopping (survival: some event)."""
         return True

@@ -63,6 +63,11 @@ class ClassificationTask(Task):
             val_pred["label_index"], val_pred[f"prob_{self.classes[1]}"], None if op == "youden" else op
         )
 
+    def ensemble_operating_point(self, fold_metrics: list[dict[str, Any]]) -> None:
+        """The median of the folds' thresholds (each chosen on its validation predictions)."""
+        found = [float(m["threshold"]) for m in fold_metrics if m.get("threshold") is not None]
+        self.threshold = float(np.median(found)) if found else None
+
     def with_operating_point(self, out: pd.DataFrame) -> pd.DataFrame:
         """``out`` with ``pred_op``, the class at the fold's threshold (binary, once fitted)."""
         if self.threshold is not None and len(self.classes) == 2:
