@@ -65,9 +65,9 @@ def write_report(run_dir: str | Path) -> Path:
 
 #: ``data.standardize`` in the methods paragraphs (each fold fits its own)
 PREPROCESSING = {
-    "whiten": "ZCA whitening with the instance covariance of each training fold, shrunk towards "
+    "whiten": "whitened (ZCA) with the instance covariance of each training fold, shrunk towards "
     "a multiple of the identity by the Ledoit-Wolf estimate (at least 0.3)",
-    True: "standardisation with the mean and standard deviation of each training fold",
+    True: "standardised with the mean and standard deviation of each training fold",
 }
 
 
@@ -113,7 +113,7 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
             "with the penalty chosen by the validation loss."
         )
     elif d.standardize:
-        parts.append(f"Features were preprocessed by {PREPROCESSING[d.standardize]}.")
+        parts.append(f"Features were {PREPROCESSING[d.standardize]}.")
     if not closed_form:
         hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
         parts.append(
@@ -332,7 +332,7 @@ def _external_methods(summary: dict[str, Any], cfg: Config, task: Task) -> str:
         if d.bag_level == "slide"
         else f"{n_patients} patients, each patient's slides concatenated into one bag"
     )
-    norm = PREPROCESSING.get(d.standardize, "none fitted")
+    norm = "features " + PREPROCESSING[d.standardize] if d.standardize else "none fitted"
     parts = [
         f"The {len(summary['folds'])} fold models of the run `{summary['run']}` predicted every bag "
         f"of the external cohort `{summary['cohort']}`: {bags}. A bag's prediction is the mean of the "
