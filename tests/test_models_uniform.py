@@ -360,3 +360,68 @@ def test_bf16_autocast_tracks_fp32(name):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# Class-specific instance scores (issue 22): named kinds, one column per head output.
+
+
+@pytest.mark.parametrize("n_out", [1, 3])
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_has_class_specific_instance_scores(name, n_out):
+    from mil.models.base import SCORE_KINDS
+
+    model = build(name, n_out)
+    batch = collate_bags(make_bags(model))
+    with torch.no_grad():
+        out = model(batch)
+    assert set(out.extra_scores) <= set(SCORE_KINDS), sorted(out.extra_scores)
+    per_class = {"contribution", "instance_logits", "attention_x_logit"} & set(out.extra_scores)
+    assert per_class, f"{name}: no class-specific instance scores"
+    for kind in per_class:
+        assert out.extra_scores[kind].shape == (sum(SIZES), n_out), kind
+        assert torch.isfinite(out.extra_scores[kind]).all(), kind
+
+
+@pytest.mark.parametrize("n_out", [1, 2, 4])
+@pytest.mark.parametrize("name", [m for m in MODELS if get(m).additive])
+def test_contributions_sum_to_the_bag_logits(name, n_out):
+    """An additive model's contributions, summed per bag (torch.bincount-style index_add
+    over the bag index), plus its offset are its logits."""
+    model = build(name, n_out)
+    with torch.no_grad():
+        for p in model.parameters():  # the linear baselines start at zero
+            p.add_(torch.randn_like(p) * 0.1)
+        batch = collate_bags(make_bags(model))
+        out = model(batch)
+        c = out.extra_scores["contribution"].double()
+        summed = torch.zeros(batch.num_bags, n_out, dtype=torch.float64).index_add_(
+            0, batch.batch, c
+        )
+        expected = out.logits.double() - model.logit_offset().double()
+    torch.testing.assert_close(summed, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_abmil_contribution_is_attention_times_head_by_hand():
+    model = build("abmil", n_out=2)
+    bags = make_bags(model, sizes=(9, 4))
+    batch = collate_bags(bags)
+    with torch.no_grad():
+        out = model(batch)
+        for i, bag in enumerate(bags):
+            h = model.encoder(bag.x)
+            a = torch.softmax(model.attention(h).squeeze(-1), 0)
+            lo, hi = int(batch.ptr[i]), int(batch.ptr[i + 1])
+            own = h @ model.head.weight.T
+            torch.testing.assert_close(out.extra_scores["contribution"][lo:hi], a[:, None] * own)
+            torch.testing.assert_close(
+                out.extra_scores["instance_logits"][lo:hi], own + model.head.bias
+            )
+
+
+def test_additive_instance_logits_are_the_model_on_a_bag_of_one():
+    model = build("abmil_additive", n_out=3)
+    bag = make_bags(model, sizes=(11,))[0]
+    with torch.no_grad():
+        out = model(collate_bags([bag]))
+        alone = [model(collate_bags([Bag("one", bag.x[j : j + 1])])).logits[0] for j in range(11)]
+    torch.testing.assert_close(out.extra_scores["instance_logits"], torch.stack(alone))

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 from torch_geometric.utils import softmax, to_dense_batch
 
 from mil.data.batch import BagBatch
-from mil.models.base import MILModel, MILOutput, mlp_encoder, segment_weighted_sum
+from mil.models.base import (
+    MILModel,
+    MILOutput,
+    linear_head_scores,
+    mlp_encoder,
+    segment_weighted_sum,
+)
 from mil.models.registry import register
 
 
@@ -51,9 +57,16 @@ class ABMIL(MILModel):
 
     ``f`` is ``(Linear -> ReLU -> Dropout)`` per entry of ``hidden_dim`` (an int
     or a list of widths). ``gated=False`` drops the sigmoid gate. Instance
-    scores are the attention logits :math:`e_i` before the softmax, so they are
-    comparable across bags of different sizes.
+    scores are the attention logits :math:`e_i` before the softmax. The head is
+    linear, so the model is additive (``extra_scores``): ``contribution``
+    :math:`a_i W h_i` sums over the bag to the logits less the head's bias, and
+    ``instance_logits`` :math:`W h_i + c` is the head on one instance alone.
     """
+
+    additive = True
+
+    def logit_offset(self) -> Tensor:
+        return self.head.bias
 
     def __init__(
         self,
@@ -74,7 +87,12 @@ class ABMIL(MILModel):
         e = self.attention(h).squeeze(-1)
         a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
         z = segment_weighted_sum(h, a, batch.batch, batch.num_bags)
-        return MILOutput(logits=self.head(z), embedding=z, scores=e.detach())
+        return MILOutput(
+            logits=self.head(z),
+            embedding=z,
+            scores=e.detach(),
+            extra_scores=linear_head_scores(h, a, self.head.weight, self.head.bias),
+        )
 
 
 def _branch_sums(h: Tensor, a: Tensor, batch: BagBatch) -> Tensor:
@@ -137,13 +155,21 @@ class CLAM(MILModel):
 
     Instance scores: the attention logits of the branch of the predicted class
     (the only branch for ``clam_sb``); all branches are in
-    ``extra_scores["attention"]`` ``[sum N_i, n_branches]``. Embedding: :math:`z_b`,
+    ``extra_scores["attention"]`` ``[sum N_i, n_branches]``. The bag classifiers are
+    linear, so the model is additive: ``contribution`` :math:`a_{i,c} w_c^\top h_i`
+    (``clam_sb``: :math:`a_i W h_i`) and ``instance_logits`` (the bag classifiers on
+    :math:`h_i` alone); ``instance_classifier`` holds the log-odds of each class's
+    instance classifier (two-class tasks and up). Embedding: :math:`z_b`,
     or for ``clam_mb`` all branches' :math:`z_{b,c}` concatenated, ``[B, n_out * H]``.
     Registered as ``clam_sb`` and ``clam_mb``; with ``n_out = 1`` (a Cox risk)
     both have a single branch and no instance loss.
     """
 
     multi_branch = False
+    additive = True
+
+    def logit_offset(self) -> Tensor:
+        return self.head_bias if self.multi_branch else self.head.bias
 
     def __init__(
         self,
@@ -219,10 +245,17 @@ class CLAM(MILModel):
                 pred = logits.argmax(1)
             embedding = z.flatten(1)
             scores = e.detach().gather(1, pred[batch.batch].unsqueeze(1)).squeeze(1)
+            extra = linear_head_scores(h, a, self.head_weight, self.head_bias)
         else:
             embedding = segment_weighted_sum(h, a[:, 0], batch.batch, batch.num_bags)
             logits = self.head(embedding)
             scores = e.detach()[:, 0]
+            extra = linear_head_scores(h, a[:, 0], self.head.weight, self.head.bias)
+        extra["attention"] = e.detach()
+        if self.instance_classifiers:
+            with torch.no_grad():  # each classifier's log-odds of "a top instance of class c"
+                odds = [clf(h.detach()).diff(dim=1)[:, 0] for clf in self.instance_classifiers]
+                extra["instance_classifier"] = torch.stack(odds, 1).float()
         aux_loss = None
         if batch.targets is not None and self.instance_classifiers:
             instance_loss = self._instance_loss(e, h, batch)
@@ -232,7 +265,7 @@ class CLAM(MILModel):
             embedding=embedding,
             scores=scores,
             aux_loss=aux_loss,
-            extra_scores={"attention": e.detach()},
+            extra_scores=extra,
         )
 
 
@@ -269,7 +302,11 @@ class DSMIL(MILModel):
     paper feeds the raw features; a projection keeps the Conv1d small).
     Instance scores: attention logits of the last class (the positive class
     for binary tasks); all classes are in ``extra_scores["attention"]`` and the
-    instance-classifier outputs in ``extra_scores["instance_logits"]``.
+    instance-classifier outputs in ``extra_scores["instance_logits"]``. Both
+    streams are linear in the instances, so the model is additive:
+    ``contribution`` :math:`\tfrac12\big(\sum_{c'} a_{i,c'} K_{c,c'}^\top h_i
+    + s_{i,c}[i = m_{b,c}]\big)` (:math:`K` the Conv1d kernel) sums over the bag
+    to the logits less half the Conv1d's bias.
     Embedding: :math:`[v_{b,1}; \dots; v_{b,C}]` flattened, ``[B, C * H]``.
     """
 
@@ -286,6 +323,22 @@ class DSMIL(MILModel):
         self.instance_classifier = nn.Linear(h, n_out)
         self.q = nn.Sequential(nn.Linear(h, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
         self.bag_classifier = nn.Conv1d(n_out, n_out, kernel_size=h)
+
+    additive = True
+
+    def logit_offset(self) -> Tensor:
+        return 0.5 * self.bag_classifier.bias
+
+    def _contribution(self, h: Tensor, s: Tensor, a: Tensor, critical: Tensor) -> Tensor:
+        """``[sum N_i, C]``: each instance's share of both streams' logits (see the class)."""
+        with torch.no_grad():
+            h, s, a = h.detach().float(), s.detach().float(), a.detach().float()
+            per_branch = torch.einsum("nh,cdh->ncd", h, self.bag_classifier.weight.detach().float())
+            bag_stream = (per_branch * a.unsqueeze(1)).sum(-1)
+            is_critical = torch.zeros_like(s)
+            cols = torch.arange(s.shape[1], device=s.device).expand_as(critical)
+            is_critical[critical.reshape(-1), cols.reshape(-1)] = 1.0
+            return 0.5 * (bag_stream + s * is_critical)
 
     def forward(self, batch: BagBatch) -> MILOutput:
         h = self.encoder(batch.x)
@@ -305,5 +358,9 @@ class DSMIL(MILModel):
             logits=0.5 * (s_max + bag_logits),
             embedding=v.flatten(1),
             scores=e.detach()[:, -1],
-            extra_scores={"attention": e.detach(), "instance_logits": s.detach()},
+            extra_scores={
+                "attention": e.detach(),
+                "instance_logits": s.detach(),
+                "contribution": self._contribution(h, s, a, critical),
+            },
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mil.data.batch import BagBatch
@@ -22,7 +23,7 @@ class MILOutput:
         aux_loss: a scalar the runner adds to the task loss (e.g. CLAM's
             instance-clustering loss), or None.
         extra_scores: further named per-instance score kinds ``{kind: [sum N_i, K]}``
-            (e.g. one attention branch per class).
+            (e.g. one attention branch per class); the kind names are :data:`SCORE_KINDS`.
     """
 
     logits: Tensor
@@ -30,6 +31,41 @@ class MILOutput:
     scores: Tensor | None = None
     aux_loss: Tensor | None = None
     extra_scores: dict[str, Tensor] = field(default_factory=dict)
+
+
+#: per-instance score kinds a model may put in ``MILOutput.extra_scores`` (``[sum N_i, K]``,
+#: one column per head output: class logit, Cox risk, or hazard bin), and what each means
+SCORE_KINDS: dict[str, str] = {
+    "attention": "attention logits before the per-bag softmax (one column per branch): where the "
+    "model looked, not what spoke for a class; only comparable within a bag",
+    "contribution": "the instance's additive share of each bag logit: over a bag they sum exactly "
+    "to the logit less the head's bias (attention weight x the head on the instance embedding "
+    "for attention models with a linear head; the instance head's output x its attention for "
+    "abmil_additive); signed; shrinks with bag size, so compare it within a bag",
+    "instance_logits": "the bag head (or the model's instance classifier) applied to one "
+    "instance alone: what the model would say of a bag made of this instance; comparable "
+    "across bags",
+    "attention_x_logit": "attention weight x the head on the instance's representation, where the "
+    "model is not additive (graph and transformer models): an approximation of a contribution",
+    "instance_classifier": "CLAM's instance classifiers: log-odds that the instance is a top-attended "
+    "instance of class k (trained on pseudo-labels)",
+}
+
+#: kinds whose values are class logits (or shares of them), so that a common shift over the
+#: classes carries no information for a softmax (see :func:`centre_classes`)
+LOGIT_KINDS = ("contribution", "instance_logits", "attention_x_logit")
+#: kinds comparable across bags (a pooled ranking of all test instances means something)
+POOLED_KINDS = ("instance_logits", "instance_classifier")
+
+
+def centre_classes(values: Tensor) -> Tensor:
+    """``v[:, k] - mean_j v[:, j]``: class-logit scores as evidence for a class over the others.
+
+    A softmax ignores a shift common to all classes, so for classification only
+    the centred logits decide the probabilities; for two classes column 1 is half
+    the instance's contribution to the log-odds of class 1.
+    """
+    return values - values.mean(1, keepdim=True)
 
 
 class MILModel(nn.Module):
@@ -52,6 +88,13 @@ class MILModel(nn.Module):
     graph_k: int = 8
     unused_parameters: bool = False
     trained_by_gradient: bool = True
+    #: the model's ``extra_scores["contribution"]`` sum over each bag to its logits less
+    #: :meth:`logit_offset` (exactly, in eval mode); the uniform tests check it
+    additive: bool = False
+
+    def logit_offset(self) -> Tensor:
+        """``[n_out]``: what an additive model adds to the summed contributions (its head's bias)."""
+        raise NotImplementedError(f"{type(self).__name__} is not additive")
 
     def __init__(self, in_dim: int, n_out: int) -> None:
         super().__init__()
@@ -95,3 +138,16 @@ def segment_weighted_sum(h: Tensor, weights: Tensor, batch: Tensor, num_bags: in
     )
     with torch.autocast("cuda", enabled=False):  # autocast would cast it back to bf16
         return torch.sparse.mm(a, wide).to(h.dtype)
+
+
+def linear_head_scores(h: Tensor, a: Tensor, weight: Tensor, bias: Tensor) -> dict[str, Tensor]:
+    r"""``contribution`` :math:`a_i W h_i` and ``instance_logits`` :math:`W h_i + c` of a linear
+    head ``(weight [K, H], bias [K])`` over attention-pooled ``h [sum N_i, H]`` (``a [sum N_i]``
+    or ``[sum N_i, K]``, per-class weights)."""
+    with torch.no_grad():
+        inst = F.linear(h.detach(), weight.detach()).float()
+        a = a.detach().float()
+        return {
+            "contribution": inst * (a if a.dim() == 2 else a.unsqueeze(1)),
+            "instance_logits": inst + bias.detach().float(),
+        }

@@ -8,7 +8,13 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from mil.data.batch import BagBatch
-from mil.models.base import MILModel, MILOutput, mlp_encoder, segment_weighted_sum
+from mil.models.base import (
+    MILModel,
+    MILOutput,
+    linear_head_scores,
+    mlp_encoder,
+    segment_weighted_sum,
+)
 from mil.models.registry import register
 
 
@@ -17,8 +23,15 @@ class MeanPoolMIL(MILModel):
     r"""Mean pooling: :math:`z_b = \frac{1}{N_b}\sum_{i \in b} f(x_i)`, logits :math:`= W z_b`.
 
     Instance scores are the head applied to each instance embedding (the
-    instance's contribution to the bag logit; last output column).
+    instance's contribution to the bag logit; last output column). Additive:
+    ``contribution`` :math:`W f(x_i) / N_b` sums to the logits less the bias;
+    ``instance_logits`` :math:`W f(x_i) + c` is the model on a bag of one instance.
     """
+
+    additive = True
+
+    def logit_offset(self) -> torch.Tensor:
+        return self.head.bias
 
     def __init__(
         self, in_dim: int, n_out: int, hidden_dim: int | list[int] = 128, dropout: float = 0.25
@@ -31,16 +44,18 @@ class MeanPoolMIL(MILModel):
         h = self.encoder(batch.x)
         w = 1.0 / batch.sizes.to(h.dtype).clamp(min=1)
         z = segment_weighted_sum(h, w[batch.batch], batch.batch, batch.num_bags)
-        with torch.no_grad():
-            scores = self.head(h)[:, -1]
-        return MILOutput(logits=self.head(z), embedding=z, scores=scores)
+        extra = linear_head_scores(h, w[batch.batch], self.head.weight, self.head.bias)
+        scores = extra["instance_logits"][:, -1]
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)
 
 
 @register("max")
 class MaxPoolMIL(MILModel):
     r"""Max pooling: :math:`z_b = \max_{i \in b} f(x_i)` (element-wise), logits :math:`= W z_b`.
 
-    Instance scores count how many embedding dimensions each instance wins.
+    Instance scores count how many embedding dimensions each instance wins;
+    ``instance_logits`` is the head on one instance's embedding (the model on a bag
+    of that instance alone).
     """
 
     def __init__(
@@ -55,7 +70,8 @@ class MaxPoolMIL(MILModel):
         z = scatter(h, batch.batch, dim=0, dim_size=batch.num_bags, reduce="max")
         with torch.no_grad():
             wins = (h == z[batch.batch]).to(h.dtype).sum(1)
-        return MILOutput(logits=self.head(z), embedding=z, scores=wins)
+            extra = {"instance_logits": self.head(h.detach()).float()}
+        return MILOutput(logits=self.head(z), embedding=z, scores=wins, extra_scores=extra)
 
 
 @register("linear")
@@ -73,8 +89,13 @@ class LinearMIL(MILModel):
     PyTorch's random start and 0.95 from zero). The model is additive: an instance's
     score is its contribution :math:`s_i = w \cdot x_i`, with :math:`w` the last row
     of :math:`W` (the positive class, or the risk), so a bag's scores average to its
-    logit less :math:`c`.
+    logit less :math:`c`; ``contribution`` :math:`W x_i / N_b` (all outputs) sums to it.
     """
+
+    additive = True
+
+    def logit_offset(self) -> torch.Tensor:
+        return self.head.bias
 
     def __init__(self, in_dim: int, n_out: int):
         super().__init__(in_dim, n_out)
@@ -86,6 +107,7 @@ class LinearMIL(MILModel):
         x = batch.x
         w = 1.0 / batch.sizes.to(x.dtype).clamp(min=1)
         z = segment_weighted_sum(x, w[batch.batch], batch.batch, batch.num_bags)
+        extra = linear_head_scores(x, w[batch.batch], self.head.weight, self.head.bias)
         with torch.no_grad():
             scores = nn.functional.linear(x, self.head.weight[-1:]).squeeze(-1)
-        return MILOutput(logits=self.head(z), embedding=z, scores=scores)
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)

@@ -10,7 +10,7 @@ from torch_geometric.utils import softmax
 from mil.data.batch import BagBatch
 from mil.data.graph import GRAPH_KINDS, batch_graph
 from mil.models.attention import AttentionScorer
-from mil.models.base import MILModel, MILOutput, segment_weighted_sum
+from mil.models.base import MILModel, MILOutput, linear_head_scores, segment_weighted_sum
 from mil.models.registry import register
 
 
@@ -27,6 +27,10 @@ class GraphMIL(MILModel):
     the instance graph (``"spatial"``: kNN of tile coordinates, ``"feature"``:
     kNN of input features, ``graph_k`` neighbours); the data layer builds it
     into ``batch.edge_index``, and a batch without one gets it built here.
+    Instance scores: the attention logits; ``extra_scores`` add ``instance_logits``
+    (the head on :math:`\rho(u_i)`, one instance's pooled representation) and
+    ``attention_x_logit`` :math:`a_i W \rho(u_i)` (not an exact share: :math:`\rho`
+    is applied after pooling).
     Subclasses set ``self.layers``, the message-passing stack (each layer
     ``[sum N_i, hidden_dim] -> [sum N_i, hidden_dim]``).
     """
@@ -77,7 +81,10 @@ class GraphMIL(MILModel):
         e = self.attention(u).squeeze(-1)
         a = softmax(e, batch.batch, ptr=batch.ptr, num_nodes=batch.num_bags)
         z = self.rho(segment_weighted_sum(u, a, batch.batch, batch.num_bags))
-        return MILOutput(logits=self.head(z), embedding=z, scores=e.detach())
+        with torch.no_grad():
+            extra = linear_head_scores(self.rho(u), a, self.head.weight, self.head.bias)
+        extra["attention_x_logit"] = extra.pop("contribution")
+        return MILOutput(logits=self.head(z), embedding=z, scores=e.detach(), extra_scores=extra)
 
 
 @register("patchgcn")

@@ -21,6 +21,9 @@ training fold's Breslow baseline: :math:`h_k = 1 - \exp(-\Delta H_0(k)\,e^{\eta}
 The models are additive: an instance's score is its share of the bag's linear
 predictor, :math:`s_i = w\cdot(\phi(x_i)-\mu)/\sigma` with :math:`w` the row of the
 last class (or the risk), so the scores of a bag average to :math:`\eta_b - c`.
+``contribution`` :math:`W(\phi(x_i)-\mu)/(\sigma N_b)` sums to :math:`\eta_b - c` (for the
+discrete-time head: the Cox predictor's share, one column); ``instance_logits`` is the
+model's output on a bag of that instance alone.
 
 On slide or patient embeddings (one vector per file, read as a bag of one by
 :mod:`mil.data.readers`) :math:`f_b` is the embedding itself, and ``meanpool_linear``
@@ -62,6 +65,13 @@ class PooledLinear(MILModel):
         self.register_buffer("head_kind", torch.tensor(LINEAR))
         self.register_buffer("delta_h0", torch.zeros(n_out))
 
+    @property
+    def additive(self) -> bool:  # the discrete-time head is not linear in the bag vector
+        return int(self.head_kind) != HAZARDS
+
+    def logit_offset(self) -> Tensor:
+        return self.bias
+
     def basis(self, x: Tensor) -> Tensor:
         """:math:`\\phi(x)` per instance, ``[N, basis_dim]``."""
         raise NotImplementedError
@@ -96,10 +106,14 @@ class PooledLinear(MILModel):
     def forward(self, batch: BagBatch) -> MILOutput:
         phi = (self.basis(batch.x) - self.mu) / self.sigma
         z = scatter(phi, batch.batch, dim=0, dim_size=batch.num_bags, reduce="mean")
-        row = self.weight[0] if int(self.head_kind) == HAZARDS else self.weight[-1]
+        hazards = int(self.head_kind) == HAZARDS
+        row = self.weight[0] if hazards else self.weight[-1]
         with torch.no_grad():
             scores = phi @ row
-        return MILOutput(logits=self.head(z), embedding=z, scores=scores)
+            n = batch.sizes[batch.batch].to(phi.dtype).clamp(min=1).unsqueeze(1)
+            w = self.weight[:1] if hazards else self.weight
+            extra = {"contribution": phi @ w.T / n, "instance_logits": self.head(phi)}
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)
 
 
 @register("meanpool_linear")

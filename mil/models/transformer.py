@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_batch
 
 from mil.data.batch import BagBatch
-from mil.models.base import MILModel, MILOutput
+from mil.models.base import MILModel, MILOutput, linear_head_scores
 from mil.models.registry import register
 
 
@@ -82,7 +82,11 @@ class TransformerMIL(MILModel):
     Bags are padded with ``to_dense_batch`` and attention masks padded keys,
     so a bag's output depends on its own instances only. Instance scores are
     the last layer's CLS-to-instance attention weights, averaged over heads
-    (they sum to at most 1 per bag; the CLS token takes the rest).
+    (they sum to at most 1 per bag; the CLS token takes the rest). ``extra_scores``:
+    ``instance_logits``, the head on each instance token as the last block reads it
+    (normalised as the CLS token is), and ``attention_x_logit``, that logit less the
+    bias times the instance's attention weight (an approximation: the model is not
+    additive).
 
     Long bags: in training mode a bag longer than ``max_instances_train`` is
     replaced by a uniform random subset of that many instances (drawn afresh
@@ -144,12 +148,17 @@ class TransformerMIL(MILModel):
         z = self.norm(cls)
         with torch.no_grad():
             per_instance = attn.mean(1)[:, 1:][mask[:, 1:]]
+            tokens = self.norm(h[:, 1:][mask[:, 1:]].detach())
+            extra = linear_head_scores(tokens, per_instance, self.head.weight, self.head.bias)
+            extra["attention_x_logit"] = extra.pop("contribution")
             if keep is None:
                 scores = per_instance
             else:
                 scores = per_instance.new_zeros(batch.x.shape[0])
                 scores[keep] = per_instance
-        return MILOutput(logits=self.head(z), embedding=z, scores=scores)
+                for kind, v in extra.items():
+                    extra[kind] = v.new_zeros(batch.x.shape[0], v.shape[1]).index_copy_(0, keep, v)
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)
 
 
 def _moore_penrose_pinv(a: Tensor, iters: int) -> Tensor:
@@ -303,7 +312,10 @@ class TransMIL(MILModel):
     design (the model treats the bag as a sequence). Instance scores: the
     exact softmax attention of the CLS query to each instance in the last
     layer, averaged over heads, with the weights of wrap-around copies added
-    to their originals.
+    to their originals. ``extra_scores``: ``instance_logits``, the head on each
+    instance's token after the PPEG (normalised as the CLS token is), and
+    ``attention_x_logit``, that logit less the bias times its attention weight
+    (an approximation: the model is not additive).
     """
 
     permutation_invariant = False
@@ -329,8 +341,9 @@ class TransMIL(MILModel):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_out)
 
-    def _bag(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """One bag's projected instances ``[N, dim]`` -> (CLS embedding ``[dim]``, scores ``[N]``)."""
+    def _bag(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One bag's projected instances ``[N, dim]`` -> (CLS embedding ``[dim]``, scores ``[N]``,
+        the instances' tokens after the PPEG ``[N, dim]``)."""
         n = h.shape[0]
         side = math.isqrt(n - 1) + 1  # ceil(sqrt(n)), exact for any n >= 1
         wrap = torch.arange(side * side, device=h.device) % n
@@ -342,11 +355,16 @@ class TransMIL(MILModel):
         cls = t[0] + out[0]
         weights = attn.mean(0)[1:]
         scores = weights.new_zeros(n).index_add_(0, wrap, weights)
-        return self.norm(cls), scores
+        return self.norm(cls), scores, t[1 : n + 1]
 
     def forward(self, batch: BagBatch) -> MILOutput:
         h = self.fc(batch.x)
         ptr = batch.ptr.tolist()
-        z, scores = zip(*(self._bag(h[ptr[i] : ptr[i + 1]]) for i in range(batch.num_bags)))
-        z = torch.stack(z)
-        return MILOutput(logits=self.head(z), embedding=z, scores=torch.cat(scores))
+        bags = [self._bag(h[ptr[i] : ptr[i + 1]]) for i in range(batch.num_bags)]
+        z, scores, tokens = (list(parts) for parts in zip(*bags))
+        z, scores = torch.stack(z), torch.cat(scores)
+        with torch.no_grad():
+            tokens = self.norm(torch.cat(tokens).detach())
+            extra = linear_head_scores(tokens, scores, self.head.weight, self.head.bias)
+        extra["attention_x_logit"] = extra.pop("contribution")
+        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)
