@@ -32,6 +32,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     folds, points = _parse_folds(args.folds), _parse_folds(args.points, "--points")
     baselines = _baseline_names(args.baseline)  # checked before anything trains
+    if args.refit and cfg.search:
+        raise MilError(
+            f"--refit: {args.config} has a search: block, whose folds each chose their own "
+            "hyper-parameters; write the chosen point into a config and refit that"
+        )
     if cfg.search:
         from mil.train.search import run_search
 
@@ -45,6 +50,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(format_summary(RunFolder(run_dir).summary()))
         if baselines:
             _train_baselines(cfg, run_dir, baselines, not args.quiet, folds)
+        if args.refit:
+            from mil.train.refit import refit
+            from mil.train.runner import resolve_device
+
+            refit(cfg, run_dir, resolve_device(cfg.train.device), progress=not args.quiet)
         print(f"results: {run_dir}")
     return 0
 
@@ -162,7 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate(
         args.run_dir, args.cohort_config, args.out, n_boot=args.n_boot, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, refit=args.refit,
     )  # fmt: skip
     print(format_evaluation(summary))
     print(f"results: {args.out}")
@@ -222,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run linear baselines on the same folds (default meanpool_linear; e.g. "
         "meanpool_linear,bow_linear) and report the run's paired difference to each",
     )  # fmt: skip
+    t.add_argument(
+        "--refit", action="store_true",
+        help="then fit one model on every bag, for the epochs (or penalty) cross-validation "
+        "chose, into <run>/refit/ (for `mil evaluate --refit`)",
+    )  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
 
@@ -267,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder for predictions, summary.json, report.md")
     e.add_argument("--n-boot", type=_count(1), default=1000, help="bootstrap resamples")
     e.add_argument("--device", default="cpu", help="torch device of the fold models (default cpu)")
+    e.add_argument(
+        "--refit", action="store_true",
+        help="predict with the run's model refit on every bag (mil train --refit) instead of "
+        "the fold ensemble",
+    )  # fmt: skip
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=cmd_evaluate)
 
@@ -276,7 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
         )
         sp.add_argument(
-            "--kind", help="another score kind the model saved, e.g. attention (CLAM branches)"
+            "--score",
+            "--kind",
+            dest="kind",
+            default="default",
+            help="instance score kind: default (each tile's contribution to the class logit, "
+            "chosen by the localization benchmark), attention, contribution, instance_logits, "
+            "attention_x_logit, instance_classifier (what the model saved)",
         )
         sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
 
@@ -291,14 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(positive) class, or the highest risk",
     )
     h.add_argument("--out", help="folder for the PNGs (default RUN_DIR/heatmaps)")
-    h.add_argument("--normalize", choices=["rank", "minmax", "raw"], default="rank")
+    h.add_argument(
+        "--normalize",
+        choices=["rank", "minmax", "raw", "signed"],
+        help="default: signed (diverging colours) for survival shares of the risk, else rank",
+    )
     h.add_argument(
         "--smooth", type=_non_negative, default=0.0, help="Gaussian sigma in tiles (0 = none)"
     )
     h.add_argument(
         "--top-k", type=_count(0), default=16, help="outline the K highest tiles (0 = none)"
     )
-    h.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")
+    h.add_argument("--cmap", help="matplotlib colormap (default viridis; RdBu_r when signed)")
     h.add_argument("--dpi", type=_count(1), default=150)
     h.add_argument(
         "--slides-dir", help="folder of slide files <slide_id>.* to draw under (needs openslide)"

@@ -35,6 +35,7 @@ from mil.results import (
     MODEL,
     PREDICTIONS,
     PREDICTIONS_PATIENT,
+    REFIT,
     REPORT,
     SUBGROUPS,
     SUMMARY_JSON,
@@ -42,8 +43,9 @@ from mil.results import (
 )
 from mil.run import Run
 from mil.tasks import Task, make_task
+from mil.train.external_report import gap_lines, predictor_words, write_external_report
 from mil.train.inference import FoldModel, ensemble
-from mil.train.report import gap_lines, write_external_report
+from mil.train.refit import read_refit
 from mil.train.summary import subgroup_results
 
 #: the fold name of the ensemble's predictions (one "fold": every bag scored by one predictor)
@@ -57,8 +59,10 @@ def evaluate(
     n_boot: int = 1000,
     device: str = "cpu",
     progress: bool = False,
+    refit: bool = False,
 ) -> dict[str, Any]:
-    """Predict every bag of an external cohort with the fold ensemble of ``run_dir`` and write
+    """Predict every bag of an external cohort with the fold ensemble of ``run_dir`` (or,
+    ``refit=True``, its model refit on every bag: ``mil train --refit``) and write
     its evaluation into ``out``; returns what ``summary.json`` holds.
 
     ``cohort_config``: a mil config YAML whose ``data:`` section describes the
@@ -79,6 +83,10 @@ def evaluate(
     models = [FoldModel(run.folder.fold_file(f, MODEL), run.config, f, device) for f in run.folds]
     if not models:
         raise MilError(f"{run.path}: no finished folds (fold_*/metrics.json) to predict with")
+    refit_record = None
+    if refit:
+        refit_record = read_refit(run.path)
+        models = [FoldModel(run.folder.fold_file(REFIT, MODEL), run.config, REFIT, device)]
     internal = run.folder.all_predictions()  # the run's out-of-fold predictions, for the gap
     cohort, store = _load_cohort(cfg, run, int(models[0].payload["in_dim"]), progress)
     provenance, differences = compare_provenance(run.config, cfg)  # warned, not refused
@@ -87,6 +95,9 @@ def evaluate(
     pred = ensemble_predictions(task, models, cohort, store)
     reference = _reference(run, task, models)
     summary, artifacts = _score(run, cfg, task, pred, reference, internal, n_boot)
+    summary["predictor"] = "refit" if refit else "ensemble"
+    if refit_record is not None:
+        summary["refit"] = refit_record
     summary["provenance"] = provenance  # of the files of both cohorts, field -> value -> count
     subgroups = None
     if cohort.group_cols:
@@ -341,7 +352,7 @@ def _write(
     if patients is not None:
         write_csv(out / PREDICTIONS_PATIENT, patients)
         written.append(PREDICTIONS_PATIENT)
-    title = f"{run.config.name}: fold ensemble ({len(run.folds)} models) on {Path(summary['cohort']).name}"
+    title = f"{run.config.name}: {predictor_words(summary)} on {Path(summary['cohort']).name}"
     for item in artifacts.values():
         if hasattr(item, "savefig") and item.axes:  # a matplotlib Figure: say what it shows
             item.axes[0].set_title(title, fontsize=9)
@@ -372,7 +383,7 @@ def format_evaluation(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: the external metrics and the gap."""
     lines = [
         f"{summary['name']} on {summary['cohort']}: {summary['n_bags']} bags, "
-        f"{summary['n_patients']} patients, fold ensemble of {len(summary['folds'])} models"
+        f"{summary['n_patients']} patients, {predictor_words(summary)}"
     ]
     for k, m in summary["metrics"].items():
         if k.endswith(("_p", "_tau")):

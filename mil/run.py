@@ -24,12 +24,13 @@ from mil.results import (
     MODEL,
     PREDICTIONS,
     PREDICTIONS_PATIENT,
+    REFIT,
     SCORES,
     SUMMARY_CSV,
     RunFolder,
     fold_name,
 )
-from mil.results.scores import BagIndex, bag_index, has_scores, read_scores, scores_frame
+from mil.results.scores import DEFAULT, BagIndex, bag_index, has_scores, read_scores, scores_frame
 from mil.tasks import Task, make_task
 
 Item = str | Path
@@ -187,7 +188,7 @@ class Run(ReviewMixin):
     def scores(
         self,
         slide_id: str,
-        kind: str | None = None,
+        kind: str | None = DEFAULT,
         cls: int | str | None = None,
         fold: int | str | None = None,
     ) -> pd.DataFrame:
@@ -199,10 +200,15 @@ class Run(ReviewMixin):
         patient-level bag, the slide's own rows are selected; a multi-slide bag
         id returns all rows with a ``slide_id`` column.
 
-        ``kind`` None is the model's instance score (ABMIL: attention logits
-        before the softmax; the scores behind ``witness_auc``). Other kinds are
-        the model's extra score sets, e.g. CLAM's ``"attention"`` with one
-        column per branch: pick one with ``cls`` (class name or index).
+        ``kind`` ``"default"`` is the default heatmap score
+        (:data:`mil.models.base.DEFAULT_SCORE_KIND`, chosen by the localization
+        benchmark: each tile's contribution to the class logit). ``None`` is the
+        model's main instance score (ABMIL: attention logits before the softmax;
+        the scores behind ``witness_auc``). Other kinds are the model's extra score
+        sets (:data:`mil.models.base.SCORE_KINDS`), e.g. ``"instance_logits"`` or
+        CLAM's ``"attention"`` with one column per branch: pick one with ``cls``
+        (class name or index; a class kind defaults to the positive class of a
+        binary task, or the bag's predicted class).
         """
         fold = self._scoring_fold(slide_id, fold)
         path = self._attention_file(fold, slide_id)
@@ -211,8 +217,9 @@ class Run(ReviewMixin):
             raise MilError(f"slide {slide_id}: not found in fold {fold}'s attention file ({path})")
         _, slides, ptr = index[slide_id]
         values, label, coords, bag_id, model = read_scores(
-            path, fold, index[slide_id], slide_id, kind, cls, self.classes
-        )
+            path, fold, index[slide_id], slide_id, kind, cls, self.classes,
+            self._predicted_class(fold, index[slide_id][0]),
+        )  # fmt: skip
         df = scores_frame(values, coords, slides, ptr, slide_id)
         one_slide = slide_id if slide_id in slides or len(slides) == 1 else None
         df.attrs = {
@@ -225,6 +232,14 @@ class Run(ReviewMixin):
             "tile_size": self.tile_size(one_slide) if one_slide else None,
         }
         return df
+
+    def _predicted_class(self, fold: str, group: str) -> int | None:
+        """The predicted class index of a test bag (its scores group name), if the task has classes."""
+        pred = self.folder.predictions(fold, PREDICTIONS) if self.classes else None
+        if pred is None or "pred" not in pred:
+            return None
+        hit = pred.loc[pred["bag_id"].astype(str).str.replace("/", "|") == group, "pred"]
+        return self.classes.index(str(hit.iloc[0])) if len(hit) else None
 
     def _scoring_fold(self, slide_id: str, fold: int | str | None) -> str:
         """The fold whose scores of ``slide_id`` are read: the one that tested it."""
@@ -279,6 +294,10 @@ class Run(ReviewMixin):
     def _fold_model(self, fold: str, device: str):
         from mil.train.inference import FoldModel
 
+        if fold == REFIT:  # the model refit on every bag (mil train --refit)
+            from mil.train.refit import read_refit
+
+            read_refit(self.path)  # names the missing refit
         return FoldModel(self.folder.fold_file(fold, MODEL), self.config, fold, device)
 
     def _fold_models(self, folds, device: str) -> list:
@@ -306,6 +325,8 @@ class Run(ReviewMixin):
         ``prob_<class>`` and ``pred``; or ``risk``, plus ``surv_<k>`` for the
         discrete-time loss), and ``n_folds``. ``per_fold=True`` returns one
         row per bag and fold (a ``fold`` column) instead of the mean.
+        ``folds=["refit"]`` predicts with the model refit on every bag
+        (``mil train --refit``) alone.
         """
         from mil.train.inference import bags_of, ensemble
 
@@ -316,7 +337,7 @@ class Run(ReviewMixin):
         self,
         slide: Item,
         folds: Sequence[int | str] | None = None,
-        kind: str | None = None,
+        kind: str | None = DEFAULT,
         cls: int | str | None = None,
         device: str = "cpu",
     ) -> pd.DataFrame:

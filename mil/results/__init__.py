@@ -12,6 +12,7 @@ Layout (``results/<name>/`` by default)::
         <task artifacts>     e.g. risk_groups.csv, km.png
         metrics.json         written last: its presence marks the fold finished
     summary.json, summary.csv, report.md, subgroups.csv, heatmaps/, <task artifacts>
+    refit/                   model.pt, history.csv, refit.json: one model on every bag
 
 Every file is written atomically (:mod:`mil.io`), so a reader sees whole
 files; a damaged one is named in the error or warning.
@@ -56,6 +57,10 @@ METRICS = "metrics.json"
 #: the run against the linear baselines on its folds (``mil train --baseline``)
 BASELINES = "baselines.csv"
 BASELINE_RUNS = "baselines"
+#: one model refit on every bag of the run (``mil train --refit``): model.pt, history.csv and
+#: refit.json (written last: the budget cross-validation chose, and why)
+REFIT = "refit"
+REFIT_JSON = "refit.json"
 
 
 def fold_name(fold: int | str) -> str:
@@ -98,6 +103,9 @@ class RunFolder:
         return self.path / name
 
     def fold_dir(self, fold: int | str) -> Path:
+        """``fold_<k>/``; ``"refit"`` names the folder of the model refit on every bag."""
+        if fold == REFIT:
+            return self.path / REFIT
         return self.path / f"fold_{fold_name(fold)}"
 
     def fold_file(self, fold: int | str, name: str) -> Path:

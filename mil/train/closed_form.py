@@ -54,8 +54,12 @@ def fit_closed_form(
     train: pd.DataFrame,
     val: pd.DataFrame | None,
     cfg: TrainConfig,
+    penalties: tuple[float, ...] | None = None,
 ) -> pd.DataFrame:
-    """Fit ``model``'s head on the training bags (see the module); returns the history."""
+    """Fit ``model``'s head on the training bags (see the module); returns the history.
+
+    ``penalties`` replaces the grid; one penalty is fitted as given, with no
+    validation loss (a refit at the penalty cross-validation chose)."""
     if task.target_kind not in ("label", "survival"):
         raise ConfigError(
             f"model {model.registry_name!r} fits classification and survival tasks only, "
@@ -73,14 +77,17 @@ def fit_closed_form(
     # the span of the training vectors holds every L2-penalised solution
     rot = np.linalg.svd(z_tr, full_matrices=False)[2].T if z_tr.shape[1] > len(z_tr) else None
     fitter = _LinearFit(model, task, train, rot, cfg.seed)
+    if penalties is not None:
+        fitter.grid = tuple(float(p) for p in penalties)
     rows, best = [], None
     for i, penalty in enumerate(fitter.grid):
         head = fitter.fit(z_tr, train, penalty)
-        val_loss = (
-            fitter.loss(head, z_va, val)
-            if z_va is not None
-            else fitter.inner_loss(z_tr, train, penalty)
-        )
+        if len(fitter.grid) == 1:
+            val_loss = float("nan")
+        elif z_va is not None:
+            val_loss = fitter.loss(head, z_va, val)
+        else:
+            val_loss = fitter.inner_loss(z_tr, train, penalty)
         rows.append(
             {"epoch": i, fitter.penalty_name: penalty, "train_loss": fitter.loss(head, z_tr, train),
              "val_loss": val_loss, "steps": 0}

@@ -310,15 +310,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     dist: Dist = SINGLE,
+    stop_after: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
     """Train with ``cfg.optimizer`` (AdamW by default); early stopping on the validation
     loss restores the best weights (of epoch ``cfg.best_from_epoch`` or later; patience
-    counts from there).
-
-    With ``cfg.patience`` None (or no validation bags) it trains a fixed
+    counts from there). With ``cfg.patience`` None (or no validation bags) it trains a fixed
     ``cfg.epochs`` (more to reach ``cfg.min_steps``: :func:`training_budget`) and keeps
     the final weights; the learning rate follows ``cfg.schedule`` (:func:`make_scheduler`).
-    Returns (history, state_dict).
+    ``stop_after`` ends it after that many epochs, the schedule laid out over the whole
+    budget (a refit stopping where cross-validation did). Returns (history, state_dict).
     Under torchrun (``dist``) each loss batch is shared out across the ranks
     (:mod:`mil.train.distributed`); every rank returns the same weights.
     """
@@ -371,6 +371,8 @@ def fit(
                 waited += 1
                 if waited >= cfg.patience and epoch + 1 >= budget.min_epochs:
                     break
+        if stop_after is not None and epoch + 1 >= stop_after:
+            break
     hist = pd.DataFrame(history)
     hist["best"] = hist["epoch"] == best_epoch if early else hist["epoch"] == hist["epoch"].max()
     if best_state is not None:

@@ -1,0 +1,162 @@
+"""``mil train --refit``: one model refit on every bag of a finished cross-validation.
+
+Cross-validation estimates how well a recipe generalises; the model a user ships
+(or scores an external cohort with) is then often fitted once on all the data.
+The refit chooses nothing by looking at data it will be scored on:
+
+- **gradient-trained models** train for the median over folds of the epoch
+  count cross-validation kept (the early-stopped epoch + 1; with fixed epochs,
+  all of them). The learning-rate schedule is laid out over the median of the
+  folds' step budgets (``train.epochs``, raised to ``train.min_steps`` as each
+  fold was), so the refit's learning rate at each epoch is the folds' and it
+  stops where they stopped. No bag is held out for validation.
+- **the linear baselines** fit once at the geometric median of the penalties the
+  folds chose on their validation bags.
+- the preprocessing (``data.standardize``) and the task's fold state (class
+  weights, survival bins) are fitted on every bag; a binary decision threshold
+  is the median of the folds' (:meth:`mil.tasks.Task.ensemble_operating_point`).
+
+It writes ``<run>/refit/model.pt`` and ``history.csv``, then ``refit.json``
+(last: its presence marks the refit finished, so a re-run skips it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mil.config import Config
+from mil.data.transforms import feature_stats
+from mil.errors import MilError
+from mil.io import read_json, write_csv, write_json
+from mil.models import create
+from mil.results import HISTORY, MODEL, REFIT, REFIT_JSON, RunFolder
+from mil.results.checkpoint import save_model
+from mil.train.closed_form import fit_closed_form
+from mil.train.experiment import Experiment
+from mil.train.loop import fit
+from mil.train.optim import training_budget
+
+
+def refit_done(run_dir: str | Path) -> bool:
+    """Whether ``<run_dir>/refit/refit.json`` exists (the refit finished)."""
+    return (Path(run_dir) / REFIT / REFIT_JSON).is_file()
+
+
+def chosen_budget(exp: Experiment, run: RunFolder) -> dict[str, Any]:
+    """What cross-validation chose, from the finished folds' ``history.csv``: per fold the
+    kept epoch count (gradient models) or penalty (linear baselines) and, for gradient
+    models, the fold's step budget in epochs; and the refit's choice (their medians)."""
+    folds = {s.name: s for s in exp.splits}
+    records = run.records()
+    missing = [f for f in folds if f not in records]
+    if missing:
+        raise MilError(
+            f"{run.path}: fold {missing[0]} is not finished; the refit takes its training "
+            f"budget from every fold (run `mil train` to the end first)"
+        )
+    task = exp.task()
+    kept, budgets, penalties = {}, {}, {}
+    for name in folds:
+        hist = pd.read_csv(run.fold_file(name, HISTORY))
+        best = hist.loc[hist["best"].astype(bool)]
+        row = best.iloc[-1] if len(best) else hist.iloc[-1]
+        for col in ("C", "alpha"):  # a linear baseline's penalty grid
+            if col in hist.columns:
+                penalties[name] = float(row[col])
+        kept[name] = int(row["epoch"]) + 1
+        train = exp.fold_bags(folds[name], "train")
+        budgets[name] = training_budget(task, train, exp.cfg.train).epochs
+    out: dict[str, Any] = {"per_fold_epochs": kept, "per_fold_budget_epochs": budgets}
+    if penalties:
+        out["per_fold_penalty"] = penalties
+        out["penalty"] = float(np.exp(np.median(np.log(list(penalties.values())))))
+    else:
+        out["epochs"] = int(round(float(np.median(list(kept.values())))))
+        out["budget_epochs"] = max(
+            out["epochs"], int(round(float(np.median(list(budgets.values())))))
+        )
+    return out
+
+
+def refit(
+    cfg: Config,
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Refit the run's model on every bag (see the module); returns ``<run_dir>/refit``.
+    A finished refit is left as it is."""
+    device = torch.device(device)
+    run = RunFolder(run_dir)
+    out = run.path / REFIT
+    if refit_done(run.path):
+        log(f"refit: done earlier, skipped ({out / REFIT_JSON})")
+        return out
+    exp = Experiment(cfg, run.path, progress=progress)
+    choice = chosen_budget(exp, run)
+    bags = exp.cohort.bags.reset_index(drop=True)
+    exp.store.preload(exp.cohort.slides["slide_id"].tolist(), progress=progress)
+    task = exp.task()
+    task.setup_fold(bags, fold_name=REFIT)
+    task.ensemble_operating_point([r["metrics"] for r in run.records().values()])
+    torch.manual_seed(cfg.train.seed + 104729)
+    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **cfg.model_hparams)
+    norm = None
+    if cfg.data.standardize and model.trained_by_gradient:
+        ids = bags["bag_id"].tolist()
+        norm = feature_stats(exp.data, ids, whiten=cfg.data.standardize == "whiten")
+    data = exp.data.with_transform(None if norm is None else norm.apply)
+    t0 = time.perf_counter()
+    if model.trained_by_gradient:
+        train_cfg = dataclasses.replace(
+            cfg.train, epochs=choice["budget_epochs"], min_steps=None, patience=None
+        )
+        history, state = fit(
+            model.to(device), task, data, bags, None, train_cfg, device,
+            progress=progress, desc="refit", stop_after=choice["epochs"],
+        )  # fmt: skip
+    else:
+        history = fit_closed_form(model, task, data, bags, None, cfg.train, (choice["penalty"],))
+        state = model.state_dict()
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / HISTORY, history)
+    save_model(
+        out / MODEL, state, cfg.model_name, cfg.model_hparams, exp.store.dim, task.n_out,
+        task.name, task.classes, task.state(), None if norm is None else norm.state(),
+    )  # fmt: skip
+    record = {
+        "n_bags": len(bags),
+        "n_patients": int(bags["patient_id"].nunique()),
+        "train_seconds": seconds,
+        **choice,
+        "epochs_trained": int(history["epoch"].max()) + 1 if model.trained_by_gradient else None,
+        "threshold": task.state().get("threshold"),
+    }
+    write_json(out / REFIT_JSON, record)
+    what = (
+        f"{record['epochs_trained']} epochs"
+        if model.trained_by_gradient
+        else (f"penalty {choice['penalty']:.3g}")
+    )
+    log(f"refit: {len(bags)} bags, {what} (chosen by cross-validation) -> {out / MODEL}")
+    return out
+
+
+def read_refit(run_dir: str | Path) -> dict[str, Any]:
+    """``refit.json`` of a run; a :class:`MilError` if the run has no finished refit."""
+    path = Path(run_dir) / REFIT / REFIT_JSON
+    if not path.is_file():
+        raise MilError(
+            f"{run_dir}: no refit model ({path} is missing); make it with "
+            f"`mil train CONFIG --out {run_dir} --refit`"
+        )
+    return read_json(path)
