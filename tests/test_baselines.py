@@ -157,7 +157,7 @@ def test_instance_scores_average_to_the_bag_logit(tmp_path):
     model = r.model(0)
     pred = pd.read_csv(out / "fold_0" / "predictions.csv")
     for _, row in pred.head(4).iterrows():
-        scores = r.scores(row["bag_id"], fold=0)["score"].to_numpy()
+        scores = r.scores(row["bag_id"], kind=None, fold=0)["score"].to_numpy()
         logit = np.log(row["prob_positive"] / row["prob_negative"])
         bias = float(model.bias[1] - model.bias[0])
         # the scores use the positive row of the head; the negative row is 0 (binary)

@@ -84,7 +84,7 @@ def test_scores_equal_the_h5_datasets(run_dir):
     for k in range(3):
         with h5py.File(run_dir / f"fold_{k}" / "attention.h5", "r") as f:
             for name, g in f.items():
-                df = run.scores(name)
+                df = run.scores(name, kind=None)  # the model's main score (attention)
                 assert df.attrs["fold"] == str(k) and df.attrs["bag_id"] == name
                 np.testing.assert_array_equal(df["score"], g["scores"][()].astype(np.float64))
                 np.testing.assert_array_equal(df[["x", "y"]].to_numpy(), g["coords"][()])
@@ -106,7 +106,7 @@ def test_patient_bags_select_the_slides_rows(patient_run_dir, root):
             ptr = list(g.attrs["slide_ptr"])
             scores = g["scores"][()]
         for i, slide in enumerate(slides):
-            df = run.scores(slide)
+            df = run.scores(slide, kind=None)
             np.testing.assert_array_equal(df["score"], scores[ptr[i] : ptr[i + 1]])
             # independent: the slide's own feature file
             own = read_features(root / "features" / f"{slide}.h5").coords
@@ -196,7 +196,7 @@ def test_score_kinds_and_classes(run_dir, tmp_path):
     with pytest.raises(MilError, match="cls="):
         run.scores(name, kind="attention")
     with pytest.raises(MilError, match="kinds: .*attention"):
-        run.scores(name, kind="instance_logits")
+        run.scores(name, kind="instance_classifier")  # CLAM only
     with pytest.raises(MilError, match="not one of"):
         run.scores(name, kind="attention", cls="tumour")
 

@@ -20,13 +20,22 @@ from scipy import ndimage, stats
 
 from mil.errors import MilError
 
-Normalize = Literal["rank", "minmax", "raw"]
-NORMALIZATIONS: tuple[str, ...] = ("rank", "minmax", "raw")
+Normalize = Literal["rank", "minmax", "raw", "signed"]
+NORMALIZATIONS: tuple[str, ...] = ("rank", "minmax", "raw", "signed")
 NORMALIZE_LABELS = {
     "rank": "score percentile (0-1)",
     "minmax": "score, min-max scaled",
     "raw": "score",
+    "signed": "score / max |score| (sign kept: + raises, - lowers)",
 }
+#: score kinds whose sign means something (a share of a logit or the risk): see signed_kind
+SIGNED_KINDS = ("contribution", "instance_logits", "attention_x_logit")
+
+
+def signed_kind(label: str | None) -> bool:
+    """Whether a score label (``contribution``, ``contribution[tumour]``...) is a signed kind."""
+    return str(label or "").split("[")[0] in SIGNED_KINDS
+
 
 # A raster larger than this many cells is coarsened (cells of several tiles, max per cell):
 # it protects against a wrong tile size turning into a gigapixel array.
@@ -40,7 +49,8 @@ def normalize_scores(scores: np.ndarray, method: Normalize | str = "rank") -> np
     CLAM's ``scipy.stats.percentileofscore(scores, s)`` (kind ``rank``, ties
     get the mean rank) divided by 100 — vectorised as
     ``rankdata(scores) / N``, in ``(0, 1]``. ``minmax``: ``(s - min) / (max - min)``
-    (0.5 everywhere when all scores are equal). ``raw``: unchanged.
+    (0.5 everywhere when all scores are equal). ``raw``: unchanged. ``signed``:
+    ``s / max |s|`` in [-1, 1], so that 0 stays 0 (for a diverging colour map).
     """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if method == "rank":
@@ -54,6 +64,9 @@ def normalize_scores(scores: np.ndarray, method: Normalize | str = "rank") -> np
         return (s - lo) / (hi - lo)
     if method == "raw":
         return s
+    if method == "signed":
+        top = float(np.max(np.abs(s))) if len(s) else 0.0
+        return s / top if top > 0 and np.isfinite(top) else np.zeros_like(s)
     raise MilError(
         f"normalize={method!r}: unknown score normalisation; use one of {', '.join(NORMALIZATIONS)}"
     )
@@ -264,7 +277,8 @@ def plot_heatmap(
         coords: ``[N, 2]`` level-0 x, y of each tile's top-left corner.
         scores: ``[N]`` instance scores (e.g. attention logits).
         tile_size: tile side in coordinate units; None infers it from the grid.
-        normalize: ``rank`` (percentile, as CLAM), ``minmax`` or ``raw``.
+        normalize: ``rank`` (percentile, as CLAM), ``minmax``, ``raw`` or ``signed``
+            (``s / max |s|``, for a diverging ``cmap`` such as ``RdBu_r``).
         smooth: Gaussian sigma in tiles (0 = none).
         top_k: outline the ``k`` highest-scored tiles (0 = none).
         cmap: a perceptually uniform matplotlib colormap (``viridis``, ``magma``...).
@@ -283,12 +297,7 @@ def plot_heatmap(
         fig, ax = plt.subplots(figsize=(7.0, float(np.clip(6.0 * aspect, 2.5, 10.0))))
     fig = ax.figure
     colormap = plt.get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))
-    if normalize == "raw":
-        vmin, vmax = float(np.min(raster.values)), float(np.max(raster.values))
-        if vmax <= vmin:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-    else:
-        vmin, vmax = 0.0, 1.0
+    vmin, vmax = _colour_range(normalize, raster.values)
     if slide_path is not None:
         thumb, w0, h0 = read_thumbnail(slide_path)
         ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="lanczos")
@@ -322,6 +331,14 @@ def plot_heatmap(
         cax = ax.inset_axes([1.03, 0.0, 0.035, 1.0])
         fig.colorbar(im, cax=cax, label=label)
     return fig
+
+
+def _colour_range(normalize: str, values: np.ndarray) -> tuple[float, float]:
+    """The colour scale's ends: the data's for ``raw``, [-1, 1] for ``signed``, else [0, 1]."""
+    if normalize == "raw":
+        vmin, vmax = float(np.min(values)), float(np.max(values))
+        return (vmin - 0.5, vmax + 0.5) if vmax <= vmin else (vmin, vmax)
+    return (-1.0, 1.0) if normalize == "signed" else (0.0, 1.0)
 
 
 def _outline_top_tiles(ax, raster: ScoreRaster, coords, scores, k: int, colour: str) -> None:

@@ -45,7 +45,7 @@ class ReviewMixin:
         self,
         slide_id: str,
         k: int = 16,
-        kind: str | None = None,
+        kind: str | None = "default",
         cls: int | str | None = None,
         fold: int | str | None = None,
     ) -> pd.DataFrame:
@@ -64,13 +64,13 @@ class ReviewMixin:
     def heatmap(
         self,
         slide_id: str,
-        kind: str | None = None,
+        kind: str | None = "default",
         cls: int | str | None = None,
         fold: int | str | None = None,
-        normalize: str = "rank",
+        normalize: str | None = None,
         smooth: float = 0.0,
         top_k: int = 16,
-        cmap: str = "viridis",
+        cmap: str | None = None,
         slide_path: str | Path | None = None,
         ax=None,
         title: str | None = None,
@@ -80,8 +80,11 @@ class ReviewMixin:
         Scores come from :meth:`scores` (the fold that tested the slide); the
         tile size from the feature file's attributes, else the coordinate
         grid. See :func:`mil.explain.heatmap.plot_heatmap` for the options.
+        ``normalize`` and ``cmap`` None: signed scores of a survival run (a share of
+        the risk: higher or lower) are drawn ``signed`` on a diverging map centred
+        at 0 (``RdBu_r``); everything else by percentile rank on ``viridis``.
         """
-        from mil.explain.heatmap import plot_heatmap
+        from mil.explain.heatmap import plot_heatmap, signed_kind
 
         s = self.scores(slide_id, kind=kind, cls=cls, fold=fold)
         if "slide_id" in s:
@@ -96,6 +99,9 @@ class ReviewMixin:
             )
         if title is None:
             title = self._title(slide_id, s.attrs)
+        diverging = self.task.name == "survival" and signed_kind(s.attrs["kind"])
+        normalize = normalize or ("signed" if diverging else "rank")
+        cmap = cmap or ("RdBu_r" if normalize == "signed" else "viridis")
         return plot_heatmap(
             s[["x", "y"]].to_numpy(),
             s["score"].to_numpy(),
@@ -137,4 +143,3 @@ class ReviewMixin:
         if attrs.get("kind") not in (None, "score"):
             parts.append(str(attrs["kind"]))
         return " · ".join(parts)
-

@@ -1,4 +1,9 @@
-"""Instance-level metrics: how well instance scores rank annotated positive instances."""
+"""Instance-level metrics: how well instance scores rank annotated positive instances.
+
+Score kinds hold one column per head output (:data:`mil.models.base.SCORE_KINDS`);
+:func:`task_view` turns them into what a task reads (class evidence, or a
+share of the risk) and :func:`score_column` picks the column a witness AUC ranks.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,49 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+#: kinds holding class logits (or additive shares of them); see mil.models.base.LOGIT_KINDS
+LOGIT_KINDS = ("contribution", "instance_logits", "attention_x_logit")
+#: kinds whose values mean the same in every bag, so a ranking of all test instances is defined
+POOLED_KINDS = ("instance_logits", "instance_classifier")
+
+
+def task_view(values: np.ndarray, kind: str, task_type: str) -> np.ndarray:
+    """One bag's scores of ``kind`` ``[N, K]`` as the task reads them.
+
+    Classification: logit kinds are centred over the classes (a softmax ignores a
+    common shift; for two classes column 1 is half the instance's share of the
+    log-odds). Survival: a Cox risk is one column already; discrete-time hazard
+    logits (one per bin) become their mean over the bins (higher: higher risk).
+    Other kinds (attention branches, CLAM's instance classifiers) are unchanged.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if kind not in LOGIT_KINDS or v.ndim != 2:
+        return v
+    if task_type == "classification" and v.shape[1] > 1:
+        return v - v.mean(1, keepdims=True)
+    if task_type == "survival" and v.shape[1] > 1:
+        return v.mean(1, keepdims=True)
+    return v
+
+
+def task_scores(extra_scores: dict[str, Sequence], task_type: str) -> dict[str, list[np.ndarray]]:
+    """Every bag's scores of every kind through :func:`task_view` (what ``attention.h5`` holds)."""
+    return {
+        kind: [task_view(np.asarray(v), kind, task_type).astype(np.float32) for v in values]
+        for kind, values in extra_scores.items()
+    }
+
+
+def score_column(values: np.ndarray) -> np.ndarray:
+    """``[N]``: a kind's evidence for the positive side: the only column, the last class of
+    two, or the most supported class other than the first (the reference) of several."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        return v
+    if v.shape[1] <= 2:
+        return v[:, -1]
+    return v[:, 1:].max(1)
 
 
 def witness_auc(
@@ -33,4 +81,59 @@ def witness_auc(
     return float(np.mean(aucs)) if aucs else None
 
 
-__all__ = ["witness_auc"]
+def pooled_witness_auc(
+    bag_ids: Sequence[str],
+    scores: Sequence | None,
+    instance_labels: Callable[[str], np.ndarray | None],
+) -> float | None:
+    """ROC AUC of all labelled test instances ranked together (every bag, positive or not):
+    the ranking a heatmap with one colour scale across slides shows. Meaningful only for
+    kinds comparable across bags (:data:`POOLED_KINDS`); None without both labels."""
+    if scores is None:
+        return None
+    ys, ss = [], []
+    for bag_id, s in zip(bag_ids, scores):
+        labels = instance_labels(bag_id)
+        if labels is not None:
+            ys.append(np.asarray(labels).reshape(-1))
+            ss.append(np.asarray(s, dtype=np.float64).reshape(-1))
+    if not ys:
+        return None
+    y = np.concatenate(ys)
+    if len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, np.concatenate(ss)))
+
+
+def witness_metrics(
+    bag_ids: Sequence[str],
+    extra_scores: dict[str, Sequence],
+    positive: np.ndarray,
+    instance_labels: Callable[[str], np.ndarray | None],
+    task_type: str,
+) -> dict[str, float]:
+    """``witness_auc_<kind>`` (within positive bags) for every score kind, and
+    ``witness_auc_pooled_<kind>`` for the kinds comparable across bags."""
+    out: dict[str, float] = {}
+    for kind, values in task_scores(extra_scores, task_type).items():
+        cols = [score_column(v) for v in values]
+        within = witness_auc(bag_ids, cols, positive, instance_labels)
+        if within is not None:
+            out[f"witness_auc_{kind}"] = within
+        if kind in POOLED_KINDS:
+            pooled = pooled_witness_auc(bag_ids, cols, instance_labels)
+            if pooled is not None:
+                out[f"witness_auc_pooled_{kind}"] = pooled
+    return out
+
+
+__all__ = [
+    "LOGIT_KINDS",
+    "POOLED_KINDS",
+    "pooled_witness_auc",
+    "score_column",
+    "task_scores",
+    "task_view",
+    "witness_auc",
+    "witness_metrics",
+]

@@ -51,21 +51,10 @@ SCORE_KINDS: dict[str, str] = {
     "instance of class k (trained on pseudo-labels)",
 }
 
-#: kinds whose values are class logits (or shares of them), so that a common shift over the
-#: classes carries no information for a softmax (see :func:`centre_classes`)
-LOGIT_KINDS = ("contribution", "instance_logits", "attention_x_logit")
-#: kinds comparable across bags (a pooled ranking of all test instances means something)
-POOLED_KINDS = ("instance_logits", "instance_classifier")
-
-
-def centre_classes(values: Tensor) -> Tensor:
-    """``v[:, k] - mean_j v[:, j]``: class-logit scores as evidence for a class over the others.
-
-    A softmax ignores a shift common to all classes, so for classification only
-    the centred logits decide the probabilities; for two classes column 1 is half
-    the instance's contribution to the log-odds of class 1.
-    """
-    return values - values.mean(1, keepdim=True)
+#: the kind a heatmap draws unless told otherwise (chosen by benchmarks/localization.py,
+#: docs/benchmarks.md); a model without it falls back along :data:`DEFAULT_SCORE_ORDER`
+DEFAULT_SCORE_KIND = "contribution"
+DEFAULT_SCORE_ORDER = ("contribution", "attention_x_logit", "instance_logits")
 
 
 class MILModel(nn.Module):

@@ -3,9 +3,15 @@
 One group per bag (its id, with ``/`` as ``|``; attribute ``bag_id``), holding
 ``coords [N, 2]`` where the features had them, ``scores [N]`` (the model's
 main instance score) and ``scores_<kind> [N]`` or ``[N, C]`` for further
-kinds; attributes ``slides`` and ``slide_ptr`` say which rows belong to which
-slide of a multi-slide bag. File attributes: ``model``, ``fold``,
-``has_scores``, ``score_kinds``.
+kinds (:data:`mil.models.base.SCORE_KINDS`, as the task reads them:
+:func:`mil.metrics.instances.task_view`); attributes ``slides`` and
+``slide_ptr`` say which rows belong to which slide of a multi-slide bag. File
+attributes: ``model``, ``fold``, ``has_scores``, ``score_kinds``.
+
+Reading, ``kind="default"`` is :data:`~mil.models.base.DEFAULT_SCORE_KIND` (or the
+next of :data:`~mil.models.base.DEFAULT_SCORE_ORDER` the file has, else the main
+score); a two-column class kind read without ``cls`` gives the last class's
+column (the positive class of a binary task).
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ import pandas as pd
 
 from mil.errors import DataError
 from mil.io import atomic_path
+from mil.metrics.instances import LOGIT_KINDS
+from mil.models.base import DEFAULT_SCORE_ORDER
+
+#: ``kind`` that reads the default heatmap score
+DEFAULT = "default"
 
 #: bag id or slide id -> (group name, slides of the bag, slide_ptr)
 BagIndex = dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]
@@ -43,9 +54,9 @@ def write_scores(
             if bag.coords is not None:
                 g.create_dataset("coords", data=bag.coords.numpy())
             if scores is not None:
-                g.create_dataset("scores", data=scores[i].numpy().astype(np.float32))
+                g.create_dataset("scores", data=np.asarray(scores[i], dtype=np.float32))
             for kind, vals in extra_scores.items():
-                g.create_dataset(f"scores_{kind}", data=vals[i].numpy().astype(np.float32))
+                g.create_dataset(f"scores_{kind}", data=np.asarray(vals[i], dtype=np.float32))
 
 
 @contextlib.contextmanager
@@ -85,22 +96,27 @@ def read_scores(
     kind: str | None,
     cls: int | str | None,
     classes: list[str],
+    fallback_cls: int | None = None,
 ) -> tuple[np.ndarray, str, np.ndarray | None, str, str]:
     """One bag's scores of ``kind`` (column ``cls``) in the group ``entry`` of a scores file.
 
-    Returns (values, label of the kind, coords or None, bag id, model name).
+    ``fallback_cls``: the column of a class kind of more than two columns read without
+    ``cls`` (e.g. the bag's predicted class). Returns (values, label of the kind, coords
+    or None, bag id, model name).
     """
     group = entry[0]
     with open_scores(path, fold) as f:
         g = f[group]
         bag_id = str(g.attrs.get("bag_id", group))
-        values, label = _read_kind(g, kind, cls, classes, slide_id, fold, path)
+        if kind == DEFAULT:
+            kind = next((k for k in DEFAULT_SCORE_ORDER if f"scores_{k}" in g), None)
+        values, label = _read_kind(g, kind, cls, classes, slide_id, fold, path, fallback_cls)
         coords = g["coords"][()] if "coords" in g else None
         model = str(f.attrs.get("model", ""))
     return values, label, coords, bag_id, model
 
 
-def _read_kind(g, kind, cls, classes, slide_id, fold, path) -> tuple[np.ndarray, str]:
+def _read_kind(g, kind, cls, classes, slide_id, fold, path, fallback_cls) -> tuple[np.ndarray, str]:
     available = ["scores", *sorted(k for k in g if k.startswith("scores_"))]
     if kind is None or (kind == "attention" and "scores_attention" not in g):
         name = "scores"
@@ -121,6 +137,8 @@ def _read_kind(g, kind, cls, classes, slide_id, fold, path) -> tuple[np.ndarray,
         return values.astype(np.float64), kind or "score"
     k = values.shape[1]
     names = classes if len(classes) == k else [str(j) for j in range(k)]
+    if cls is None and kind in (*LOGIT_KINDS, "instance_classifier"):
+        cls = k - 1 if k == 2 else fallback_cls
     if cls is None:
         if k == 1:
             return values[:, 0].astype(np.float64), kind

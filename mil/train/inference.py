@@ -14,7 +14,10 @@ from mil.data.dataset import BagDataset, FeatureStore
 from mil.data.readers import FEATURE_SUFFIXES
 from mil.data.transforms import Standardizer
 from mil.errors import MilError
+from mil.metrics.instances import LOGIT_KINDS, task_view
+from mil.models.base import DEFAULT_SCORE_ORDER
 from mil.results.checkpoint import load_model
+from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
 from mil.train.loop import Forward, predict
 
@@ -58,7 +61,13 @@ class FoldModel:
     def instance_scores(
         self, fwd: Forward, kind: str | None, cls: int | str | None, slide_id: str
     ) -> np.ndarray:
-        """The instance scores of ``kind`` (column ``cls``) of a one-bag :meth:`forward`."""
+        """The instance scores of ``kind`` (column ``cls``) of a one-bag :meth:`forward`, as the
+        fold's ``attention.h5`` holds them (:func:`mil.metrics.instances.task_view`).
+
+        ``kind`` ``"default"``: the default heatmap score (:mod:`mil.results.scores`); a class
+        kind without ``cls``: the last class of two, else the predicted class."""
+        if kind == DEFAULT:
+            kind = next((k for k in DEFAULT_SCORE_ORDER if k in fwd.extra_scores), None)
         if kind is None:
             if fwd.scores is None:
                 raise MilError(
@@ -71,9 +80,11 @@ class FoldModel:
                 f"slide {slide_id}: fold {self.fold}'s model has no {kind!r} scores; "
                 f"kinds: {sorted(fwd.extra_scores)}"
             )
-        v = fwd.extra_scores[kind][0].numpy()
+        v = task_view(fwd.extra_scores[kind][0].numpy(), kind, self.cfg.task.type)
         classes = list(self.payload["classes"])
         names = classes if len(classes) == v.shape[1] else []
+        if cls is None and kind in (*LOGIT_KINDS, "instance_classifier") and v.shape[1] > 1:
+            cls = v.shape[1] - 1 if v.shape[1] == 2 else int(fwd.logits[0].argmax())
         j = names.index(cls) if cls in names else int(cls or 0)
         return v[:, j]
 

@@ -24,7 +24,7 @@ from mil.data.dataset import BagDataset
 from mil.data.transforms import Standardizer, feature_stats
 from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
-from mil.metrics.instances import witness_auc
+from mil.metrics.instances import task_scores, witness_auc, witness_metrics
 from mil.models import create
 from mil.results import (
     HISTORY,
@@ -281,6 +281,12 @@ def _train_and_test(
     )
     if witness is not None:
         metrics["witness_auc"] = witness
+    # score kinds as the task reads them (class evidence, share of the risk): attention.h5 holds these
+    fwd.extra_scores = task_scores(fwd.extra_scores, cfg.task.type)
+    metrics.update(witness_metrics(
+        pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
+        cfg.task.type,
+    ))  # fmt: skip
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
