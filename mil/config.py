@@ -7,6 +7,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from mil.data.cohort import AVAILABILITY_COL
+from mil.data.tabular import parse_tabular
 from mil.errors import ConfigError
 from mil.models import registry as models
 from mil.schema import (
@@ -55,6 +57,10 @@ def config_from_dict(
     cfg = parse_config(raw, source, overrides)
     _check_search(cfg)
     _check_targets(cfg)
+    if cfg.data.tabular:  # its entries checked; metrics per availability pattern in subgroups.csv
+        parse_tabular(cfg.data.tabular, source)
+        if AVAILABILITY_COL not in cfg.data.subgroup_cols:
+            cfg.data.subgroup_cols.append(AVAILABILITY_COL)
     try:
         allowed = models.hyperparameters(cfg.model_name)
     except ConfigError as exc:

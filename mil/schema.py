@@ -69,6 +69,7 @@ class DataConfig:
     site_col: str | None = None
     # further cohort CSV columns (sex, stage, scanner, ...) whose values get their own metrics
     subgroup_cols: list[str] = field(default_factory=list)
+    tabular: list[dict[str, Any]] = field(default_factory=list)  # joined by patient: mil.data.tabular
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
     # generate the built-in synthetic cohort at csv/features when they are absent
@@ -143,10 +144,9 @@ class Config:
         out = dataclasses.asdict(self)
         out.pop("source")
         out["task"].pop("target_kind")
-        if not out["compare"]:
-            out.pop("compare")  # plain runs keep the config.yaml they always had
-        if not out["search"]:
-            out.pop("search")
+        for key in ("compare", "search"):  # plain runs keep the config.yaml they always had
+            if not out[key]:
+                out.pop(key)
         return out
 
     @property

@@ -35,6 +35,14 @@ SIZES = (7, 1, 30, 120)  # bag 0 is the one perturbed in the leak checks
 ATOL = 1e-5
 
 
+#: the tabular modalities of the fusion models (mil.models.fusion): 6 omics columns in three
+#: groups and 3 clinical ones; bag 1 lacks the clinical table
+TABULAR = [
+    {"name": "rna", "dim": 6, "groups": [[0, 1], [2, 3, 4], [1, 5]], "group_names": ["a", "b", "c"]},
+    {"name": "clinical", "dim": 3, "groups": [[0, 1, 2]], "group_names": ["clinical"]},
+]
+
+
 def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
     gen = torch.Generator().manual_seed(seed)
     bags = []
@@ -42,6 +50,8 @@ def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
         cells = torch.randperm(16 * 16, generator=gen)[:n]
         coords = torch.stack([cells % 16, cells // 16], 1).float() * 224.0
         bag = Bag(f"bag{i}", torch.randn(n, IN_DIM, generator=gen), coords)
+        if getattr(model, "uses_tabular", False):
+            bag.tabular, bag.tabular_mask = torch.randn(9, generator=gen), torch.tensor([1.0, i != 1])
         if model.graph is not None:
             bag.edge_index = bag_graph(bag, model.graph, model.graph_k)
         bags.append(bag)
@@ -50,7 +60,8 @@ def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
 
 def build(name: str, n_out: int = 2, seed: int = 0) -> MILModel:
     torch.manual_seed(seed)
-    return create(name, in_dim=IN_DIM, n_out=n_out).eval()
+    tabular = {"tabular": TABULAR} if getattr(get(name), "uses_tabular", False) else {}
+    return create(name, in_dim=IN_DIM, n_out=n_out, **tabular).eval()
 
 
 def bag_rows(out: MILOutput, batch: BagBatch, i: int) -> dict[str, torch.Tensor]:
@@ -107,7 +118,8 @@ def permuted(bag: Bag, gen: torch.Generator) -> tuple[Bag, torch.Tensor]:
     new_index = torch.empty_like(perm)
     new_index[perm] = torch.arange(len(bag))
     edges = None if bag.edge_index is None else new_index[bag.edge_index]
-    return Bag(bag.bag_id, bag.x[perm], bag.coords[perm], edge_index=edges), perm
+    return Bag(bag.bag_id, bag.x[perm], bag.coords[perm], edge_index=edges,
+               tabular=bag.tabular, tabular_mask=bag.tabular_mask), perm
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -132,6 +144,8 @@ def test_instance_order_invariance(name):
 @pytest.mark.parametrize("name", GRADIENT_MODELS)
 def test_no_value_or_gradient_leak_between_bags(name):
     model = build(name)
+    if not getattr(model, "uses_instances", True):
+        pytest.skip(f"{name} reads no instances (tabular modalities only)")
     bags = make_bags(model)
     batch = collate_bags(bags)
     changed = collate_bags(bags)
@@ -315,8 +329,7 @@ def test_ppeg_is_three_depthwise_convolutions_on_the_row_major_grid():
 @pytest.mark.parametrize("kind", ["spatial", "feature"])
 def test_graph_models_build_their_graph_when_the_batch_has_none(kind):
     for name in MODELS:
-        torch.manual_seed(0)
-        model = create(name, in_dim=IN_DIM, n_out=2).eval()
+        model = build(name)
         if model.graph is None:
             continue
         model = create(name, in_dim=IN_DIM, n_out=2, graph=kind, graph_k=5).eval()

@@ -19,6 +19,8 @@ class Bag:
 
     ``slide_ptr`` marks where each source slide starts when a bag concatenates a
     patient's slides (``slides[i]`` owns rows ``slide_ptr[i]:slide_ptr[i+1]``).
+    ``tabular [F]`` / ``tabular_mask [M]``: the patient's scaled tabular values (modalities
+    concatenated, zeros where missing) and which of the M modalities it has (1) or lacks (0).
     """
 
     bag_id: str
@@ -27,6 +29,8 @@ class Bag:
     slides: tuple[str, ...] = ()
     slide_ptr: tuple[int, ...] = ()
     edge_index: Tensor | None = None
+    tabular: Tensor | None = None
+    tabular_mask: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -46,6 +50,8 @@ class BagBatch:
             two bags), or None.
         targets: ``[B]`` class labels during training (models such as CLAM use
             them for instance-level losses), else None.
+        tabular: ``[B, F]`` each bag's tabular values (:mod:`mil.data.tabular`), or None.
+        tabular_mask: ``[B, M]`` 1 where the bag's patient has tabular modality m, or None.
     """
 
     x: Tensor
@@ -55,6 +61,8 @@ class BagBatch:
     coords: Tensor | None = None
     edge_index: Tensor | None = None
     targets: Tensor | None = None
+    tabular: Tensor | None = None
+    tabular_mask: Tensor | None = None
 
     @property
     def num_bags(self) -> int:
@@ -77,6 +85,8 @@ class BagBatch:
             coords=move(self.coords),
             edge_index=move(self.edge_index),
             targets=move(self.targets),
+            tabular=move(self.tabular),
+            tabular_mask=move(self.tabular_mask),
         )
 
     def bag(self, i: int) -> Tensor:
@@ -115,6 +125,10 @@ def collate_bags(
         edge_index = torch.cat([b.edge_index + int(ptr[i]) for i, b in enumerate(bags)], 1).to(
             torch.long
         )
+    tabular = mask = None
+    if all(b.tabular is not None for b in bags):  # a few numbers per bag: stacked apart from x
+        tabular = torch.stack([b.tabular for b in bags]).to(torch.float32)
+        mask = torch.stack([b.tabular_mask for b in bags]).to(torch.float32)
     return BagBatch(
         x=x,
         batch=batch,
@@ -122,6 +136,8 @@ def collate_bags(
         coords=coords,
         edge_index=edge_index,
         bag_ids=[b.bag_id for b in bags],
+        tabular=tabular,
+        tabular_mask=mask,
     )
 
 

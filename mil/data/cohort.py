@@ -6,12 +6,16 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mil.errors import DataError, MilWarning
 from mil.schema import DEFAULT_PATIENT_COL, Config
+
+#: the subgroup column of each bag's available modalities (``slides+rna``), set by data.tabular
+AVAILABILITY_COL = "modalities"
 
 
 class PatientColumnWarning(MilWarning):
@@ -71,6 +75,8 @@ class Cohort:
     group_cols: list[str] = field(default_factory=list)
     #: what the targets are: "label" (a class index) or "survival" (time and event)
     target_kind: str = "label"
+    #: the tabular modalities joined by patient (mil.data.tabular.TabularTable), or None
+    tabular: Any = None
 
     @property
     def bag_ids(self) -> list[str]:
@@ -279,6 +285,8 @@ def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
     ]
     cols: list[str] = []
     for key, col in keys:
+        if d.tabular and col == AVAILABILITY_COL:
+            continue  # not a CSV column: mil.data.tabular sets it from the tables
         need_col(col, key)
         if col in cols:
             continue

@@ -163,6 +163,7 @@ class BagDataset:
         self.graph_uses_features = graph_uses_features
         self._transform = transform
         self._graphs: dict[str, torch.Tensor] = {}
+        self._tabular: Callable[[str], tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self._x: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._x_bytes = 0
         self._x_budget = max(0, store.budget - store._bytes) if transform is not None else 0
@@ -189,14 +190,21 @@ class BagDataset:
     def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self._transform
 
-    def with_transform(
-        self, transform: Callable[[torch.Tensor], torch.Tensor] | None
-    ) -> BagDataset:
+    def with_transform(self, transform) -> BagDataset:
         """The same bags seen through ``transform`` (one fold's preprocessing), with caches
-        of their own; graphs that do not depend on the features are shared."""
+        of their own; graphs that do not depend on the features are shared.
+
+        ``transform``: a function of the features, or a fold's preprocessing object
+        (:class:`mil.data.transforms.Standardizer`) whose ``features`` is that function (or
+        None) and whose ``tabular(bag_id)`` gives a bag's scaled tabular values and mask.
+        """
+        tabular = getattr(transform, "tabular_of", None)
+        if tabular is not None:
+            transform = transform.features
         view = BagDataset(
             self.bag_slides, self.store, self.graph_fn, transform, self.graph_uses_features
         )
+        view._tabular = tabular
         if not self.graph_uses_features or (transform is None and self._transform is None):
             view._graphs = self._graphs
         return view
@@ -218,6 +226,8 @@ class BagDataset:
             x = self._transformed(bag_id, x)
         ptr = tuple(np.cumsum([0] + [len(p[0]) for p in parts]).tolist())
         bag = Bag(bag_id=bag_id, x=x, coords=coords, slides=tuple(slides), slide_ptr=ptr)
+        if self._tabular is not None and (tab := self._tabular(bag_id)) is not None:
+            bag.tabular, bag.tabular_mask = tab
         if self.graph_fn is not None:
             if bag_id not in self._graphs:
                 self._graphs[bag_id] = self._graph(bag)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mil.data.cohort import Cohort
 from mil.data.dataset import FeatureStore
 from mil.data.instances import load_instances
+from mil.data.tabular import attach_tabular, parse_tabular
 from mil.errors import DataError
 from mil.schema import Config
 
@@ -18,8 +19,9 @@ def load_cohort(cfg: Config) -> tuple[Cohort, FeatureStore]:
     """
     d = cfg.data
     if d.instances:
-        return load_instances(cfg)
-    cohort = Cohort.from_config(cfg)
+        cohort, store = load_instances(cfg)
+        return with_tabular(cohort, cfg), store
+    cohort = with_tabular(Cohort.from_config(cfg), cfg)
     store = FeatureStore.from_dir(d.features, budget_gb=d.cache_gb, cache_dtype=d.cache_dtype)
     missing = [s for s in cohort.slides["slide_id"] if s not in store.index]
     if missing:
@@ -34,5 +36,12 @@ def load_cohort(cfg: Config) -> tuple[Cohort, FeatureStore]:
 def read_cohort(cfg: Config) -> Cohort:
     """The cohort alone: from the CSV (features unread), or from the instance table."""
     if cfg.data.instances:
-        return load_instances(cfg)[0]
-    return Cohort.from_config(cfg)
+        return with_tabular(load_instances(cfg)[0], cfg)
+    return with_tabular(Cohort.from_config(cfg), cfg)
+
+
+def with_tabular(cohort: Cohort, cfg: Config) -> Cohort:
+    """``cohort`` with the tables of ``data.tabular`` joined by patient (:mod:`mil.data.tabular`)."""
+    if not cfg.data.tabular:
+        return cohort
+    return attach_tabular(cohort, parse_tabular(cfg.data.tabular, cfg.source))

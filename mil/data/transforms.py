@@ -10,6 +10,7 @@ import torch
 from sklearn.covariance import ledoit_wolf_shrinkage
 
 from mil.data.dataset import BagDataset
+from mil.data.tabular import TabularScaler, TabularTable
 
 #: training instances (a uniform sample) from which the Ledoit-Wolf shrinkage of the
 #: whitening covariance is estimated
@@ -35,30 +36,65 @@ class Standardizer:
     saw are not blown up (with ``a = 1`` whitening is a uniform rescaling).
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
     whiten: torch.Tensor | None = None
     shrinkage: float | None = None
+    #: the tabular modalities' scaler (:mod:`mil.data.tabular`), fitted on the same fold
+    tabular: TabularScaler | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:  # tabular scaling only: the features pass unchanged
+            return x
         if self.whiten is not None:
             return (x.float() - self.mean) @ self.whiten
         return (x.float() - self.mean) / self.std
 
+    @property
+    def features(self):
+        """The feature transform a fold's bags see (None: features unchanged)."""
+        return None if self.mean is None else self.apply
+
+    def tabular_of(self, bag_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A bag's scaled tabular values ``[F]`` and availability ``[M]``, or None."""
+        return None if self.tabular is None else self.tabular.bag(bag_id)
+
     def state(self) -> dict[str, torch.Tensor]:
         """What ``model.pt`` keeps (``standardize``)."""
-        state = {"mean": self.mean, "std": self.std}
+        state = {} if self.mean is None else {"mean": self.mean, "std": self.std}
         if self.whiten is not None:
             state["whiten"] = self.whiten
             state["shrinkage"] = torch.tensor(self.shrinkage)
+        if self.tabular is not None:
+            state["tabular"] = self.tabular.state()
         return state
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Standardizer:
+        tab = TabularScaler.from_state(state["tabular"]) if "tabular" in state else None
+        mean, std = state.get("mean"), state.get("std")
+        if mean is None:
+            return cls(None, None, tabular=tab)
         w = state.get("whiten")
         if w is None:
-            return cls(state["mean"].float(), state["std"].float())
-        return cls(state["mean"].float(), state["std"].float(), w.float(), float(state["shrinkage"]))
+            return cls(mean.float(), std.float(), tabular=tab)
+        return cls(mean.float(), std.float(), w.float(), float(state["shrinkage"]), tab)
+
+
+def fold_preprocessing(
+    data: BagDataset, bag_ids: Sequence[str], standardize: bool | str, tabular: TabularTable | None
+) -> Standardizer | None:
+    """A fold's preprocessing from its training bags ``bag_ids`` only: the features'
+    standardisation or whitening (``standardize``: False, True or ``"whiten"``) and the
+    scaler of the tabular modalities (``tabular``: the cohort's tables, or None); None when
+    there is nothing to do. ``data.with_transform(result)`` gives the fold's view of the bags."""
+    norm = feature_stats(data, bag_ids, whiten=standardize == "whiten") if standardize else None
+    if tabular is None:
+        return norm
+    if norm is None:
+        norm = Standardizer(None, None)
+    norm.tabular = tabular.fit(list(bag_ids))
+    return norm
 
 
 def feature_stats(data: BagDataset, bag_ids: Sequence[str], whiten: bool = False) -> Standardizer:

@@ -101,6 +101,8 @@ def subsample(bag: Bag, n: int, gen: torch.Generator) -> Bag:
         x=bag.x[keep],
         coords=None if bag.coords is None else bag.coords[keep],
         edge_index=edge_index,
+        tabular=bag.tabular,
+        tabular_mask=bag.tabular_mask,
     )
 
 

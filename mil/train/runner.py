@@ -21,11 +21,12 @@ import torch
 
 from mil.config import Config
 from mil.data.dataset import BagDataset
-from mil.data.transforms import Standardizer, feature_stats
+from mil.data.transforms import Standardizer, feature_stats, fold_preprocessing
 from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
 from mil.metrics.instances import task_scores, witness_auc, witness_metrics
 from mil.models import create
+from mil.models.fusion import with_tabular_layout
 from mil.results import (
     HISTORY,
     METRICS,
@@ -238,12 +239,12 @@ def _train_and_test(
     cfg = exp.cfg
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     # the fold's own view of the bags: its standardisation, and graphs built under it
-    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **cfg.model_hparams)
-    norm = None
-    if cfg.data.standardize and model.trained_by_gradient:  # baselines standardise their pooled vectors
-        ids = train["bag_id"].tolist()
-        norm = feature_stats(exp.data, ids, whiten=cfg.data.standardize == "whiten")
-    data = exp.data.with_transform(None if norm is None else norm.apply)
+    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
+    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **hparams)
+    # baselines standardise their pooled vectors; tabular scalers are fitted for every model
+    standardize = cfg.data.standardize if model.trained_by_gradient else False
+    norm = fold_preprocessing(exp.data, train["bag_id"].tolist(), standardize, exp.cohort.tabular)
+    data = exp.data.with_transform(norm)
     model = model.to(device)
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
@@ -328,7 +329,8 @@ def _write_fold(
         model=cfg.model_name, fold=split.name,
     )  # fmt: skip
     save_model(
-        fold_dir / MODEL, r.state, cfg.model_name, cfg.model_hparams, exp.store.dim, task.n_out,
+        fold_dir / MODEL, r.state, cfg.model_name,
+        with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular), exp.store.dim, task.n_out,
         task.name, task.classes, task.state(), None if r.norm is None else r.norm.state(),
     )  # fmt: skip
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
