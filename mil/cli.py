@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from mil.cli_cohorts import add_generalize_parser, cmd_evaluate
 from mil.cli_review import cmd_heatmap, cmd_topk
 from mil.errors import MilError, MilWarning
 
@@ -167,18 +168,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mil.evaluate import evaluate, format_evaluation
-
-    summary = evaluate(
-        args.run_dir, args.cohort_config, args.out, n_boot=args.n_boot, device=args.device,
-        progress=not args.quiet, refit=args.refit,
-    )  # fmt: skip
-    print(format_evaluation(summary))
-    print(f"results: {args.out}")
-    return 0
-
-
 def _count(least: int):
     """An argparse type: an integer of at least ``least``."""
 
@@ -289,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=cmd_evaluate)
+    add_generalize_parser(sub, with_config, _count)
 
     def with_scores(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("run_dir", help="a run folder (results/<name>/...)")

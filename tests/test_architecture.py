@@ -45,8 +45,10 @@ LAYERS = {
     "mil.check": 10,
     "mil.demo": 10,
     "mil.evaluate": 10,
+    "mil.generalization": 10,
     "mil.cli": 11,
     "mil.cli_review": 11,
+    "mil.cli_cohorts": 11,
     "mil.__main__": 11,
     "mil": 11,
 }

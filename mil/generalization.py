@@ -1,0 +1,259 @@
+"""``mil generalize``: does a model hold at sites it never saw? One table per model.
+
+``mil generalize CONFIG --external A.yaml [B.yaml ...] --out OUT`` runs, for each
+model of the config (its ``compare:`` entries or ``--models``; else the config's
+model), into ``OUT/<label>/``:
+
+- ``internal/``: cross-validation with patient-level folds (``splits.by_site`` off);
+- ``site/``: cross-validation with site-preserved folds (every patient of a site in
+  one test fold; needs ``data.site_col``), so each bag is predicted by a model that
+  never saw its site;
+- ``external/<cohort>/``: ``mil evaluate`` of the internal run (its fold ensemble,
+  or with ``--refit`` its model refit on every bag) on each external cohort.
+
+Every model runs on the same split files (``OUT/splits_internal``,
+``OUT/splits_site``). ``OUT/generalization.csv`` and ``generalization.md`` hold,
+per model and headline metric, each setting's pooled value with its
+patient-bootstrap 95% CI and its difference to internal CV:
+
+- site-preserved CV scores the *same* patients as internal CV, so the difference
+  is a paired bootstrap (both runs' predictions of a resampled patient go in
+  together: :func:`paired_setting_difference`);
+- an external cohort holds other patients, so its gap resamples each cohort on
+  its own (:func:`mil.evaluate.generalization_gap`, unpaired).
+
+Finished folds and evaluations are reused, as everywhere in ``mil``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mil.compare import entries, entry_config
+from mil.config import Config, config_from_dict
+from mil.errors import ConfigError, DataError
+from mil.io import json_float, read_json, write_csv, write_text
+from mil.metrics import paired_difference
+from mil.results import SUMMARY_JSON, RunFolder
+from mil.tasks import Task
+from mil.train.summary import run_task
+
+TABLE = "generalization.csv"
+REPORT = "generalization.md"
+SETTINGS = {"internal": "internal CV", "site": "site-preserved CV"}
+
+
+def run_generalization(
+    cfg: Config,
+    externals: list[str | Path],
+    out: str | Path,
+    models: list[str] | None = None,
+    refit: bool = False,
+    progress: bool = True,
+    log=print,
+    n_boot: int = 1000,
+) -> pd.DataFrame:
+    """Run the settings of the module for every model and write the table; returns it."""
+    from mil.evaluate import evaluate
+    from mil.train.refit import refit as refit_run
+    from mil.train.runner import resolve_device, run_cv
+
+    out = Path(out)
+    names = _external_names(externals)
+    runs = [(e["label"], entry_config(cfg, e)) for e in _entries(cfg, models)]
+    rows = []
+    for label, sub in runs:
+        log(f"== {label} ==")
+        dirs = {}
+        for setting, sc in setting_configs(sub, out).items():
+            log(f"-- {SETTINGS[setting]} --")
+            dirs[setting] = run_cv(
+                sc, out / label / setting, progress=progress, log=log, n_boot=n_boot
+            )
+        if refit:
+            refit_run(setting_configs(sub, out)["internal"], dirs["internal"],
+                      resolve_device(sub.train.device), progress=progress, log=log)  # fmt: skip
+        evaluations = {}
+        for name, path in zip(names, externals):
+            log(f"-- external: {name} --")
+            ev = out / label / "external" / name
+            evaluate(dirs["internal"], path, ev, n_boot=n_boot, progress=progress, refit=refit)
+            evaluations[name] = ev
+        rows += model_rows(label, dirs, evaluations, n_boot)
+    table = pd.DataFrame(rows)
+    write_csv(out / TABLE, table)
+    write_text(out / REPORT, format_generalization(table, cfg, refit, n_boot) + "\n")
+    return table
+
+
+def _entries(cfg: Config, models: list[str] | None) -> list[dict[str, Any]]:
+    if models is None and not cfg.compare:  # the config's own model
+        return [{"label": cfg.model_name, "model": {"name": cfg.model_name, **cfg.model_hparams}}]
+    return entries(cfg, models)
+
+
+def _external_names(externals: list[str | Path]) -> list[str]:
+    names = [Path(p).stem for p in externals]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(
+            f"--external: two cohort configs are named {dup[0]!r}; their evaluations would "
+            "share a folder (rename one file)"
+        )
+    for p in externals:
+        if not Path(p).is_file():
+            raise ConfigError(f"--external {p}: no such cohort config")
+    return names
+
+
+def setting_configs(cfg: Config, out: Path) -> dict[str, Config]:
+    """The model's config with patient-level folds (``internal``) and, where the cohort names
+    its sites, with site-preserved folds (``site``), each on split files shared by every model."""
+    raw = cfg.to_dict()
+    raw.pop("compare", None)
+    raw.pop("search", None)
+    found = {}
+    for setting in SETTINGS:
+        if setting == "site" and not cfg.data.site_col:
+            continue
+        r = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain values
+        r["splits"].update(dir=str(out / f"splits_{setting}"), by_site=setting == "site")
+        if setting == "site":
+            r["splits"]["assignment"] = None
+        found[setting] = config_from_dict(r, source=f"{cfg.source} ({SETTINGS[setting]})")
+    return found
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+
+def model_rows(
+    label: str, dirs: dict[str, Path], evaluations: dict[str, Path], n_boot: int
+) -> list[dict[str, Any]]:
+    """One row per setting and headline metric of one model (see the module)."""
+    task = run_task(dirs["internal"])
+    internal = RunFolder(dirs["internal"]).all_predictions()
+    rows = []
+    for setting, run_dir in dirs.items():
+        pred = internal if setting == "internal" else RunFolder(run_dir).all_predictions()
+        value, ci = task.pooled_metrics(pred), task.pooled_ci(pred, n_boot=n_boot)
+        diff = (
+            {} if setting == "internal" else paired_setting_difference(task, pred, internal, n_boot)
+        )
+        for m in task.headline_metrics:
+            if m not in value:
+                continue
+            row = _row(label, SETTINGS[setting], "", pred, m, value[m], ci.get(m))
+            if m in diff:
+                d = diff[m]
+                row.update(delta=d["delta"], delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
+                           delta_p=d["p"], pairing="paired (same patients)")  # fmt: skip
+            rows.append(row)
+    for name, ev in evaluations.items():
+        s = read_json(ev / SUMMARY_JSON, "external evaluation")
+        for m in task.headline_metrics:
+            if m not in s["metrics"]:
+                continue
+            ci = s["metrics"][m].get("ci95_pooled")
+            row = _row(label, "external", name, None, m, json_float(s["metrics"][m]["mean"]), ci)
+            row.update(n_bags=s["n_bags"], n_patients=s["n_patients"])
+            g = s["gap"].get(m)
+            if g:
+                row.update(delta=json_float(g["difference"]), delta_ci_low=json_float(g["ci95"][0]),
+                           delta_ci_high=json_float(g["ci95"][1]), delta_p=json_float(g["p"]),
+                           pairing="unpaired (other patients)")  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def _row(label, setting, cohort, pred, metric, value, ci) -> dict[str, Any]:
+    lo, hi = (float("nan"), float("nan")) if not ci else (json_float(ci[0]), json_float(ci[1]))
+    row = {"model": label, "setting": setting, "cohort": cohort, "metric": metric}
+    if pred is not None:
+        row.update(
+            n_bags=int(pred["bag_id"].nunique()), n_patients=int(pred["patient_id"].nunique())
+        )
+    row.update(value=float(value), ci_low=lo, ci_high=hi)
+    row.update(delta=float("nan"), delta_ci_low=float("nan"), delta_ci_high=float("nan"))
+    row.update(delta_p=float("nan"), pairing="")
+    return row
+
+
+def paired_setting_difference(
+    task: Task, a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Per headline metric: the pooled metric of predictions ``a`` minus that of ``b``, where
+    both predict the same patients (e.g. site-preserved and patient-level folds of one cohort),
+    with a paired percentile-bootstrap 95% CI and p (:func:`mil.metrics.paired_difference`).
+
+    A resample draws patients; each drawn patient brings all its rows of ``a`` *and* of ``b``
+    (each frame keeps its own folds, so survival pairs stay within a fold). Patients in only
+    one frame are a :class:`DataError`."""
+    pa, pb = a["patient_id"].astype(str), b["patient_id"].astype(str)
+    only = sorted(set(pa) ^ set(pb))
+    if only:
+        raise DataError(
+            f"patient {only[0]} is predicted in one setting but not the other; both must "
+            "cover the same patients to be compared pairwise"
+        )
+    patients = np.array(sorted(set(pa)))
+    rows_a = [np.flatnonzero(pa.to_numpy() == p) for p in patients]
+    rows_b = [np.flatnonzero(pb.to_numpy() == p) for p in patients]
+
+    def score(frame: pd.DataFrame, metric: str) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one-class resamples
+            return float(task.pooled_metrics(frame).get(metric, float("nan")))
+
+    out = {}
+    for m in task.headline_metrics:
+
+        def diff(idx: np.ndarray, m=m) -> float:
+            ia = np.concatenate([rows_a[i] for i in idx])
+            ib = np.concatenate([rows_b[i] for i in idx])
+            return score(a.iloc[ia], m) - score(b.iloc[ib], m)
+
+        out[m] = paired_difference(diff, len(patients), n_boot=n_boot, seed=seed)
+    return out
+
+
+def format_generalization(
+    table: pd.DataFrame, cfg: Config, refit: bool = False, n_boot: int = 1000
+) -> str:
+    """``generalization.md``: one table per model, and what each row means."""
+    predictor = "a model refit on all its bags" if refit else "its fold ensemble"
+    lines = [
+        f"# Generalization of {cfg.name}",
+        "",
+        "Each model's pooled out-of-fold metric under patient-level cross-validation "
+        "(internal CV) and under site-preserved cross-validation (every patient of a site in one "
+        f"test fold); each external cohort is predicted by internal CV's {predictor}. 95% CIs "
+        f"are percentile-bootstrap intervals ({n_boot:,} resamples of patients). The "
+        "difference to internal CV is paired for site-preserved CV (the same patients, both "
+        "runs' predictions resampled together) and unpaired for external cohorts (other "
+        "patients; each cohort resampled on its own).",
+        "",
+    ]
+    if "site-preserved CV" not in set(table.get("setting", [])):
+        lines += ["No `data.site_col`: site-preserved cross-validation was left out.", ""]
+    for label, part in table.groupby("model", sort=False):
+        lines += [f"## {label}", "", "| setting | metric | patients | value [95% CI] | "
+                  "− internal CV [95% CI] | p |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in part.itertuples():
+            where = r.setting if not r.cohort else f"external: {r.cohort}"
+            ci = f" [{r.ci_low:.3f}, {r.ci_high:.3f}]" if np.isfinite(r.ci_low) else ""
+            d = "" if not np.isfinite(r.delta) else f"{r.delta:+.3f}"
+            if d and np.isfinite(r.delta_ci_low):
+                d += f" [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}]"
+            p = f"{r.delta_p:.3g}" if np.isfinite(r.delta_p) else ""
+            lines.append(
+                f"| {where} | {r.metric} | {r.n_patients} | {r.value:.3f}{ci} | {d} | {p} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
