@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict with the run's model refit on every bag (mil train --refit) instead of "
         "the fold ensemble",
     )  # fmt: skip
+    e.add_argument(
+        "--any-encoder", action="store_true",
+        help="evaluate features whose files name another encoder than the run's (a warning "
+        "instead of an error; for one encoder under two names)",
+    )  # fmt: skip
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=cmd_evaluate)
     add_generalize_parser(sub, with_config, _count)

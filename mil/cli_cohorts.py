@@ -9,11 +9,12 @@ from pathlib import Path
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mil.evaluate import evaluate, format_evaluation
+    from mil.evaluate import evaluate
+    from mil.train.external_report import format_evaluation
 
     summary = evaluate(
         args.run_dir, args.cohort_config, args.out, n_boot=args.n_boot, device=args.device,
-        progress=not args.quiet, refit=args.refit,
+        progress=not args.quiet, refit=args.refit, any_encoder=args.any_encoder,
     )  # fmt: skip
     print(format_evaluation(summary))
     print(f"results: {args.out}")

@@ -43,7 +43,7 @@ from mil.results import (
 )
 from mil.run import Run
 from mil.tasks import Task, make_task
-from mil.train.external_report import gap_lines, predictor_words, write_external_report
+from mil.train.external_report import predictor_words, write_external_report
 from mil.train.inference import FoldModel, ensemble
 from mil.train.refit import read_refit
 from mil.train.summary import subgroup_results
@@ -60,6 +60,7 @@ def evaluate(
     device: str = "cpu",
     progress: bool = False,
     refit: bool = False,
+    any_encoder: bool = False,
 ) -> dict[str, Any]:
     """Predict every bag of an external cohort with the fold ensemble of ``run_dir`` (or,
     ``refit=True``, its model refit on every bag: ``mil train --refit``) and write
@@ -71,8 +72,11 @@ def evaluate(
     of a bag is the mean of the fold models' outputs, each model applying the
     feature preprocessing of its own training fold (as :meth:`mil.Run.predict`).
     Before anything is predicted or written, a :class:`MilError` refuses
-    another task type, a class the run never saw, missing feature files and
-    features of another dimension than the run's.
+    another task type, a class the run never saw, missing feature files,
+    features of another dimension than the run's, and features whose files
+    name an encoder the training cohort's never do (``any_encoder=True`` lets
+    them through with a warning); other provenance differences
+    (magnification, tile size, dtype) are warned.
     """
     run = Run(run_dir)
     out = _check_out(Path(out), run)
@@ -89,7 +93,8 @@ def evaluate(
         models = [FoldModel(run.folder.fold_file(REFIT, MODEL), run.config, REFIT, device)]
     internal = run.folder.all_predictions()  # the run's out-of-fold predictions, for the gap
     cohort, store = _load_cohort(cfg, run, int(models[0].payload["in_dim"]), progress)
-    provenance, differences = compare_provenance(run.config, cfg)  # warned, not refused
+    provenance, differences = compare_provenance(run.config, cfg)
+    _check_encoder(provenance, cohort_config, any_encoder)  # refused; other fields warned
     for message in differences:
         warnings.warn(message, MilWarning, stacklevel=2)
     pred = ensemble_predictions(task, models, cohort, store)
@@ -148,6 +153,21 @@ def cohort_config_of(run: Run, path: str | Path) -> Config:
         "classes": list(run.classes) or None,
     }
     return config_from_dict(full, source=str(path))
+
+
+def _check_encoder(provenance: dict, where, allowed: bool) -> None:
+    """Refuse an external cohort whose files name an encoder no training file names (both
+    must name one); the same dimension does not make two encoders' features comparable."""
+    train = set(provenance.get("run", {}).get("encoder", {}))
+    other = set(provenance.get("cohort", {}).get("encoder", {})) - train
+    if train and other and not allowed:
+        raise DataError(
+            f"{where}: the external cohort's features were made by encoder "
+            f"{', '.join(sorted(map(str, other)))}, the run's training features by "
+            f"{', '.join(sorted(map(str, train)))}; a model predicts another encoder's features "
+            f"without failing but meaninglessly. Extract the cohort with the run's encoder "
+            f"(or, if the names differ but the encoder is the same, pass --any-encoder)"
+        )
 
 
 def _check_out(out: Path, run: Run) -> Path:
@@ -377,19 +397,3 @@ def _remove_stale(out: Path, written: list[str]) -> None:
         if isinstance(name, str) and name not in written and Path(name).name == name:
             with contextlib.suppress(OSError):
                 (out / name).unlink()
-
-
-def format_evaluation(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal: the external metrics and the gap."""
-    lines = [
-        f"{summary['name']} on {summary['cohort']}: {summary['n_bags']} bags, "
-        f"{summary['n_patients']} patients, {predictor_words(summary)}"
-    ]
-    for k, m in summary["metrics"].items():
-        if k.endswith(("_p", "_tau")):
-            continue
-        ci = m.get("ci95_pooled")
-        ci_s = f"   95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
-        lines.append(f"  {k:<20} {m['mean']:>8.3f}{ci_s}")
-    lines += [f"  gap: {line}" for line in gap_lines(summary)]
-    return "\n".join(lines)

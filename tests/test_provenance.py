@@ -21,7 +21,7 @@ from mil.data.collapse import FeatureSpread
 from mil.data.provenance import Provenance, provenance_differences, read_provenance
 from mil.data.readers import read_features
 from mil.data.synthetic import write_synthetic_cohort
-from mil.errors import MilWarning
+from mil.errors import DataError, MilWarning
 from mil.evaluate import evaluate
 from mil.train.runner import run_cv
 
@@ -277,3 +277,19 @@ def test_evaluate_is_quiet_on_a_cohort_made_as_the_training_one(root, run, recwa
     assert not [
         w for w in recwarn if issubclass(w.category, MilWarning) and "provenance" in str(w.message)
     ]
+
+
+def test_evaluate_refuses_another_encoder_unless_told(root, run):
+    external = cohort(root, "conch", seed=7)
+    set_attr(files(external), "encoder", "conch_v15")
+    config = root / "conch.yaml"
+    config.write_text(yaml.safe_dump({"data": external["data"]}))
+    out = root / "eval_conch"
+    with pytest.raises(
+        DataError, match=r"made by encoder conch_v15, the run's training features by synthetic"
+    ):
+        evaluate(run, config, out, n_boot=10)
+    assert not out.exists()  # refused before anything was written
+    with pytest.warns(MilWarning, match="differs from the run's training cohort in encoder"):
+        evaluate(run, config, out, n_boot=10, any_encoder=True)
+    assert (out / "summary.json").is_file()

@@ -146,3 +146,19 @@ def gap_lines(summary: dict[str, Any]) -> list[str]:
             f"{json_float(g['external']):.3f}; difference {json_float(g['difference']):+.3f} ({ci})"
         )
     return out
+
+
+def format_evaluation(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal: the external metrics and the gap."""
+    lines = [
+        f"{summary['name']} on {summary['cohort']}: {summary['n_bags']} bags, "
+        f"{summary['n_patients']} patients, {predictor_words(summary)}"
+    ]
+    for k, m in summary["metrics"].items():
+        if k.endswith(("_p", "_tau")):
+            continue
+        ci = m.get("ci95_pooled")
+        ci_s = f"   95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
+        lines.append(f"  {k:<20} {m['mean']:>8.3f}{ci_s}")
+    lines += [f"  gap: {line}" for line in gap_lines(summary)]
+    return "\n".join(lines)
