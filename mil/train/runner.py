@@ -23,6 +23,7 @@ from mil.config import Config
 from mil.data.dataset import BagDataset
 from mil.data.transforms import Standardizer, feature_stats, fold_preprocessing
 from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
+from mil.explain.faithfulness import fold_faithfulness
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
 from mil.metrics.instances import task_scores, witness_auc, witness_metrics
 from mil.models import create
@@ -288,6 +289,8 @@ def _train_and_test(
         pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
         cfg.task.type,
     ))  # fmt: skip
+    test_bags = [data[b] for b in test["bag_id"]]  # deletion/insertion of the top-scored instances
+    metrics.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
