@@ -23,6 +23,7 @@ from mil.explain.heatmap import (
     tile_size_from_h5,
     top_k_tiles,
 )
+from mil.models.base import DEFAULT_SCORE_KIND
 from mil.run import Run
 from mil.train.runner import run_cv
 from tests.conftest import small_config
@@ -133,10 +134,11 @@ def test_raster_equals_saved_scores_after_normalisation(run_dir):
     run = Run(run_dir)
     with h5py.File(run_dir / "fold_1" / "attention.h5", "r") as f:
         name = sorted(f)[0]
-        # the default heatmap score: the contribution to the positive class's (centred) logit
-        coords, saved = f[name]["coords"][()], f[name]["scores_contribution"][()][:, -1]
+        # the default heatmap score, read at the positive class
+        coords = f[name]["coords"][()]
+        saved = f[name][f"scores_{DEFAULT_SCORE_KIND}"][()][:, -1]
     df = run.scores(name)
-    assert df.attrs["kind"] == "contribution[positive]"
+    assert df.attrs["kind"] == f"{DEFAULT_SCORE_KIND}[positive]"
     assert df.attrs["fold"] == "1"
     raster = score_raster(df[["x", "y"]].to_numpy(), df["score"].to_numpy(), df.attrs["tile_size"])
     # cell of each tile by hand: 256-px tiles from the slide's top-left tile

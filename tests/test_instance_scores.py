@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from mil.cli import main
 from mil.config import config_from_dict
 from mil.data.synthetic import write_synthetic_cohort
+from mil.models.base import DEFAULT_SCORE_KIND
 from mil.run import Run
 from mil.train.runner import run_cv
 from tests.conftest import small_config
@@ -91,7 +92,7 @@ def test_score_option_of_topk_and_the_default(run_dir, tmp_path):
     expected = run.scores(slide, kind="instance_logits")
     np.testing.assert_allclose(pd.read_csv(out)["score"], np.sort(expected["score"])[::-1][:4])
     assert expected.attrs["kind"] == "instance_logits[positive]"
-    assert run.scores(slide).attrs["kind"] == "contribution[positive]"  # the default
+    assert run.scores(slide).attrs["kind"] == f"{DEFAULT_SCORE_KIND}[positive]"  # the default
     assert run.scores(slide, kind=None).attrs["kind"] == "score"  # the model's attention
 
 
