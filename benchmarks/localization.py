@@ -28,7 +28,9 @@ nothing of the label; positive bags also hold witnesses shifted along another.
         [--only digits-b10,distractors] [--models abmil,abmil_additive]
 
 Runs resume (each is an ordinary ``mil`` run folder). Writes ``localization.csv`` and
-``localization.md`` under ``--out`` and prints the table.
+``localization.md`` under ``--out`` and prints the table. ``--faithfulness`` then
+re-predicts the test bags of finished runs (no training) for deletion / insertion
+areas (``mil.explain.faithfulness``) per score kind: ``faithfulness.csv``.
 """
 
 from __future__ import annotations
@@ -93,7 +95,11 @@ def make_cohort(name: str, out: Path) -> dict:
     root = out / "cohorts" / name
     if not (root / "cohort.csv").exists():
         COHORTS[name](root)
-    return {"csv": str(root / "cohort.csv"), "features": str(root / "features"), "patient_col": "case_id"}
+    return {
+        "csv": str(root / "cohort.csv"),
+        "features": str(root / "features"),
+        "patient_col": "case_id",
+    }
 
 
 def slide_models() -> list[str]:
@@ -111,7 +117,12 @@ def config(name: str, model: str, out: Path, folds: int) -> dict:
         "task": {"type": "classification"},
         "data": data,
         "model": {"name": model},
-        "splits": {"dir": str(out / "splits" / name), "folds": folds, "val_fraction": 0.15, "seed": 0},
+        "splits": {
+            "dir": str(out / "splits" / name),
+            "folds": folds,
+            "val_fraction": 0.15,
+            "seed": 0,
+        },
     }
 
 
@@ -143,8 +154,63 @@ def run_one(args: tuple[str, str, str, int]) -> list[dict]:
             "pooled": _mean(m.get(pooled) for m in metrics),
             "bag_auc": _mean(m.get("auc") for m in metrics),
         })  # fmt: skip
-    print(f"{name} {model}: " + ", ".join(f"{r['kind']} {r['within']:.3f}" for r in rows), flush=True)
+    print(
+        f"{name} {model}: " + ", ".join(f"{r['kind']} {r['within']:.3f}" for r in rows), flush=True
+    )
     return rows
+
+
+#: the class-specific kinds whose deletion / insertion curves are measured (beside ``main``)
+CLASS_KINDS = ("contribution", "instance_logits", "attention_x_logit")
+#: models of the deletion / insertion table (inference on every fold's test bags, per kind)
+FAITHFULNESS_MODELS = ("abmil", "abmil_additive", "clam_sb", "dsmil", "mean")
+
+
+def faithfulness_table(out: Path, names: list[str], models: list[str]) -> pd.DataFrame:
+    rows = []
+    for name in names:
+        for model in models:
+            folder = out / "runs" / name / model
+            if (folder / "summary.json").is_file():
+                areas = deletion_insertion(folder)
+                kinds = [k[len("deletion_") :] for k in areas if k.startswith("deletion_")]
+                rows += [{"cohort": name, "model": model, "kind": k, "deletion": areas[f"deletion_{k}"],
+                          "insertion": areas[f"insertion_{k}"]} for k in kinds]  # fmt: skip
+                print(
+                    f"{name} {model}: "
+                    + ", ".join(f"{k} {areas[f'deletion_{k}']:.3f}" for k in kinds),
+                    flush=True,
+                )
+    return pd.DataFrame(rows)
+
+
+def deletion_insertion(folder: Path) -> dict[str, float]:
+    """Deletion / insertion areas (``mil.explain.faithfulness``) of a finished run's folds, mean
+    over folds: the fold models re-predict their test bags from the saved checkpoints."""
+    import torch
+
+    from mil.data.dataset import BagDataset
+    from mil.explain.faithfulness import fold_faithfulness
+    from mil.metrics.instances import task_scores
+    from mil.run import Run
+    from mil.train.inference import bags_of
+
+    run = Run(folder)
+    per_fold = []
+    for fold in run.folds:
+        fm = run._fold_model(fold, "cpu")
+        ids = run.predictions(fold)["bag_id"].astype(str).tolist()
+        bag_slides, store = bags_of(ids, run._feature_index, run.config.data.features)
+        data = BagDataset.with_graph(
+            bag_slides, store, fm.model.graph, fm.model.graph_k, fm.transform
+        )
+        fwd = fm.forward(bag_slides, store, keep_scores=True)
+        fwd.extra_scores = task_scores(fwd.extra_scores, "classification")
+        bags = [data[b] for b in bag_slides]
+        per_fold.append(fold_faithfulness(
+            fm.model, bags, fwd, "classification", run.config.train, torch.device("cpu"), CLASS_KINDS,
+        ))  # fmt: skip
+    return {k: _mean(f.get(k) for f in per_fold) for k in per_fold[0]} if per_fold else {}
 
 
 def _mean(values) -> float:
@@ -186,7 +252,9 @@ def instance_lr(name: str, out: Path, folds: int) -> dict:
 def format_table(frame: pd.DataFrame) -> str:
     """One row per model and kind: within / pooled witness AUC per cohort, and bag AUC."""
     cohorts = list(dict.fromkeys(frame["cohort"]))
-    head = "| model | kind | " + " | ".join(f"{c}: within / pooled / bag AUC" for c in cohorts) + " |"
+    head = (
+        "| model | kind | " + " | ".join(f"{c}: within / pooled / bag AUC" for c in cohorts) + " |"
+    )
     lines = [head, "|---|---|" + "---|" * len(cohorts)]
     f = frame.set_index(["model", "kind", "cohort"])
     for model, kind in dict.fromkeys(zip(frame["model"], frame["kind"])):
@@ -196,7 +264,11 @@ def format_table(frame: pd.DataFrame) -> str:
                 cells.append("")
                 continue
             r = f.loc[(model, kind, c)]
-            cells.append(" / ".join("–" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in ("within", "pooled", "bag_auc")))
+            cells.append(
+                " / ".join(
+                    "–" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in ("within", "pooled", "bag_auc")
+                )
+            )
         lines.append(f"| {model} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -208,11 +280,21 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--only", help="comma-separated cohort names")
     p.add_argument("--models", help="comma-separated model names (default: every slide model)")
+    p.add_argument(
+        "--faithfulness", action="store_true",
+        help="instead: deletion / insertion areas of the finished runs of FAITHFULNESS_MODELS",
+    )  # fmt: skip
     args = p.parse_args()
     names = args.only.split(",") if args.only else list(COHORTS)
     models = args.models.split(",") if args.models else slide_models()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.faithfulness:
+        chosen = [m for m in models if m in FAITHFULNESS_MODELS or args.models]
+        frame = faithfulness_table(out, names, chosen)
+        frame.to_csv(out / "faithfulness.csv", index=False)
+        print(frame.round(3).to_string(index=False) if len(frame) else "no finished runs")
+        return
     for n in names:  # generate in this process, once
         make_cohort(n, out)
     jobs = [(n, m, str(out), args.folds) for n in names for m in models]

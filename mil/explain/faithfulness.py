@@ -128,12 +128,19 @@ def predicted_columns(values: Sequence, logits: np.ndarray, task_type: str) -> l
 
 
 def fold_faithfulness(
-    model, bags: Sequence[Bag], fwd, task_type: str, train, device: torch.device
+    model,
+    bags: Sequence[Bag],
+    fwd,
+    task_type: str,
+    train,
+    device: torch.device,
+    extra: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """:func:`faithfulness` of a fold's test ``bags`` under its ``model`` (eval mode) for the
-    model's main score (``main``) and the default heatmap score (its kind's name), each read at
-    the bag's predicted class. ``fwd``: the :class:`~mil.train.loop.Forward` of ``bags``
-    (with scores); ``train``: the run's ``train`` section (compute chunk, precision)."""
+    model's main score (``main``) and the default heatmap score (its kind's name; or the kinds
+    ``extra`` names), each read at the bag's predicted class. ``fwd``: the
+    :class:`~mil.train.loop.Forward` of ``bags`` (with scores); ``train``: the run's ``train``
+    section (compute chunk, precision)."""
     from mil.train.loop import forward_bags
 
     def predict(batch: list[Bag]) -> np.ndarray:
@@ -142,9 +149,9 @@ def fold_faithfulness(
         return out.logits.cpu().numpy()
 
     kinds = {} if fwd.scores is None else {"main": fwd.scores}
-    default = next((k for k in DEFAULT_SCORE_ORDER if k in fwd.extra_scores), None)
-    if default is not None:
-        kinds[default] = fwd.extra_scores[default]
+    if extra is None:
+        extra = [k for k in DEFAULT_SCORE_ORDER if k in fwd.extra_scores][:1]
+    kinds.update({k: fwd.extra_scores[k] for k in extra if k in fwd.extra_scores})
     if not kinds or not len(bags):
         return {}
     model.eval()
