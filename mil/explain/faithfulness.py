@@ -63,16 +63,18 @@ def curves(
     task_type: str,
     mode: str = "deletion",
     fractions: Sequence[float] = FRACTIONS,
+    full_logits: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[B, F]``: each bag's evidence for its whole-bag prediction along ``fractions``.
 
     ``scores[i]`` ``[N_i]`` ranks bag ``i``'s instances (highest first; ties by row).
     ``mode``: ``"deletion"`` (drop the top ``ceil(f N)``, keeping at least one
-    instance) or ``"insertion"`` (keep the top ``max(1, ceil(f N))``).
+    instance) or ``"insertion"`` (keep the top ``max(1, ceil(f N))``). ``full_logits``: the
+    whole bags' logits, when known (else predicted here).
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode={mode!r}: use 'deletion' or 'insertion'")
-    full = np.asarray(predict(list(bags)))
+    full = np.asarray(predict(list(bags)) if full_logits is None else full_logits)
     cls = full.argmax(1) if task_type == "classification" else None
     variants, owner = [], []
     for i, (bag, s) in enumerate(zip(bags, scores)):
@@ -102,6 +104,7 @@ def faithfulness(
     kinds: dict[str, Sequence[np.ndarray]],
     task_type: str,
     seed: int = 0,
+    full_logits: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``deletion_<kind>`` and ``insertion_<kind>`` areas for every kind of ``kinds``
     (``[N_i]`` scores per bag), and for a random order of each bag (``<kind>`` = ``random``)."""
@@ -110,7 +113,8 @@ def faithfulness(
     out: dict[str, float] = {}
     for kind, scores in kinds.items():
         for mode in ("deletion", "insertion"):
-            out[f"{mode}_{kind}"] = area(curves(predict, bags, scores, task_type, mode))
+            c = curves(predict, bags, scores, task_type, mode, full_logits=full_logits)
+            out[f"{mode}_{kind}"] = area(c)
     return out
 
 
@@ -157,7 +161,7 @@ def fold_faithfulness(
     model.eval()
     logits = fwd.logits.numpy()
     columns = {k: predicted_columns(v, logits, task_type) for k, v in kinds.items()}
-    return faithfulness(predict, bags, columns, task_type)
+    return faithfulness(predict, bags, columns, task_type, full_logits=logits)
 
 
 __all__ = [
