@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mil.config import Config, config_from_dict
+from mil.data.cohort import AVAILABILITY_COL
 from mil.errors import ConfigError, DataError
 from mil.io import json_float, write_csv, write_text
 from mil.models import available
@@ -149,10 +150,43 @@ def run_compare(
                 on="model",
                 how="left",
             )
+    patterns = None
+    if dist.main and "delta" in table.columns and cfg.data.tabular:
+        write_csv(out / PATTERNS_CSV, patterns := pattern_differences(run_dirs, reference, n_boot))
     if dist.main:
         write_csv(out / "comparison.csv", table)
-        write_text(out / "comparison.md", format_comparison(table, cfg) + "\n")
+        md = format_comparison(table, cfg) + ("" if patterns is None else format_patterns(patterns))
+        write_text(out / "comparison.md", md + "\n")
     return table
+
+
+PATTERNS_CSV = "comparison_patterns.csv"  # with data.tabular: Δ per availability pattern
+
+
+def pattern_differences(run_dirs: dict[str, Path], reference: str, n_boot: int = 1000) -> pd.DataFrame:
+    """:func:`paired_differences` within each availability pattern of the tabular modalities
+    (column ``modalities``: e.g. fusion minus slides only on the patients without omics)."""
+    from mil.train.summary import run_predictions
+    ref = run_predictions(run_dirs[reference])
+    blocks = []
+    for value in sorted(ref[AVAILABILITY_COL].astype(str).unique()):
+        d = paired_differences(run_dirs, reference, n_boot=n_boot, where=(AVAILABILITY_COL, value))
+        d.insert(0, AVAILABILITY_COL, value)
+        d.insert(1, "n_patients", int(ref.loc[ref[AVAILABILITY_COL] == value, "patient_id"].nunique()))
+        blocks.append(d)
+    return pd.concat(blocks, ignore_index=True)
+
+
+def format_patterns(patterns: pd.DataFrame) -> str:
+    """The markdown section of :func:`pattern_differences`."""
+    metric, ref = patterns["metric"].iloc[0], patterns["reference"].iloc[0]
+    lines = ["", "", f"Per availability pattern (pooled {metric}; Δ vs {ref} [95% CI], same patients):", ""]
+    lines += [f"| modalities | patients | model | {metric} | Δ [95% CI] |", "|---|---|---|---|---|"]
+    for r in patterns.to_dict("records"):
+        d = f"{r['delta']:+.3f} [{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}]"
+        lines.append(f"| {r[AVAILABILITY_COL]} | {r['n_patients']} | {r['model']} | {r['value']:.3f} | "
+                     f"{'reference' if r['model'] == ref else d} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def run_baselines(
@@ -236,7 +270,8 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
 
 
 def paired_differences(
-    run_dirs: dict[str, Path], reference: str, n_boot: int = 1000, seed: int = 0
+    run_dirs: dict[str, Path], reference: str, n_boot: int = 1000, seed: int = 0,
+    where: tuple[str, str] | None = None,
 ) -> pd.DataFrame:
     """Every run's headline metric minus the reference run's, on the same out-of-fold bags.
 
@@ -247,7 +282,8 @@ def paired_differences(
     (:func:`mil.metrics.paired_difference`), which gives a 95% CI of the
     difference and a two-sided bootstrap p. One row per run: ``model``,
     ``reference``, ``metric``, ``value`` (pooled), ``delta``, ``delta_ci_low``,
-    ``delta_ci_high``, ``delta_p`` (the reference's own row: delta 0, p NaN).
+    ``delta_ci_high``, ``delta_p`` (the reference's own row: delta 0, p NaN). ``where``
+    ``(column, value)``: only the predictions whose column has that value.
     """
     from mil.metrics import paired_difference
     from mil.train.summary import run_predictions, run_task
@@ -255,7 +291,13 @@ def paired_differences(
     task = run_task(run_dirs[reference])
     metric = task.headline()
     key = ["fold_dir", "bag_id"]
-    ref = run_predictions(run_dirs[reference]).sort_values(key, ignore_index=True)
+    def rows_of(run_dir: Path) -> pd.DataFrame:
+        p = run_predictions(run_dir)
+        if where is not None:
+            p = p[p[where[0]].astype(str) == where[1]]
+        return p.sort_values(key, ignore_index=True)
+
+    ref = rows_of(run_dirs[reference])
     outcome = [c for c in task.outcome_columns if c in ref.columns]
 
     def score(frame: pd.DataFrame) -> float:
@@ -265,7 +307,7 @@ def paired_differences(
 
     rows = []
     for label, run_dir in run_dirs.items():
-        pred = run_predictions(run_dir).sort_values(key, ignore_index=True)
+        pred = rows_of(run_dir)
         if not pred[key].equals(ref[key]) or not pred[outcome].equals(ref[outcome]):
             raise DataError(
                 f"{run_dir}: its out-of-fold predictions are not on the same folds and bags "

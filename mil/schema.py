@@ -73,7 +73,7 @@ class DataConfig:
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
     # generate the built-in synthetic cohort at csv/features when they are absent
-    synthetic: Literal["classification", "survival"] | None = None
+    synthetic: Literal["classification", "survival", "multimodal"] | None = None
 
 
 @dataclass

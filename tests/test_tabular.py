@@ -200,3 +200,31 @@ def test_batches_carry_values_and_mask_and_subgroups_name_the_pattern(cohort_roo
     assert batch.tabular_mask[:, 0].tolist() == expected
     assert batch.x.shape[0] == int(batch.ptr[-1])  # the features still one packed tensor
     assert len(rna.groups) == 6
+
+
+@pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
+def test_ablation_reports_each_availability_pattern(cohort_root, tmp_path):
+    """Slides only against omics only, per availability pattern (what `mil compare` writes to
+    comparison_patterns.csv): the omics-only model gives every patient without omics the same
+    risk, so its C-index there is exactly 0.5."""
+    from mil.compare import entry_config, format_patterns, pattern_differences
+    from mil.train.runner import run_cv
+
+    cfg = config_from_dict(mm_config(cohort_root))
+    entries = {
+        "slides": {"label": "slides", "model": {"name": "abmil", "hidden_dim": 8}},
+        "rna": {"label": "rna", "model": {"name": "snn", "modalities": ["rna"], "hidden_dim": [8]}},
+    }
+    dirs = {k: tmp_path / k for k in entries}
+    for k, e in entries.items():
+        run_cv(entry_config(cfg, e), dirs[k], folds=[0, 1], progress=False, log=lambda *a: None, n_boot=20)
+    table = pattern_differences(dirs, "slides", n_boot=20)
+    pat = table.set_index(["modalities", "model"])
+    assert pat.loc[("slides+clinical", "rna"), "value"] == pytest.approx(0.5)
+    assert pat.loc[("slides+clinical", "slides"), "delta"] == 0.0
+    cases = pd.read_csv(cohort_root / "cohort.csv")["case_id"]
+    has_rna = cases.isin(pd.read_csv(cohort_root / "rna.csv")["case_id"])
+    tested = pd.concat(pd.read_csv(dirs["rna"] / f"fold_{k}" / "predictions.csv") for k in (0, 1))
+    expected = tested["patient_id"].isin(cases[has_rna]).sum()
+    assert pat.loc[("slides+rna+clinical", "rna"), "n_patients"] == expected
+    assert "| slides+clinical |" in format_patterns(table)

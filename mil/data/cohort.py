@@ -99,7 +99,11 @@ class Cohort:
         is written at ``data.csv`` / ``data.features`` first.
         """
         d = cfg.data
-        if d.synthetic and not Path(d.csv).is_file():
+        if d.synthetic == "multimodal" and not Path(d.csv).is_file():
+            from mil.data.synthetic_multimodal import write_multimodal_cohort
+
+            write_multimodal_cohort(Path(d.csv).parent, csv=Path(d.csv), features=Path(d.features))
+        elif d.synthetic and not Path(d.csv).is_file():
             from mil.data.synthetic import write_synthetic_cohort
 
             write_synthetic_cohort(d.synthetic, Path(d.csv), Path(d.features))

@@ -35,8 +35,11 @@ def write_multimodal_cohort(
     slide_weight: float = 1.2,
     omics_weight: float = 1.2,
     shift_norm: float = 7.5,
+    csv: str | Path | None = None,
+    features: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write the cohort under ``root``; returns ``cohort.csv``'s frame.
+    """Write the cohort under ``root`` (``csv``, ``features``: elsewhere); returns the
+    cohort CSV's frame.
 
     Each patient has an aggressive-tile fraction ``f`` (0 for a third, else 5-30%; those
     tiles shifted by ``shift_norm`` along one direction) and a latent activity ``u_j ~ N(0, 1)``
@@ -48,7 +51,7 @@ def write_multimodal_cohort(
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
-    feats_dir = root / "features"
+    feats_dir = Path(features) if features else root / "features"
     feats_dir.mkdir(parents=True, exist_ok=True)
     prototypes = rng.normal(0, 1.0, (6, dim))
     direction = rng.normal(0, 1, dim)
@@ -75,7 +78,7 @@ def write_multimodal_cohort(
             "true_omics_risk": float(omics_weight * omics_risk[i]),
         })  # fmt: skip
     cohort = pd.DataFrame(rows)
-    write_csv(root / "cohort.csv", cohort)
+    write_csv(Path(csv) if csv else root / "cohort.csv", cohort)
     _write_omics(root, rng, pids, u, genes_per_family, missing_omics)
     _write_clinical(root, rng, pids)
     return cohort

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mil.data.cohort import Cohort
 from mil.errors import SplitError
 from mil.io import write_csv
 from mil.splits.assignment import read_assignment
-from mil.splits.folds import PARTS, Split, make_splits, site_column
+from mil.splits.folds import (
+    PARTS,
+    Split,
+    inner_validation,
+    make_splits,
+    site_column,
+    strata_options,
+)
 
 
 def check_site_preserved(
@@ -85,8 +93,14 @@ def describe(split: Split, cohort: Cohort) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_splits(directory: str | Path, cohort: Cohort, folds: int, repeats: int = 1) -> list[Split]:
-    """Read split CSVs, checking every id is known and no patient spans two partitions."""
+def read_splits(
+    directory: str | Path, cohort: Cohort, folds: int, repeats: int = 1, val_fraction: float = 0.0,
+    seed: int = 0,
+) -> list[Split]:
+    """Read split CSVs, checking every id is known and no patient spans two partitions.
+
+    A file with ``train,val`` columns and no ``test`` (MCAT, Patch-GCN, PORPOISE, SurvPath:
+    case or slide ids) is read as :func:`read_test_as_val` does."""
     directory = Path(directory)
     known = set(cohort.slides["slide_id"])
     patient = dict(zip(cohort.slides["slide_id"], cohort.slides["patient_id"]))
@@ -106,6 +120,9 @@ def read_splits(directory: str | Path, cohort: Cohort, folds: int, repeats: int 
                 raise SplitError(f"{path}: cannot read split file ({exc})") from None
             if "Unnamed: 0" in df.columns:  # CLAM writes the pandas index
                 df = df.drop(columns="Unnamed: 0")
+            if "test" not in df.columns and {"train", "val"} <= set(df.columns):
+                out.append(read_test_as_val(path, df, cohort, sp, val_fraction, seed))
+                continue
             missing = [p for p in PARTS if p not in df.columns]
             if missing:
                 raise SplitError(f"{path}: missing column(s) {missing}; expected train,val,test")
@@ -125,6 +142,41 @@ def read_splits(directory: str | Path, cohort: Cohort, folds: int, repeats: int 
                 setattr(sp, p, ids)
             out.append(sp)
     return out
+
+
+def read_test_as_val(
+    path: Path, df: pd.DataFrame, cohort: Cohort, sp: Split, val_fraction: float, seed: int
+) -> Split:
+    """A ``train,val`` split file of the MCAT family: its ``val`` column (case or slide ids)
+    is the test fold, as those papers report it; the inner validation for early stopping is
+    carved from ``train`` (``splits.val_fraction``, patient-level, stratified), so the test
+    fold never chooses an epoch."""
+    slides = cohort.slides
+    by_patient = slides.groupby("patient_id", sort=False)["slide_id"].apply(list).to_dict()
+    known = set(slides["slide_id"])
+    parts: dict[str, list[str]] = {}
+    for col in ("train", "val"):
+        ids: list[str] = []
+        for v in df[col].dropna():
+            v = str(v).strip()
+            if v in known:
+                ids.append(v)
+            elif v in by_patient:
+                ids += by_patient[v]
+            elif v:
+                raise SplitError(f"{path}: {v!r} in '{col}' is neither a case nor a slide of the cohort CSV")
+        parts[col] = list(dict.fromkeys(ids))
+    patient = dict(zip(slides["slide_id"], slides["patient_id"]))
+    both = {patient[s] for s in parts["train"]} & {patient[s] for s in parts["val"]}
+    if both:
+        raise SplitError(f"{path}: patient {sorted(both)[0]!r} is in both 'train' and 'val'")
+    pos = {s: i for i, s in enumerate(slides["slide_id"])}
+    train = np.array([pos[s] for s in parts["train"]], dtype=int)
+    where = f"the training fold of {path}"
+    groups = slides["patient_id"].to_numpy()
+    tr, val = inner_validation(train, strata_options(cohort), groups, val_fraction, seed, where)
+    ids = slides["slide_id"].to_numpy()
+    return Split(sp.fold, ids[np.sort(tr)].tolist(), ids[np.sort(val)].tolist(), parts["val"], sp.repeat)
 
 
 def load_or_make_splits(
@@ -154,7 +206,7 @@ def load_or_make_splits(
     if assignment is not None:
         splits = read_assignment(assignment, cohort, folds, repeats, val_fraction, seed)
         if exists and not force:
-            old = read_splits(directory, cohort, folds, repeats)
+            old = read_splits(directory, cohort, folds, repeats, val_fraction, seed)
             for a, b in zip(old, splits):
                 if set(a.test) != set(b.test):
                     raise SplitError(
@@ -163,7 +215,7 @@ def load_or_make_splits(
                     )
             return old, False
     if exists and not force:
-        old = read_splits(directory, cohort, folds, repeats)
+        old = read_splits(directory, cohort, folds, repeats, val_fraction, seed)
         if site_col is not None:
             check_site_preserved(directory, old, cohort, site_col)
         return old, False
