@@ -228,3 +228,15 @@ def test_ablation_reports_each_availability_pattern(cohort_root, tmp_path):
     expected = tested["patient_id"].isin(cases[has_rna]).sum()
     assert pat.loc[("slides+rna+clinical", "rna"), "n_patients"] == expected
     assert "| slides+clinical |" in format_patterns(table)
+
+
+def test_multimodal_configs_are_valid():
+    from mil.compare import entries, entry_config
+    from mil.config import load_config
+
+    repo = Path(__file__).resolve().parents[1] / "experiments"
+    for name in ("demo_multimodal.yaml", "template_tcga_multimodal.yaml"):
+        cfg = load_config(repo / name)
+        assert [t["name"] for t in cfg.data.tabular][0] == "rna"
+        labels = [entry_config(cfg, e).model_name for e in entries(cfg)]
+        assert {"abmil", "snn", "late_fusion", "mcat", "survpath"} <= set(labels)
