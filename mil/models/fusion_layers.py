@@ -55,12 +55,10 @@ class TabularModel(MILModel):
             offsets.append(offsets[-1] + int(m["dim"]))
         mods = [names.index(m) for m in chosen]
         cols = [c for j in mods for c in range(offsets[j], offsets[j + 1])]
-        of_col = [j for j in mods for _ in range(int(layout[j]["dim"]))]
         self.groups = [
             (torch.tensor([offsets[j] + c for c in g]), j) for j in mods for g in layout[j]["groups"]
         ]
         self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
-        self.register_buffer("col_mod", torch.tensor(of_col, dtype=torch.long), persistent=False)
         self.register_buffer("mods", torch.tensor(mods, dtype=torch.long), persistent=False)
         dims = torch.tensor([int(m["dim"]) for m in layout], dtype=torch.long)
         mod_all = torch.repeat_interleave(torch.arange(len(layout)), dims)
