@@ -10,6 +10,7 @@ import pandas as pd
 
 from mil.config import Config
 from mil.io import atomic_path, json_float
+from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS
 from mil.models.registry import get as get_model
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
 from mil.results.search import search_section
@@ -40,7 +41,7 @@ def write_report(run_dir: str | Path) -> Path:
         for f, title in figures:
             lines += [f"![{title}]({f})", "", f"*{title}*", ""]
         if heatmaps:
-            lines += ["Instance-score heatmaps of test slides (`mil heatmap`):", ""]
+            lines += [heatmap_caption(), ""]
             lines += [f"![{p.stem}](heatmaps/{p.name})" for p in heatmaps] + [""]
     if summary.get("diagnostics"):
         lines += ["## Training diagnostics", "", *_diagnostics(summary), ""]
@@ -130,6 +131,21 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         f"confidence intervals ({n_boot:,} resamples of patients) of the pooled out-of-fold predictions."
     )
     return " ".join(parts)
+
+
+def heatmap_caption() -> str:
+    """What the heatmaps show, and what they do not."""
+    kind = DEFAULT_SCORE_KIND
+    return (
+        f"Heatmaps of test slides (`mil heatmap`): each tile coloured by its `{kind}` score "
+        f"(the default, chosen by the localization benchmark: {SCORE_KINDS[kind]}), as a "
+        "percentile within its slide (survival: signed, red raises and blue lowers the risk). "
+        "Bright tiles are those the model's evidence for the class rests on; that is not a "
+        "segmentation of the lesion, and a tile can score high for a correlate of the label. "
+        f"Against annotated tiles: `witness_auc_{kind}` above, where the features carry "
+        f"instance labels; without labels, `deletion_{kind}` (the prediction without the "
+        "top-scored tiles; lower than `deletion_random` means the top tiles carry it)."
+    )
 
 
 def ordered_metrics(keys, task: Task) -> list[str]:
