@@ -443,3 +443,16 @@ def test_additive_instance_logits_are_the_model_on_a_bag_of_one():
         out = model(collate_bags([bag]))
         alone = [model(collate_bags([Bag("one", bag.x[j : j + 1])])).logits[0] for j in range(11)]
     torch.testing.assert_close(out.extra_scores["instance_logits"], torch.stack(alone))
+
+
+def test_lse_pooling_by_hand():
+    """log-mean-exp of the instance logits, bag by bag; a bag of one gives its instance logit."""
+    model = build("lse", n_out=2)
+    bags = make_bags(model, sizes=(9, 1))
+    with torch.no_grad():
+        out = model(collate_bags(bags))
+        for i, bag in enumerate(bags):
+            s = model.head(model.encoder(bag.x))
+            expected = (torch.logsumexp(model.r * s, 0) - math.log(len(bag))) / model.r
+            torch.testing.assert_close(out.logits[i], expected)
+    torch.testing.assert_close(out.logits[1], out.extra_scores["instance_logits"][9])

@@ -1,5 +1,6 @@
-"""Instance-agnostic pooling baselines: mean and max pooling of encoded instances, and a
-linear model on the mean of the raw instances (a linear probe on slide embeddings)."""
+"""Instance-agnostic pooling baselines: mean, max and log-mean-exp pooling of encoded instances
+(or of their logits), and a linear model on the mean of the raw instances (a linear probe on
+slide embeddings)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,53 @@ class MaxPoolMIL(MILModel):
             wins = (h == z[batch.batch]).to(h.dtype).sum(1)
             extra = {"instance_logits": self.head(h.detach()).float()}
         return MILOutput(logits=self.head(z), embedding=z, scores=wins, extra_scores=extra)
+
+
+@register("lse")
+class LogSumExpMIL(MILModel):
+    r"""Instance logits pooled by a smooth maximum (log-mean-exp; Ramon & De Raedt 2000).
+
+    .. math::
+        s_i = W f(x_i) + c, \qquad
+        \text{logits}_b = \tfrac{1}{r} \log \tfrac{1}{N_b} \sum_{i \in b} e^{r s_i}
+
+    per output column: ``r`` near 0 is mean pooling of the instance logits, large
+    ``r`` their maximum. A bag of one instance has logits :math:`s_i`, so
+    ``instance_logits`` (also the instance scores, last column) are exactly the
+    model's output on each instance alone, comparable across bags.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int | list[int] = 128,
+        dropout: float = 0.25,
+        r: float = 5.0,
+    ):
+        super().__init__(in_dim, n_out)
+        if r <= 0:
+            raise ValueError(f"r must be > 0, got {r}")
+        self.r = float(r)
+        self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
+        self.head = nn.Linear(h, n_out)
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        h = self.encoder(batch.x)
+        s = self.head(h)
+        n = batch.num_bags
+        top = scatter(s.detach(), batch.batch, dim=0, dim_size=n, reduce="max")  # for stability
+        mean = scatter(
+            torch.exp(self.r * (s - top[batch.batch])), batch.batch, 0, dim_size=n, reduce="mean"
+        )
+        logits = top + torch.log(mean) / self.r
+        z = scatter(
+            h, batch.batch, dim=0, dim_size=n, reduce="mean"
+        )  # embedding: the mean instance
+        inst = s.detach().float()
+        return MILOutput(
+            logits=logits, embedding=z, scores=inst[:, -1], extra_scores={"instance_logits": inst}
+        )
 
 
 @register("linear")
