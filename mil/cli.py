@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--kind",
             dest="kind",
             default="default",
-            help="instance score kind: default (each tile's contribution to the class logit, "
-            "chosen by the localization benchmark), attention, contribution, instance_logits, "
+            help="instance score kind: default (chosen by the localization benchmark: "
+            "instance_logits, the model's logit for the tile alone; survival: contribution, the "
+            "tile's signed share of the risk), attention, contribution, instance_logits, "
             "attention_x_logit, instance_classifier (what the model saved)",
         )
         sp.add_argument("--cls", help="class (branch) of a multi-column score kind")

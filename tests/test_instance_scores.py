@@ -63,7 +63,7 @@ def test_witness_metrics_per_kind_match_sklearn(run_dir):
         assert "witness_auc_pooled_contribution" not in m  # not comparable across bags
         for key in (
             "deletion_main",
-            "deletion_contribution",
+            f"deletion_{DEFAULT_SCORE_KIND}",
             "deletion_random",
             "insertion_random",
         ):

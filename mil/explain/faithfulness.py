@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mil.data.batch import Bag
-from mil.models.base import DEFAULT_SCORE_ORDER
+from mil.models.base import default_score_order
 
 #: fractions of a bag's instances removed (deletion) or kept (insertion)
 FRACTIONS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2)
@@ -154,7 +154,7 @@ def fold_faithfulness(
 
     kinds = {} if fwd.scores is None else {"main": fwd.scores}
     if extra is None:
-        extra = [k for k in DEFAULT_SCORE_ORDER if k in fwd.extra_scores][:1]
+        extra = [k for k in default_score_order(task_type) if k in fwd.extra_scores][:1]
     kinds.update({k: fwd.extra_scores[k] for k in extra if k in fwd.extra_scores})
     if not kinds or not len(bags):
         return {}

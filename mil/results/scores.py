@@ -8,9 +8,8 @@ kinds (:data:`mil.models.base.SCORE_KINDS`, as the task reads them:
 ``slide_ptr`` say which rows belong to which slide of a multi-slide bag. File
 attributes: ``model``, ``fold``, ``has_scores``, ``score_kinds``.
 
-Reading, ``kind="default"`` is :data:`~mil.models.base.DEFAULT_SCORE_KIND` (or the
-next of :data:`~mil.models.base.DEFAULT_SCORE_ORDER` the file has, else the main
-score); a two-column class kind read without ``cls`` gives the last class's
+Reading, ``kind="default"`` is the first kind of
+:func:`~mil.models.base.default_score_order` the file has (else the main score); a two-column class kind read without ``cls`` gives the last class's
 column (the positive class of a binary task).
 """
 
@@ -27,7 +26,7 @@ import pandas as pd
 from mil.errors import DataError
 from mil.io import atomic_path
 from mil.metrics.instances import LOGIT_KINDS
-from mil.models.base import DEFAULT_SCORE_ORDER
+from mil.models.base import default_score_order
 
 #: ``kind`` that reads the default heatmap score
 DEFAULT = "default"
@@ -97,11 +96,12 @@ def read_scores(
     cls: int | str | None,
     classes: list[str],
     fallback_cls: int | None = None,
+    task_type: str = "classification",
 ) -> tuple[np.ndarray, str, np.ndarray | None, str, str]:
     """One bag's scores of ``kind`` (column ``cls``) in the group ``entry`` of a scores file.
 
     ``fallback_cls``: the column of a class kind of more than two columns read without
-    ``cls`` (e.g. the bag's predicted class). Returns (values, label of the kind, coords
+    ``cls`` (e.g. the bag's predicted class); ``task_type`` picks the default kind. Returns (values, label of the kind, coords
     or None, bag id, model name).
     """
     group = entry[0]
@@ -109,7 +109,7 @@ def read_scores(
         g = f[group]
         bag_id = str(g.attrs.get("bag_id", group))
         if kind == DEFAULT:
-            kind = next((k for k in DEFAULT_SCORE_ORDER if f"scores_{k}" in g), None)
+            kind = next((k for k in default_score_order(task_type) if f"scores_{k}" in g), None)
         values, label = _read_kind(g, kind, cls, classes, slide_id, fold, path, fallback_cls)
         coords = g["coords"][()] if "coords" in g else None
         model = str(f.attrs.get("model", ""))

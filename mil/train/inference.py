@@ -15,7 +15,7 @@ from mil.data.readers import FEATURE_SUFFIXES
 from mil.data.transforms import Standardizer
 from mil.errors import MilError
 from mil.metrics.instances import LOGIT_KINDS, task_view
-from mil.models.base import DEFAULT_SCORE_ORDER
+from mil.models.base import default_score_order
 from mil.results.checkpoint import load_model
 from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
@@ -67,7 +67,8 @@ class FoldModel:
         ``kind`` ``"default"``: the default heatmap score (:mod:`mil.results.scores`); a class
         kind without ``cls``: the last class of two, else the predicted class."""
         if kind == DEFAULT:
-            kind = next((k for k in DEFAULT_SCORE_ORDER if k in fwd.extra_scores), None)
+            order = default_score_order(self.cfg.task.type)
+            kind = next((k for k in order if k in fwd.extra_scores), None)
         if kind is None:
             if fwd.scores is None:
                 raise MilError(

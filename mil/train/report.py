@@ -10,7 +10,7 @@ import pandas as pd
 
 from mil.config import Config
 from mil.io import atomic_path, json_float
-from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS
+from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS, SURVIVAL_SCORE_KIND
 from mil.models.registry import get as get_model
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
 from mil.results.search import search_section
@@ -135,11 +135,12 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
 
 def heatmap_caption() -> str:
     """What the heatmaps show, and what they do not."""
-    kind = DEFAULT_SCORE_KIND
+    kind, survival = DEFAULT_SCORE_KIND, SURVIVAL_SCORE_KIND
     return (
         f"Heatmaps of test slides (`mil heatmap`): each tile coloured by its `{kind}` score "
         f"(the default, chosen by the localization benchmark: {SCORE_KINDS[kind]}), as a "
-        "percentile within its slide (survival: signed, red raises and blue lowers the risk). "
+        f"percentile within its slide (survival: `{survival}`, signed: red raises and blue "
+        "lowers the risk). "
         "Bright tiles are those the model's evidence for the class rests on; that is not a "
         "segmentation of the lesion, and a tile can score high for a correlate of the label. "
         f"Against annotated tiles: `witness_auc_{kind}` above, where the features carry "
