@@ -124,3 +124,10 @@ def test_survival_contributions_are_signed_shares_of_the_risk(tmp_path):
     fig = run.heatmap(pred["bag_id"].iloc[0], top_k=0)
     image = fig.axes[0].images[0]
     assert image.get_cmap().name.startswith("RdBu_r") and image.get_clim() == (-1.0, 1.0)
+
+
+def test_fold_scores_of_attention_equal_the_saved_main_scores(run_dir):
+    run = Run(run_dir)
+    slide = run.predictions(fold=1)["bag_id"].iloc[0]
+    fresh = run.fold_scores(slide, folds=[1], kind="attention")
+    np.testing.assert_allclose(fresh["fold_1"], run.scores(slide, kind=None)["score"], atol=1e-5)

@@ -69,6 +69,8 @@ class FoldModel:
         if kind == DEFAULT:
             order = default_score_order(self.cfg.task.type)
             kind = next((k for k in order if k in fwd.extra_scores), None)
+        if kind == "attention" and kind not in fwd.extra_scores:  # the main score (ABMIL...)
+            kind = None
         if kind is None:
             if fwd.scores is None:
                 raise MilError(
