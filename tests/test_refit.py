@@ -171,3 +171,29 @@ def test_refit_needs_every_fold_and_evaluate_needs_a_refit(root, data, tmp_path)
     with pytest.raises(MilError, match=r"no refit model .* `mil train CONFIG --out"):
         evaluate(run, ext, tmp_path / "eval", n_boot=10, refit=True)
     assert not (tmp_path / "eval").exists()  # refused before anything was written
+
+
+def test_refit_of_a_fusion_model_scales_the_tables_on_every_patient(small_cohort, tmp_path):
+    """snn on an omics table: the refit's saved scaler is scikit-learn's StandardScaler over
+    every patient with omics, and the model reads the table (patients' scores differ)."""
+    from sklearn.preprocessing import StandardScaler
+
+    raw = small_cohort
+    cases = pd.read_csv(raw["data"]["csv"]).drop_duplicates("case_id")
+    rng = np.random.default_rng(1)
+    y = (cases["label"] == "positive").to_numpy(float)
+    omics = pd.DataFrame({"case_id": cases["case_id"], "g1": 2 * y + rng.normal(0, 0.5, len(y)),
+                          "g2": rng.normal(5, 2, len(y))})  # fmt: skip
+    omics = omics[rng.uniform(size=len(y)) > 0.2]
+    omics.to_csv(tmp_path / "omics.csv", index=False)
+    raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "omics.csv")}]
+    raw["model"] = {"name": "snn", "hidden_dim": [8]}
+    raw["train"].update(epochs=3)
+    cfg = config_from_dict(raw)
+    run = run_cv(cfg, tmp_path / "run", progress=False, log=quiet, n_boot=10)
+    refit(cfg, run, progress=False, log=quiet)
+    scaler = Run(run).checkpoint("refit")["standardize"]["tabular"]
+    ref = StandardScaler().fit(omics[["g1", "g2"]].to_numpy(float))
+    np.testing.assert_allclose(scaler["center"].numpy(), ref.mean_, rtol=1e-5)
+    np.testing.assert_allclose(scaler["scale"].numpy(), ref.scale_, rtol=1e-5)
+    assert Run(run).checkpoint("refit")["hparams"]["tabular"]  # the layout the model was built with

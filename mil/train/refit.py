@@ -12,8 +12,9 @@ The refit chooses nothing by looking at data it will be scored on:
   stops where they stopped. No bag is held out for validation.
 - **the linear baselines** fit once at the geometric median of the penalties the
   folds chose on their validation bags.
-- the preprocessing (``data.standardize``) and the task's fold state (class
-  weights, survival bins) are fitted on every bag; a binary decision threshold
+- the preprocessing (``data.standardize``, the scalers of ``data.tabular``) and the
+  task's fold state (class weights, survival bins) are fitted on every bag, as a fold's
+  are on its training bags (:func:`mil.train.runner.fold_setup`); a binary decision threshold
   is the median of the folds' (:meth:`mil.tasks.Task.ensemble_operating_point`).
 
 It writes ``<run>/refit/model.pt`` and ``history.csv``, then ``refit.json``
@@ -32,16 +33,16 @@ import pandas as pd
 import torch
 
 from mil.config import Config
-from mil.data.transforms import feature_stats
 from mil.errors import MilError
 from mil.io import read_json, write_csv, write_json
-from mil.models import create
+from mil.models.fusion import with_tabular_layout
 from mil.results import HISTORY, MODEL, REFIT, REFIT_JSON, RunFolder
 from mil.results.checkpoint import save_model
 from mil.train.closed_form import fit_closed_form
 from mil.train.experiment import Experiment
 from mil.train.loop import fit
 from mil.train.optim import training_budget
+from mil.train.runner import fold_setup
 
 
 def refit_done(run_dir: str | Path) -> bool:
@@ -108,12 +109,7 @@ def refit(
     task.setup_fold(bags, fold_name=REFIT)
     task.ensemble_operating_point([r["metrics"] for r in run.records().values()])
     torch.manual_seed(cfg.train.seed + 104729)
-    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **cfg.model_hparams)
-    norm = None
-    if cfg.data.standardize and model.trained_by_gradient:
-        ids = bags["bag_id"].tolist()
-        norm = feature_stats(exp.data, ids, whiten=cfg.data.standardize == "whiten")
-    data = exp.data.with_transform(None if norm is None else norm.apply)
+    model, norm, data = fold_setup(exp, task, bags["bag_id"].tolist())  # as a fold's
     t0 = time.perf_counter()
     if model.trained_by_gradient:
         train_cfg = dataclasses.replace(
@@ -129,8 +125,9 @@ def refit(
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / HISTORY, history)
+    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
     save_model(
-        out / MODEL, state, cfg.model_name, cfg.model_hparams, exp.store.dim, task.n_out,
+        out / MODEL, state, cfg.model_name, hparams, exp.store.dim, task.n_out,
         task.name, task.classes, task.state(), None if norm is None else norm.state(),
     )  # fmt: skip
     record = {

@@ -227,6 +227,20 @@ def run_fold(
     return result.metrics
 
 
+def fold_setup(
+    exp: Experiment, task: Task, train_ids: list[str]
+) -> tuple[torch.nn.Module, Standardizer | None, BagDataset]:
+    """A new model for a fold (or a refit) trained on ``train_ids``, the preprocessing fitted
+    on those bags only, and the fold's own view of the bags (graphs built under it)."""
+    cfg = exp.cfg
+    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
+    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **hparams)
+    # baselines standardise their pooled vectors; tabular scalers are fitted for every model
+    standardize = cfg.data.standardize if model.trained_by_gradient else False
+    norm = fold_preprocessing(exp.data, train_ids, standardize, exp.cohort.tabular)
+    return model, norm, exp.data.with_transform(norm)
+
+
 def _train_and_test(
     exp: Experiment,
     task: Task,
@@ -239,13 +253,7 @@ def _train_and_test(
 ) -> FoldResult:
     cfg = exp.cfg
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
-    # the fold's own view of the bags: its standardisation, and graphs built under it
-    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
-    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **hparams)
-    # baselines standardise their pooled vectors; tabular scalers are fitted for every model
-    standardize = cfg.data.standardize if model.trained_by_gradient else False
-    norm = fold_preprocessing(exp.data, train["bag_id"].tolist(), standardize, exp.cohort.tabular)
-    data = exp.data.with_transform(norm)
+    model, norm, data = fold_setup(exp, task, train["bag_id"].tolist())
     model = model.to(device)
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
