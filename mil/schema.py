@@ -33,9 +33,11 @@ class TaskConfig:
     loss: Literal["cox", "nll"] = "cox"
     ties: Literal["efron", "breslow"] = "efron"
     bins: int = 4
+    # bins at quantiles of the training fold's event times ("fold"), or of the whole cohort's
+    # ("cohort": MCAT/Patch-GCN/SurvPath's labelling, reproduced and flagged in report.md)
+    bins_from: Literal["fold", "cohort"] = "fold"
     alpha: float = 0.0
-    # what the cohort reads as targets ("label" or "survival"): set from the task registry
-    # by mil.config, never by the user
+    # the targets the cohort reads ("label"/"survival"): set by mil.config from the registry
     target_kind: str = field(default="label", metadata={"internal": True})
 
 
@@ -106,13 +108,11 @@ class TrainConfig:
     # batches per epoch)), and early stopping waits for them; null: train.epochs decides.
     # A config that sets train.epochs gets FIXED_EPOCHS for the budget keys it leaves unset.
     min_steps: int | None = 500
-    # learning rate over the steps: constant, or cosine decay to 0 over the run's steps
-    # (epochs x batches per epoch); both after a linear warm-up of warmup_steps
+    # lr per step: constant, or cosine decay to 0 over the run's steps; after a warm-up
     schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 50
-    # the restored checkpoint is the lowest validation loss among epochs >= best_from_epoch:
-    # on a small validation set an untrained network (all predictions near the prior) can
-    # score the lowest loss of the run, and early stopping would keep it
+    # the checkpoint kept is the lowest validation loss among epochs >= best_from_epoch (on
+    # few validation bags an untrained network near the prior can score the lowest loss)
     best_from_epoch: int = 0
     seed: int = 0
     # compute chunk: instances per forward call (the loss batch may span several)

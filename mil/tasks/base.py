@@ -84,6 +84,10 @@ class Task:
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
         """Fit fold-dependent state (class weights, survival bins) on the training bags."""
 
+    def observe_cohort(self, bags: pd.DataFrame) -> None:
+        """Every bag of the cohort, before any fold. Nothing may be fitted on them by default;
+        a task option that reproduces a published (leaky) protocol may read them."""
+
     def state(self) -> dict[str, Any]:
         """Fold state saved beside the model weights (plain Python types)."""
         return {}

@@ -84,6 +84,12 @@ class SurvivalTask(Task):
         self.loss_name = cfg.task.loss
         self.ties = cfg.task.ties
         self.bin_edges: np.ndarray | None = None
+        self.cohort_times: tuple[np.ndarray, np.ndarray] | None = None
+
+    def observe_cohort(self, bags: pd.DataFrame) -> None:
+        """With ``task.bins_from: cohort``, keep every bag's time and event for the bins."""
+        if self.cfg.task.bins_from == "cohort":
+            self.cohort_times = (bags["time"].to_numpy(float), bags["event"].to_numpy(int))
 
     @property
     def n_out(self) -> int:
@@ -99,10 +105,11 @@ class SurvivalTask(Task):
                     f"folds (splits.folds), more patients, or task.loss: nll"
                 )
             return
+        times = train_bags["time"].to_numpy(float)
+        if self.cohort_times is not None:  # bins_from: cohort (test folds' times included)
+            times, event = self.cohort_times
         try:
-            self.bin_edges = discrete_time_bins(
-                train_bags["time"].to_numpy(float), event, self.cfg.task.bins
-            )
+            self.bin_edges = discrete_time_bins(times, event, self.cfg.task.bins)
         except DataError as exc:
             raise DataError(f"{self.where}: {exc} (task.bins = {self.cfg.task.bins})") from None
 
@@ -347,9 +354,16 @@ class SurvivalTask(Task):
                 "batch. Metrics (scikit-survival): Harrell's and Uno's C-index, time-dependent AUC and "
                 "integrated Brier score; log-rank test (lifelines) of risk groups split at the training median."
             )
+        where = (
+            "the whole cohort's event times, test folds included (task.bins_from: cohort, the "
+            "labelling of MCAT, Patch-GCN, PORPOISE and SurvPath, kept to reproduce them: it lets "
+            "the test folds' times shape the bins, so the result is not a clean held-out estimate)"
+            if task.bins_from == "cohort"
+            else "the training fold's event times"
+        )
         return (
             f"Loss: discrete-time hazard negative log-likelihood over {task.bins} bins at quantiles "
-            "of the training fold's event times. Metrics (scikit-survival): Harrell's and Uno's C-index, "
+            f"of {where}. Metrics (scikit-survival): Harrell's and Uno's C-index, "
             "time-dependent AUC and integrated Brier score; log-rank test (lifelines) of risk groups."
         )
 

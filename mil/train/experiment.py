@@ -51,7 +51,9 @@ class Experiment:
         self.data = BagDataset.with_graph(self.cohort.bag_slides, self.store, graph, graph_k)
 
     def task(self) -> Task:
-        return make_task(self.cfg, self.cohort.classes)
+        task = make_task(self.cfg, self.cohort.classes)
+        task.observe_cohort(self.cohort.bags)
+        return task
 
     def fold_bags(self, split: Split, part: str) -> pd.DataFrame:
         ids = set(self.cohort.bags_of_slides(split.part(part)))
