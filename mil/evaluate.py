@@ -27,9 +27,9 @@ from mil.data.cohort import Cohort, class_names, read_cohort_csv
 from mil.data.dataset import FeatureStore
 from mil.data.provenance import compare_provenance
 from mil.data.sources import load_cohort
+from mil.data.tabular import TabularTable
 from mil.errors import ConfigError, DataError, MilError, MilWarning
 from mil.io import write_csv, write_json
-from mil.metrics import unpaired_difference
 from mil.results import (
     CONFIG,
     MODEL,
@@ -44,6 +44,7 @@ from mil.results import (
 from mil.run import Run
 from mil.tasks import Task, make_task
 from mil.train.external_report import predictor_words, write_external_report
+from mil.train.gaps import generalization_gap
 from mil.train.inference import FoldModel, ensemble
 from mil.train.refit import read_refit
 from mil.train.summary import subgroup_results
@@ -229,7 +230,9 @@ def ensemble_predictions(
     fold ensemble's mean outputs (:func:`mil.train.inference.ensemble`), then ``n_folds``
     and the cohort's site and subgroup columns."""
     bags = cohort.bags
-    mean = ensemble(models, cohort.bag_slides, store).set_index("bag_id").loc[bags["bag_id"]]
+    table = tables_for(models[0], cohort)
+    mean = ensemble(models, cohort.bag_slides, store, tabular=table)
+    mean = mean.set_index("bag_id").loc[bags["bag_id"]]
     pred = task.predictions(bags, np.zeros((len(bags), task.n_out)))  # ids and outcomes
     for col in mean.columns:
         pred[col] = mean[col].to_numpy()
@@ -237,6 +240,24 @@ def ensemble_predictions(
     for col in cohort.group_cols:
         pred[col] = bags[col].to_numpy()
     return pred
+
+
+def tables_for(model: FoldModel, cohort: Cohort) -> TabularTable | None:
+    """The cohort's ``data.tabular`` tables laid out as the run's fusion models read theirs;
+    None (every table missing, with a warning) where the cohort lists none."""
+    layout = model.payload["hparams"].get("tabular")
+    if not layout:
+        return None
+    if cohort.tabular is None:
+        warnings.warn(
+            f"{cohort.source}: the run's models read tables ({', '.join(m['name'] for m in layout)}) "
+            f"but this cohort's config lists no data.tabular; every patient is treated as "
+            f"missing them",
+            MilWarning,
+            stacklevel=3,
+        )
+        return None
+    return cohort.tabular.aligned(layout, str(cohort.source))
 
 
 def _reference(run: Run, task: Task, models: list[FoldModel]) -> pd.DataFrame | None:
@@ -307,47 +328,6 @@ def _score(
         "gap": generalization_gap(task, internal, pred, n_boot=n_boot),
     }
     return summary, artifacts
-
-
-def generalization_gap(
-    task: Task, internal: pd.DataFrame, external: pd.DataFrame, n_boot: int = 1000, seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """Per headline metric of the task: its value on the run's pooled out-of-fold predictions
-    (``internal``, as the run summary pools them) and on the external predictions, and
-    ``difference`` = external minus internal with a percentile-bootstrap ``ci95`` and ``p``.
-    The cohorts hold different patients, so each is resampled on its own, whole patients
-    at a time (:func:`mil.metrics.unpaired_difference`)."""
-    names = task.headline_metrics
-
-    def scorer(frame: pd.DataFrame):
-        def score(rows: np.ndarray) -> dict[str, float]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # one-class resamples
-                values = task.pooled_metrics(frame.iloc[rows])
-            return {k: float(values[k]) for k in names if k in values}
-
-        return score
-
-    score_ext, score_int = scorer(external), scorer(internal)
-    point_ext = score_ext(np.arange(len(external)))
-    point_int = score_int(np.arange(len(internal)))
-    diffs = unpaired_difference(
-        score_ext, len(external), score_int, len(internal), n_boot=n_boot, seed=seed,
-        groups_a=external["patient_id"].astype(str).to_numpy(),
-        groups_b=internal["patient_id"].astype(str).to_numpy(),
-    )  # fmt: skip
-    return {
-        k: {
-            "internal": point_int[k],
-            "external": point_ext[k],
-            "difference": diffs[k]["delta"],
-            "ci95": [diffs[k]["ci_low"], diffs[k]["ci_high"]],
-            "p": diffs[k]["p"],
-            "n_resamples": diffs[k]["n_resamples"],
-        }
-        for k in names
-        if k in diffs
-    }
 
 
 # ---- the folder -----------------------------------------------------------------------------

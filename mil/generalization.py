@@ -20,14 +20,13 @@ patient-bootstrap 95% CI and its difference to internal CV:
   is a paired bootstrap (both runs' predictions of a resampled patient go in
   together: :func:`paired_setting_difference`);
 - an external cohort holds other patients, so its gap resamples each cohort on
-  its own (:func:`mil.evaluate.generalization_gap`, unpaired).
+  its own (:func:`mil.train.gaps.generalization_gap`, unpaired).
 
 Finished folds and evaluations are reused, as everywhere in ``mil``.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,10 @@ import yaml
 
 from mil.compare import entries, entry_config
 from mil.config import Config, config_from_dict
-from mil.errors import ConfigError, DataError
+from mil.errors import ConfigError
 from mil.io import json_float, read_json, write_csv, write_text
-from mil.metrics import paired_difference
 from mil.results import SUMMARY_JSON, RunFolder
-from mil.tasks import Task
+from mil.train.gaps import paired_setting_difference
 from mil.train.summary import run_task
 
 TABLE = "generalization.csv"
@@ -183,44 +181,6 @@ def _row(label, setting, cohort, pred, metric, value, ci) -> dict[str, Any]:
     row.update(delta=float("nan"), delta_ci_low=float("nan"), delta_ci_high=float("nan"))
     row.update(delta_p=float("nan"), pairing="")
     return row
-
-
-def paired_setting_difference(
-    task: Task, a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Per headline metric: the pooled metric of predictions ``a`` minus that of ``b``, where
-    both predict the same patients (e.g. site-preserved and patient-level folds of one cohort),
-    with a paired percentile-bootstrap 95% CI and p (:func:`mil.metrics.paired_difference`).
-
-    A resample draws patients; each drawn patient brings all its rows of ``a`` *and* of ``b``
-    (each frame keeps its own folds, so survival pairs stay within a fold). Patients in only
-    one frame are a :class:`DataError`."""
-    pa, pb = a["patient_id"].astype(str), b["patient_id"].astype(str)
-    only = sorted(set(pa) ^ set(pb))
-    if only:
-        raise DataError(
-            f"patient {only[0]} is predicted in one setting but not the other; both must "
-            "cover the same patients to be compared pairwise"
-        )
-    patients = np.array(sorted(set(pa)))
-    rows_a = [np.flatnonzero(pa.to_numpy() == p) for p in patients]
-    rows_b = [np.flatnonzero(pb.to_numpy() == p) for p in patients]
-
-    def score(frame: pd.DataFrame, metric: str) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # one-class resamples
-            return float(task.pooled_metrics(frame).get(metric, float("nan")))
-
-    out = {}
-    for m in task.headline_metrics:
-
-        def diff(idx: np.ndarray, m=m) -> float:
-            ia = np.concatenate([rows_a[i] for i in idx])
-            ib = np.concatenate([rows_b[i] for i in idx])
-            return score(a.iloc[ia], m) - score(b.iloc[ib], m)
-
-        out[m] = paired_difference(diff, len(patients), n_boot=n_boot, seed=seed)
-    return out
 
 
 def format_generalization(

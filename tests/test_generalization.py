@@ -15,9 +15,9 @@ from sklearn.metrics import roc_auc_score
 
 from mil.cli import main
 from mil.data.synthetic import write_synthetic_cohort
-from mil.generalization import paired_setting_difference
 from mil.metrics import unpaired_difference
 from mil.tasks import make_task
+from mil.train.gaps import paired_setting_difference
 
 pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from mil.data.cohort import AVAILABILITY_COL, normalize_id
-from mil.errors import ConfigError, DataError
+from mil.errors import ConfigError, DataError, MilWarning
 
 #: a gene of MCAT's ``signatures.csv`` joins its group with these columns of the omics table
 GENE_SUFFIXES = ("", "_mut", "_cnv", "_rnaseq", "_rna", "_mrna")
@@ -115,9 +115,42 @@ class TabularTable:
         this order): each modality's name, width and groups (positions within it)."""
         return [
             {"name": m.name, "dim": len(m.features), "groups": [list(g) for g in m.groups],
-             "group_names": list(m.group_names)}
+             "group_names": list(m.group_names), "features": list(m.features),
+             "scaled": [bool(v) for v in m.scaled]}
             for m in self.modalities
         ]  # fmt: skip
+
+    def aligned(self, layout: list[dict[str, Any]], where: str) -> TabularTable:
+        """This (external) cohort's tables laid out as a run's models read theirs (``layout``,
+        from the fold checkpoints): the run's modalities, in its column order, matched by
+        name. A modality the cohort lacks is missing for every patient (with a warning); a
+        one-hot level it never takes is 0; a numeric column it lacks is a :class:`DataError`
+        naming the modality and column. A layout without feature names (older runs) is
+        matched by position and width."""
+        by_name = {m.name: m for m in self.modalities}
+        out = []
+        for spec in layout:
+            name, dim = spec["name"], int(spec["dim"])
+            m = by_name.get(name)
+            if m is None:
+                warnings.warn(
+                    f"{where}: the run's models read the table {name!r}, which this cohort's "
+                    f"data.tabular does not list; every patient is treated as missing it",
+                    MilWarning, stacklevel=3,
+                )  # fmt: skip
+                values = np.full((len(self.patients), dim), np.nan)
+                present = np.zeros(len(self.patients), bool)
+            elif spec.get("features") is None:
+                if len(m.features) != dim:
+                    raise DataError(f"{where}: table {name!r} has {len(m.features)} columns, the run's models read {dim}")
+                values, present = m.values, m.present
+            else:
+                values, present = _columns_of(m, spec, where), m.present
+            scaled = np.array(spec.get("scaled", [True] * dim), bool)
+            feats = spec.get("features") or [f"{name}_{i}" for i in range(dim)]
+            out.append(Modality(name, list(feats), values, present, scaled,
+                                [list(g) for g in spec["groups"]], list(spec["group_names"])))  # fmt: skip
+        return TabularTable(self.patients, self.bag_patient, out)
 
     def patterns(self) -> dict[str, str]:
         """Patient -> availability pattern, e.g. ``slides+rna`` (``slides`` alone: no table)."""
@@ -188,6 +221,23 @@ class TabularScaler:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> TabularScaler:
         return cls(state["center"].float(), state["scale"].float())
+
+
+def _columns_of(m: Modality, spec: dict[str, Any], where: str) -> np.ndarray:
+    """``m``'s values in the columns ``spec["features"]`` (see :meth:`TabularTable.aligned`)."""
+    pos = {f: i for i, f in enumerate(m.features)}
+    cols = []
+    for f, scaled in zip(spec["features"], spec.get("scaled", [True] * len(spec["features"]))):
+        if f in pos:
+            cols.append(m.values[:, pos[f]])
+        elif not scaled:  # a one-hot level no patient of this cohort has
+            cols.append(np.where(m.present, 0.0, np.nan))
+        else:
+            raise DataError(
+                f"{where}: table {m.name!r} has no column {f!r}, which the run's models read; "
+                f"list the same columns as the training cohort's data.tabular"
+            )
+    return np.stack(cols, 1) if cols else np.zeros((len(m.present), 0))
 
 
 def read_table(spec: TabularSpec) -> pd.DataFrame:

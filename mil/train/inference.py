@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from mil.config import Config
 from mil.data.dataset import BagDataset, FeatureStore
 from mil.data.readers import FEATURE_SUFFIXES
+from mil.data.tabular import TabularScaler, TabularTable
 from mil.data.transforms import Standardizer
 from mil.errors import MilError
 from mil.metrics.instances import LOGIT_KINDS, task_view
@@ -34,12 +36,19 @@ class FoldModel:
         self.cfg, self.fold, self.device = cfg, fold, torch.device(device)
         self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
         norm = self.payload.get("standardize")
-        self.transform = None if norm is None else Standardizer.from_state(norm).apply
+        self.norm = None if norm is None else Standardizer.from_state(norm)
 
     def forward(
-        self, bag_slides: dict[str, list[str]], store: FeatureStore, keep_scores: bool = False
+        self,
+        bag_slides: dict[str, list[str]],
+        store: FeatureStore,
+        keep_scores: bool = False,
+        tabular: TabularTable | None = None,
     ) -> Forward:
-        """The model on ``bag_slides`` (bag id -> slide ids of ``store``), full bags."""
+        """The model on ``bag_slides`` (bag id -> slide ids of ``store``), full bags; a fusion
+        model reads ``tabular`` (the bags' tables, laid out as the run's:
+        :meth:`~mil.data.tabular.TabularTable.aligned`) scaled by the fold's saved scaler, and
+        treats every table as missing without it."""
         in_dim = self.payload["in_dim"]
         for sid in dict.fromkeys(s for slides in bag_slides.values() for s in slides):
             d = store.get(sid)[0].shape[1]
@@ -49,9 +58,13 @@ class FoldModel:
                     f"was trained on {in_dim}-dimensional features; were they made by another "
                     f"encoder than the run's?"
                 )
-        data = BagDataset.with_graph(
-            bag_slides, store, self.model.graph, self.model.graph_k, self.transform
-        )
+        data = BagDataset.with_graph(bag_slides, store, self.model.graph, self.model.graph_k)
+        if self.norm is not None:
+            norm = self.norm
+            if tabular is not None and norm.tabular is not None:
+                scaler = TabularScaler(norm.tabular.center, norm.tabular.scale).bind(tabular)
+                norm = dataclasses.replace(norm, tabular=scaler)
+            data = data.with_transform(norm)
         train = self.cfg.train
         return predict(
             self.model, data, list(bag_slides), train.max_instances, self.device, keep_scores,
@@ -91,9 +104,14 @@ class FoldModel:
         j = names.index(cls) if cls in names else int(cls or 0)
         return v[:, j]
 
-    def outputs(self, bag_slides: dict[str, list[str]], store: FeatureStore) -> pd.DataFrame:
+    def outputs(
+        self,
+        bag_slides: dict[str, list[str]],
+        store: FeatureStore,
+        tabular: TabularTable | None = None,
+    ) -> pd.DataFrame:
         """``bag_id``, ``fold`` and the task's prediction columns of each bag."""
-        df = self.task.outputs(self.forward(bag_slides, store).logits.numpy())
+        df = self.task.outputs(self.forward(bag_slides, store, tabular=tabular).logits.numpy())
         df.insert(0, "bag_id", list(bag_slides))
         df.insert(1, "fold", self.fold)
         return df
@@ -133,7 +151,9 @@ def bags_of(
     return bag_slides, FeatureStore(index)
 
 
-def _resolve(item: Item, feature_index: dict[str, Path], features_dir: str | None) -> tuple[str, Path]:
+def _resolve(
+    item: Item, feature_index: dict[str, Path], features_dir: str | None
+) -> tuple[str, Path]:
     p = Path(item)
     if p.suffix.lower() in FEATURE_SUFFIXES and p.is_file():
         return p.stem, p
@@ -150,10 +170,12 @@ def ensemble(
     bag_slides: dict[str, list[str]],
     store: FeatureStore,
     per_fold: bool = False,
+    tabular: TabularTable | None = None,
 ) -> pd.DataFrame:
-    """The fold models' outputs on ``bag_slides`` (see :func:`bags_of`): one row per bag and
-    fold (``per_fold``), or the mean over folds with ``n_folds``."""
-    long = pd.concat([m.outputs(bag_slides, store) for m in models], ignore_index=True)
+    """The fold models' outputs on ``bag_slides`` (see :func:`bags_of`; ``tabular``: see
+    :meth:`FoldModel.forward`): one row per bag and fold (``per_fold``), or the mean over
+    folds with ``n_folds``."""
+    long = pd.concat([m.outputs(bag_slides, store, tabular) for m in models], ignore_index=True)
     if per_fold:
         return long
     out = models[0].task.mean_outputs(long, by="bag_id")
