@@ -187,7 +187,7 @@ def format_generalization(
     table: pd.DataFrame, cfg: Config, refit: bool = False, n_boot: int = 1000
 ) -> str:
     """``generalization.md``: one table per model, and what each row means."""
-    predictor = "a model refit on all its bags" if refit else "its fold ensemble"
+    predictor = "model refit on all its bags" if refit else "fold ensemble"
     lines = [
         f"# Generalization of {cfg.name}",
         "",
