@@ -64,19 +64,21 @@ def run_generalization(
 
     out = Path(out)
     names = _external_names(externals)
-    runs = [(e["label"], entry_config(cfg, e)) for e in _entries(cfg, models)]
+    # every model's settings, validated before anything runs
+    runs = [(e["label"], setting_configs(entry_config(cfg, e), out)) for e in _entries(cfg, models)]
     rows = []
-    for label, sub in runs:
+    for label, settings in runs:
         log(f"== {label} ==")
         dirs = {}
-        for setting, sc in setting_configs(sub, out).items():
+        for setting, sc in settings.items():
             log(f"-- {SETTINGS[setting]} --")
             dirs[setting] = run_cv(
                 sc, out / label / setting, progress=progress, log=log, n_boot=n_boot
             )
         if refit:
-            refit_run(setting_configs(sub, out)["internal"], dirs["internal"],
-                      resolve_device(sub.train.device), progress=progress, log=log)  # fmt: skip
+            internal = settings["internal"]
+            refit_run(internal, dirs["internal"], resolve_device(internal.train.device),
+                      progress=progress, log=log)  # fmt: skip
         evaluations = {}
         for name, path in zip(names, externals):
             log(f"-- external: {name} --")
