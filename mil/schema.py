@@ -98,8 +98,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
-    # adamw: decoupled weight decay; adam: coupled L2 (Ilse et al. 2018); sgd: momentum 0.9,
-    # L2 (mi-Net); radam: rectified Adam, coupled L2 (TransMIL's, there inside Lookahead)
+    # adamw: decoupled wd; adam: coupled L2 (Ilse 2018); sgd: momentum, L2 (mi-Net); radam: TransMIL's
     optimizer: Literal["adamw", "adam", "sgd", "radam"] = "adamw"
     patience: int | None = 8
     # early stopping never stops before this many epochs (as CLAM's stop_epoch)
@@ -124,6 +123,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
     grad_clip: float | None = None
+    # deletion/insertion curves of each fold's test bags (mil.explain.faithfulness): ~20 passes
+    faithfulness: bool = True
 
 
 @dataclass
@@ -176,8 +177,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
         raise ConfigError(
             f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
         ) from None
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys, found {type(raw).__name__}"

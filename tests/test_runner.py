@@ -102,12 +102,19 @@ def test_resume_refuses_another_config_but_not_one_saved_before_a_new_default(
 
 
 def test_runs_are_repeatable(tmp_path, small_cohort):
+    """Two runs of one config predict the same; skipping the deletion/insertion passes
+    (train.faithfulness: false) drops their metrics and changes nothing else."""
     cfg = config_from_dict(small_cohort)
     a = run_cv(cfg, tmp_path / "a", folds=[1], progress=False, log=quiet)
-    b = run_cv(cfg, tmp_path / "b", folds=[1], progress=False, log=quiet)
+    raw = {**small_cohort, "train": {**small_cohort["train"], "faithfulness": False}}
+    b = run_cv(config_from_dict(raw), tmp_path / "b", folds=[1], progress=False, log=quiet)
     pa = pd.read_csv(a / "fold_1" / "predictions.csv")
     pb = pd.read_csv(b / "fold_1" / "predictions.csv")
     pd.testing.assert_frame_equal(pa, pb)
+    ma, mb = (json.loads((r / "fold_1" / "metrics.json").read_text())["metrics"] for r in (a, b))
+    assert {k for k in ma if k.startswith(("deletion_", "insertion_"))} >= {"deletion_main", "deletion_random"}
+    assert not [k for k in mb if k.startswith(("deletion_", "insertion_"))]
+    assert (ma["auc"], ma["witness_auc"]) == (mb["auc"], mb["witness_auc"])
 
 
 def test_early_stopping_restores_best_checkpoint(tmp_path, small_cohort):

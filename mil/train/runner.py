@@ -297,8 +297,9 @@ def _train_and_test(
         pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
         cfg.task.type,
     ))  # fmt: skip
-    test_bags = [data[b] for b in test["bag_id"]]  # deletion/insertion of the top-scored instances
-    metrics.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
+    if cfg.train.faithfulness:  # deletion/insertion of the top-scored instances
+        test_bags = [data[b] for b in test["bag_id"]]
+        metrics.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
