@@ -209,10 +209,12 @@ def base_config(name: str, out: Path) -> dict:
     }
 
 
-def run_configs(name: str, out: Path) -> dict[str, dict]:
-    """label -> config dict: defaults, the baselines and the grid."""
+def run_configs(name: str, out: Path, models: tuple[str, ...] = ()) -> dict[str, dict]:
+    """label -> config dict: defaults, the baselines, the grid, and every model of ``models``
+    with its own defaults (labelled by its name)."""
     base = base_config(name, out)
     runs = {"defaults": base}
+    runs.update({m: {**base, "model": {"name": m}} for m in models})
     for b in BASELINES:  # closed-form fits standardise their pooled vectors themselves
         runs[b] = {**base, "data": {**base["data"], "standardize": False}, "model": {"name": b}}
     for label, keys in GRID.items():
@@ -226,16 +228,29 @@ def run_configs(name: str, out: Path) -> dict[str, dict]:
 
 def _folder(out: Path, name: str, label: str, raw: dict) -> Path:
     """Run folders keyed by the resolved config, so that 'defaults' reuses an identical grid
-    point's run (and a change of the defaults gets a fresh one)."""
+    point's run (and a change of the defaults gets a fresh one). An existing folder whose saved
+    config is the same run (``mil.results.run_identity``, keys a later ``mil`` added taking
+    their defaults) is reused: a new config key alone does not retrain the zoo."""
     from mil.config import config_from_dict
-    from mil.schema import dump_config
+    from mil.errors import ConfigError
+    from mil.results import run_identity
+    from mil.schema import dump_config, read_yaml_mapping
 
-    text = dump_config(config_from_dict(raw)).replace(f"name: {name}\n", "")
+    cfg = config_from_dict(raw)
+    mine = run_identity({**cfg.to_dict(), "name": None})
+    for saved in sorted((out / "runs" / name).glob("*/config.yaml")):
+        try:
+            old = config_from_dict(read_yaml_mapping(saved), source=str(saved)).to_dict()
+        except ConfigError:
+            continue  # a key this mil no longer has
+        if run_identity({**old, "name": None}) == mine:
+            return saved.parent
+    text = dump_config(cfg).replace(f"name: {name}\n", "")
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]
     return out / "runs" / name / digest
 
 
-def run_cohort(name: str, out: str) -> list[dict]:
+def run_cohort(name: str, out: str, models: tuple[str, ...] = ()) -> list[dict]:
     import torch
 
     from mil.compare import comparison_table, paired_differences
@@ -247,12 +262,14 @@ def run_cohort(name: str, out: str) -> list[dict]:
     warnings.simplefilter("ignore")
     out = Path(out)
     folders = {}
-    for label, raw in run_configs(name, out).items():
+    for label, raw in run_configs(name, out, models).items():
         folders[label] = _folder(out, name, label, raw)
         run_cv(config_from_dict(raw), folders[label], progress=False, log=lambda *a: None, n_boot=200)
     table = comparison_table(folders).set_index("model")
     diffs = paired_differences(folders, "meanpool_linear", n_boot=500).set_index("model")
     metric = diffs["metric"].iloc[0]
+    versus = paired_differences({m: folders[m] for m in ("defaults", *models)}, "defaults", n_boot=500)
+    versus = versus.set_index("model")
     rows = []
     for label, folder in folders.items():
         findings = [f for r in RunFolder(folder).records().values() for f in r.get("diagnostics", [])]
@@ -262,6 +279,9 @@ def run_cohort(name: str, out: str) -> list[dict]:
             "pooled": diffs.loc[label, "value"], "delta_vs_meanpool": diffs.loc[label, "delta"],
             "ci_low": diffs.loc[label, "delta_ci_low"], "ci_high": diffs.loc[label, "delta_ci_high"],
             "undertrained_folds": sum(f["kind"] == "under-training" for f in findings),
+            **({"delta_vs_defaults": versus.loc[label, "delta"],
+                "defaults_ci_low": versus.loc[label, "delta_ci_low"],
+                "defaults_ci_high": versus.loc[label, "delta_ci_high"]} if label in models else {}),
             "folder": str(folder.relative_to(out)),
         })  # fmt: skip
     print(f"{name}: " + ", ".join(f"{r['run']} {r['mean']:.3f}" for r in rows), flush=True)
@@ -278,6 +298,12 @@ def format_table(frame: pd.DataFrame) -> str:
         lines.append(
             f"| {r.cohort} | {r.run} | {r.metric} | {r.mean:.3f} ± {r.sd:.3f} | {delta} | {r.undertrained_folds} |"
         )
+    has = "delta_vs_defaults" in frame
+    extra = frame.dropna(subset=["delta_vs_defaults"]) if has else frame.iloc[:0]
+    if len(extra):
+        lines += ["", "| cohort | model | metric | pooled − defaults [95% CI] |", "|---|---|---|---|"]
+        lines += [f"| {r.cohort} | {r.run} | {r.metric} | {r.delta_vs_defaults:+.3f} "
+                  f"[{r.defaults_ci_low:+.3f}, {r.defaults_ci_high:+.3f}] |" for r in extra.itertuples()]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -286,7 +312,10 @@ def main() -> None:
     p.add_argument("--out", default="results/zoo")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", help="comma-separated cohort names")
+    p.add_argument("--models", default="", help="further models, each with its own defaults, "
+                   "compared with the default model (paired)")  # fmt: skip
     args = p.parse_args()
+    models = tuple(m for m in args.models.split(",") if m)
     names = args.only.split(",") if args.only else list(COHORTS)
     unknown = [n for n in names if n not in COHORTS]
     if unknown:
@@ -296,7 +325,7 @@ def main() -> None:
     for n in names:  # generate in this process, once
         make_cohort(n, out)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(run_cohort, names, [str(out)] * len(names)))
+        results = list(pool.map(run_cohort, names, [str(out)] * len(names), [models] * len(names)))
     frame = pd.DataFrame([r for rows in results for r in rows])
     frame.to_csv(out / "zoo.csv", index=False)
     (out / "zoo.md").write_text(format_table(frame) + "\n")

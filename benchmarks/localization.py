@@ -73,28 +73,30 @@ def distractor_cohort(root: Path, n_bags: int, sizes: tuple[int, int], dim: int,
     _write_bags(root, bags, labels, pd.DataFrame({"label": target}))
 
 
-def demo_cohort(root: Path) -> None:
+def demo_cohort(root: Path, n_patients: int = 60) -> None:
     from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
     write_synthetic_cohort(
-        "classification", root / "cohort.csv", root / "features", n_patients=60, n_two_slides=0,
+        "classification", root / "cohort.csv", root / "features", n_patients=n_patients, n_two_slides=0,
         dim=64, min_tiles=40, max_tiles=200, seed=7, witness_fraction=SMALL_LESION_WITNESS_FRACTION,
     )  # fmt: skip
 
 
 #: name -> generator writing cohort.csv and features/ under a folder
 COHORTS = {
-    "digits-b10": lambda r: digits_cohort(r, 80, 10, 2, 3, 1),  # 1-3 nines of ~10: 10-30%
-    "digits-b50": lambda r: digits_cohort(r, 80, 50, 10, 2, 2),  # 1-2 nines of ~50: 2-4%
-    "demo": demo_cohort,
-    "distractors": lambda r: distractor_cohort(r, 80, (30, 80), 32, 3),
+    "digits-b10": lambda r, n: digits_cohort(r, n, 10, 2, 3, 1),  # 1-3 nines of ~10: 10-30%
+    "digits-b50": lambda r, n: digits_cohort(r, n, 50, 10, 2, 2),  # 1-2 nines of ~50: 2-4%
+    "demo": lambda r, n: demo_cohort(r, max(1, n * 3 // 4)),  # patients (a few hold two slides)
+    "distractors": lambda r, n: distractor_cohort(r, n, (30, 80), 32, 3),
 }
+#: bags per cohort unless ``--bags`` says otherwise (the demo cohort: 60 patients)
+N_BAGS = 80
 
 
-def make_cohort(name: str, out: Path) -> dict:
+def make_cohort(name: str, out: Path, n_bags: int = N_BAGS) -> dict:
     root = out / "cohorts" / name
     if not (root / "cohort.csv").exists():
-        COHORTS[name](root)
+        COHORTS[name](root, n_bags)
     return {
         "csv": str(root / "cohort.csv"),
         "features": str(root / "features"),
@@ -218,8 +220,9 @@ def _mean(values) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def instance_lr(name: str, out: Path, folds: int) -> dict:
-    """The instance-level logistic regression on the run's own split files."""
+def instance_lr(name: str, out: Path, folds: int) -> tuple[dict, dict]:
+    """The instance-level logistic regression on the run's own split files: its table row,
+    and its scores per fold and test bag (``localization_stats.FoldScores``)."""
     import h5py
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -234,7 +237,7 @@ def instance_lr(name: str, out: Path, folds: int) -> dict:
     for sid in cohort["slide_id"]:
         with h5py.File(root / "features" / f"{sid}.h5", "r") as f:
             feats[sid], inst[sid] = f["features"][()].astype(np.float64), f["instance_label"][()]
-    within, pooled = [], []
+    within, pooled, fold_scores = [], [], {}
     for k in range(folds):
         split = pd.read_csv(out / "splits" / name / f"splits_{k}.csv", dtype=str)
         train = [s for s in pd.concat([split["train"], split["val"]]).dropna()]
@@ -243,10 +246,11 @@ def instance_lr(name: str, out: Path, folds: int) -> dict:
         y = np.concatenate([np.full(len(feats[s]), label[s]) for s in train])
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
         scores = [clf.decision_function(feats[s]) for s in test]
+        fold_scores[f"fold_{k}"] = dict(zip(test, scores))
         within.append(witness_auc(test, scores, np.array([label[s] for s in test]), inst.get))
         pooled.append(pooled_witness_auc(test, scores, inst.get))
     return {"cohort": name, "model": "instance_lr", "kind": "instance_logits",
-            "within": _mean(within), "pooled": _mean(pooled), "bag_auc": float("nan")}  # fmt: skip
+            "within": _mean(within), "pooled": _mean(pooled), "bag_auc": float("nan")}, fold_scores  # fmt: skip
 
 
 def format_table(frame: pd.DataFrame) -> str:
@@ -278,6 +282,7 @@ def main() -> None:
     p.add_argument("--out", default="results/localization")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--bags", type=int, default=N_BAGS, help="bags per cohort (demo: 3/4 as patients)")
     p.add_argument("--only", help="comma-separated cohort names")
     p.add_argument("--models", help="comma-separated model names (default: every slide model)")
     p.add_argument(
@@ -296,17 +301,78 @@ def main() -> None:
         print(frame.round(3).to_string(index=False) if len(frame) else "no finished runs")
         return
     for n in names:  # generate in this process, once
-        make_cohort(n, out)
+        make_cohort(n, out, args.bags)
     jobs = [(n, m, str(out), args.folds) for n in names for m in models]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         rows = [r for part in pool.map(run_one, jobs) for r in part]
-    rows += [instance_lr(n, out, args.folds) for n in names]
-    frame = pd.DataFrame(rows)
+    lr = {n: instance_lr(n, out, args.folds) for n in names}
+    frame = pd.DataFrame(rows + [row for row, _ in lr.values()])
     frame.to_csv(out / "localization.csv", index=False)
     table = format_table(frame)
     (out / "localization.md").write_text(table + "\n")
     (out / "command.json").write_text(json.dumps(sys.argv))
     print(table)
+    accept = acceptance(out, names, models, {n: s for n, (_, s) in lr.items()})
+    accept.to_csv(out / "acceptance.csv", index=False)
+    (out / "acceptance.md").write_text(format_acceptance(accept) + "\n")
+    print(format_acceptance(accept))
+
+
+def acceptance(out: Path, names: list[str], models: list[str], lr_scores: dict) -> pd.DataFrame:
+    """Per cohort and model: its default heatmap score minus the instance-level LR (within
+    positive bags and pooled, paired bootstrap over test bags), and its bag AUC minus
+    ``abmil``'s (paired over patients): issue 22's acceptance, with CIs."""
+    import h5py
+    from localization_stats import instance_labels, paired_witness, read_fold_scores
+
+    from mil.compare import paired_differences
+    from mil.models.base import default_score_order
+
+    rows = []
+    for name in names:
+        labels = instance_labels(out / "cohorts" / name)
+        ref = out / "runs" / name / "abmil"
+        for model in models:
+            folder = out / "runs" / name / model
+            first = next(iter(sorted(folder.glob("fold_*/attention.h5"))), None)
+            if not (folder / "summary.json").is_file() or first is None:
+                continue
+            with h5py.File(first, "r") as f:
+                g = next(iter(f.values()))
+                kind = next(k for k in (*default_score_order("classification"), "main")
+                            if k == "main" or f"scores_{k}" in g)  # fmt: skip
+            row = {"cohort": name, "model": model, "kind": kind}
+            row.update(paired_witness(read_fold_scores(folder, kind), lr_scores[name], labels))
+            if (ref / "summary.json").is_file():
+                d = paired_differences({model: folder, "abmil": ref}, "abmil", n_boot=500)
+                d = d.set_index("model").loc[model]
+                row.update(bag_auc=d["value"], bag_delta=d["delta"], bag_low=d["delta_ci_low"],
+                           bag_high=d["delta_ci_high"])  # fmt: skip
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_acceptance(frame: pd.DataFrame) -> str:
+    """Markdown: one row per cohort and model, differences with their 95% CIs."""
+
+    def cell(r, name: str) -> str:
+        if f"{name}_delta" not in r or pd.isna(r[f"{name}_delta"]):
+            return "–"
+        return f"{r[f'{name}_delta']:+.3f} [{r[f'{name}_low']:+.3f}, {r[f'{name}_high']:+.3f}]"
+
+    lines = [
+        "| cohort | model (default score) | within: model / LR | − LR [95% CI] | pooled: model / LR "
+        "| − LR [95% CI] | bag AUC | − abmil [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in frame.iterrows():
+        bag = "–" if pd.isna(r.get("bag_auc", np.nan)) else f"{r['bag_auc']:.3f}"
+        lines.append(
+            f"| {r['cohort']} | {r['model']} ({r['kind']}) | {r['within_a']:.3f} / {r['within_b']:.3f} "
+            f"| {cell(r, 'within')} | {r['pooled_a']:.3f} / {r['pooled_b']:.3f} | {cell(r, 'pooled')} "
+            f"| {bag} | {cell(r, 'bag')} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

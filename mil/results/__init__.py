@@ -283,7 +283,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
 def run_identity(raw: dict) -> dict:
     """The parts of a resolved config that decide a run's results (compared on resume)."""
     raw = copy.deepcopy(raw)
-    for key in ("device", "threads"):
+    for key in ("device", "threads", "faithfulness"):  # they change no prediction
         raw.get("train", {}).pop(key, None)
     data = raw.get("data", {})
     data.pop("subgroup_cols", None)
