@@ -303,7 +303,7 @@ def paired_differences(
     def score(frame: pd.DataFrame) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # single-class resamples
-            return float(task.pooled_metrics(frame).get(metric, float("nan")))
+            return task.metric_value(frame, metric)
 
     rows = []
     for label, run_dir in run_dirs.items():

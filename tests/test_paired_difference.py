@@ -88,3 +88,28 @@ def test_groups_resample_whole_patients():
     seen.clear()
     paired_difference(metric, 120, n_boot=50)
     assert not (np.array(seen[1:])[:, 0::2] == np.array(seen[1:])[:, 1::2]).all()
+
+
+@pytest.mark.parametrize("classes", [["neg", "pos"], ["a", "b", "c"]])
+def test_the_resampled_auc_alone_is_sklearns(classes, small_cohort):
+    """``metric_value(pred, "auc")`` (what paired comparisons resample, computed alone) equals
+    scikit-learn's AUC and the task's full metrics, also on a draw missing one class."""
+    import pandas as pd
+
+    from mil.config import config_from_dict
+    from mil.tasks import make_task
+
+    task = make_task(config_from_dict(small_cohort), classes)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(classes), 60)
+    prob = rng.dirichlet(np.ones(len(classes)), 60)
+    prob[np.arange(60), y] += 0.3
+    prob /= prob.sum(1, keepdims=True)
+    pred = pd.DataFrame({"label_index": y, **{f"prob_{c}": prob[:, k] for k, c in enumerate(classes)}})
+    expected = (roc_auc_score(y, prob[:, 1]) if len(classes) == 2
+                else roc_auc_score(y, prob, multi_class="ovr", average="macro"))  # fmt: skip
+    assert task.metric_value(pred, "auc") == pytest.approx(expected)
+    assert task.metric_value(pred, "auc") == task.pooled_metrics(pred)["auc"]
+    drop = pred[pred["label_index"] != 0]  # a resample without the first class
+    assert task.metric_value(drop, "auc") == pytest.approx(task.pooled_metrics(drop)["auc"], nan_ok=True)
+    assert task.metric_value(pred, "balanced_accuracy") == task.pooled_metrics(pred)["balanced_accuracy"]

@@ -26,23 +26,8 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
     n_classes = prob.shape[1]
     y_pred = prob.argmax(1)
     present = np.unique(y_true)
-    if len(present) < 2:
-        auc = float("nan")
-    elif n_classes == 2:
-        auc = skm.roc_auc_score(y_true, prob[:, 1])
-    elif len(present) < n_classes:
-        # One-vs-rest over the classes present, probabilities renormalised over them;
-        # with two present that is the binary AUC of the second one's share
-        sub = prob[:, present] / prob[:, present].sum(1, keepdims=True)
-        y_sub = np.searchsorted(present, y_true)
-        if len(present) == 2:
-            auc = skm.roc_auc_score(y_sub, sub[:, 1])
-        else:
-            auc = skm.roc_auc_score(y_sub, sub, multi_class="ovr", average="macro")
-    else:
-        auc = skm.roc_auc_score(y_true, prob, multi_class="ovr", average="macro")
     return {
-        "auc": float(auc),
+        "auc": classification_auc(y_true, prob),
         "auprc": _auprc(y_true, prob, present),
         "brier": _brier(y_true, prob),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
@@ -53,6 +38,27 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, fl
             )
         ),
     }
+
+
+def classification_auc(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """The ``auc`` of :func:`classification_metrics` alone (what paired comparisons resample)."""
+    y_true = np.asarray(y_true, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    n_classes = prob.shape[1]
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    if n_classes == 2:
+        return float(skm.roc_auc_score(y_true, prob[:, 1]))
+    if len(present) < n_classes:
+        # One-vs-rest over the classes present, probabilities renormalised over them;
+        # with two present that is the binary AUC of the second one's share
+        sub = prob[:, present] / prob[:, present].sum(1, keepdims=True)
+        y_sub = np.searchsorted(present, y_true)
+        if len(present) == 2:
+            return float(skm.roc_auc_score(y_sub, sub[:, 1]))
+        return float(skm.roc_auc_score(y_sub, sub, multi_class="ovr", average="macro"))
+    return float(skm.roc_auc_score(y_true, prob, multi_class="ovr", average="macro"))
 
 
 def _auprc(y_true: np.ndarray, prob: np.ndarray, present: np.ndarray) -> float:

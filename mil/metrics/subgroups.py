@@ -72,7 +72,7 @@ def group_difference_test(
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one-class groups
-                x = task.pooled_metrics(pred.iloc[rows]).get(metric, float("nan"))
+                x = task.metric_value(pred.iloc[rows], metric)
             if np.isfinite(x):
                 found.append(x)
         return (max(found) - min(found) if len(found) > 1 else float("nan")), len(found)

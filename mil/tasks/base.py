@@ -164,6 +164,11 @@ class Task:
         """Metrics of pooled out-of-fold predictions: the statistics :meth:`pooled_ci` bootstraps."""
         return {}
 
+    def metric_value(self, pred: pd.DataFrame, name: str) -> float:
+        """One metric of :meth:`pooled_metrics` (NaN where undefined): what paired comparisons
+        and permutation tests resample. A task may compute it alone, faster."""
+        return float(self.pooled_metrics(pred).get(name, float("nan")))
+
     def pooled_ci(
         self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
     ) -> dict[str, tuple[float, float]]:

@@ -12,7 +12,12 @@ from torch import Tensor
 
 from mil.errors import ConfigError
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
-from mil.metrics.classification import operating_threshold, roc_curves, threshold_metrics
+from mil.metrics.classification import (
+    classification_auc,
+    operating_threshold,
+    roc_curves,
+    threshold_metrics,
+)
 from mil.plots import calibration_figure, roc_figure
 from mil.schema import Config
 from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
@@ -167,6 +172,11 @@ class ClassificationTask(Task):
         if positive is None:
             return classification_metrics(y, p)
         return _with_threshold_metrics(y, p, positive)
+
+    def metric_value(self, pred: pd.DataFrame, name: str) -> float:
+        if name == "auc":  # alone: a sixth of the cost of every metric
+            return classification_auc(pred["label_index"].to_numpy(int), self._prob(pred))
+        return super().metric_value(pred, name)
 
     def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
         y, p, positive = pred["label_index"].to_numpy(int), self._prob(pred), self._positive(pred)

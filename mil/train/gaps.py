@@ -80,7 +80,7 @@ def paired_setting_difference(
     def score(frame: pd.DataFrame, metric: str) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one-class resamples
-            return float(task.pooled_metrics(frame).get(metric, float("nan")))
+            return task.metric_value(frame, metric)
 
     out = {}
     for m in task.headline_metrics:
