@@ -133,7 +133,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "abmil"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "abmil_additive"})  # docs/benchmarks.md
     train: TrainConfig = field(default_factory=TrainConfig)
     # `mil compare`: models to run through the same folds, each {model: {...}, train: {...}, label}
     compare: list[dict[str, Any]] = field(default_factory=list)
@@ -198,7 +198,7 @@ def parse_config(
     budget = dict(vars(cfg.train))
     fixed_epoch_budget(raw.get("train"), budget)
     cfg.train = TrainConfig(**budget)
-    cfg.model.setdefault("name", "abmil")
+    cfg.model.setdefault("name", "abmil_additive")
     _check_values(cfg)
     return cfg
 

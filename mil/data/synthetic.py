@@ -216,7 +216,7 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
                 "val_fraction": 0.15,
                 "seed": 0,
             },
-            "model": {"name": "abmil", "gated": True, "hidden_dim": 128, "dropout": 0.25},
+            "model": {"name": "abmil_additive", "gated": True, "hidden_dim": 128, "dropout": 0.25},
             "train": {
                 "epochs": 40,
                 "batch_size": 8,
