@@ -27,7 +27,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check mil tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
