@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIC = ROOT.parent / "shared" / "datasets" / "classic_mil"
@@ -232,18 +233,13 @@ def _folder(out: Path, name: str, label: str, raw: dict) -> Path:
     config is the same run (``mil.results.run_identity``, keys a later ``mil`` added taking
     their defaults) is reused: a new config key alone does not retrain the zoo."""
     from mil.config import config_from_dict
-    from mil.errors import ConfigError
-    from mil.results import run_identity
-    from mil.schema import dump_config, read_yaml_mapping
+    from mil.results import run_identity, saved_config
+    from mil.schema import dump_config
 
     cfg = config_from_dict(raw)
-    mine = run_identity({**cfg.to_dict(), "name": None})
+    mine = run_identity(yaml.safe_load(dump_config(cfg)))
     for saved in sorted((out / "runs" / name).glob("*/config.yaml")):
-        try:
-            old = config_from_dict(read_yaml_mapping(saved), source=str(saved)).to_dict()
-        except ConfigError:
-            continue  # a key this mil no longer has
-        if run_identity({**old, "name": None}) == mine:
+        if run_identity(saved_config(saved)) == mine:
             return saved.parent
     text = dump_config(cfg).replace(f"name: {name}\n", "")
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]

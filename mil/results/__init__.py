@@ -263,11 +263,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     text = dump_config(cfg)
     path = RunFolder(run_dir).config_path
     if path.is_file():
-        old = read_yaml_mapping(path, "run's saved config")
-        try:  # fill keys that a newer mil added (with defaults) into the saved config
-            old = yaml.safe_load(dump_config(config_from_dict(old, source=str(path))))
-        except ConfigError:
-            pass  # a key this mil no longer has: the configs differ
+        old = saved_config(path)
         new = yaml.safe_load(text)
         if run_identity(old) != run_identity(new):
             raise ConfigError(
@@ -278,6 +274,17 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
             return False
     write_text(path, text)
     return True
+
+
+def saved_config(path: Path) -> dict:
+    """A run's saved ``config.yaml`` as a mapping, with the keys a newer ``mil`` added filled in
+    at their defaults (as saved, where it holds a key this ``mil`` no longer has: such a
+    config differs from every current one)."""
+    old = read_yaml_mapping(path, "run's saved config")
+    try:
+        return yaml.safe_load(dump_config(config_from_dict(old, source=str(path))))
+    except ConfigError:
+        return old
 
 
 def run_identity(raw: dict) -> dict:
