@@ -24,7 +24,6 @@ every registered model runs.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -301,9 +300,7 @@ def paired_differences(
     outcome = [c for c in task.outcome_columns if c in ref.columns]
 
     def score(frame: pd.DataFrame) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # single-class resamples
-            return task.metric_value(frame, metric)
+        return task.metric_value(frame, metric)
 
     rows = []
     for label, run_dir in run_dirs.items():

@@ -70,9 +70,7 @@ def group_difference_test(
             rows = np.flatnonzero(labels == v)
             if len(rows) == 0:
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # one-class groups
-                x = task.metric_value(pred.iloc[rows], metric)
+            x = task.metric_value(pred.iloc[rows], metric)  # NaN for a one-class group
             if np.isfinite(x):
                 found.append(x)
         return (max(found) - min(found) if len(found) > 1 else float("nan")), len(found)

@@ -7,6 +7,7 @@ default, so callers never probe for optional methods.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -165,9 +166,12 @@ class Task:
         return {}
 
     def metric_value(self, pred: pd.DataFrame, name: str) -> float:
-        """One metric of :meth:`pooled_metrics` (NaN where undefined): what paired comparisons
-        and permutation tests resample. A task may compute it alone, faster."""
-        return float(self.pooled_metrics(pred).get(name, float("nan")))
+        """One metric of :meth:`pooled_metrics` (NaN where undefined, e.g. a one-class resample;
+        its warnings are silenced): what paired comparisons and permutation tests resample. A
+        task may compute it alone, faster."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(self.pooled_metrics(pred).get(name, float("nan")))
 
     def pooled_ci(
         self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0

@@ -77,18 +77,13 @@ def paired_setting_difference(
     rows_a = [np.flatnonzero(pa.to_numpy() == p) for p in patients]
     rows_b = [np.flatnonzero(pb.to_numpy() == p) for p in patients]
 
-    def score(frame: pd.DataFrame, metric: str) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # one-class resamples
-            return task.metric_value(frame, metric)
-
     out = {}
     for m in task.headline_metrics:
 
         def diff(idx: np.ndarray, m=m) -> float:
             ia = np.concatenate([rows_a[i] for i in idx])
             ib = np.concatenate([rows_b[i] for i in idx])
-            return score(a.iloc[ia], m) - score(b.iloc[ib], m)
+            return task.metric_value(a.iloc[ia], m) - task.metric_value(b.iloc[ib], m)
 
         out[m] = paired_difference(diff, len(patients), n_boot=n_boot, seed=seed)
     return out
