@@ -39,7 +39,9 @@ __all__ = [
     "load_config",
     "point_config",
     "read_yaml_mapping",
+    "refuse_search",
     "search_grid",
+    "searchable",
 ]
 
 
@@ -67,9 +69,13 @@ def config_from_dict(
         raise ConfigError(f"{source}: {exc}") from None
     unknown = sorted(set(cfg.model_hparams) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key 'model.{unknown[0]}' for model {cfg.model_name!r}; "
+        accepts = (
             f"it accepts: {', '.join(sorted(allowed))}"
+            if allowed
+            else "it takes no model keys but name"
+        )
+        raise ConfigError(
+            f"{source}: unknown key 'model.{unknown[0]}' for model {cfg.model_name!r}; {accepts}"
         )
     if cfg.task.type not in tasks.available():
         raise ConfigError(
@@ -91,6 +97,17 @@ def search_grid(cfg: Config) -> list[dict[str, Any]]:
         return []
     keys = list(cfg.search)
     return [dict(zip(keys, values)) for values in itertools.product(*cfg.search.values())]
+
+
+def refuse_search(cfg: Config, verb: str) -> None:
+    """A :class:`ConfigError` for a config with a ``search:`` block given to ``verb`` (``mil
+    compare``, ``mil generalize``), which runs plain runs and would silently drop the grid."""
+    if cfg.search:
+        raise ConfigError(
+            f"{cfg.source}: {verb} runs plain cross-validations and cannot run its search: block "
+            f"({', '.join(cfg.search)}); run the search with `mil train`, or remove search: and "
+            "write the values to use into the config's model:, train: or data: section"
+        )
 
 
 def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) -> Config:
@@ -115,30 +132,68 @@ def _check_targets(cfg: Config) -> None:
     and ``task.operating_point``: youden or a sensitivity in (0, 1)."""
     op = cfg.task.operating_point
     if op != "youden" and not 0.0 < op < 1.0:
-        raise ConfigError(f"{cfg.source}: task.operating_point must be youden or a sensitivity in (0, 1), found {op!r}")
+        raise ConfigError(
+            f"{cfg.source}: task.operating_point must be youden or a sensitivity in (0, 1), found {op!r}"
+        )
     seen: dict[str, str] = {}
     for cls, aliases in cfg.data.class_aliases.items():
-        if not isinstance(aliases, list) or not all(isinstance(a, (str, int, float)) for a in aliases):
-            raise ConfigError(f"{cfg.source}: data.class_aliases.{cls} must be a list of labels, found {aliases!r}")
+        if not isinstance(aliases, list) or not all(
+            isinstance(a, (str, int, float)) for a in aliases
+        ):
+            raise ConfigError(
+                f"{cfg.source}: data.class_aliases.{cls} must be a list of labels, found {aliases!r}"
+            )
         for a in map(str, aliases):
             if a in cfg.data.class_aliases and a != str(cls):
-                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is both a class and an alias of {cls!r}")
+                raise ConfigError(
+                    f"{cfg.source}: data.class_aliases: {a!r} is both a class and an alias of {cls!r}"
+                )
             if seen.setdefault(a, str(cls)) != str(cls):
-                raise ConfigError(f"{cfg.source}: data.class_aliases: {a!r} is an alias of both {seen[a]!r} and {cls!r}")
+                raise ConfigError(
+                    f"{cfg.source}: data.class_aliases: {a!r} is an alias of both {seen[a]!r} and {cls!r}"
+                )
+
+
+#: ``train.`` keys a ``search:`` grid may hold: those that change what a fold learns (``seed``,
+#: ``device``, ``threads``, ``max_instances`` and ``faithfulness`` change no selection worth making)
+SEARCH_TRAIN_KEYS = tuple(
+    "epochs batch_size lr weight_decay optimizer patience min_epochs min_steps schedule "
+    "warmup_steps best_from_epoch subsample precision grad_clip".split()
+)
+#: other keys a grid may hold: a fold's own feature preprocessing
+SEARCH_DATA_KEYS = ("data.standardize",)
+#: model keys a run fills in itself (the tables' layout), never searched
+_INTERNAL_MODEL_KEYS = ("tabular", "modalities")
+#: grids larger than this are warned about (each point trains every fold)
+LARGE_GRID = 100
+
+
+def searchable(key: str) -> bool:
+    """Whether ``search:`` accepts ``key``: ``train.<one of SEARCH_TRAIN_KEYS>``,
+    ``model.<a hyper-parameter>`` (or ``model.name``), or one of :data:`SEARCH_DATA_KEYS`."""
+    section, _, sub = key.partition(".")
+    if section == "train":
+        return sub in SEARCH_TRAIN_KEYS
+    if section == "model":
+        return bool(sub) and "." not in sub and sub not in _INTERNAL_MODEL_KEYS
+    return key in SEARCH_DATA_KEYS
 
 
 def _check_search(cfg: Config) -> None:
-    """``search:`` keys are train./model. keys (and ``data.standardize``, a fold's own
-    preprocessing) with non-empty lists, and need a validation split
+    """``search:`` keys are :func:`searchable` with non-empty lists, and need a validation split
     (:func:`mil.config.config_from_dict` checks the values against the schema)."""
     for key, values in cfg.search.items():
-        section, _, sub = str(key).partition(".")
-        if (section not in ("train", "model") or not sub or "." in sub) and key != "data.standardize":
+        if not searchable(str(key)):
             raise ConfigError(
-                f"{cfg.source}: search: {key!r} cannot be searched; only train.<key>, model.<key> "
-                "and data.standardize can, e.g. train.lr"
+                f"{cfg.source}: search: {key!r} cannot be searched; searchable keys: "
+                f"train.{{{', '.join(SEARCH_TRAIN_KEYS)}}}, model.<hyper-parameter> (or "
+                f"model.name) and {', '.join(SEARCH_DATA_KEYS)}"
             )
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]")
+            raise ConfigError(
+                f"{cfg.source}: search: {key} must be a non-empty list of values, e.g. [1.0e-4, 1.0e-3]"
+            )
     if cfg.search and cfg.splits.val_fraction <= 0:
-        raise ConfigError(f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss")
+        raise ConfigError(
+            f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss"
+        )

@@ -9,6 +9,7 @@ distribution on the *training* fold, which only covers times up to
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -308,6 +309,16 @@ def risk_groups(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+
+def standardized_risk(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
+    """``pred`` with ``risk`` centred and scaled by the training predictions' mean and sd (one
+    scale for risks of different models, e.g. before averaging them)."""
+    ref = train_pred["risk"].to_numpy(float)
+    sd = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
+    out = pred.copy()
+    out["risk"] = (pred["risk"].to_numpy(float) - ref.mean()) / (sd if sd > 0 else 1.0)
+    return out
+
 def logrank_p(groups: pd.DataFrame) -> float:
     """Log-rank p-value (lifelines) of high vs low risk groups; NaN if a group is empty."""
     from lifelines.statistics import logrank_test
@@ -354,3 +365,26 @@ def fold_stratified_c_index(
         concordant += conc + 0.5 * tied_risk
         comparable += conc + disc + tied_risk
     return float(concordant / comparable) if comparable else float("nan")
+
+
+class NanOnDataError:
+    """Context: a DataError from a metric sets ``out[key] = nan`` and, where ``where`` names
+    the fold, warns (``category``)."""
+
+    def __init__(self, out: dict, key: str, where: str | None, category: type[Warning]):
+        self.out, self.key, self.where, self.category = out, key, where, category
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, DataError):
+            return False
+        self.out[self.key] = float("nan")
+        if self.where is not None:
+            warnings.warn(
+                f"{self.where}: {self.key} is undefined on the test partition: {exc}",
+                self.category,
+                stacklevel=3,
+            )
+        return True

@@ -5,6 +5,8 @@ Layout, beside an ordinary run's files (:mod:`mil.results`)::
     search/<label>/      one ordinary run per grid point, on the run's split files
     search.csv           per outer fold and point: the point's values, its validation
                          loss, and whether it was selected (its fold copied to fold_<k>/)
+    search_average/      fold_<k>/: the average of every point's predictions of that test
+                         fold (predictions.csv, metrics.json), set beside the selection
 """
 
 from __future__ import annotations
@@ -17,14 +19,63 @@ import pandas as pd
 
 from mil.errors import DataError
 from mil.results import HISTORY, RunFolder
+from mil.tasks import Task
+from mil.tasks.paired import paired_metric_difference
 
 SEARCH_DIR = "search"
 SEARCH_CSV = "search.csv"
+AVERAGE_DIR = "search_average"
 
 
 def point_dir(run_dir: str | Path, label: str) -> Path:
     """The run folder of the grid point ``label``."""
     return Path(run_dir) / SEARCH_DIR / label
+
+
+def average_dir(run_dir: str | Path) -> Path:
+    """The run-shaped folder of the points' averaged predictions."""
+    return Path(run_dir) / AVERAGE_DIR
+
+
+def average_summary(run_dir: str | Path, task: Task, n_boot: int) -> dict[str, Any] | None:
+    """``summary.json``'s ``search`` entry: the headline metric of the selected points' and of
+    the averaged points' pooled out-of-fold predictions (on the folds both have), each with
+    its patient-bootstrap CI, and average minus selected with a paired CI and p. None for a
+    plain run or before any fold is averaged."""
+    run, avg = RunFolder(run_dir), RunFolder(average_dir(run_dir))
+    folds = [f for f in avg.records() if f in run.records()]
+    if not folds:
+        return None
+    metric = task.headline()
+
+    def pooled(folder: RunFolder) -> pd.DataFrame:
+        return pd.concat(
+            [folder.predictions(f).assign(fold_dir=folder.fold_dir(f).name) for f in folds],
+            ignore_index=True,
+        )
+
+    selected, average = pooled(run), pooled(avg)
+    d = paired_metric_difference(
+        task,
+        average,
+        selected,
+        metric,
+        n_boot=n_boot,
+        names=("the averaged points' predictions", "the selected points'"),
+    )
+    ci = {
+        name: task.pooled_ci(p, n_boot=n_boot).get(metric)
+        for name, p in (("selected", selected), ("average", average))
+    }
+    points = avg.record(folds[0]).get("points", [])
+    return {
+        "metric": metric,
+        "folds": folds,
+        "points": points,
+        "selected": {"value": d["reference_value"], "ci95_pooled": ci["selected"]},
+        "average": {"value": d["value"], "ci95_pooled": ci["average"]},
+        "average_minus_selected": {k: d[k] for k in ("delta", "ci_low", "ci_high", "p")},
+    }
 
 
 def kept_val_loss(history: str | Path, best_from_epoch: int) -> float:
@@ -69,7 +120,9 @@ def search_section(run_dir: str | Path) -> list[str]:
     cfg = RunFolder(run_dir).read_config()
     keys = list(cfg.search)
     n_points = int(np.prod([len(v) for v in cfg.search.values()]))
-    grid = "; ".join(f"`{k}` ∈ {{{', '.join(show_value(v) for v in vals)}}}" for k, vals in cfg.search.items())
+    grid = "; ".join(
+        f"`{k}` ∈ {{{', '.join(show_value(v) for v in vals)}}}" for k, vals in cfg.search.items()
+    )
     kept = (
         f"early stopping's criterion: its lowest from epoch {cfg.train.best_from_epoch} on"
         if cfg.train.patience is not None
@@ -91,8 +144,40 @@ def search_section(run_dir: str | Path) -> list[str]:
     for r in chosen.to_dict("records"):
         cells = [str(r["fold"]), f"`{r['point']}`", *[show_value(r[k]) for k in keys]]
         lines.append("| " + " | ".join(cells) + f" | {r['val_loss']:.4f} |")
-    lines += ["", f"All points' validation losses: `{SEARCH_CSV}`; their runs: `{SEARCH_DIR}/`.", ""]
+    search = RunFolder(run_dir).summary().get("search")
+    if search:
+        lines += ["", f"Selecting against averaging: {average_words(search)}."]
+    lines += [
+        "",
+        f"All points' validation losses: `{SEARCH_CSV}`; their runs: `{SEARCH_DIR}/`; the "
+        f"averaged predictions: `{AVERAGE_DIR}/`.",
+        "",
+    ]
     return lines
+
+
+def average_words(search: dict[str, Any]) -> str:
+    """The ``search`` entry of a summary in a sentence: selected and averaged points' pooled
+    metric with CIs, and their paired difference."""
+    m, d = search["metric"], search["average_minus_selected"]
+
+    def value(entry: dict[str, Any]) -> str:
+        v, ci = entry["value"], entry.get("ci95_pooled")
+        if v is None or not np.isfinite(v):
+            return "undefined"
+        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+
+    diff = "undefined"
+    if d["delta"] is not None and np.isfinite(d["delta"]):
+        diff = f"{d['delta']:+.3f}"
+        if d["p"] is not None and np.isfinite(d["p"]):
+            diff += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['p']:.2g}"
+    return (
+        f"pooled out-of-fold {m} of the selected points {value(search['selected'])}, of the "
+        f"average of all {len(search['points'])} points' predictions {value(search['average'])}; "
+        f"average minus selected {diff} (paired bootstrap over patients, "
+        f"{len(search['folds'])} folds)"
+    )
 
 
 def show_value(value: Any) -> str:

@@ -93,6 +93,10 @@ class Task:
         """Fold state saved beside the model weights (plain Python types)."""
         return {}
 
+    def load_fold_state(self, state: dict[str, Any]) -> None:
+        """Take back what scoring a fold's saved predictions needs from its :meth:`state`
+        (survival: the bins); a decision threshold is fitted anew, not taken."""
+
     #: whether the runner predicts the validation bags (with the kept weights) for
     #: :meth:`fit_operating_point` and writes them to ``predictions_val.csv``
     needs_val_predictions = False
@@ -152,6 +156,30 @@ class Task:
         """:meth:`outputs` rows averaged within groups of column ``by`` (a fold ensemble)."""
         cols = [c for c in rows.columns if c not in (by, "fold") and pd.api.types.is_numeric_dtype(rows[c])]
         return rows.groupby(by, sort=False)[cols].mean().reset_index()
+
+    def output_columns(self) -> list[str]:
+        """The numeric columns of :meth:`outputs` (probabilities, risk): what averages average."""
+        out = self.outputs(np.zeros((1, self.n_out)))
+        return [c for c in out.columns if pd.api.types.is_numeric_dtype(out[c])]
+
+    def average_predictions(
+        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+    ) -> pd.DataFrame:
+        """Several predictors' rows of the same bags as one (an average of settings or models):
+        :meth:`output_columns` averaged, each member's rows matched to the first's by
+        ``bag_id``; ids, outcomes and group columns from the first. ``train``: each member's
+        training-fold predictions, where a task puts outputs on a common scale first."""
+        cols = self.output_columns()
+        first = members[0]
+        values = []
+        for m in members:
+            m = m.set_index("bag_id")
+            if len(m) != len(first) or not m.index.isin(first["bag_id"]).all():
+                raise ValueError("the predictors to average hold different bags")
+            values.append(m.loc[first["bag_id"], cols].to_numpy(float))
+        out = first.copy()
+        out[cols] = np.mean(values, axis=0)
+        return out
 
     def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame | None:
         """Patient-level predictions (``predictions_patient.csv``); None: no such file."""

@@ -151,6 +151,15 @@ class ClassificationTask(Task):
         out["pred"] = [self.classes[i] for i in probs.argmax(1)]
         return out
 
+    def average_predictions(
+        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+    ) -> pd.DataFrame:
+        """Class probabilities averaged; ``pred`` from the means, ``pred_op`` at this task's
+        operating point (fit it on the members' averaged validation predictions first)."""
+        out = super().average_predictions(members, train).drop(columns="pred_op", errors="ignore")
+        out["pred"] = [self.classes[i] for i in self._prob(out).argmax(1)]
+        return self.with_operating_point(out)
+
     def _prob(self, pred: pd.DataFrame) -> np.ndarray:
         return pred[[f"prob_{c}" for c in self.classes]].to_numpy(float)
 

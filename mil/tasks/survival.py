@@ -26,6 +26,7 @@ from mil.losses import (
 )
 from mil.metrics import bootstrap_ci
 from mil.metrics.survival import (
+    NanOnDataError,
     breslow_survival,
     c_index,
     c_index_uno,
@@ -37,6 +38,7 @@ from mil.metrics.survival import (
     pooled_arrays,
     pooled_c_index,
     risk_groups,
+    standardized_risk,
     td_auc,
 )
 from mil.plots import km_figure
@@ -135,6 +137,11 @@ class SurvivalTask(Task):
         cuts = None if self.bin_edges is None else self.bin_edges[1:-1].tolist()
         return {"loss": self.loss_name, "ties": self.ties, "bin_cuts": cuts}
 
+    def load_fold_state(self, state: dict[str, Any]) -> None:
+        cuts = state.get("bin_cuts")
+        if cuts is not None:
+            self.bin_edges = np.concatenate([[0.0], np.asarray(cuts, float), [np.inf]])
+
     def validation_usable(self, val_bags: pd.DataFrame) -> bool:
         """False (with a warning naming the fold) if the validation bags hold no event."""
         if int(val_bags["event"].sum()) > 0:
@@ -202,6 +209,16 @@ class SurvivalTask(Task):
         for col in values.columns:
             out[col] = values[col].to_numpy()
         return out
+
+    def average_predictions(
+        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+    ) -> pd.DataFrame:
+        """Cox: each member's log-hazard standardised by its training-fold risks (mean 0, sd 1)
+        before averaging, so no member weighs more for a larger scale; NLL: survival curves
+        and risks averaged as they are (probabilities share one scale)."""
+        if self.loss_name == "cox" and train is not None:
+            members = [standardized_risk(m, t) for m, t in zip(members, train)]
+        return super().average_predictions(members)
 
     def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame:
         """Patient-level predictions: risk (and survival) averaged over a patient's bags."""
@@ -373,26 +390,5 @@ class SurvivalTask(Task):
         return self.bin_edges
 
     def _undefined_as_nan(self, out: dict[str, Any], key: str, quiet: bool = False):
-        return _NanOnDataError(out, key, None if quiet else self.where)
+        return NanOnDataError(out, key, None if quiet else self.where, SurvivalWarning)
 
-
-class _NanOnDataError:
-    """Context: a DataError from a metric sets ``out[key] = nan`` (and warns, naming the fold)."""
-
-    def __init__(self, out: dict[str, Any], key: str, where: str | None):
-        self.out, self.key, self.where = out, key, where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or not isinstance(exc, DataError):
-            return False
-        self.out[self.key] = float("nan")
-        if self.where is not None:
-            warnings.warn(
-                f"{self.where}: {self.key} is undefined on the test partition: {exc}",
-                SurvivalWarning,
-                stacklevel=3,
-            )
-        return True

@@ -113,6 +113,12 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
             "with training-fold statistics), fitted in closed form (scikit-learn / scikit-survival) "
             "with the penalty chosen by the validation loss."
         )
+    elif "data.standardize" in cfg.search:  # the folds may have chosen differently
+        options = ["raw features" if not v else f"features {PREPROCESSING[v]}" for v in cfg.search["data.standardize"]]
+        parts.append(
+            f"The feature preprocessing was chosen in each fold by the hyper-parameter search "
+            f"(below) among {', '.join(options)}."
+        )
     elif d.standardize:
         parts.append(f"Features were {PREPROCESSING[d.standardize]}.")
     if not closed_form:
@@ -125,6 +131,12 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         )
         if t.min_steps or t.schedule != "constant" or t.warmup_steps:
             parts.append(_budget_words(t))
+    others = [f"`{k}`" for k in cfg.search if k != "data.standardize"]
+    if others:
+        parts.append(
+            f"{', '.join(others)} {'was' if len(others) == 1 else 'were'} chosen in each fold by "
+            "the hyper-parameter search (below); the values above are the config's own."
+        )
     parts.append(task.methods())
     parts.append(
         "Results are the mean and standard deviation over test folds, and percentile-bootstrap 95% "

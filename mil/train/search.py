@@ -6,15 +6,20 @@ selected and its fold becomes the run's fold, so only outer test folds are repor
 [64, 128]}`` runs the four points into ``OUT/search/<label>/`` (resumable, ``--points`` for one
 job per point), then, for every outer fold that all points have finished, copies the selected
 point's ``fold_<k>/`` into ``OUT/fold_<k>/`` and writes ``OUT/search.csv``
-(:mod:`mil.results.search`); ``OUT`` is then summarised like any run.
+(:mod:`mil.results.search`); ``OUT`` is then summarised like any run. Beside the selection,
+the average of every point's predictions of the same test fold is scored in
+``OUT/search_average/fold_<k>/``, so the summary and report show whether averaging the points
+would have beaten selecting one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +28,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mil.config import Config, point_config, search_grid
+from mil.config import LARGE_GRID, Config, point_config, search_grid
 from mil.data.sources import read_cohort
-from mil.errors import ConfigError, SplitError
-from mil.io import remove_orphan_temps, run_lock, safe_filename, write_csv, write_text
-from mil.results import METRICS, RunFolder, prepare_run_dir
-from mil.results.search import SEARCH_CSV, point_dir, point_val_losses, show_value
+from mil.errors import ConfigError, MilWarning, SplitError
+from mil.io import remove_orphan_temps, run_lock, safe_filename, write_csv, write_json, write_text
+from mil.results import (
+    METRICS,
+    MODEL,
+    PREDICTIONS,
+    PREDICTIONS_TRAIN,
+    PREDICTIONS_VAL,
+    RunFolder,
+    prepare_run_dir,
+)
+from mil.results.checkpoint import read_checkpoint
+from mil.results.search import SEARCH_CSV, average_dir, point_dir, point_val_losses, show_value
 from mil.splits import Split, load_or_make_splits, write_splits
+from mil.tasks import make_task
 from mil.train.distributed import setup
 from mil.train.runner import run_cv
 from mil.train.summary import summarize
 
-__all__ = ["GridPoint", "grid_points", "point_label", "run_search", "select_folds"]
+__all__ = ["GridPoint", "average_fold", "grid_points", "point_label", "run_search", "select_folds"]
 
 # a fold folder being copied in (``.fold_<k>.<random>.copy``) or swapped out (``….old``)
 _COPY, _OLD = ".copy", ".old"
@@ -61,8 +76,12 @@ def point_label(index: int, values: dict[str, Any]) -> str:
 
 
 def _value(cfg: Config, key: str) -> Any:
+    """The value of a dotted ``search:`` key in a point's config (a model key as the model
+    section holds it, ``model.name`` as the model's registered name)."""
     section, _, sub = key.partition(".")
-    return cfg.model.get(sub) if section == "model" else getattr(cfg.train, sub)
+    if section == "model":
+        return cfg.model_name if sub == "name" else cfg.model.get(sub)
+    return getattr(getattr(cfg, section), sub)
 
 
 def grid_points(cfg: Config) -> list[GridPoint]:
@@ -72,7 +91,9 @@ def grid_points(cfg: Config) -> list[GridPoint]:
         sub = point_config(cfg, point)
         values = {k: _value(sub, k) for k in point}
         label = point_label(i, values)
-        out.append(GridPoint(i, label, values, dataclasses.replace(sub, name=f"{cfg.name}_{label}")))
+        out.append(
+            GridPoint(i, label, values, dataclasses.replace(sub, name=f"{cfg.name}_{label}"))
+        )
     return out
 
 
@@ -98,6 +119,15 @@ def run_search(
             f"0..{len(grid) - 1})"
         )
     dist, _ = setup(cfg.train.device)
+    n_fits = len(grid) * cfg.splits.folds * cfg.splits.repeats
+    if len(grid) > LARGE_GRID and dist.main and points is None:
+        warnings.warn(
+            f"{cfg.source}: the search grid has {len(grid)} points, each trained on every outer "
+            f"fold ({n_fits} fold trainings); narrow the grid, or run points as separate jobs "
+            "with --points",
+            MilWarning,
+            stacklevel=2,
+        )
     splits: list[Split] = []
     if dist.main:
         with run_lock(out):
@@ -106,11 +136,15 @@ def run_search(
         if dist.main:
             log(f"== search point {p.index} of {len(grid)}: {p.label} ==")
             _share_splits(cfg, out, point_dir(out, p.label))
-        run_cv(p.cfg, point_dir(out, p.label), folds=folds, progress=progress, log=log, n_boot=n_boot)
+        run_cv(
+            p.cfg, point_dir(out, p.label), folds=folds, progress=progress, log=log, n_boot=n_boot
+        )
     if dist.main:
         with run_lock(out):
             todo = range(len(splits)) if folds is None else folds
-            select_folds(out, grid, [splits[k].name for k in todo], [s.name for s in splits], log, n_boot)
+            select_folds(
+                out, grid, [splits[k].name for k in todo], [s.name for s in splits], log, n_boot
+            )
     dist.barrier()
     return out
 
@@ -187,6 +221,7 @@ def select_folds(
             continue
         best = int(np.nanargmin(losses))  # ties: the first point of the grid
         changed |= _copy_fold(runs[best], run, name)
+        changed |= average_fold(grid, runs, RunFolder(average_dir(out)), name)
         selected.append(name)
         log(f"fold {name}: selected {grid[best].label} (validation loss {losses[best]:.4f})")
         rows += [
@@ -200,11 +235,51 @@ def select_folds(
     return selected
 
 
+def average_fold(grid: list[GridPoint], runs: list[RunFolder], avg: RunFolder, name: str) -> bool:
+    """The average of every point's predictions of fold ``name`` (the same test bags), scored
+    as a fold and written to ``avg``'s ``fold_<name>/`` (:meth:`Task.average_predictions`: class
+    probabilities; Cox risks standardised by each point's training predictions; a binary
+    operating point fitted on the averaged validation predictions). A fold already averaged
+    from the same point records is left. Returns whether it wrote."""
+    records = [r.record(name) for r in runs]
+    members = [hashlib.sha1(r.fold_file(name, METRICS).read_bytes()).hexdigest()[:16] for r in runs]
+    if avg.fold_state(name) == "done" and avg.record(name).get("members") == members:
+        return False
+    task = make_task(grid[0].cfg, records[0].get("classes", []))
+    task.fold_name = name
+    task.load_fold_state(read_checkpoint(runs[0].fold_file(name, MODEL)).get("task_state") or {})
+
+    def tables(file: str) -> list[pd.DataFrame] | None:
+        if not all(r.fold_file(name, file).is_file() for r in runs):
+            return None
+        return [r.predictions(name, file) for r in runs]
+
+    train, val = tables(PREDICTIONS_TRAIN), tables(PREDICTIONS_VAL)
+    if task.needs_val_predictions and val is not None:
+        task.fit_operating_point(task.average_predictions(val))
+    pred = task.average_predictions(tables(PREDICTIONS) or [], train)
+    train_pred = None if train is None else task.average_predictions(train, train)
+    fold_dir = avg.fold_dir(name)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(fold_dir / PREDICTIONS, pred)
+    if train_pred is not None:
+        write_csv(fold_dir / PREDICTIONS_TRAIN, train_pred)
+    record = {k: records[0][k] for k in ("fold", "repeat", "classes", "task") if k in records[0]}
+    record.update(
+        points=[p.label for p in grid], members=members, metrics=task.metrics(pred, train_pred)
+    )
+    write_json(fold_dir / METRICS, record)
+    return True
+
+
 def _copy_fold(src: RunFolder, dst: RunFolder, name: str) -> bool:
     """Copy ``src``'s fold folder to ``dst``'s, whole or not at all (a temporary folder beside
     it, then a rename); a copy that is already there is left. Returns whether it copied."""
     target, metrics = dst.fold_dir(name), src.fold_file(name, METRICS)
-    if dst.fold_state(name) == "done" and dst.fold_file(name, METRICS).read_bytes() == metrics.read_bytes():
+    if (
+        dst.fold_state(name) == "done"
+        and dst.fold_file(name, METRICS).read_bytes() == metrics.read_bytes()
+    ):
         return False
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_COPY, dir=dst.path))
     # fresh modification times: the summary is older than the fold it now has to include

@@ -20,6 +20,7 @@ from mil.results import (
     RunFolder,
     write_artifacts,
 )
+from mil.results.search import average_summary, average_words
 from mil.tasks import Task, headline_metrics, make_task
 from mil.train.diagnostics import summarize_findings
 from mil.train.report import write_report
@@ -85,6 +86,9 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     extra, artifacts = task.summary_artifacts(run.first_repeat_tables)
     write_artifacts(run.path, artifacts)
     summary.update(extra)
+    search = average_summary(run.path, task, n_boot)  # a search: its points averaged
+    if search is not None:
+        summary["search"] = search
     group_cols = list(dict.fromkeys([c for c in [cfg.data.site_col, *cfg.data.subgroup_cols] if c]))
     if group_cols:
         summary.update(_subgroups(run, task, cfg, group_cols, n_boot))
@@ -220,6 +224,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {k:<20} {json_float(m['mean']):>8.3f} ± {json_float(m['sd']):<6.3f}   {ci_s}"
         )
+    if summary.get("search"):
+        lines.append(f"  search: {average_words(summary['search'])}")
     if summary.get("diagnostics"):
         lines.append("  training diagnostics (see history.csv of the folds named):")
         lines += [f"    {line}" for line in summarize_findings(summary["diagnostics"])]
