@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from mil.config import DEFAULT_PATIENT_COL, Config
-from mil.data.cohort import Cohort, normalize_id, read_cohort_csv
+from mil.data.cohort import AVAILABILITY_COL, Cohort, normalize_id, read_cohort_csv
 from mil.data.collapse import FeatureSpread
 from mil.data.provenance import Provenance, mixed_provenance
 from mil.data.readers import index_feature_dir, read_features
-from mil.errors import DataError, MilWarning
+from mil.data.tabular import check_availability_col, join_modality, parse_tabular
+from mil.errors import ConfigError, DataError, MilWarning
 from mil.tasks import make_task
 
 
@@ -46,7 +47,9 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
             Problem("error", d.slide_col, f"slide column not in {csv} (data.slide_col)")
         ], pd.DataFrame()
     ids = df[d.slide_col].map(normalize_id)
-    problems = _csv_problems(cfg, df, ids, csv)
+    problems, cohort = _csv_problems(cfg, df, ids, csv)
+    found, tables = tabular_problems(cfg, _patients(cfg, df, ids, cohort), cohort)
+    problems += found
     try:
         index, _ = index_feature_dir(d.features)
     except DataError as exc:
@@ -75,7 +78,81 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
                     )
                 )
         table.attrs["class_counts"] = counts.to_dict()
+    table.attrs["tables"] = tables
     return problems, table
+
+
+def _patients(cfg: Config, df: pd.DataFrame, ids: pd.Series, cohort: Cohort | None) -> list[str]:
+    """The cohort's patients; from the CSV's patient column where the cohort cannot be built
+    (so its tables are checked all the same)."""
+    if cohort is not None:
+        return list(dict.fromkeys(cohort.bags["patient_id"]))
+    col = cfg.data.patient_col or DEFAULT_PATIENT_COL
+    return list(dict.fromkeys(df[col].map(normalize_id) if col in df.columns else ids))
+
+
+def tabular_problems(
+    cfg: Config, patients: list[str], cohort: Cohort | None = None
+) -> tuple[list[Problem], list[str]]:
+    """What ``mil train`` refuses or warns about in ``data.tabular``, table by table, found by
+    the code it runs (:func:`mil.data.tabular.join_modality`), and one line per table saying
+    how many patients it covers."""
+    if not cfg.data.tabular:
+        return [], []
+    problems, lines = [], []
+    if cohort is not None:
+        try:
+            check_availability_col(cohort)
+        except DataError as exc:
+            problems.append(Problem("error", AVAILABILITY_COL, str(exc)))
+    for spec in parse_tabular(cfg.data.tabular, cfg.source):
+        where, m = f"table {spec.name}", None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MilWarning)
+            try:
+                m = join_modality(spec, patients)
+            except DataError as exc:
+                problems.append(Problem("error", where, str(exc)))
+        problems += [
+            Problem("warning", where, str(w.message))
+            for w in caught
+            if issubclass(w.category, MilWarning)
+        ]
+        if m is not None:
+            n, lost = int(m.present.sum()), int((~m.present).sum())
+            lines.append(
+                f"table {spec.name} ({spec.csv}): {n} of {len(patients)} patients have a row"
+                f"{f' ({lost} treated as missing {spec.name})' if lost else ''}; "
+                f"{len(m.features)} columns, {len(m.groups)} group(s)"
+            )
+    return problems + _unused_tables(cfg), lines
+
+
+def _unused_tables(cfg: Config) -> list[Problem]:
+    """``data.tabular`` given to a model (and ``compare:`` entries) that reads no table."""
+    from mil.models import available, get
+
+    def fuses(name: object) -> bool:
+        try:
+            return bool(getattr(get(str(name)), "uses_tabular", False))
+        except ConfigError:
+            return False
+
+    entries = [
+        e["model"].get("name")
+        for e in cfg.compare
+        if isinstance(e, dict) and isinstance(e.get("model"), dict)
+    ]
+    if any(fuses(n) for n in [cfg.model_name, *entries]):
+        return []
+    names = ", ".join(str(t.get("name")) for t in cfg.data.tabular)
+    fusers = ", ".join(n for n in available() if fuses(n))
+    return [Problem(
+        "warning", "data.tabular",
+        f"model {cfg.model_name!r} reads no tables, so the tables of data.tabular ({names}) only "
+        f"name each patient's availability subgroup (column {AVAILABILITY_COL!r}); to train on "
+        f"them, use a model that fuses them ({fusers})",
+    )]  # fmt: skip
 
 
 def _check_instances(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
@@ -101,14 +178,21 @@ def _check_instances(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
     if cohort.classes:
         counts = cohort.bags["label"].map(dict(enumerate(cohort.classes))).value_counts()
         table.attrs["class_counts"] = counts.to_dict()
-    return [], table
+    problems, table.attrs["tables"] = tabular_problems(
+        cfg, list(dict.fromkeys(cohort.bags["patient_id"])), cohort
+    )
+    return problems, table
 
 
-def _csv_problems(cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path) -> list[Problem]:
+def _csv_problems(
+    cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path
+) -> tuple[list[Problem], Cohort | None]:
     """The cohort CSV's problems: duplicate ids, missing targets, what the cohort refuses or
-    warns about, folds it cannot fill, a censorship column read as events."""
+    warns about, folds it cannot fill, a censorship column read as events; and the cohort,
+    where it could be built."""
     d = cfg.data
     problems: list[Problem] = []
+    cohort = None
     for sid, n in Counter(ids).items():
         if n > 1:
             problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
@@ -123,7 +207,6 @@ def _csv_problems(cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path) -> l
                 problems.append(Problem("error", sid, f"no value in column {col!r}"))
     if not any(p.severity == "error" for p in problems):
         # what only the whole cohort shows: patient-level consistency, subgroup columns
-        cohort = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MilWarning)
             try:
@@ -148,7 +231,7 @@ def _csv_problems(cfg: Config, df: pd.DataFrame, ids: pd.Series, csv: Path) -> l
                 f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
             )
         )
-    return problems
+    return problems, cohort
 
 
 def _feature_table(
@@ -161,7 +244,7 @@ def _feature_table(
     casts: dict[str, list[str]] = defaultdict(list)
     provenance, spread = [], FeatureSpread()
     for sid in ids:
-        row = {"slide_id": sid, "file": "", "layout": "", "tiles": 0, "dim": 0}
+        row = {"slide_id": sid, "file": "", "layout": "", "tiles": 0, "dim": 0, "embedding": False}
         row.update(coords=False, status="ok")
         if sid not in index:
             row["status"] = "missing file"
@@ -175,6 +258,7 @@ def _feature_table(
                     tiles=sf.features.shape[0],
                     dim=sf.features.shape[1],
                     coords=sf.coords is not None,
+                    embedding=sf.embedding,
                 )
                 if "cast_from" in sf.attrs:
                     casts[sf.attrs["cast_from"]].append(sid)
@@ -196,6 +280,7 @@ def _feature_table(
     for where, what in mixed_provenance(provenance) + spread.findings():
         problems.append(Problem("warning", where, what))
     table = pd.DataFrame(rows)
+    problems += _mixed_kinds(table)
     dims = table.loc[table["dim"] > 0, "dim"]
     if len(dims):
         common = int(dims.mode().iloc[0])
@@ -209,6 +294,35 @@ def _feature_table(
             )
             table.loc[table["slide_id"] == r["slide_id"], "status"] = "wrong dimension"
     return table, problems
+
+
+def _mixed_kinds(table: pd.DataFrame) -> list[Problem]:
+    """A cohort is tile bags ``[N, D]`` or slide/patient embeddings ``[D]``, never both (as
+    ``mil train`` refuses): the files of the rarer kind, each named."""
+    ok = table["status"] == "ok"
+    n_emb = int(table.loc[ok, "embedding"].sum())
+    n_tiles = int(ok.sum()) - n_emb
+    if not n_emb or not n_tiles:
+        return []
+    odd = n_emb < n_tiles  # the rarer kind: embeddings (True) or tile features (False)
+    problems = []
+    for i, r in table[ok & (table["embedding"] == odd)].iterrows():
+        if odd:
+            what = (
+                f"{r['file']} holds one vector [D] (a slide/patient embedding), while "
+                f"{n_tiles} files hold tile features [N, D]"
+            )
+        else:
+            what = (
+                f"{r['file']} holds tile features [{r['tiles']}, {r['dim']}], while {n_emb} "
+                f"files hold one vector [D] (slide/patient embeddings)"
+            )
+            if r["tiles"] == 1:
+                what += "; a [1, D] array is a bag of one tile: save a slide embedding as a [D] vector"
+        what += "; a cohort is one kind: point data.features at one encoder's output"
+        problems.append(Problem("error", r["slide_id"], what))
+        table.loc[i, "status"] = "mixed kinds"
+    return problems
 
 
 def split_problems(cfg: Config, cohort) -> list[Problem]:
@@ -267,6 +381,7 @@ def format_check(problems: list[Problem], table: pd.DataFrame) -> str:
         counts = table.attrs.get("class_counts")
         if counts:
             lines.append("class counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    lines += table.attrs.get("tables", [])
     if problems:
         lines.append(f"{'severity':<8}  {'where':<24}  problem")
         for p in problems:

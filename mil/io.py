@@ -1,4 +1,5 @@
-"""Result files: atomic writes (temporary name, then rename), strict JSON, safe file names.
+"""Result files: atomic writes (temporary name, then rename), strict JSON, safe file names;
+``.pt`` files loaded with tensors only.
 
 Temporary files are named ``.<name>.<host>-<pid>.<random>.tmp`` next to their
 target, so that :func:`remove_orphan_temps` can tell a file left by a killed
@@ -215,6 +216,29 @@ def read_json(path: str | os.PathLike, what: str = "file", fix: str = "") -> Any
         reason = "not found" if isinstance(exc, FileNotFoundError) else f"damaged ({exc})"
         raise DataError(
             f"{path}: cannot read this {what}: {reason}{'; ' + fix if fix else ''}"
+        ) from None
+
+
+def load_tensors(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python values only. A file
+    that holds other Python objects (unpickling them could run code) is a :class:`DataError`
+    saying so, without torch's advice to load it with ``weights_only=False``; other failures
+    (a damaged file) are torch's own exceptions, for the caller to name."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+        raise DataError(
+            f"{path}: cannot read it: it holds Python objects other than tensors"
+            f"{f' ({found.group(1)})' if found else ''}; mil loads .pt files with tensors and "
+            f"plain values only and refuses the rest, for safety (unpickling them could run code). "
+            f"If you made this file, save tensors only (a tensor, or a dict of tensors)"
         ) from None
 
 

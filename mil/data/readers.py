@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mil.errors import DataError
+from mil.io import load_tensors
 
 FEATURE_SUFFIXES = (".h5", ".pt", ".npy")
 
@@ -111,7 +112,7 @@ def _read_h5(path: Path) -> SlideFeatures:
 
 
 def _read_pt(path: Path) -> SlideFeatures:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_tensors(path)  # weights_only; Python objects are refused, and said so
     coords = None
     if isinstance(obj, dict):
         key = next((k for k in ("features", "feats", "x") if k in obj), None)
@@ -148,6 +149,11 @@ def _validate(out: SlideFeatures, path: Path, check_finite: bool) -> None:
     if f.shape[0] == 0:
         raise DataError(
             f"{path}: empty bag (0 tiles); remove the slide from the CSV or re-extract it"
+        )
+    if f.shape[1] == 0:
+        raise DataError(
+            f"{path}: features of dimension 0 (shape {tuple(f.shape)}): the file holds no feature "
+            f"values; re-extract the slide"
         )
     if check_finite and not np.isfinite(f).all():
         bad = int((~np.isfinite(f)).any(1).sum())

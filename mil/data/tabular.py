@@ -8,78 +8,31 @@ says the modality is missing. Scaling statistics come from the training fold's p
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mil.data.cohort import AVAILABILITY_COL, normalize_id
-from mil.errors import ConfigError, DataError, MilWarning
+from mil.data.cohort import AVAILABILITY_COL
+from mil.data.tabular_groups import read_groups
+from mil.data.tabular_read import (
+    MISSING_LEVEL,
+    TabularSpec,
+    encode,
+    level_name,
+    parse_tabular,
+    read_table,
+)
+from mil.errors import DataError, MilWarning
 
-#: a gene of MCAT's ``signatures.csv`` joins its group with these columns of the omics table
-GENE_SUFFIXES = ("", "_mut", "_cnv", "_rnaseq", "_rna", "_mrna")
-SPEC_KEYS = ("name", "csv", "id_col", "columns", "categorical", "groups", "scaling", "required")
-SCALINGS = ("standard", "minmax")
-MISSING_LEVEL = "missing"
-
-
-@dataclass(frozen=True)
-class TabularSpec:
-    """One ``data.tabular`` entry.
-
-    ``columns``: the table's feature columns (names or glob patterns such as ``*_rnaseq``;
-    null: every column but ``id_col``); ``categorical``: columns one-hot encoded with a
-    ``missing`` level; ``groups``: MCAT's ``signatures.csv`` (one column of gene symbols per
-    group) or a 0/1 composition matrix (first column: feature names, one column per group);
-    ``scaling``: per-column z-scores (``standard``) or SurvPath's min-max; ``required``: a
-    cohort patient absent from the table is an error instead of a missing modality.
-    """
-
-    name: str
-    csv: str
-    id_col: str = "case_id"
-    columns: tuple[str, ...] | None = None
-    categorical: tuple[str, ...] = ()
-    groups: str | None = None
-    scaling: str = "standard"
-    required: bool = False
-
-
-def parse_tabular(raw: list[dict[str, Any]], source: str) -> list[TabularSpec]:
-    """``data.tabular`` as specs; an unknown key or a bad value is a :class:`ConfigError`."""
-    specs: list[TabularSpec] = []
-    for i, item in enumerate(raw):
-        key = f"data.tabular[{i}]"
-        unknown = sorted(set(item) - set(SPEC_KEYS))
-        if unknown:
-            raise ConfigError(f"{source}: unknown key '{key}.{unknown[0]}'; valid keys: {', '.join(SPEC_KEYS)}")
-        for need in ("name", "csv"):
-            if not isinstance(item.get(need), str) or not item[need]:
-                raise ConfigError(f"{source}: {key}.{need} must be given (a string)")
-        name = item["name"]
-        if name == "slides" or not name.replace("_", "").isalnum() or any(s.name == name for s in specs):
-            raise ConfigError(f"{source}: {key}.name = {name!r}: a modality name is a unique word other than 'slides'")
-        for lst in ("columns", "categorical"):
-            v = item.get(lst)
-            if v is not None and (not isinstance(v, list) or not all(isinstance(c, str) for c in v)):
-                raise ConfigError(f"{source}: {key}.{lst} must be a list of column names, found {v!r}")
-        if item.get("scaling", "standard") not in SCALINGS:
-            raise ConfigError(f"{source}: {key}.scaling = {item['scaling']!r}; expected one of {list(SCALINGS)}")
-        if not isinstance(item.get("required", False), bool):
-            raise ConfigError(f"{source}: {key}.required must be true or false")
-        cols = item.get("columns")
-        specs.append(TabularSpec(
-            name=name, csv=str(item["csv"]), id_col=str(item.get("id_col", "case_id")),
-            columns=None if cols is None else tuple(cols), categorical=tuple(item.get("categorical") or ()),
-            groups=item.get("groups"), scaling=item.get("scaling", "standard"),
-            required=bool(item.get("required", False)),
-        ))  # fmt: skip
-    return specs
+__all__ = [
+    "MISSING_LEVEL", "Modality", "TabularScaler", "TabularSpec", "TabularTable", "attach_tabular",
+    "check_availability_col", "encode", "join_modality", "join_tabular", "level_name",
+    "parse_tabular", "read_groups", "read_table",
+]  # fmt: skip
 
 
 @dataclass
@@ -124,7 +77,8 @@ class TabularTable:
         """This (external) cohort's tables laid out as a run's models read theirs (``layout``,
         from the fold checkpoints): the run's modalities, in its column order, matched by
         name. A modality the cohort lacks is missing for every patient (with a warning); a
-        one-hot level it never takes is 0; a numeric column it lacks is a :class:`DataError`
+        one-hot level it never takes is 0, a level the run never saw is read as ``missing``
+        (with a warning); a numeric column it lacks is a :class:`DataError`
         naming the modality and column. A layout without feature names (older runs) is
         matched by position and width."""
         by_name = {m.name: m for m in self.modalities}
@@ -145,7 +99,7 @@ class TabularTable:
                     raise DataError(f"{where}: table {name!r} has {len(m.features)} columns, the run's models read {dim}")
                 values, present = m.values, m.present
             else:
-                values, present = _columns_of(m, spec, where), m.present
+                values, present = _columns_of(m, spec, where, self.patients), m.present
             scaled = np.array(spec.get("scaled", [True] * dim), bool)
             feats = spec.get("features") or [f"{name}_{i}" for i in range(dim)]
             out.append(Modality(name, list(feats), values, present, scaled,
@@ -223,116 +177,66 @@ class TabularScaler:
         return cls(state["center"].float(), state["scale"].float())
 
 
-def _columns_of(m: Modality, spec: dict[str, Any], where: str) -> np.ndarray:
-    """``m``'s values in the columns ``spec["features"]`` (see :meth:`TabularTable.aligned`)."""
-    pos = {f: i for i, f in enumerate(m.features)}
+def _columns_of(m: Modality, spec: dict[str, Any], where: str, patients: list[str]) -> np.ndarray:
+    """``m``'s values in the columns ``spec["features"]`` (see :meth:`TabularTable.aligned`).
+    One-hot levels match by :func:`level_name` (a run from before it may read ``stage=4.0``
+    where this cohort has ``stage=4``); a patient whose level the run never saw is read as
+    the variable's ``missing`` level, with a warning."""
+    feats = list(spec["features"])
+    scaled = list(spec.get("scaled", [True] * len(feats)))
+    suffix = "=" + MISSING_LEVEL
+    variables = [f[: -len(suffix)] for f, s in zip(feats, scaled) if not s and f.endswith(suffix)]
+    variables.sort(key=len, reverse=True)  # the longest name first: 'stage=x' before 'stage'
+    keys = [f if s else _level_key(f, variables) for f, s in zip(feats, scaled)]
+    pos = {f if m.scaled[i] else _level_key(f, variables): i for i, f in enumerate(m.features)}
     cols = []
-    for f, scaled in zip(spec["features"], spec.get("scaled", [True] * len(spec["features"]))):
-        if f in pos:
-            cols.append(m.values[:, pos[f]])
-        elif not scaled:  # a one-hot level no patient of this cohort has
+    for f, key, s in zip(feats, keys, scaled):
+        if key in pos:
+            cols.append(m.values[:, pos[key]])
+        elif not s:  # a one-hot level no patient of this cohort has
             cols.append(np.where(m.present, 0.0, np.nan))
         else:
             raise DataError(
                 f"{where}: table {m.name!r} has no column {f!r}, which the run's models read; "
                 f"list the same columns as the training cohort's data.tabular"
             )
-    return np.stack(cols, 1) if cols else np.zeros((len(m.present), 0))
+    values = np.stack(cols, 1) if cols else np.zeros((len(m.present), 0))
+    for var in variables:
+        _unseen_as_missing(m, var, pos, keys, values, where, patients)
+    return values
 
 
-def read_table(spec: TabularSpec) -> pd.DataFrame:
-    """The table of ``spec`` indexed by patient id (one row each; repeated identical rows, as
-    in MCAT's one-row-per-slide CSVs, are one); errors name the file and column."""
-    path = Path(spec.csv)
-    if not path.is_file():
-        raise DataError(f"data.tabular {spec.name}: table not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={spec.id_col: str})
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read the table of modality {spec.name} ({exc})") from None
-    if spec.id_col not in df.columns:
-        raise DataError(f"{path}: no column {spec.id_col!r} (data.tabular {spec.name}.id_col); columns: {', '.join(map(str, df.columns[:10]))}")
-    df[spec.id_col] = df[spec.id_col].map(normalize_id)
-    cols = _select_columns(df, spec, path)
-    df = df[[spec.id_col, *cols]].drop_duplicates()
-    dup = df[spec.id_col][df[spec.id_col].duplicated()]
-    if len(dup):
-        raise DataError(f"{path}: patient {dup.iloc[0]} has rows with different values (column {spec.id_col!r} must identify a patient)")
-    return df.set_index(spec.id_col)
+def _unseen_as_missing(m: Modality, var: str, pos: dict[str, int], keys: list[str], values: np.ndarray,
+                       where: str, patients: list[str]) -> None:  # fmt: skip
+    """Patients of ``m`` whose level of ``var`` is none of the run's (``keys``) get the run's
+    ``var=missing`` in ``values``: the one state of the variable its models know for 'no
+    known level' (all-zero one-hots never occurred in training)."""
+    run, variables = set(keys), [var]
+    hits = {
+        k: m.values[:, i] == 1 for k, i in pos.items()
+        if not m.scaled[i] and k not in run and _level_key(k, variables, var=True) == var
+    }  # fmt: skip
+    hits = {k: h for k, h in hits.items() if h.any()}
+    if not hits:
+        return
+    hit = np.logical_or.reduce(list(hits.values()))
+    values[hit, keys.index(f"{var}={MISSING_LEVEL}")] = 1.0
+    levels = ", ".join(repr(k[len(var) + 1 :]) for k in list(hits)[:5])
+    warnings.warn(
+        f"{where}: table {m.name!r}, column {var!r}: {int(hit.sum())} patient(s) (e.g. "
+        f"{patients[int(np.argmax(hit))]}) have a level the run's models never saw ({levels}); "
+        f"they are read as {var}={MISSING_LEVEL}, as a blank cell would be",
+        MilWarning, stacklevel=5,
+    )  # fmt: skip
 
 
-def _select_columns(df: pd.DataFrame, spec: TabularSpec, path: Path) -> list[str]:
-    others = [str(c) for c in df.columns if c != spec.id_col]
-    if spec.columns is None:
-        return others
-    cols: list[str] = []
-    for pat in spec.columns:
-        hit = fnmatch.filter(others, pat) if any(ch in pat for ch in "*?[") else [pat] if pat in others else []
-        if not hit:
-            raise DataError(f"{path}: no column {pat!r} (data.tabular {spec.name}.columns)")
-        cols += [c for c in hit if c not in cols]
-    for c in spec.categorical:
-        if c not in cols:
-            raise DataError(f"{path}: data.tabular {spec.name}.categorical names {c!r}, which is not among its columns")
-    return cols
-
-
-def encode(df: pd.DataFrame, spec: TabularSpec) -> tuple[pd.DataFrame, np.ndarray]:
-    """Numeric columns as floats and categorical ones one-hot (``col=level``, with a
-    ``missing`` level); returns the frame and which columns are numeric. A non-numeric value
-    in a column not declared categorical is a :class:`DataError` naming file and column."""
-    parts, numeric = [], []
-    for col in df.columns:
-        raw = df[col]
-        if col in spec.categorical:
-            levels = sorted(raw.dropna().astype(str).unique().tolist())
-            text = raw.map(lambda v: MISSING_LEVEL if pd.isna(v) else str(v))
-            for level in [*levels, MISSING_LEVEL]:
-                parts.append((text == level).astype(float).rename(f"{col}={level}"))
-                numeric.append(False)
-            continue
-        num = pd.to_numeric(raw, errors="coerce")
-        bad = num.isna() & raw.notna()
-        if bad.any():
-            pid = raw.index[bad.to_numpy()][0]
-            raise DataError(
-                f"{spec.csv}: column {col!r} (modality {spec.name}) is not numeric: {raw[pid]!r} for "
-                f"patient {pid}; list it under data.tabular {spec.name}.categorical, or leave it out of columns"
-            )
-        parts.append(num.astype(float).rename(col))
-        numeric.append(True)
-    return pd.concat(parts, axis=1), np.array(numeric, dtype=bool)
-
-
-def read_groups(spec: TabularSpec, features: list[str]) -> tuple[list[list[int]], list[str]]:
-    """Feature positions of each group of ``spec.groups``: a 0/1 composition matrix (features x
-    groups) or MCAT's ``signatures.csv`` (a gene joins its group with its ``_mut``, ``_cnv``,
-    ``_rnaseq`` columns). Without a groups file, one group of all features."""
-    if spec.groups is None:
-        return [list(range(len(features)))], [spec.name]
-    path = Path(spec.groups)
-    if not path.is_file():
-        raise DataError(f"data.tabular {spec.name}.groups: file not found: {path}")
-    g = pd.read_csv(path)
-    where = {f: i for i, f in enumerate(features)}
-    first = g.iloc[:, 0].astype(str)
-    rest = g.iloc[:, 1:]
-    composition = rest.shape[1] > 0 and first.isin(where).any() and rest.isin([0, 1]).all().all()
-    groups, names = [], []
-    for col in (rest.columns if composition else g.columns):
-        if composition:
-            members = [where[f] for f, on in zip(first, rest[col]) if on == 1 and f in where]
-        else:
-            genes = g[col].dropna().astype(str).str.strip()
-            members = [where[gene + s] for gene in genes for s in GENE_SUFFIXES if gene + s in where]
-        if not members:
-            raise DataError(
-                f"{path}: group {col!r} has none of its columns in {spec.csv} (modality {spec.name}); "
-                f"check the gene names or the table's columns"
-            )
-        groups.append(sorted(set(members)))
-        names.append(str(col))
-    return groups, names
+def _level_key(feature: str, variables: list[str], var: bool = False) -> str | None:
+    """``var=level`` with the level named by :func:`level_name` (``var``: the variable alone);
+    a feature of no variable in ``variables`` (longest first) is itself (``var``: None)."""
+    for v in variables:
+        if feature.startswith(v + "="):
+            return v if var else f"{v}={level_name(feature[len(v) + 1 :])}"
+    return None if var else feature
 
 
 def join_modality(spec: TabularSpec, patients: list[str]) -> Modality:
@@ -351,9 +255,27 @@ def join_modality(spec: TabularSpec, patients: list[str]) -> Modality:
             f"{spec.csv}: patient {lost[0]} ({len(lost)} in all) is not in column {spec.id_col!r} "
             f"(modality {spec.name} is required); drop required to keep them as missing"
         )
+    _warn_partial_overlap(spec, patients, present, enc.index)
     values = enc.reindex(patients).to_numpy(float)
     groups, names = read_groups(spec, list(enc.columns))
     return Modality(spec.name, list(enc.columns), values, present, numeric, groups, names, spec.scaling)
+
+
+def _warn_partial_overlap(
+    spec: TabularSpec, patients: list[str], present: np.ndarray, ids: pd.Index
+) -> None:
+    """Patients without a row are a missing modality (by design); but when the table also has
+    rows that match no patient, ids may be spelt differently: say how many of each."""
+    stray = ids.difference(pd.Index(patients))
+    if present.all() or not len(stray):
+        return
+    lost = [p for p, ok in zip(patients, present) if not ok]
+    warnings.warn(
+        f"{spec.csv}: {len(lost)} of {len(patients)} patients of the cohort (e.g. {lost[0]!r}) have no "
+        f"row in column {spec.id_col!r} and are treated as missing modality {spec.name}, while "
+        f"{len(stray)} of its rows (e.g. {stray[0]!r}) match no patient; check how the ids are spelt",
+        MilWarning, stacklevel=3,
+    )  # fmt: skip
 
 
 def join_tabular(specs: list[TabularSpec], bags: pd.DataFrame) -> TabularTable:
@@ -363,11 +285,18 @@ def join_tabular(specs: list[TabularSpec], bags: pd.DataFrame) -> TabularTable:
     return TabularTable(patients, dict(zip(bags["bag_id"], bags["patient_id"])), mods)
 
 
+def check_availability_col(cohort) -> None:
+    """The cohort CSV must leave :data:`AVAILABILITY_COL` to ``data.tabular``."""
+    if AVAILABILITY_COL in cohort.slides.columns:
+        raise DataError(
+            f"{cohort.source}: the column {AVAILABILITY_COL!r} is set by data.tabular; rename it in the CSV"
+        )
+
+
 def attach_tabular(cohort, specs: list[TabularSpec]):
     """``cohort`` with its tabular modalities (``cohort.tabular``) and each bag's availability
     pattern in the subgroup column :data:`AVAILABILITY_COL`."""
-    if AVAILABILITY_COL in cohort.slides.columns:
-        raise DataError(f"{cohort.source}: the column {AVAILABILITY_COL!r} is set by data.tabular; rename it in the CSV")
+    check_availability_col(cohort)
     table = join_tabular(specs, cohort.bags)
     pattern = table.patterns()
     for frame in (cohort.slides, cohort.bags):
