@@ -23,15 +23,14 @@ import numpy as np
 import pandas as pd
 
 from mil.config import Config, config_from_dict, read_yaml_mapping
-from mil.data.cohort import Cohort, class_names, read_cohort_csv
+from mil.data.cohort import Cohort
 from mil.data.dataset import FeatureStore
 from mil.data.provenance import compare_provenance
 from mil.data.sources import load_cohort
 from mil.data.tabular import TabularTable
-from mil.errors import ConfigError, DataError, MilError, MilWarning
-from mil.io import write_csv, write_json
+from mil.errors import ConfigError, MilError, MilWarning
+from mil.io import run_lock, write_csv, write_json
 from mil.results import (
-    CONFIG,
     MODEL,
     PREDICTIONS,
     PREDICTIONS_PATIENT,
@@ -43,10 +42,24 @@ from mil.results import (
 )
 from mil.run import Run
 from mil.tasks import Task, make_task
+from mil.tasks.registry import available as available_tasks
+from mil.tasks.registry import get as get_task
+from mil.train.external_checks import (
+    check_device,
+    check_encoder,
+    check_feature_kind,
+    check_out,
+    internal_predictions,
+    load_external_cohort,
+    own_warnings_only,
+    read_refit_record,
+    usable_folds,
+    warn_thin_outcome,
+    warn_training_overlap,
+)
 from mil.train.external_report import predictor_words, write_external_report
 from mil.train.gaps import generalization_gap
 from mil.train.inference import FoldModel, ensemble
-from mil.train.refit import read_refit
 from mil.train.summary import subgroup_results
 
 #: the fold name of the ensemble's predictions (one "fold": every bag scored by one predictor)
@@ -72,56 +85,88 @@ def evaluate(
     subgroup columns); model and training come from the run. The prediction
     of a bag is the mean of the fold models' outputs, each model applying the
     feature preprocessing of its own training fold (as :meth:`mil.Run.predict`).
-    Before anything is predicted or written, a :class:`MilError` refuses
-    another task type, a class the run never saw, missing feature files,
-    features of another dimension than the run's, and features whose files
-    name an encoder the training cohort's never do (``any_encoder=True`` lets
-    them through with a warning); other provenance differences
-    (magnification, tile size, dtype) are warned.
+    The ensemble, its decision threshold and the internal figure of the gap use
+    the same folds: the finished ones whose ``metrics.json`` reads (fewer than the
+    run defines is warned); the internal figure is the run's own pooled one (first
+    repeat).
+
+    Before anything is predicted or written, a :class:`MilError` refuses an ``out``
+    inside a run folder, a device this machine lacks, another task type, a class
+    the run never saw, missing feature files, features of another dimension than
+    the run's, slide embeddings for a run of tile features (or the reverse), and
+    features whose files name an encoder the training cohort's never do
+    (``any_encoder=True`` lets the last two through with a warning; names that
+    differ only in case are one encoder); other provenance differences
+    (magnification, tile size, dtype), an "external" cohort holding the run's own
+    training slides, one class only and fewer than ten events are warned.
+    ``out`` is locked while it is written, as a run folder is.
     """
     run = Run(run_dir)
-    out = _check_out(Path(out), run)
-    cfg = cohort_config_of(run, cohort_config)
-    task = make_task(cfg, run.classes)
+    out = check_out(Path(out), run.path, _beside(run, cohort_config))
+    _check_foreign_files(out, _beside(run, cohort_config))
+    torch_device = check_device(device)
+    records = usable_folds(run.folder)  # the folds used for everything below
+    classes = list(next(iter(records.values())).get("classes", []))
+    cfg = cohort_config_of(run, cohort_config, classes)
+    task = make_task(cfg, classes)
     task.fold_name = ENSEMBLE
-    task.ensemble_operating_point([r["metrics"] for r in run.folder.records().values()])
-    models = [FoldModel(run.folder.fold_file(f, MODEL), run.config, f, device) for f in run.folds]
-    if not models:
-        raise MilError(f"{run.path}: no finished folds (fold_*/metrics.json) to predict with")
-    refit_record = None
-    if refit:
-        refit_record = read_refit(run.path)
-        models = [FoldModel(run.folder.fold_file(REFIT, MODEL), run.config, REFIT, device)]
-    internal = run.folder.all_predictions()  # the run's out-of-fold predictions, for the gap
-    cohort, store = _load_cohort(cfg, run, int(models[0].payload["in_dim"]), progress)
-    provenance, differences = compare_provenance(run.config, cfg)
-    _check_encoder(provenance, cohort_config, any_encoder)  # refused; other fields warned
-    for message in differences:
-        warnings.warn(message, MilWarning, stacklevel=2)
+    task.ensemble_operating_point([r["metrics"] for r in records.values()])
+    refit_record = read_refit_record(run.path) if refit else None
+    names = [REFIT] if refit else list(records)
+    models = [FoldModel(run.folder.fold_file(f, MODEL), run.config, f, torch_device) for f in names]
+    internal = internal_predictions(run.folder, list(records))  # for the gap
+    cohort, store = load_external_cohort(
+        cfg, run.path, classes, int(models[0].payload["in_dim"]), progress
+    )
+    provenance = _check_against_training(run, cfg, cohort_config, any_encoder)
     pred = ensemble_predictions(task, models, cohort, store)
-    reference = _reference(run, task, models)
-    summary, artifacts = _score(run, cfg, task, pred, reference, internal, n_boot)
+    warn_thin_outcome(task.target_kind, pred, cfg.data.csv or cfg.data.instances)
+    with own_warnings_only():  # a library's warnings about a degenerate cohort or resample
+        reference = _reference(run, task, models)
+        summary, artifacts = _score(
+            run, cfg, task, list(records), pred, reference, internal, n_boot
+        )
+        subgroups = None
+        if cohort.group_cols:
+            subgroups, entries = subgroup_results(task, pred, cohort.group_cols, n_boot)
+            summary.update(entries)
     summary["predictor"] = "refit" if refit else "ensemble"
     if refit_record is not None:
         summary["refit"] = refit_record
     summary["provenance"] = provenance  # of the files of both cohorts, field -> value -> count
-    subgroups = None
-    if cohort.group_cols:
-        subgroups, entries = subgroup_results(task, pred, cohort.group_cols, n_boot)
-        summary.update(entries)
-    _write(out, run, cfg, task, pred, summary, artifacts, subgroups)
+    with run_lock(out):  # two evaluations into one folder never mix their files
+        _write(out, run, cfg, task, pred, summary, artifacts, subgroups)
     return summary
+
+
+def _beside(run: Run, cohort_config: str | Path) -> Path:
+    """A folder for an evaluation beside the run: ``<run>_on_<cohort config's name>``."""
+    return run.path.parent / f"{run.path.name}_on_{Path(cohort_config).stem}"
+
+
+def _check_against_training(run: Run, cfg: Config, where, any_encoder: bool) -> dict:
+    """The external cohort against the run's training cohort: the encoder its files name
+    and their kind (refused), other provenance differences and shared slides (warned).
+    Returns the provenance of both cohorts' files."""
+    provenance, differences = compare_provenance(run.config, cfg)
+    differences = check_encoder(provenance, differences, where, any_encoder)
+    check_feature_kind(run.config, cfg, any_encoder)
+    for message in differences:
+        warnings.warn(message, MilWarning, stacklevel=3)
+    warn_training_overlap(run.config, cfg)
+    return provenance
 
 
 # ---- the cohort, checked --------------------------------------------------------------------
 
 
-def cohort_config_of(run: Run, path: str | Path) -> Config:
+def cohort_config_of(run: Run, path: str | Path, classes: list[str] | None = None) -> Config:
     """The run's config with the ``data:`` section of the YAML at ``path``.
 
     The YAML's ``task.type``, where given, must be the run's. Bags are made at
-    the run's ``data.bag_level`` and labels read as the run's classes (in its
-    order); the features are preprocessed by each fold model as it saved.
+    the run's ``data.bag_level`` and labels read as the run's classes (``classes``,
+    default :attr:`mil.Run.classes`, in its order); the features are preprocessed
+    by each fold model as it saved.
     """
     raw = read_yaml_mapping(path, "cohort config")
     run_type = run.config.task.type
@@ -151,73 +196,9 @@ def cohort_config_of(run: Run, path: str | Path) -> Config:
         **data,
         "bag_level": level,
         "standardize": run.config.data.standardize,
-        "classes": list(run.classes) or None,
+        "classes": list(run.classes if classes is None else classes) or None,
     }
     return config_from_dict(full, source=str(path))
-
-
-def _check_encoder(provenance: dict, where, allowed: bool) -> None:
-    """Refuse an external cohort whose files name an encoder no training file names (both
-    must name one); the same dimension does not make two encoders' features comparable."""
-    train = set(provenance.get("run", {}).get("encoder", {}))
-    other = set(provenance.get("cohort", {}).get("encoder", {})) - train
-    if train and other and not allowed:
-        raise DataError(
-            f"{where}: the external cohort's features were made by encoder "
-            f"{', '.join(sorted(map(str, other)))}, the run's training features by "
-            f"{', '.join(sorted(map(str, train)))}; a model predicts another encoder's features "
-            f"without failing but meaninglessly. Extract the cohort with the run's encoder "
-            f"(or, if the names differ but the encoder is the same, pass --any-encoder)"
-        )
-
-
-def _check_out(out: Path, run: Run) -> Path:
-    if out.exists() and not out.is_dir():
-        raise MilError(f"--out {out}: a file; name a folder for the evaluation")
-    if out.resolve() == run.path.resolve() or (out / CONFIG).is_file():
-        raise MilError(
-            f"--out {out}: a run folder (it holds {CONFIG}); write the evaluation into a folder "
-            f"of its own, e.g. {run.path / 'external'}"
-        )
-    return out
-
-
-def _check_classes(cfg: Config, classes: list[str]) -> None:
-    """Refuse a label of the cohort CSV that is none of the run's classes, naming it."""
-    d = cfg.data
-    if cfg.task.target_kind != "label" or not classes or d.instances or not d.csv:
-        return
-    df = read_cohort_csv(d.csv, d.slide_col)
-    if d.label_col not in df.columns:
-        return  # the cohort's own check names the missing column
-    names = class_names(df[d.label_col].dropna(), d.class_aliases)
-    unknown = sorted(set(names) - set(classes))
-    if unknown:
-        row = names.index[names == unknown[0]][0]
-        slide = df.at[row, d.slide_col] if d.slide_col in df.columns else row
-        raise DataError(
-            f"{d.csv}: class {unknown[0]!r} (column {d.label_col!r}, slide {slide}) is not one "
-            f"the run was trained on; its classes are {classes}. Relabel the cohort, name it "
-            f"as an alias (data.class_aliases: {{{classes[0]}: [{unknown[0]}]}}), or leave those "
-            f"slides out"
-        )
-
-
-def _load_cohort(cfg: Config, run: Run, in_dim: int, progress: bool) -> tuple[Cohort, FeatureStore]:
-    """The cohort and its features (read), refused as described in :func:`evaluate`."""
-    _check_classes(cfg, run.classes)
-    cohort, store = load_cohort(cfg)  # missing feature files: the runner's message
-    slides = cohort.slides["slide_id"].tolist()
-    if store.dim is None:  # reads every file (into the cache), naming one of another dimension
-        store.preload(slides, progress=progress)
-    if store.dim != in_dim:
-        where = store.path(slides[0]) if slides[0] in store.index else cfg.data.instances
-        raise DataError(
-            f"{where}: features of dimension {store.dim}, but the fold models of {run.path} were "
-            f"trained on {in_dim}-dimensional features; were they made by another encoder than "
-            f"the run's?"
-        )
-    return cohort, store
 
 
 # ---- predictions and scores -----------------------------------------------------------------
@@ -284,6 +265,7 @@ def _score(
     run: Run,
     cfg: Config,
     task: Task,
+    folds: list[str],
     pred: pd.DataFrame,
     reference: pd.DataFrame | None,
     internal: pd.DataFrame,
@@ -314,7 +296,7 @@ def _score(
         "model": cfg.model_name,
         "run": str(run.path),
         "cohort": str(cfg.data.csv or cfg.data.instances),
-        "folds": run.folds,
+        "folds": folds,  # the ensemble's (a refit's budget came from them)
         "n_boot": n_boot,
         "n_bags": int(pred["bag_id"].nunique()),
         "n_patients": int(pred["patient_id"].nunique()),
@@ -322,6 +304,7 @@ def _score(
         **details,
         **extra,
         "internal": {
+            "folds": list(dict.fromkeys(internal["fold_dir"].str.removeprefix("fold_"))),
             "n_bags": int(internal["bag_id"].nunique()),
             "n_patients": int(internal["patient_id"].nunique()),
         },
@@ -368,12 +351,49 @@ def _write(
     write_json(out / SUMMARY_JSON, summary)
 
 
-def _remove_stale(out: Path, written: list[str]) -> None:
+#: what an evaluation's ``summary.json`` holds (one without these keys is someone else's)
+_SUMMARY_KEYS = ("run", "cohort", "predictor", "metrics", "gap", "files")
+
+
+def evaluation_files() -> frozenset[str]:
+    """Every file name an evaluation may write: its tables, report and summary, and the
+    figures of every registered task (the only names an earlier evaluation's are removed by)."""
+    figures = {f for name in available_tasks() for f in get_task(name).figure_captions}
+    return frozenset({PREDICTIONS, PREDICTIONS_PATIENT, SUBGROUPS, REPORT, SUMMARY_JSON, *figures})
+
+
+def _earlier_evaluation(out: Path) -> dict[str, Any] | None:
+    """``out``'s ``summary.json`` if ``mil evaluate`` wrote it (it holds every key of one)."""
     try:
-        before = json.loads((out / SUMMARY_JSON).read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
+        before = json.loads((out / SUMMARY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(before, dict) and all(k in before for k in _SUMMARY_KEYS)
+    return before if ok else None
+
+
+def _check_foreign_files(out: Path, suggestion: Path) -> None:
+    """Refuse an ``out`` holding files of an evaluation's names that no earlier ``mil
+    evaluate`` wrote there (someone's own ``predictions.csv`` or ``report.md``)."""
+    if not out.is_dir() or _earlier_evaluation(out) is not None:
         return
-    for name in before:
-        if isinstance(name, str) and name not in written and Path(name).name == name:
-            with contextlib.suppress(OSError):
-                (out / name).unlink()
+    found = sorted(p.name for p in out.iterdir() if p.name in evaluation_files())
+    if found:
+        raise MilError(
+            f"--out {out}: holds {', '.join(found)}, which an evaluation would overwrite and no "
+            f"finished `mil evaluate` wrote (an interrupted one may have: then delete them); "
+            f"write it into a folder of its own, e.g. --out {suggestion}"
+        )
+
+
+def _remove_stale(out: Path, written: list[str]) -> None:
+    """Remove what an earlier evaluation into ``out`` wrote and this one does not: only names
+    :func:`evaluation_files` lists, and only those a ``summary.json`` written by ``mil
+    evaluate`` (it holds every key of an evaluation's) lists."""
+    before = _earlier_evaluation(out)
+    if before is None:
+        return
+    names = before["files"] if isinstance(before["files"], list) else []
+    for name in set(names) & (evaluation_files() - set(written)):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()

@@ -73,12 +73,14 @@ def _external_methods(summary: dict[str, Any], cfg: Config, task: Task) -> str:
         )
     parts.append(task.methods())
     n_boot, internal = summary["n_boot"], summary["internal"]
+    repeats = any(str(f).startswith("r") for f in summary.get("folds", []))
     parts.append(
         f"Confidence intervals are percentile-bootstrap 95% intervals ({n_boot:,} resamples of "
         f"patients). The generalization gap compares the external predictions with the run's "
         f"pooled out-of-fold predictions ({internal['n_bags']} bags of {internal['n_patients']} "
-        "patients); as the cohorts hold different patients, its interval resamples each cohort's "
-        "patients independently."
+        f"patients{', of the first repeat, as the run pools them' if repeats else ''}); as the "
+        "cohorts hold different patients, its interval resamples each cohort's patients "
+        "independently."
     )
     return " ".join(parts)
 
@@ -87,7 +89,8 @@ def predictor_words(summary: dict[str, Any]) -> str:
     """What predicted an external cohort: ``fold ensemble (5 models)`` or ``refit model``."""
     if summary.get("predictor") == "refit":
         return f"model refit on all {summary['refit']['n_bags']} bags of the run"
-    return f"fold ensemble ({len(summary['folds'])} models)"
+    n = len(summary["folds"])
+    return f"fold ensemble ({n} model{'' if n == 1 else 's'})"
 
 
 def _predictor_methods(summary: dict[str, Any], bags: str, norm: str) -> str:

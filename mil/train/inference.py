@@ -18,6 +18,7 @@ from mil.data.transforms import Standardizer
 from mil.errors import MilError
 from mil.metrics.instances import LOGIT_KINDS, task_view
 from mil.models.base import default_score_order
+from mil.results import REFIT
 from mil.results.checkpoint import load_model
 from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
@@ -29,11 +30,20 @@ Item = str | Path
 class FoldModel:
     """A fold's ``model.pt``: the model (eval mode), its task and feature standardisation."""
 
-    def __init__(self, path: Path, cfg: Config, fold: str, device: str = "cpu") -> None:
+    def __init__(
+        self, path: Path, cfg: Config, fold: str, device: str | torch.device = "cpu"
+    ) -> None:
+        if not path.is_file() and fold == REFIT:
+            raise MilError(
+                f"{path}: the refit model is missing; delete {path.parent} and run `mil train "
+                f"CONFIG --out {path.parent.parent} --refit` again"
+            )
         if not path.is_file():
             raise MilError(f"fold {fold}: no checkpoint {path}")
-        self.model, self.payload = load_model(path, map_location=device)
+        # read on the CPU, where the fold's preprocessing runs; the model alone moves
+        self.model, self.payload = load_model(path)
         self.cfg, self.fold, self.device = cfg, fold, torch.device(device)
+        self.model.to(self.device)
         self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
         norm = self.payload.get("standardize")
         self.norm = None if norm is None else Standardizer.from_state(norm)
