@@ -38,6 +38,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--refit: {args.config} has a search: block, whose folds each chose their own "
             "hyper-parameters; write the chosen point into a config and refit that"
         )
+    if args.refit and folds is not None:  # refused before any fold trains
+        raise MilError(
+            "--refit with --folds: the refit takes its training budget from every fold; run the "
+            "fold jobs first, then the same command without --folds (finished folds are kept)"
+        )
     if cfg.search:
         from mil.train.search import run_search
 
@@ -341,13 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """``mil: warning: …`` for warnings meant for users; Python's format for the rest."""
+    """Every warning as one ``mil: warning: …`` line; another package's (scikit-learn, pandas,
+    …) names its category and package: ``mil: warning: UserWarning (sklearn): …``."""
     if issubclass(category, MilWarning):
         return f"mil: warning: {message}\n"
-    return _python_format_warning(message, category, filename, lineno, line)
-
-
-_python_format_warning = warnings.formatwarning
+    parts = Path(filename).parts
+    found = [parts[i + 1] for i, p in enumerate(parts[:-1]) if p.endswith("-packages")]
+    mine = Path(__file__).parent in Path(filename).parents
+    origin = found[-1].removesuffix(".py") if found else "mil" if mine else Path(filename).stem
+    return f"mil: warning: {category.__name__} ({origin}): {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def cmd_generalize(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}_generalization"
     table = run_generalization(
         cfg, args.external, out, models=models, refit=args.refit, progress=not args.quiet,
-        n_boot=args.n_boot,
+        n_boot=args.n_boot, any_encoder=args.any_encoder,
     )  # fmt: skip
     print(format_generalization(table, cfg, args.refit, args.n_boot))
     print(f"table: {out / REPORT}")
@@ -51,6 +51,11 @@ def add_generalize_parser(sub, with_config, count) -> None:
     g.add_argument("--out", help="folder for the runs and generalization.md")
     g.add_argument("--models", help="comma-separated compare labels or model names")
     g.add_argument("--refit", action="store_true", help="external cohorts by the refit model")
+    g.add_argument(
+        "--any-encoder", action="store_true",
+        help="evaluate external features whose files name another encoder than the training "
+        "cohort's (a warning instead of an error; for one encoder under two names)",
+    )  # fmt: skip
     g.add_argument("--n-boot", type=count(1), default=1000, help="bootstrap resamples")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(fn=cmd_generalize)

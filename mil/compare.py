@@ -16,7 +16,7 @@ The models come from the config's ``compare:`` list, one entry per run::
       - {model: {name: transmil, dim: 128}, train: {subsample: 512}, label: transmil_s512}
 
 ``train`` entries override the config's ``train`` section for that model
-only; ``label`` names its folder and table row (default: the model name).
+only; ``label`` names its folder (a plain folder name) and table row (default: the model name).
 ``--models`` picks entries by label or model name; a registered model
 without an entry runs with its default hyper-parameters. With neither,
 every registered model runs.
@@ -30,17 +30,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mil.config import Config, config_from_dict
+from mil.config import Config, config_from_dict, refuse_search
 from mil.data.cohort import AVAILABILITY_COL
 from mil.errors import ConfigError, DataError
-from mil.io import json_float, write_csv, write_text
+from mil.io import json_float, safe_filename, write_csv, write_text
 from mil.models import available
 from mil.results import BASELINE_RUNS, BASELINES, MODEL, RunFolder
 from mil.schema import fixed_epoch_budget
 from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
+from mil.tasks.paired import paired_metric_difference
 
 ENTRY_KEYS = {"model", "train", "label"}
+#: comparison-table column suffix -> key of :func:`~mil.tasks.paired.paired_metric_difference`
+DELTA_KEYS = {"": "delta", "_ci_low": "ci_low", "_ci_high": "ci_high", "_p": "p"}
 
 
 def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]]:
@@ -61,7 +64,14 @@ def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]
             raise ConfigError(f"{where}.model: 'name' is missing")
         if not isinstance(e.get("train", {}), dict):
             raise ConfigError(f"{where}.train must be a mapping of train keys")
-        listed.append({"label": str(e.get("label", e["model"]["name"])), **e})
+        label = str(e.get("label", e["model"]["name"]))
+        if safe_filename(label) != label:  # it names the run's folder under --out
+            raise ConfigError(
+                f"{where}: label {label!r} is not a plain folder name (it names the run's folder "
+                f"under --out); use letters, digits, spaces, '-', '_' and '.', without '/' or a "
+                f"leading '.'"
+            )
+        listed.append({**e, "label": label})
     labels = [e["label"] for e in listed]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -121,6 +131,7 @@ def run_compare(
     from mil.train.runner import run_cv
 
     out = Path(out) if out else Path("results") / cfg.name
+    refuse_search(cfg, "mil compare")
     runs = [(e["label"], entry_config(cfg, e)) for e in entries(cfg, models)]  # validate all first
     if reference is not None and reference not in [label for label, _ in runs]:
         raise ConfigError(
@@ -284,48 +295,30 @@ def paired_differences(
     ``delta_ci_high``, ``delta_p`` (the reference's own row: delta 0, p NaN). ``where``
     ``(column, value)``: only the predictions whose column has that value.
     """
-    from mil.metrics import paired_difference
     from mil.train.summary import run_predictions, run_task
 
     task = run_task(run_dirs[reference])
     metric = task.headline()
-    key = ["fold_dir", "bag_id"]
+
     def rows_of(run_dir: Path) -> pd.DataFrame:
         p = run_predictions(run_dir)
-        if where is not None:
-            p = p[p[where[0]].astype(str) == where[1]]
-        return p.sort_values(key, ignore_index=True)
+        return p if where is None else p[p[where[0]].astype(str) == where[1]]
 
     ref = rows_of(run_dirs[reference])
-    outcome = [c for c in task.outcome_columns if c in ref.columns]
-
-    def score(frame: pd.DataFrame) -> float:
-        return task.metric_value(frame, metric)
-
     rows = []
     for label, run_dir in run_dirs.items():
-        pred = rows_of(run_dir)
-        if not pred[key].equals(ref[key]) or not pred[outcome].equals(ref[outcome]):
-            raise DataError(
-                f"{run_dir}: its out-of-fold predictions are not on the same folds and bags "
-                f"(with the same outcomes) as {run_dirs[reference]}'s, so the two cannot be "
-                "compared pairwise; finish both runs on the same split files"
-            )
         row: dict[str, Any] = {"model": label, "reference": reference, "metric": metric}
-        row["value"] = score(pred)
         if label == reference:
+            row["value"] = task.metric_value(ref, metric)
             row.update(delta=0.0, delta_ci_low=0.0, delta_ci_high=0.0, delta_p=float("nan"))
         else:
-            d = paired_difference(
-                lambda r, a=pred: score(a.iloc[r]) - score(ref.iloc[r]),
-                len(ref),
-                n_boot=n_boot,
-                seed=seed,
-                groups=ref["patient_id"].astype(str).to_numpy(),
+            d = paired_metric_difference(
+                task, rows_of(run_dir), ref, metric, n_boot=n_boot, seed=seed,
+                names=(f"{run_dir}: its out-of-fold predictions", f"{run_dirs[reference]}'s"),
+                hint="; finish both runs on the same split files",
             )
-            row.update(
-                delta=d["delta"], delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"], delta_p=d["p"]
-            )
+            row["value"] = d["value"]
+            row.update({f"delta{s}": d[k] for s, k in DELTA_KEYS.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -22,11 +22,16 @@ patient-bootstrap 95% CI and its difference to internal CV:
 - an external cohort holds other patients, so its gap resamples each cohort on
   its own (:func:`mil.train.gaps.generalization_gap`, unpaired).
 
-Finished folds and evaluations are reused, as everywhere in ``mil``.
+Finished folds and evaluations are reused, as everywhere in ``mil``. What would be
+refused after training (an external cohort config that is not valid YAML, of another
+task, without a column or feature files, with features of another dimension or, unless
+``any_encoder``, another encoder; site-preserved CV on fewer sites than folds) is refused
+before anything trains (:func:`check_before_training`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,14 @@ import pandas as pd
 import yaml
 
 from mil.compare import entries, entry_config
-from mil.config import Config, config_from_dict
-from mil.errors import ConfigError
+from mil.config import Config, config_from_dict, refuse_search
+from mil.data.cohort import Cohort
+from mil.data.provenance import cohort_files, compare_provenance, read_provenance
+from mil.data.sources import load_cohort, read_cohort
+from mil.errors import ConfigError, DataError
 from mil.io import json_float, read_json, write_csv, write_text
 from mil.results import SUMMARY_JSON, RunFolder
+from mil.splits.folds import site_column, site_groups
 from mil.train.gaps import paired_setting_difference
 from mil.train.summary import run_task
 
@@ -56,16 +65,25 @@ def run_generalization(
     progress: bool = True,
     log=print,
     n_boot: int = 1000,
+    any_encoder: bool = False,
 ) -> pd.DataFrame:
-    """Run the settings of the module for every model and write the table; returns it."""
+    """Run the settings of the module for every model and write the table; returns it.
+    ``any_encoder``: evaluate external features that name another encoder than the
+    training cohort's (``mil evaluate --any-encoder``), with a warning."""
     from mil.evaluate import evaluate
     from mil.train.refit import refit as refit_run
     from mil.train.runner import resolve_device, run_cv
 
     out = Path(out)
+    refuse_search(cfg, "mil generalize")
     names = _external_names(externals)
     # every model's settings, validated before anything runs
     runs = [(e["label"], setting_configs(entry_config(cfg, e), out)) for e in _entries(cfg, models)]
+    checked: list[Any] = []
+    for _, settings in runs:  # the models share a cohort: checked once per data: section
+        if settings["internal"].data not in checked:
+            check_before_training(settings, externals, any_encoder, where=cfg.source)
+            checked.append(settings["internal"].data)
     rows = []
     for label, settings in runs:
         log(f"== {label} ==")
@@ -83,7 +101,8 @@ def run_generalization(
         for name, path in zip(names, externals):
             log(f"-- external: {name} --")
             ev = out / label / "external" / name
-            evaluate(dirs["internal"], path, ev, n_boot=n_boot, progress=progress, refit=refit)
+            evaluate(dirs["internal"], path, ev, n_boot=n_boot, progress=progress, refit=refit,
+                     any_encoder=any_encoder)  # fmt: skip
             evaluations[name] = ev
         rows += model_rows(label, dirs, evaluations, n_boot)
     table = pd.DataFrame(rows)
@@ -110,6 +129,61 @@ def _external_names(externals: list[str | Path]) -> list[str]:
         if not Path(p).is_file():
             raise ConfigError(f"--external {p}: no such cohort config")
     return names
+
+
+@dataclass
+class _PlannedRun:
+    """What :func:`mil.evaluate.cohort_config_of` reads of a run, before the run exists."""
+
+    config: Config
+    path: Path
+    classes: list[str]
+
+
+def check_before_training(
+    settings: dict[str, Config], externals: list[str | Path], any_encoder: bool, where: str
+) -> None:
+    """Refuse, before any fold trains, what would stop the study later: site-preserved CV on
+    fewer sites than folds, and an external cohort that ``mil evaluate`` would refuse (a config
+    that is not valid YAML, of another task or bag level, without its columns or feature files,
+    labels none of the training classes, features of another dimension or kind or, unless
+    ``any_encoder``, files that name another encoder than every training file's)."""
+    from mil.evaluate import cohort_config_of
+    from mil.train.external_checks import check_classes, check_encoder, check_feature_kind
+
+    internal = settings["internal"]
+    training = read_cohort(internal)
+    if "site" in settings:
+        _check_sites(training, settings["site"], where)
+    classes = list(training.classes)
+    planned = _PlannedRun(internal, Path(where), classes)
+    dims = {read_provenance(p).dim for p in cohort_files(internal).values()} if externals else set()
+    for path in externals:
+        ext = cohort_config_of(planned, path, classes)
+        check_classes(ext, classes)
+        load_cohort(ext)  # its columns, labels, tables and feature files
+        check_encoder(compare_provenance(internal, ext)[0], [], path, any_encoder)
+        check_feature_kind(internal, ext, any_encoder)
+        other = sorted({read_provenance(p).dim for p in cohort_files(ext).values()} - dims - {None})
+        if dims - {None} and other:
+            raise DataError(
+                f"{path}: the external cohort's features have dimension {other[0]}, the training "
+                f"cohort's {', '.join(map(str, sorted(dims - {None})))}; were they made by "
+                f"another encoder?"
+            )
+
+
+def _check_sites(cohort: Cohort, cfg: Config, where: str) -> None:
+    col, folds = cfg.data.site_col, cfg.splits.folds
+    sites = sorted(site_column(cohort, col).unique())
+    if len(sites) < folds:
+        raise ConfigError(
+            f"{where}: site-preserved CV needs at least {folds} sites (splits.folds), but "
+            f"column {col!r} (data.site_col) of {cohort.source} has {len(sites)}: "
+            f"{', '.join(sites)}. Drop data.site_col (generalize then runs internal CV and the "
+            f"external cohorts only), give the cohort more sites, or lower splits.folds"
+        )
+    site_groups(cohort, col, folds)  # one site per patient
 
 
 def setting_configs(cfg: Config, out: Path) -> dict[str, Config]:

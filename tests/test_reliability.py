@@ -1,5 +1,10 @@
-"""The failures of the bad-input probe (shared/reports/reliability-probe.md, F1-F12), each
-reproduced and now handled, and fold state that must not leak between folds."""
+"""Reliability of the core surfaces on bad input, organised by surface: the cohort CSV, splits,
+training, metrics, the run folder and its files, and fold state that must not leak between
+folds (the first bad-input probe, shared/reports/reliability-probe.md, F1-F12, each reproduced;
+the probe row is named in each section). The second probe's surfaces have files of their own:
+``test_reliability_evaluate.py`` (``mil evaluate``), ``test_reliability_tables.py`` (tables and
+``mil check``), ``test_reliability_runs.py`` (refit, generalize, compare labels, diagnostics,
+CLI messages) and ``test_search_keys.py`` (``search:``)."""
 
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ def one_slide_cohort(root: Path, n: int, kind: str, dim: int = 8, seed: int = 1)
     }
 
 
-# ---- F1: instance_label of the wrong length ------------------------------------------------
+# ---- cohort CSV: an instance_label of the wrong length (F1) ------------------------------------------------
 
 
 def test_f1_instance_label_of_wrong_length_is_named_at_read_and_by_check(tmp_path, capsys):
@@ -107,7 +112,7 @@ def test_f1_instance_label_of_wrong_length_is_named_at_read_and_by_check(tmp_pat
         read_features(path)
 
 
-# ---- F2: a missing or misspelt patient column ---------------------------------------------
+# ---- cohort CSV: a missing or misspelt patient column (F2) ---------------------------------------------
 
 
 def _rename_patient_column(raw: dict, new: str) -> None:
@@ -163,7 +168,7 @@ def test_f2_runs_saved_with_the_old_default_resume(tmp_path):
     assert (run / "fold_1" / "metrics.json").is_file()
 
 
-# ---- F3: three classes, a validation set holding two of them --------------------------------
+# ---- metrics: three classes, a validation set holding two of them (F3) --------------------------------
 
 
 def test_f3_auc_over_two_of_three_classes_is_the_binary_auc_of_their_share():
@@ -182,7 +187,7 @@ def test_f3_three_class_cohort_at_default_splits_trains(tmp_path):
     assert len(list(run.glob("fold_*/metrics.json"))) == 5
 
 
-# ---- F4: survival time inf -----------------------------------------------------------------
+# ---- cohort CSV: a survival time of inf (F4) -----------------------------------------------------------------
 
 
 def test_f4_infinite_survival_time_is_refused_by_check_and_train(tmp_path, capsys):
@@ -199,7 +204,7 @@ def test_f4_infinite_survival_time_is_refused_by_check_and_train(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-# ---- F5: small survival cohorts and the inner validation strata -----------------------------
+# ---- splits: small survival cohorts and the inner validation strata (F5) -----------------------------
 
 
 def test_f5_small_survival_cohort_falls_back_to_event_strata(tmp_path):
@@ -236,7 +241,7 @@ def test_f5_more_folds_than_slides_of_every_class_names_splits_folds(tmp_path):
         make_splits(cohort, folds=9, val_fraction=0.0)
 
 
-# ---- F6: file names made from ids stay in their folder --------------------------------------
+# ---- run folder: file names made from ids stay in their folder (F6) --------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -273,7 +278,7 @@ def test_f6_topk_of_a_patient_id_with_dotdot_writes_inside_the_run(tmp_path, cap
     assert not list(tmp_path.rglob("ESCAPE*"))
 
 
-# ---- F7: a diverging run --------------------------------------------------------------------
+# ---- training: a diverging run (F7) --------------------------------------------------------------------
 
 
 def test_f7_diverging_training_names_fold_epoch_and_lr(tmp_path, capsys):
@@ -351,7 +356,7 @@ def test_a_cuda_device_on_a_cpu_machine_is_a_config_error():
         resolve_device("cuda")
 
 
-# ---- F8: every fold's log-rank p undefined --------------------------------------------------
+# ---- metrics: every fold's log-rank p undefined (F8) --------------------------------------------------
 
 
 def test_f8_report_and_summary_with_all_log_rank_p_undefined(tmp_path, capsys):
@@ -391,7 +396,7 @@ def test_every_json_of_a_run_is_strict(tmp_path):
     assert saved["metrics"]["c_index"]["folds"][0] is None
 
 
-# ---- F9-F12: damaged run files are named -----------------------------------------------------
+# ---- run folder: damaged run files are named (F9-F12) -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -523,7 +528,7 @@ def test_fold_views_never_share_feature_graphs_or_transforms(small_cfg):
     assert a[bag].edge_index is b[bag].edge_index  # coordinates alone: built once, shared
 
 
-# ---- the probe's weak points ----------------------------------------------------------------
+# ---- run folder, CSV and CLI: the first probe's weak points ----------------------------------------------------------------
 
 
 def test_result_files_follow_the_umask_and_no_temp_is_left(tmp_path):

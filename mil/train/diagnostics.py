@@ -1,11 +1,15 @@
-"""Did a fold train? Under-training, a validation loss still falling, over-fitting and
-constant predictions, read from the fold's history and test predictions.
+"""Did a fold train? Divergence, under-training, a validation loss still falling,
+over-fitting and constant predictions, read from the fold's history and test predictions.
 
 Each finding names the fold, what was seen (with numbers) and what to change.
 Thresholds (chosen so that a run that learned something does not trip them;
 see docs/benchmarks.md, "Training diagnostics"):
 
-* under-training: the training loss of the last epochs stayed above
+* divergence: the training loss of the last epochs stayed above ``DIVERGED`` x the
+  loss of the best constant prediction, or it ended above that loss at more than
+  ``GREW`` x its first epoch's (a finite loss that grows: an unstable step size;
+  a non-finite one stops training with an error in :mod:`mil.train.loop`);
+* under-training (when not diverged): the training loss of the last epochs stayed above
   ``UNDERTRAINED`` x the loss of the best constant prediction (the class prior;
   a constant risk; each bin's hazard) on the same batches;
 * still improving: the run used every epoch and the validation loss was
@@ -31,6 +35,8 @@ import pandas as pd
 
 from mil.schema import TrainConfig
 
+DIVERGED = 10.0
+GREW = 2.0
 UNDERTRAINED = 0.95
 STILL_FALLING = 0.02
 LOOKBACK = 3
@@ -53,15 +59,39 @@ def diagnose(
     could run (:func:`mil.train.optim.training_budget`; default ``cfg.epochs``).
     """
     found = []
+    diverged = _diverged(history, cfg)
     for kind, message in (
-        ("under-training", _undertrained(history, cfg)),
+        ("divergence", diverged),
+        ("under-training", None if diverged else _undertrained(history, cfg)),
         ("still improving", _still_improving(history, epochs or cfg.epochs)),
         ("over-fitting", _overfitted(history, cfg)),
-        ("constant predictions", _constant(constant, history, cfg)),
+        ("constant predictions", _constant(constant, history, cfg, bool(diverged))),
     ):
         if message:
             found.append({"fold": fold, "kind": kind, "message": message})
     return found
+
+
+def _diverged(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
+    if "constant_loss" not in h or not len(h):
+        return None
+    loss = h["train_loss"].to_numpy(float)
+    end, first = float(loss[-min(LOOKBACK, len(loss)) :].min()), float(loss[0])
+    constant = float(h["constant_loss"].tail(LOOKBACK).mean())
+    if not constant > 0:
+        return None
+    grew = len(loss) > 1 and loss[-1] > max(GREW * first, constant)
+    if end < DIVERGED * constant and not grew:
+        return None
+    ratio = end / constant
+    times = f"{ratio:.3g} times" if ratio >= 10 else f"{ratio:.0%} of"
+    rise = f", rising from {first:.3g} in epoch 1 to {loss[-1]:.3g}" if grew else ""
+    clip = f"lower it (now {cfg.grad_clip:g})" if cfg.grad_clip else "set it, e.g. 1.0"
+    return (
+        f"the training loss ended at {end:.3g}, {times} a constant prediction's "
+        f"({constant:.3g}){rise}: training diverged (the optimizer's steps are too large). "
+        f"Lower train.lr (now {cfg.lr:g}), or clip the gradients: train.grad_clip ({clip})"
+    )
 
 
 def _undertrained(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
@@ -122,10 +152,14 @@ def _overfitted(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     )
 
 
-def _constant(reason: str | None, h: pd.DataFrame, cfg: TrainConfig) -> str | None:
+def _constant(
+    reason: str | None, h: pd.DataFrame, cfg: TrainConfig, diverged: bool = False
+) -> str | None:
     if reason is None:
         return None
     said = f"{reason}, so thresholded metrics (balanced accuracy, F1; risk groups) sit at chance whatever the ranking"
+    if diverged:
+        return f"{said}. Training diverged (see divergence): lower train.lr (now {cfg.lr:g})"
     kept = int(np.flatnonzero(h["best"].to_numpy(bool))[-1]) if "best" in h and h["best"].any() else len(h) - 1
     if "constant_loss" in h and len(h) > kept + 1:
         later = float(h["train_loss"].iloc[kept + 1 :].min())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,7 @@ import pandas as pd
 from mil.config import Config
 from mil.data.dataset import BagDataset
 from mil.data.sources import load_cohort
+from mil.errors import MilWarning
 from mil.models import create, get
 from mil.results import RunFolder
 from mil.splits import Split, load_or_make_splits
@@ -27,6 +29,13 @@ class Experiment:
         self, cfg: Config, run_dir: Path, force_splits: bool = False, progress: bool = True
     ):
         self.cfg = cfg
+        if cfg.task.target_kind != "label" and cfg.task.operating_point != "youden":
+            warnings.warn(
+                f"{cfg.source}: task.operating_point = {cfg.task.operating_point} is ignored: a "
+                f"{cfg.task.type} task has no decision threshold",
+                MilWarning,
+                stacklevel=3,
+            )
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.cohort, self.store = load_cohort(cfg)

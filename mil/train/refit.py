@@ -18,7 +18,8 @@ The refit chooses nothing by looking at data it will be scored on:
   is the median of the folds' (:meth:`mil.tasks.Task.ensemble_operating_point`).
 
 It writes ``<run>/refit/model.pt`` and ``history.csv``, then ``refit.json``
-(last: its presence marks the refit finished, so a re-run skips it).
+(last: its presence marks the refit finished, so a re-run skips it, unless
+``refit.json`` or ``model.pt`` cannot be read: then the refit is made again).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import pandas as pd
 import torch
 
 from mil.config import Config
-from mil.errors import MilError
+from mil.errors import DataError, MilError
 from mil.io import read_json, write_csv, write_json
 from mil.models.fusion import with_tabular_layout
-from mil.results import HISTORY, MODEL, REFIT, REFIT_JSON, RunFolder
-from mil.results.checkpoint import save_model
+from mil.results import HISTORY, METRICS, MODEL, REFIT, REFIT_JSON, RunFolder
+from mil.results.checkpoint import read_checkpoint, save_model
 from mil.train.closed_form import fit_closed_form
 from mil.train.experiment import Experiment
 from mil.train.loop import fit
@@ -48,6 +49,30 @@ from mil.train.runner import fold_setup
 def refit_done(run_dir: str | Path) -> bool:
     """Whether ``<run_dir>/refit/refit.json`` exists (the refit finished)."""
     return (Path(run_dir) / REFIT / REFIT_JSON).is_file()
+
+
+def fold_history(run: RunFolder, fold: str) -> pd.DataFrame:
+    """A finished fold's ``history.csv`` with the columns the refit reads (``epoch``,
+    ``best``); a missing, empty or damaged one is a :class:`DataError` that says how to
+    train the fold again (its ``metrics.json`` marks it finished, so a re-run skips it)."""
+    path = run.fold_file(fold, HISTORY)
+    redo = (
+        f"the refit reads every fold's history for its training budget. Delete "
+        f"{run.fold_file(fold, METRICS)} and re-run `mil train` on this run folder "
+        f"(--out {run.path}) to train fold {fold} again, then refit"
+    )
+    try:
+        hist = pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; {redo}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' errors are ValueErrors
+        raise DataError(f"{path}: cannot read this history ({exc}); {redo}") from None
+    missing = [c for c in ("epoch", "best") if c not in hist.columns]
+    if missing:
+        raise DataError(f"{path}: not a fold history (no column {missing[0]!r}); {redo}")
+    if not len(hist) or not pd.api.types.is_numeric_dtype(hist["epoch"]):
+        raise DataError(f"{path}: not a fold history (no epochs, or epochs not numbers); {redo}")
+    return hist
 
 
 def chosen_budget(exp: Experiment, run: RunFolder) -> dict[str, Any]:
@@ -65,7 +90,7 @@ def chosen_budget(exp: Experiment, run: RunFolder) -> dict[str, Any]:
     task = exp.task()
     kept, budgets, penalties = {}, {}, {}
     for name in folds:
-        hist = pd.read_csv(run.fold_file(name, HISTORY))
+        hist = fold_history(run, name)
         best = hist.loc[hist["best"].astype(bool)]
         row = best.iloc[-1] if len(best) else hist.iloc[-1]
         for col in ("C", "alpha"):  # a linear baseline's penalty grid
@@ -98,7 +123,7 @@ def refit(
     device = torch.device(device)
     run = RunFolder(run_dir)
     out = run.path / REFIT
-    if refit_done(run.path):
+    if _finished(run.path, log):
         log(f"refit: done earlier, skipped ({out / REFIT_JSON})")
         return out
     exp = Experiment(cfg, run.path, progress=progress)
@@ -148,12 +173,36 @@ def refit(
     return out
 
 
+def _finished(run_dir: Path, log) -> bool:
+    """Whether an earlier refit finished and its files can be read. A damaged ``refit.json``
+    or ``model.pt`` (a partial copy, a full disk) is said, and its ``refit.json`` removed, so
+    that the refit is made again (a kill during the new one then leaves no stale record)."""
+    if not refit_done(run_dir):
+        return False
+    record, model = run_dir / REFIT / REFIT_JSON, run_dir / REFIT / MODEL
+    for path in (record, model):
+        try:
+            read_refit(run_dir) if path == record else read_checkpoint(path)
+        except MilError:
+            log(f"refit: {path} of the earlier refit cannot be read; making the refit again")
+            record.unlink(missing_ok=True)
+            return False
+    return True
+
+
 def read_refit(run_dir: str | Path) -> dict[str, Any]:
-    """``refit.json`` of a run; a :class:`MilError` if the run has no finished refit."""
+    """``refit.json`` of a run; a :class:`MilError` if the run has no finished refit, or one
+    whose record cannot be read."""
     path = Path(run_dir) / REFIT / REFIT_JSON
+    redo = f"make the refit again: `mil train CONFIG --out {run_dir} --refit`"
     if not path.is_file():
         raise MilError(
             f"{run_dir}: no refit model ({path} is missing); make it with "
             f"`mil train CONFIG --out {run_dir} --refit`"
         )
-    return read_json(path)
+    record = read_json(path, "refit record", redo)
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{path}: not a refit record (a JSON object; found a {type(record).__name__}); {redo}"
+        )
+    return record
