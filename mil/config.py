@@ -82,6 +82,7 @@ def config_from_dict(
             f"{source}: task.type = {cfg.task.type!r}; expected one of {tasks.available()}"
         )
     cfg.task.target_kind = tasks.get(cfg.task.type).target_kind
+    _check_stopping_and_ensemble(cfg)
     for key, values in cfg.search.items():  # each value alone first: the error names its key
         for value in values:
             point_config(cfg, {key: value})
@@ -125,6 +126,32 @@ def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) ->
         raw["name"] = name
     where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
     return config_from_dict(raw, source=f"{cfg.source}: search {where}")
+
+
+def _check_stopping_and_ensemble(cfg: Config) -> None:
+    """``train.stop_on``: auto, loss or a headline metric of the task; ``ensemble``: auto
+    resolved by the task, else registered linear models (closed-form fits) other than the
+    model. A model fitted in closed form itself runs alone."""
+    task = tasks.get(cfg.task.type)
+    allowed = ["auto", "loss", *task.headline_metrics]
+    if cfg.train.stop_on not in allowed:
+        raise ConfigError(
+            f"{cfg.source}: train.stop_on = {cfg.train.stop_on!r}; expected one of {allowed}"
+        )
+    model = models.get(cfg.model_name)
+    if not model.trained_by_gradient:
+        cfg.ensemble = []
+        return
+    if cfg.ensemble == "auto":
+        cfg.ensemble = task.default_ensemble(model)
+    linear = [n for n in models.available() if not models.get(n).trained_by_gradient]
+    for name in cfg.ensemble:
+        if name not in linear:
+            raise ConfigError(
+                f"{cfg.source}: ensemble: {name!r} is not a linear model; members are {linear} (or [] for the model alone)"
+            )
+    if len(set(cfg.ensemble)) != len(cfg.ensemble):
+        raise ConfigError(f"{cfg.source}: ensemble: {cfg.ensemble} names a model twice")
 
 
 def _check_targets(cfg: Config) -> None:

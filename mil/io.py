@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from mil.errors import DataError
+from mil.errors import ConfigError, DataError
 
 
 def _current_umask() -> int:
@@ -279,3 +280,29 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (``yaml.safe_load``); a missing, unreadable or
+    invalid file is a :class:`ConfigError` naming it (and the line, for a syntax error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the {what} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+        ) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, found {type(raw).__name__}"
+        )
+    return raw

@@ -13,12 +13,12 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from mil.errors import ConfigError
+from mil.io import read_yaml_mapping  # noqa: F401  (the config readers import it from here)
 
 
 @dataclass
@@ -125,6 +125,9 @@ class TrainConfig:
     grad_clip: float | None = None
     # deletion/insertion curves of each fold's test bags (mil.explain.faithfulness): ~20 passes
     faithfulness: bool = True
+    # the epoch early stopping keeps: "auto" (the task's: survival the validation C-index,
+    # otherwise the validation loss; docs/benchmarks.md), "loss", or a validation metric
+    stop_on: str = "auto"
 
 
 @dataclass
@@ -135,6 +138,9 @@ class Config:
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "abmil_additive"})  # docs/benchmarks.md
     train: TrainConfig = field(default_factory=TrainConfig)
+    # linear models fitted on each fold beside `model` and averaged with it; "auto": the
+    # task's (survival: [meanpool_linear] for slide models; docs/benchmarks.md), [] for none
+    ensemble: Literal["auto"] | list[str] = "auto"
     # `mil compare`: models to run through the same folds, each {model: {...}, train: {...}, label}
     compare: list[dict[str, Any]] = field(default_factory=list)
     # `mil train` hyper-parameter search (mil.train.search): train./model. key -> values to try
@@ -157,32 +163,6 @@ class Config:
     @property
     def model_hparams(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.items() if k != "name"}
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """The top-level mapping of a YAML file (``yaml.safe_load``); a missing, unreadable or
-    invalid file is a :class:`ConfigError` naming it (and the line, for a syntax error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the {what} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise ConfigError(
-            f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
-        ) from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys, found {type(raw).__name__}"
-        )
-    return raw
 
 
 def parse_config(

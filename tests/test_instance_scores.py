@@ -108,6 +108,7 @@ def test_survival_contributions_are_signed_shares_of_the_risk(tmp_path):
         "splits": {"dir": str(tmp_path / "splits"), "folds": 2, "val_fraction": 0.2, "seed": 0},
         "model": {"name": "abmil", "hidden_dim": 16},
         "train": {"epochs": 2, "batch_size": 16, "patience": None, "seed": 0},
+        "ensemble": [],  # predictions.csv holds the model's own risks
     }  # fmt: skip
     run_dir = run_cv(
         config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=20

@@ -310,14 +310,19 @@ def risk_groups(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
 
 
 
-def standardized_risk(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
-    """``pred`` with ``risk`` centred and scaled by the training predictions' mean and sd (one
-    scale for risks of different models, e.g. before averaging them)."""
+def risk_scale(train_pred: pd.DataFrame) -> dict[str, float]:
+    """The mean and sd of a training fold's predicted risks (``risk_mean``, ``risk_sd``)."""
     ref = train_pred["risk"].to_numpy(float)
-    sd = float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0
+    return {"risk_mean": float(ref.mean()), "risk_sd": float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0}
+
+
+def standardized_risk(pred: pd.DataFrame, risk_mean: float, risk_sd: float) -> pd.DataFrame:
+    """``pred`` with ``risk`` centred and scaled (by a training fold's risks' mean and sd: one
+    scale for risks of different models, e.g. before averaging them)."""
     out = pred.copy()
-    out["risk"] = (pred["risk"].to_numpy(float) - ref.mean()) / (sd if sd > 0 else 1.0)
+    out["risk"] = (pred["risk"].to_numpy(float) - risk_mean) / (risk_sd if risk_sd > 0 else 1.0)
     return out
+
 
 def logrank_p(groups: pd.DataFrame) -> float:
     """Log-rank p-value (lifelines) of high vs low risk groups; NaN if a group is empty."""

@@ -53,6 +53,20 @@ class Task:
     strata_description = "class"
     #: run-level figures of :meth:`summary_artifacts` shown in the report, with their captions
     figure_captions: dict[str, str] = {}
+    #: the epoch ``train.stop_on: auto`` keeps: the lowest validation ``"loss"``, or the highest
+    #: validation value of a headline metric
+    stop_on = "loss"
+
+    @classmethod
+    def default_ensemble(cls, model: type) -> list[str]:
+        """The linear models ``ensemble: auto`` averages with a model of class ``model``."""
+        return []
+
+    @classmethod
+    def stop_criterion(cls, stop_on: str) -> tuple[str, int]:
+        """``train.stop_on`` as a history column and a sign (+1: higher is better)."""
+        name = cls.stop_on if stop_on == "auto" else stop_on
+        return ("val_loss", -1) if name == "loss" else (f"val_{name}", 1)
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         self.cfg = cfg
@@ -162,13 +176,22 @@ class Task:
         out = self.outputs(np.zeros((1, self.n_out)))
         return [c for c in out.columns if pd.api.types.is_numeric_dtype(out[c])]
 
+    def output_scale(self, train_pred: pd.DataFrame | None) -> dict[str, float]:
+        """What puts a model's outputs on a common scale before averaging, fitted on its
+        training-fold predictions (``{}``: they are averaged as they are)."""
+        return {}
+
+    def averaging_words(self) -> str:
+        """How :meth:`average_predictions` combines, for the report."""
+        return "outputs averaged"
+
     def average_predictions(
-        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+        self, members: list[pd.DataFrame], scales: list[dict[str, float]] | None = None
     ) -> pd.DataFrame:
         """Several predictors' rows of the same bags as one (an average of settings or models):
         :meth:`output_columns` averaged, each member's rows matched to the first's by
-        ``bag_id``; ids, outcomes and group columns from the first. ``train``: each member's
-        training-fold predictions, where a task puts outputs on a common scale first."""
+        ``bag_id``; ids, outcomes and group columns from the first. ``scales``: each member's
+        :meth:`output_scale`, where a task puts outputs on a common scale first."""
         cols = self.output_columns()
         first = members[0]
         values = []

@@ -151,12 +151,15 @@ class ClassificationTask(Task):
         out["pred"] = [self.classes[i] for i in probs.argmax(1)]
         return out
 
+    def averaging_words(self) -> str:
+        return "class probabilities averaged"
+
     def average_predictions(
-        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+        self, members: list[pd.DataFrame], scales: list[dict[str, float]] | None = None
     ) -> pd.DataFrame:
         """Class probabilities averaged; ``pred`` from the means, ``pred_op`` at this task's
         operating point (fit it on the members' averaged validation predictions first)."""
-        out = super().average_predictions(members, train).drop(columns="pred_op", errors="ignore")
+        out = super().average_predictions(members, scales).drop(columns="pred_op", errors="ignore")
         out["pred"] = [self.classes[i] for i in self._prob(out).argmax(1)]
         return self.with_operating_point(out)
 

@@ -38,6 +38,7 @@ from mil.metrics.survival import (
     pooled_arrays,
     pooled_c_index,
     risk_groups,
+    risk_scale,
     standardized_risk,
     td_auc,
 )
@@ -45,6 +46,7 @@ from mil.plots import km_figure
 from mil.schema import Config
 from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
 from mil.tasks.registry import register
+from mil.tasks.survival_words import methods_words
 
 # the pooled C-index over pairs within a fold (kept importable from here)
 _fold_stratified_c_index = fold_stratified_c_index
@@ -80,6 +82,14 @@ class SurvivalTask(Task):
     needs_train_predictions = True
     strata_description = "event status and time quantile"
     figure_captions = {"km.png": "Kaplan-Meier curves of out-of-fold risk groups."}
+    #: the Cox loss grows with the risks' scale and rates warm-up epochs best (docs/benchmarks.md)
+    stop_on = "c_index"
+
+    @classmethod
+    def default_ensemble(cls, model: type) -> list[str]:
+        """A slide model is averaged with ``meanpool_linear`` (docs/benchmarks.md)."""
+        slides_only = model.trained_by_gradient and not getattr(model, "uses_tabular", False)
+        return ["meanpool_linear"] if slides_only else []
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:
         super().__init__(cfg, [])
@@ -210,14 +220,23 @@ class SurvivalTask(Task):
             out[col] = values[col].to_numpy()
         return out
 
+    def output_scale(self, train_pred: pd.DataFrame | None) -> dict[str, float]:
+        """Cox: the training risks' mean and sd (:func:`risk_scale`); NLL: none (probabilities)."""
+        return risk_scale(train_pred) if self.loss_name == "cox" and train_pred is not None else {}
+
+    def averaging_words(self) -> str:
+        if self.loss_name == "cox":
+            return "each risk standardised by its own training-fold risks, then averaged"
+        return "survival curves averaged"
+
     def average_predictions(
-        self, members: list[pd.DataFrame], train: list[pd.DataFrame] | None = None
+        self, members: list[pd.DataFrame], scales: list[dict[str, float]] | None = None
     ) -> pd.DataFrame:
-        """Cox: each member's log-hazard standardised by its training-fold risks (mean 0, sd 1)
-        before averaging, so no member weighs more for a larger scale; NLL: survival curves
-        and risks averaged as they are (probabilities share one scale)."""
-        if self.loss_name == "cox" and train is not None:
-            members = [standardized_risk(m, t) for m, t in zip(members, train)]
+        """Cox: each member's log-hazard standardised by its :meth:`output_scale` (mean 0, sd 1
+        on its training fold) before averaging, so no member weighs more for a larger scale;
+        NLL: survival curves and risks averaged as they are."""
+        if scales is not None:
+            members = [standardized_risk(m, **s) if s else m for m, s in zip(members, scales)]
         return super().average_predictions(members)
 
     def patient_predictions(self, pred: pd.DataFrame) -> pd.DataFrame:
@@ -364,25 +383,7 @@ class SurvivalTask(Task):
         return "survival prediction"
 
     def methods(self) -> str:
-        task = self.cfg.task
-        if task.loss == "cox":
-            return (
-                f"Loss: Cox partial likelihood ({task.ties.capitalize()} ties) over the risk set of each "
-                "batch. Metrics (scikit-survival): Harrell's and Uno's C-index, time-dependent AUC and "
-                "integrated Brier score; log-rank test (lifelines) of risk groups split at the training median."
-            )
-        where = (
-            "the whole cohort's event times, test folds included (task.bins_from: cohort, the "
-            "labelling of MCAT, Patch-GCN, PORPOISE and SurvPath, kept to reproduce them: it lets "
-            "the test folds' times shape the bins, so the result is not a clean held-out estimate)"
-            if task.bins_from == "cohort"
-            else "the training fold's event times"
-        )
-        return (
-            f"Loss: discrete-time hazard negative log-likelihood over {task.bins} bins at quantiles "
-            f"of {where}. Metrics (scikit-survival): Harrell's and Uno's C-index, "
-            "time-dependent AUC and integrated Brier score; log-rank test (lifelines) of risk groups."
-        )
+        return methods_words(self.cfg.task)
 
     def _edges(self) -> np.ndarray:
         if self.bin_edges is None:
@@ -391,4 +392,3 @@ class SurvivalTask(Task):
 
     def _undefined_as_nan(self, out: dict[str, Any], key: str, quiet: bool = False):
         return NanOnDataError(out, key, None if quiet else self.where, SurvivalWarning)
-

@@ -42,6 +42,8 @@ STILL_FALLING = 0.02
 LOOKBACK = 3
 OVERFIT = 1.2
 FITTED = 0.5
+WARMUP_GAP = 0.01
+KEPT_GAP = 0.05
 
 
 def diagnose(
@@ -50,21 +52,29 @@ def diagnose(
     constant: str | None,
     fold: str,
     epochs: int | None = None,
+    headline: str | None = None,
+    stop: tuple[str, int] = ("val_loss", -1),
 ) -> list[dict[str, Any]]:
     """Findings about one fold: ``[{"fold", "kind", "message"}]`` (empty: it trained).
 
     ``history``: the fold's ``history.csv`` (``train_loss``, ``constant_loss``,
     ``steps``, ``val_loss`` when validated, ``best``); ``constant``: the task's
     reason the test predictions are constant, or None; ``epochs``: the epochs the fold
-    could run (:func:`mil.train.optim.training_budget`; default ``cfg.epochs``).
+    could run (:func:`mil.train.optim.training_budget`; default ``cfg.epochs``);
+    ``headline``: the task's headline metric (``val_<headline>`` in the history), whose value
+    at the kept epoch is checked against its best; ``stop``: the stopping criterion's column
+    and sign (:meth:`Task.stop_criterion`), which "still improving" follows and without which
+    (a metric, not the loss) "over-fitting" is the kept metric's gap instead.
     """
     found = []
     diverged = _diverged(history, cfg)
+    kept_kind, kept_message = _kept_metric(history, cfg, headline) or (None, None)
     for kind, message in (
         ("divergence", diverged),
+        (kept_kind, kept_message),
         ("under-training", None if diverged else _undertrained(history, cfg)),
-        ("still improving", _still_improving(history, epochs or cfg.epochs)),
-        ("over-fitting", _overfitted(history, cfg)),
+        ("still improving", _still_improving(history, epochs or cfg.epochs, *stop)),
+        ("over-fitting", _overfitted(history, cfg) if stop[0] == "val_loss" else None),
         ("constant predictions", _constant(constant, history, cfg, bool(diverged))),
     ):
         if message:
@@ -94,6 +104,36 @@ def _diverged(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     )
 
 
+def _kept_metric(h: pd.DataFrame, cfg: TrainConfig, headline: str | None) -> tuple[str, str] | None:
+    """The kept epoch's validation ``headline`` against the fold's best: a warm-up epoch kept
+    where it was more than ``WARMUP_GAP`` below the best, or any kept epoch ``KEPT_GAP``
+    below it (the stopping criterion and the metric disagree)."""
+    col = f"val_{headline}"
+    if headline is None or col not in h or "best" not in h or not h["best"].any():
+        return None
+    v = h[col].to_numpy(float)
+    kept = int(np.flatnonzero(h["best"].to_numpy(bool))[-1])
+    if not np.isfinite(v[kept]) or not np.isfinite(v).any():
+        return None
+    best = int(np.nanargmax(v))
+    gap = float(v[best] - v[kept])
+    before = int(h["steps"].iloc[:kept].sum()) if "steps" in h else cfg.warmup_steps
+    seen = f"validation {headline} {v[kept]:.3f} at the kept epoch {kept + 1}, best {v[best]:.3f} at epoch {best + 1}"
+    if cfg.warmup_steps and before < cfg.warmup_steps and gap > WARMUP_GAP:
+        return "warm-up epoch kept", (
+            f"the kept weights are from epoch {kept + 1}, inside the {cfg.warmup_steps}-step "
+            f"learning-rate warm-up ({seen}): the stopping criterion rated a barely trained model "
+            f"best. Set train.stop_on: {headline}, or train.best_from_epoch past the warm-up"
+        )
+    if gap > KEPT_GAP:
+        return "kept below best", (
+            f"{seen}: the stopping criterion (train.stop_on = {cfg.stop_on}) and the metric "
+            f"disagree; with few validation patients both are noisy. Consider train.stop_on: "
+            f"{headline}, or a larger splits.val_fraction"
+        )
+    return None
+
+
 def _undertrained(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
     if "constant_loss" not in h or not len(h):
         return None
@@ -115,19 +155,22 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _still_improving(h: pd.DataFrame, epochs: int) -> str | None:
-    if "val_loss" not in h or len(h) < epochs or len(h) <= LOOKBACK:
+def _still_improving(
+    h: pd.DataFrame, epochs: int, column: str = "val_loss", sign: int = -1
+) -> str | None:
+    if column not in h or len(h) < epochs or len(h) <= LOOKBACK:
         return None
-    val = h["val_loss"].to_numpy(float)
+    val = -sign * h[column].to_numpy(float)  # lower is better
     if not np.isfinite(val).all() or val[-1] > val.min():
         return None
     before = val[-1 - LOOKBACK]
-    if before - val[-1] < STILL_FALLING * (val.max() - val.min()):
+    if not before - val[-1] > STILL_FALLING * (val.max() - val.min()):  # a flat curve is not improving
         return None
+    name = column.removeprefix("val_")
     return (
-        f"the validation loss was still falling at the last epoch ({before:.3g} -> "
-        f"{val[-1]:.3g} over the last {LOOKBACK} of {len(h)} epochs); raise train.epochs "
-        f"(or train.min_steps)"
+        f"the validation {name} was still {'falling' if sign < 0 else 'rising'} at the last epoch "
+        f"({-sign * before:.3g} -> {-sign * val[-1]:.3g} over the last {LOOKBACK} of {len(h)} "
+        f"epochs); raise train.epochs (or train.min_steps)"
     )
 
 
@@ -160,7 +203,11 @@ def _constant(
     said = f"{reason}, so thresholded metrics (balanced accuracy, F1; risk groups) sit at chance whatever the ranking"
     if diverged:
         return f"{said}. Training diverged (see divergence): lower train.lr (now {cfg.lr:g})"
-    kept = int(np.flatnonzero(h["best"].to_numpy(bool))[-1]) if "best" in h and h["best"].any() else len(h) - 1
+    kept = (
+        int(np.flatnonzero(h["best"].to_numpy(bool))[-1])
+        if "best" in h and h["best"].any()
+        else len(h) - 1
+    )
     if "constant_loss" in h and len(h) > kept + 1:
         later = float(h["train_loss"].iloc[kept + 1 :].min())
         constant = float(h["constant_loss"].iloc[kept])

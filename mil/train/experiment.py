@@ -6,12 +6,15 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from mil.config import Config
 from mil.data.dataset import BagDataset
 from mil.data.sources import load_cohort
+from mil.data.transforms import Standardizer, fold_preprocessing
 from mil.errors import MilWarning
 from mil.models import create, get
+from mil.models.fusion import with_tabular_layout
 from mil.results import RunFolder
 from mil.splits import Split, load_or_make_splits
 from mil.tasks import Task, make_task
@@ -68,3 +71,19 @@ class Experiment:
         ids = set(self.cohort.bags_of_slides(split.part(part)))
         b = self.cohort.bags
         return b[b["bag_id"].isin(ids)].reset_index(drop=True)
+
+    def fold_setup(
+        self, task: Task, train_ids: list[str], member: str | None = None
+    ) -> tuple[torch.nn.Module, Standardizer | None, BagDataset]:
+        """A new model for a fold (or a refit) trained on ``train_ids`` (``member``: that
+        linear model of the ensemble, with its defaults, instead of the config's), the
+        preprocessing fitted on those bags only, and the fold's own view of the bags (graphs
+        built under it)."""
+        cfg = self.cfg
+        name, hp = (cfg.model_name, cfg.model_hparams) if member is None else (member, {})
+        hparams = with_tabular_layout(name, hp, self.cohort.tabular)
+        model = create(name, in_dim=self.store.dim, n_out=task.n_out, **hparams)
+        # baselines standardise their pooled vectors; tabular scalers are fitted for every model
+        standardize = cfg.data.standardize if model.trained_by_gradient else False
+        norm = fold_preprocessing(self.data, train_ids, standardize, self.cohort.tabular)
+        return model, norm, self.data.with_transform(norm)

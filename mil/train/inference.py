@@ -20,6 +20,7 @@ from mil.metrics.instances import LOGIT_KINDS, task_view
 from mil.models.base import default_score_order
 from mil.results import REFIT
 from mil.results.checkpoint import load_model
+from mil.results.members import read_members
 from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
 from mil.train.loop import Forward, predict
@@ -47,6 +48,10 @@ class FoldModel:
         self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
         norm = self.payload.get("standardize")
         self.norm = None if norm is None else Standardizer.from_state(norm)
+        # the fold's ensemble (members.json): its linear members and every member's scale
+        entries = read_members(path.parent) or []
+        self.scales = [e["scale"] for e in entries]
+        self.members = [FoldModel(path.parent / e["model"], cfg, fold, device) for e in entries[1:]]
 
     def forward(
         self,
@@ -120,9 +125,13 @@ class FoldModel:
         store: FeatureStore,
         tabular: TabularTable | None = None,
     ) -> pd.DataFrame:
-        """``bag_id``, ``fold`` and the task's prediction columns of each bag."""
+        """``bag_id``, ``fold`` and the task's prediction columns of each bag (a fold with an
+        ensemble: the average of its members' outputs, as its ``predictions.csv``)."""
         df = self.task.outputs(self.forward(bag_slides, store, tabular=tabular).logits.numpy())
         df.insert(0, "bag_id", list(bag_slides))
+        if self.members:
+            parts = [df, *(m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members)]
+            df = self.task.average_predictions(parts, self.scales)
         df.insert(1, "fold", self.fold)
         return df
 

@@ -301,6 +301,12 @@ def _validate(
     return out
 
 
+def _criterion_score(row: dict[str, float], column: str, sign: int) -> float:
+    """An epoch's stopping criterion, higher is better; undefined (NaN) never improves."""
+    score = sign * float(row.get(column, float("nan")))
+    return score if math.isfinite(score) else -math.inf
+
+
 def fit(
     model: MILModel,
     task: Task,
@@ -314,9 +320,9 @@ def fit(
     dist: Dist = SINGLE,
     stop_after: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
-    """Train with ``cfg.optimizer`` (AdamW by default); early stopping on the validation
-    loss restores the best weights (of epoch ``cfg.best_from_epoch`` or later; patience
-    counts from there). With ``cfg.patience`` None (or no validation bags) it trains a fixed
+    """Train with ``cfg.optimizer`` (AdamW by default); early stopping on ``cfg.stop_on``
+    (:meth:`Task.stop_criterion`: the validation loss, or the survival C-index) restores the
+    best weights (of epoch ``cfg.best_from_epoch`` or later; patience counts from there). With ``cfg.patience`` None (or no validation bags) it trains a fixed
     ``cfg.epochs`` (more to reach ``cfg.min_steps``: :func:`training_budget`) and keeps
     the final weights; the learning rate follows ``cfg.schedule`` (:func:`make_scheduler`).
     ``stop_after`` ends it after that many epochs, the schedule laid out over the whole
@@ -342,12 +348,12 @@ def fit(
     scheduler = make_scheduler(opt, cfg, budget.steps)
     early = cfg.patience is not None and val is not None and len(val) > 0
     val_targets = task.targets(val) if val is not None and len(val) else None
-    best_loss, best_state, best_epoch, waited = float("inf"), None, -1, 0
+    column, sign = task.stop_criterion(cfg.stop_on)
+    best_score, best_state, best_epoch, waited = -float("inf"), None, -1, 0
     history = []
     bar = tqdm(range(budget.epochs), desc=desc, disable=not progress or not dist.main, leave=False)
     for epoch in bar:
-        t0 = time.perf_counter()
-        where = f"{desc}, epoch {epoch + 1}"
+        t0, where = time.perf_counter(), f"{desc}, epoch {epoch + 1}"
         ep = _train_epoch(
             step, opt, model, task, data, train, cfg, rng, gen, dist, where, constant, scheduler
         )
@@ -366,8 +372,9 @@ def fit(
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_loss", "val_loss")})
         if early and epoch >= cfg.best_from_epoch:
-            if row["val_loss"] < best_loss - 1e-6:
-                best_loss, best_epoch, waited = row["val_loss"], epoch, 0
+            score = _criterion_score(row, column, sign)
+            if score > best_score + 1e-6 or best_state is None:
+                best_score, best_epoch, waited = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 waited += 1

@@ -39,9 +39,11 @@ from mil.io import read_json, write_csv, write_json
 from mil.models.fusion import with_tabular_layout
 from mil.results import HISTORY, METRICS, MODEL, REFIT, REFIT_JSON, RunFolder
 from mil.results.checkpoint import read_checkpoint, save_model
+from mil.results.members import member_dir
 from mil.train.closed_form import fit_closed_form
 from mil.train.experiment import Experiment
 from mil.train.loop import fit
+from mil.train.members import refit_members, write_members
 from mil.train.optim import training_budget
 from mil.train.runner import fold_setup
 
@@ -149,6 +151,10 @@ def refit(
         state = model.state_dict()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.ensemble and model.trained_by_gradient:  # the linear members, refit as the model
+        choice["member_penalty"] = member_penalties(run, cfg.ensemble)
+        members = refit_members(exp, task, bags, (model.to(device), data), choice["member_penalty"], device)
+        write_members(out, exp, task, members)
     write_csv(out / HISTORY, history)
     hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
     save_model(
@@ -170,6 +176,27 @@ def refit(
         else (f"penalty {choice['penalty']:.3g}")
     )
     log(f"refit: {len(bags)} bags, {what} (chosen by cross-validation) -> {out / MODEL}")
+    return out
+
+
+def member_penalties(run: RunFolder, names: list[str]) -> dict[str, float]:
+    """Per linear member of the ensemble, the geometric median of the penalties its folds
+    chose on their validation bags (``members/<name>/history.csv``)."""
+    out = {}
+    for name in names:
+        found = []
+        for fold in run.records():
+            path = member_dir(run.fold_dir(fold), name) / HISTORY
+            try:
+                hist = pd.read_csv(path)
+                row = hist.loc[hist["best"].astype(bool)].iloc[-1]
+                found.append(float(row["C"] if "C" in hist.columns else row["alpha"]))
+            except (OSError, ValueError, KeyError, IndexError) as exc:
+                raise DataError(
+                    f"{path}: cannot read the ensemble member's penalty ({exc}); delete "
+                    f"{run.fold_file(fold, METRICS)} and re-run `mil train` to train fold {fold} again"
+                ) from None
+        out[name] = float(np.exp(np.median(np.log(found))))
     return out
 
 

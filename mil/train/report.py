@@ -13,6 +13,7 @@ from mil.io import atomic_path, json_float
 from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS, SURVIVAL_SCORE_KIND
 from mil.models.registry import get as get_model
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
+from mil.results.members import ensemble_lines
 from mil.results.search import search_section
 from mil.tasks import Task, make_task
 
@@ -33,6 +34,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"**Partial run: {n_done} of {n_expected} folds finished.**", ""]
     lines += ["## Methods", "", _methods(cfg, task, summary), ""]
     lines += ["## Results", "", *_results(summary, task), ""]
+    lines += ensemble_lines(summary)
     lines += search_section(run.path)
     figures = [(f, t) for f, t in task.figure_captions.items() if run.file(f).is_file()]
     heatmaps = sorted(run.file(HEATMAPS).glob("*.png"))[:MAX_HEATMAPS]
@@ -101,8 +103,9 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
     if s.val_fraction > 0 and t.patience is not None:
         parts.append(
             f"In each fold, {s.val_fraction:.0%} of the training patients formed an inner validation set "
-            f"for early stopping on the validation loss (patience {t.patience} epochs, at most "
-            f"{t.epochs}, at least {t.min_epochs}); the weights of the best validation epoch were restored."
+            f"for early stopping on the validation {_criterion(task, t.stop_on)} (patience {t.patience} "
+            f"epochs, at most {t.epochs}, at least {t.min_epochs}); the weights of the best validation "
+            "epoch were restored."
         )
     else:
         parts.append(f"Models were trained for a fixed {t.epochs} epochs, without early stopping.")
@@ -131,6 +134,12 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         )
         if t.min_steps or t.schedule != "constant" or t.warmup_steps:
             parts.append(_budget_words(t))
+    if cfg.ensemble and not closed_form:
+        parts.append(
+            f"In each fold the model was averaged with {', '.join(f'`{m}`' for m in cfg.ensemble)} "
+            f"fitted on the same training bags ({task.averaging_words()}, equal weights); the "
+            "heatmaps show the model's own instance scores."
+        )
     others = [f"`{k}`" for k in cfg.search if k != "data.standardize"]
     if others:
         parts.append(
@@ -143,6 +152,12 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         f"confidence intervals ({n_boot:,} resamples of patients) of the pooled out-of-fold predictions."
     )
     return " ".join(parts)
+
+
+def _criterion(task: Task, stop_on: str) -> str:
+    """``train.stop_on`` in words: "loss", or the metric (highest kept)."""
+    column, _ = task.stop_criterion(stop_on)
+    return "loss" if column == "val_loss" else f"{column.removeprefix('val_')} (the highest kept)"
 
 
 def heatmap_caption() -> str:

@@ -11,7 +11,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,11 @@ import torch
 
 from mil.config import Config
 from mil.data.dataset import BagDataset
-from mil.data.transforms import Standardizer, feature_stats, fold_preprocessing
+from mil.data.transforms import Standardizer, feature_stats
 from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
 from mil.explain.faithfulness import fold_faithfulness
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
 from mil.metrics.instances import task_scores, witness_auc, witness_metrics
-from mil.models import create
 from mil.models.fusion import with_tabular_layout
 from mil.results import (
     HISTORY,
@@ -51,6 +50,7 @@ from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup
 from mil.train.experiment import Experiment
 from mil.train.loop import Forward, diverged, fit, predict
+from mil.train.members import Member, average, fit_members, write_members
 from mil.train.optim import training_budget
 from mil.train.summary import summarize
 
@@ -207,6 +207,7 @@ class FoldResult:
     metrics: dict[str, Any]
     findings: list[dict[str, Any]]
     val_pred: pd.DataFrame | None = None
+    members: list[Member] = field(default_factory=list)  # the ensemble, the model first
 
 
 def run_fold(
@@ -228,17 +229,10 @@ def run_fold(
 
 
 def fold_setup(
-    exp: Experiment, task: Task, train_ids: list[str]
+    exp: Experiment, task: Task, train_ids: list[str], member: str | None = None
 ) -> tuple[torch.nn.Module, Standardizer | None, BagDataset]:
-    """A new model for a fold (or a refit) trained on ``train_ids``, the preprocessing fitted
-    on those bags only, and the fold's own view of the bags (graphs built under it)."""
-    cfg = exp.cfg
-    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
-    model = create(cfg.model_name, in_dim=exp.store.dim, n_out=task.n_out, **hparams)
-    # baselines standardise their pooled vectors; tabular scalers are fitted for every model
-    standardize = cfg.data.standardize if model.trained_by_gradient else False
-    norm = fold_preprocessing(exp.data, train_ids, standardize, exp.cohort.tabular)
-    return model, norm, exp.data.with_transform(norm)
+    """:meth:`Experiment.fold_setup` (kept here for its importers)."""
+    return exp.fold_setup(task, train_ids, member)
 
 
 def _train_and_test(
@@ -271,6 +265,41 @@ def _train_and_test(
         predict, model, data, max_instances=cfg.train.max_instances, device=device,
         precision=cfg.train.precision, dist=dist,
     )  # fmt: skip
+    val_pred, fwd, pred, train_pred = _predict(exp, task, split, infer, history, train, val, test)
+    members: list[Member] = []
+    if cfg.ensemble:  # linear models beside the model, averaged with it
+        members = [Member(cfg.model_name, pred, train_pred, val_pred)]
+        members += fit_members(exp, task, train, val, test, device)
+        pred, train_pred, val_pred = average(task, members)
+    metrics = task.metrics(pred, train_pred)
+    metrics.update(_instance_metrics(exp, task, model, data, test, fwd, pred, device))
+    metrics["train_seconds"] = train_seconds
+    metrics["epochs"] = int(history["epoch"].max() + 1)
+    metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
+    metrics["steps"] = int(history["steps"].sum())
+    epochs = training_budget(task, train, cfg.train).epochs
+    headline = task.headline() if task.stop_on != "loss" else None  # a ranking criterion's task
+    findings = diagnose(
+        history, cfg.train, task.constant_predictions(pred), split.name, epochs,
+        headline=headline, stop=task.stop_criterion(cfg.train.stop_on),
+    )  # fmt: skip
+    if not model.trained_by_gradient:  # no training curve to read: only constant predictions
+        findings = [
+            {**f, "message": f"{task.constant_predictions(pred)}, so thresholded metrics sit at "
+             "chance whatever the ranking; history.csv lists the penalty grid and its validation loss"}
+            for f in findings if f["kind"] == "constant predictions"
+        ]  # fmt: skip
+    return FoldResult(
+        history, state, norm, data, test, fwd, pred, train_pred, metrics, findings, val_pred, members
+    )
+
+
+def _predict(
+    exp: Experiment, task: Task, split: Split, infer, history: pd.DataFrame,
+    train: pd.DataFrame, val: pd.DataFrame | None, test: pd.DataFrame,
+) -> tuple[pd.DataFrame | None, Forward, pd.DataFrame, pd.DataFrame | None]:  # fmt: skip
+    """The fold model's validation (for the operating point), test (with instance scores and
+    the group columns) and training predictions (where the task needs them)."""
     val_pred = None
     if task.needs_val_predictions and val is not None and len(val):  # the operating point
         val_pred = task.predictions(val, infer(val["bag_id"].tolist()).logits.numpy())
@@ -278,41 +307,39 @@ def _train_and_test(
     fwd = infer(test["bag_id"].tolist(), keep_scores=True)
     if not torch.isfinite(fwd.logits).all():
         epoch = int(history["epoch"].max())
-        raise diverged(f"fold {split.name}", epoch, "the model's test outputs are NaN or infinite", cfg.train)
+        what = "the model's test outputs are NaN or infinite"
+        raise diverged(f"fold {split.name}", epoch, what, exp.cfg.train)
     pred = task.predictions(test, fwd.logits.numpy())
     for col in exp.cohort.group_cols:  # site and subgroup columns, for subgroup metrics
         pred[col] = test[col].to_numpy()
     train_pred = None
     if task.needs_train_predictions:
         train_pred = task.predictions(train, infer(train["bag_id"].tolist()).logits.numpy())
-    metrics = task.metrics(pred, train_pred)
+    return val_pred, fwd, pred, train_pred
+
+
+def _instance_metrics(
+    exp: Experiment, task: Task, model, data: BagDataset, test: pd.DataFrame, fwd: Forward,
+    pred: pd.DataFrame, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Witness metrics of the model's instance scores (where instances are labelled) and the
+    deletion/insertion curves of its test bags: the model's, whatever the ensemble."""
+    cfg, out = exp.cfg, {}
     witness = witness_auc(
         pred["bag_id"].tolist(), fwd.scores, task.positive_bags(pred), exp.data.instance_labels
     )
     if witness is not None:
-        metrics["witness_auc"] = witness
+        out["witness_auc"] = witness
     # score kinds as the task reads them (class evidence, share of the risk): attention.h5 holds these
     fwd.extra_scores = task_scores(fwd.extra_scores, cfg.task.type)
-    metrics.update(witness_metrics(
+    out.update(witness_metrics(
         pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
         cfg.task.type,
     ))  # fmt: skip
     if cfg.train.faithfulness:  # deletion/insertion of the top-scored instances
         test_bags = [data[b] for b in test["bag_id"]]
-        metrics.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
-    metrics["train_seconds"] = train_seconds
-    metrics["epochs"] = int(history["epoch"].max() + 1)
-    metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
-    metrics["steps"] = int(history["steps"].sum())
-    epochs = training_budget(task, train, cfg.train).epochs
-    findings = diagnose(history, cfg.train, task.constant_predictions(pred), split.name, epochs)
-    if not model.trained_by_gradient:  # no training curve to read: only constant predictions
-        findings = [
-            {**f, "message": f"{task.constant_predictions(pred)}, so thresholded metrics sit at "
-             "chance whatever the ranking; history.csv lists the penalty grid and its validation loss"}
-            for f in findings if f["kind"] == "constant predictions"
-        ]  # fmt: skip
-    return FoldResult(history, state, norm, data, test, fwd, pred, train_pred, metrics, findings, val_pred)
+        out.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
+    return out
 
 
 def _write_fold(
@@ -347,5 +374,8 @@ def _write_fold(
     )  # fmt: skip
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
     record = {"fold": split.name, "repeat": split.repeat, **sizes}
+    if r.members:  # their files, and each one's own headline metric on this fold
+        write_members(fold_dir, exp, task, r.members)
+        record["members"] = {m.name: task.metric_value(m.pred, task.headline()) for m in r.members}
     record.update(classes=task.classes, task=task.name, metrics=r.metrics, diagnostics=r.findings)
     write_json(fold_dir / METRICS, record)

@@ -255,10 +255,11 @@ def average_fold(grid: list[GridPoint], runs: list[RunFolder], avg: RunFolder, n
         return [r.predictions(name, file) for r in runs]
 
     train, val = tables(PREDICTIONS_TRAIN), tables(PREDICTIONS_VAL)
+    scales = None if train is None else [task.output_scale(t) for t in train]
     if task.needs_val_predictions and val is not None:
-        task.fit_operating_point(task.average_predictions(val))
-    pred = task.average_predictions(tables(PREDICTIONS) or [], train)
-    train_pred = None if train is None else task.average_predictions(train, train)
+        task.fit_operating_point(task.average_predictions(val, scales))
+    pred = task.average_predictions(tables(PREDICTIONS) or [], scales)
+    train_pred = None if train is None else task.average_predictions(train, scales)
     fold_dir = avg.fold_dir(name)
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_csv(fold_dir / PREDICTIONS, pred)

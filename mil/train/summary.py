@@ -20,6 +20,7 @@ from mil.results import (
     RunFolder,
     write_artifacts,
 )
+from mil.results.members import members_summary
 from mil.results.search import average_summary, average_words
 from mil.tasks import Task, headline_metrics, make_task
 from mil.train.diagnostics import summarize_findings
@@ -89,6 +90,9 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     search = average_summary(run.path, task, n_boot)  # a search: its points averaged
     if search is not None:
         summary["search"] = search
+    ensemble = members_summary(run.path, task, n_boot)  # each member against the average
+    if ensemble is not None:
+        summary["ensemble"] = ensemble
     group_cols = list(dict.fromkeys([c for c in [cfg.data.site_col, *cfg.data.subgroup_cols] if c]))
     if group_cols:
         summary.update(_subgroups(run, task, cfg, group_cols, n_boot))
