@@ -124,7 +124,8 @@ def search_section(run_dir: str | Path) -> list[str]:
         f"`{k}` ∈ {{{', '.join(show_value(v) for v in vals)}}}" for k, vals in cfg.search.items()
     )
     kept = (
-        f"early stopping's criterion: its lowest from epoch {cfg.train.best_from_epoch} on"
+        f"the weights early stopping kept by its criterion (train.stop_on = {cfg.train.stop_on}) "
+        f"from epoch {cfg.train.best_from_epoch} on"
         if cfg.train.patience is not None
         else "with fixed epochs, the last epoch's"
     )
