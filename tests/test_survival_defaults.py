@@ -177,6 +177,8 @@ def test_a_warm_up_epoch_kept_against_the_metric_is_named():
     late = history([0.60, 0.62, 0.55, 0.65, 0.75, 0.69], kept=3)  # after the warm-up, 0.10 below
     kinds = [f["kind"] for f in diagnose(late, cfg, None, "0", 6, "c_index", stop)]
     assert kinds == ["kept below best"]
+    fixed = TrainConfig(warmup_steps=50, patience=None)  # fixed epochs keep the last, as asked
+    assert not diagnose(history([0.60, 0.62, 0.55, 0.65, 0.75, 0.69], kept=5), fixed, None, "0", 6, "c_index", stop)
     # the survival default keeps the best validation C: nothing to say
     best = history([0.60, 0.62, 0.55, 0.71, 0.70, 0.69], kept=3)
     assert not diagnose(best, TrainConfig(), None, "0", 6, "c_index", ("val_c_index", 1))

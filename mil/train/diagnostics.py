@@ -106,8 +106,8 @@ def _diverged(h: pd.DataFrame, cfg: TrainConfig) -> str | None:
 
 def _kept_metric(h: pd.DataFrame, cfg: TrainConfig, headline: str | None) -> tuple[str, str] | None:
     """The kept epoch's validation ``headline`` against the fold's best: a warm-up epoch kept
-    where it was more than ``WARMUP_GAP`` below the best, or any kept epoch ``KEPT_GAP``
-    below it (the stopping criterion and the metric disagree)."""
+    where it was more than ``WARMUP_GAP`` below the best, or an epoch early stopping kept
+    ``KEPT_GAP`` below it (the stopping criterion and the metric disagree)."""
     col = f"val_{headline}"
     if headline is None or col not in h or "best" not in h or not h["best"].any():
         return None
@@ -125,7 +125,7 @@ def _kept_metric(h: pd.DataFrame, cfg: TrainConfig, headline: str | None) -> tup
             f"learning-rate warm-up ({seen}): the stopping criterion rated a barely trained model "
             f"best. Set train.stop_on: {headline}, or train.best_from_epoch past the warm-up"
         )
-    if gap > KEPT_GAP:
+    if gap > KEPT_GAP and cfg.patience is not None:  # fixed epochs keep the last, as asked
         return "kept below best", (
             f"{seen}: the stopping criterion (train.stop_on = {cfg.stop_on}) and the metric "
             f"disagree; with few validation patients both are noisy. Consider train.stop_on: "
