@@ -134,7 +134,7 @@ def _unused_tables(cfg: Config) -> list[Problem]:
 
     def fuses(name: object) -> bool:
         try:
-            return bool(getattr(get(str(name)), "uses_tabular", False))
+            return get(str(name)).uses_tabular
         except ConfigError:
             return False
 

@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mil.config import Config, config_from_dict, refuse_search
+from mil.config import Config, derive, refuse_search
 from mil.data.cohort import AVAILABILITY_COL
 from mil.errors import ConfigError, DataError
 from mil.io import json_float, safe_filename, write_csv, write_text
 from mil.models import available
 from mil.results import BASELINE_RUNS, BASELINES, MODEL, RunFolder
-from mil.schema import fixed_epoch_budget
 from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
 from mil.tasks.paired import paired_metric_difference
@@ -99,15 +98,9 @@ def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]
 
 def entry_config(cfg: Config, entry: dict[str, Any]) -> Config:
     """The plain config of one comparison run (validated like any config)."""
-    raw = cfg.to_dict()
-    raw.pop("compare", None)
-    raw.pop("search", None)  # one model's plain run
-    raw["name"] = f"{cfg.name}_{entry['label']}"
-    raw["model"] = dict(entry["model"])
-    train = entry.get("train") or {}
-    raw["train"].update(train)
-    fixed_epoch_budget(train, raw["train"])
-    return config_from_dict(raw, source=f"{cfg.source}: compare entry {entry['label']!r}")
+    changes = {"name": f"{cfg.name}_{entry['label']}", "model": dict(entry["model"])}
+    changes.update({f"train.{k}": v for k, v in (entry.get("train") or {}).items()})
+    return derive(cfg, changes, source=f"{cfg.source}: compare entry {entry['label']!r}")
 
 
 def run_compare(
@@ -220,7 +213,7 @@ def run_baselines(
     from mil.train.runner import run_cv
 
     run_dir = Path(run_dir)
-    split_dir = cfg.splits.dir or str(RunFolder(run_dir).splits_dir)
+    split_dir = str(cfg.splits.dir or RunFolder(run_dir).splits_dir)  # the run's own split files
     rows = []
     for name in names:
         entry = {"label": name, "model": {"name": name}}

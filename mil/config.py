@@ -35,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "apply_override",
     "config_from_dict",
+    "derive",
     "dump_config",
     "load_config",
     "point_config",
@@ -111,27 +112,43 @@ def refuse_search(cfg: Config, verb: str) -> None:
         )
 
 
-def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) -> Config:
-    """The plain config of one search point: ``cfg`` without ``search`` (and ``compare``), the
-    point's values in place of its own, checked like any config; errors name the point."""
+def derive(cfg: Config, changes: dict[str, Any], source: str) -> Config:
+    """A plain config made from ``cfg`` (a search point, a compare entry, a generalization
+    setting, an external cohort): ``cfg`` without its ``search`` and ``compare`` blocks, with
+    ``changes`` applied, checked like any config (errors name ``source``).
+
+    A dotted key sets one value (``"train.lr"``, ``"splits.dir"``); a bare key replaces a
+    top-level value or a whole section (``"name"``, ``"model"``, ``"data"``). ``train`` keys
+    given follow the config rule for ``train.epochs`` (:func:`mil.schema.fixed_epoch_budget`).
+    """
     raw = cfg.to_dict()
     raw.pop("search", None)
     raw.pop("compare", None)
-    for key, value in point.items():
-        section, _, sub = key.partition(".")
-        raw[section][sub] = value
-    asked = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("train.")}
-    fixed_epoch_budget(asked, raw["train"])
-    if name is not None:
-        raw["name"] = name
+    train: dict[str, Any] = {}
+    for key, value in changes.items():
+        section, dot, sub = key.partition(".")
+        if dot:
+            raw.setdefault(section, {})[sub] = value
+            if section == "train":
+                train[sub] = value
+        else:
+            raw[key] = value
+    fixed_epoch_budget(train, raw["train"])
+    return config_from_dict(raw, source=source)
+
+
+def point_config(cfg: Config, point: dict[str, Any], name: str | None = None) -> Config:
+    """The plain config of one search point: ``cfg`` without ``search`` (and ``compare``), the
+    point's values in place of its own, checked like any config; errors name the point."""
     where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
-    return config_from_dict(raw, source=f"{cfg.source}: search {where}")
+    changes = {**point, **({"name": name} if name is not None else {})}
+    return derive(cfg, changes, source=f"{cfg.source}: search {where}")
 
 
 def _check_stopping_and_ensemble(cfg: Config) -> None:
     """``train.stop_on``: auto, loss or a headline metric of the task; ``ensemble``: auto
-    resolved by the task, else registered linear models (closed-form fits) other than the
-    model. A model fitted in closed form itself runs alone."""
+    (resolved by the task into ``cfg.members``) or registered linear models (closed-form fits).
+    A model fitted in closed form itself runs alone."""
     task = tasks.get(cfg.task.type)
     allowed = ["auto", "loss", *task.headline_metrics]
     if cfg.train.stop_on not in allowed:
@@ -139,19 +156,18 @@ def _check_stopping_and_ensemble(cfg: Config) -> None:
             f"{cfg.source}: train.stop_on = {cfg.train.stop_on!r}; expected one of {allowed}"
         )
     model = models.get(cfg.model_name)
-    if not model.trained_by_gradient:
-        cfg.ensemble = []
-        return
-    if cfg.ensemble == "auto":
-        cfg.ensemble = task.default_ensemble(model)
     linear = [n for n in models.available() if not models.get(n).trained_by_gradient]
-    for name in cfg.ensemble:
+    for name in [] if cfg.ensemble == "auto" else cfg.ensemble:
         if name not in linear:
             raise ConfigError(
                 f"{cfg.source}: ensemble: {name!r} is not a linear model; members are {linear} (or [] for the model alone)"
             )
-    if len(set(cfg.ensemble)) != len(cfg.ensemble):
+    if cfg.ensemble != "auto" and len(set(cfg.ensemble)) != len(cfg.ensemble):
         raise ConfigError(f"{cfg.source}: ensemble: {cfg.ensemble} names a model twice")
+    if not model.trained_by_gradient:  # a linear model runs alone
+        cfg.members = []
+    else:
+        cfg.members = list(task.default_ensemble(model) if cfg.ensemble == "auto" else cfg.ensemble)
 
 
 def _check_targets(cfg: Config) -> None:

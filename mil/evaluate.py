@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mil.config import Config, config_from_dict, read_yaml_mapping
+from mil.config import Config, derive, read_yaml_mapping
 from mil.data.cohort import Cohort
 from mil.data.dataset import FeatureStore
 from mil.data.provenance import compare_provenance
@@ -189,16 +189,13 @@ def cohort_config_of(run: Run, path: str | Path, classes: list[str] | None = Non
             f"{path}: data.bag_level is {data['bag_level']!r}, but the run's models were trained "
             f"on {level}-level bags; leave the key out or set it to {level!r}"
         )
-    full = run.config.to_dict()
-    for key in ("compare", "search"):
-        full.pop(key, None)
-    full["data"] = {
+    data = {
         **data,
         "bag_level": level,
         "standardize": run.config.data.standardize,
         "classes": list(run.classes if classes is None else classes) or None,
     }
-    return config_from_dict(full, source=str(path))
+    return derive(run.config, {"data": data}, source=str(path))
 
 
 # ---- predictions and scores -----------------------------------------------------------------

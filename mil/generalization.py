@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mil.compare import entries, entry_config
-from mil.config import Config, config_from_dict, refuse_search
+from mil.config import Config, derive, refuse_search
 from mil.data.cohort import Cohort
 from mil.data.provenance import cohort_files, compare_provenance, read_provenance
 from mil.data.sources import load_cohort, read_cohort
@@ -189,18 +188,14 @@ def _check_sites(cohort: Cohort, cfg: Config, where: str) -> None:
 def setting_configs(cfg: Config, out: Path) -> dict[str, Config]:
     """The model's config with patient-level folds (``internal``) and, where the cohort names
     its sites, with site-preserved folds (``site``), each on split files shared by every model."""
-    raw = cfg.to_dict()
-    raw.pop("compare", None)
-    raw.pop("search", None)
     found = {}
     for setting in SETTINGS:
         if setting == "site" and not cfg.data.site_col:
             continue
-        r = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain values
-        r["splits"].update(dir=str(out / f"splits_{setting}"), by_site=setting == "site")
+        changes: dict[str, Any] = {"splits.dir": str(out / f"splits_{setting}"), "splits.by_site": setting == "site"}
         if setting == "site":
-            r["splits"]["assignment"] = None
-        found[setting] = config_from_dict(r, source=f"{cfg.source} ({SETTINGS[setting]})")
+            changes["splits.assignment"] = None
+        found[setting] = derive(cfg, changes, source=f"{cfg.source} ({SETTINGS[setting]})")
     return found
 
 

@@ -146,10 +146,13 @@ class Config:
     # `mil train` hyper-parameter search (mil.train.search): train./model. key -> values to try
     search: dict[str, list[Any]] = field(default_factory=dict)
     source: str = field(default="<dict>", metadata={"internal": True})
+    # the ensemble's linear members as resolved (mil.config: "auto" by task and model)
+    members: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("members")
         out["task"].pop("target_kind")
         for key in ("compare", "search"):  # plain runs keep the config.yaml they always had
             if not out[key]:

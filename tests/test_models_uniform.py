@@ -50,7 +50,7 @@ def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
         cells = torch.randperm(16 * 16, generator=gen)[:n]
         coords = torch.stack([cells % 16, cells // 16], 1).float() * 224.0
         bag = Bag(f"bag{i}", torch.randn(n, IN_DIM, generator=gen), coords)
-        if getattr(model, "uses_tabular", False):
+        if model.uses_tabular:
             bag.tabular, bag.tabular_mask = torch.randn(9, generator=gen), torch.tensor([1.0, i != 1])
         if model.graph is not None:
             bag.edge_index = bag_graph(bag, model.graph, model.graph_k)
@@ -60,7 +60,7 @@ def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
 
 def build(name: str, n_out: int = 2, seed: int = 0) -> MILModel:
     torch.manual_seed(seed)
-    tabular = {"tabular": TABULAR} if getattr(get(name), "uses_tabular", False) else {}
+    tabular = {"tabular": TABULAR} if get(name).uses_tabular else {}
     return create(name, in_dim=IN_DIM, n_out=n_out, **tabular).eval()
 
 
@@ -125,7 +125,7 @@ def permuted(bag: Bag, gen: torch.Generator) -> tuple[Bag, torch.Tensor]:
 @pytest.mark.parametrize("name", MODELS)
 def test_instance_order_invariance(name):
     model = build(name)
-    if not getattr(model, "permutation_invariant", True):
+    if not model.permutation_invariant:
         pytest.skip(f"{name} is order-dependent by design (see its docstring)")
     bags = make_bags(model)
     gen = torch.Generator().manual_seed(1)
@@ -144,7 +144,7 @@ def test_instance_order_invariance(name):
 @pytest.mark.parametrize("name", GRADIENT_MODELS)
 def test_no_value_or_gradient_leak_between_bags(name):
     model = build(name)
-    if not getattr(model, "uses_instances", True):
+    if not model.uses_instances:
         pytest.skip(f"{name} reads no instances (tabular modalities only)")
     bags = make_bags(model)
     batch = collate_bags(bags)
@@ -380,7 +380,7 @@ def test_bf16_autocast_tracks_fp32(name):
 
 #: the fusion models (mil.models.fusion, slides + tabular modalities) have no instance
 #: score kinds yet; every tile-bag aggregator must
-SLIDE_MODELS = [m for m in MODELS if not getattr(get(m), "uses_tabular", False)]
+SLIDE_MODELS = [m for m in MODELS if not get(m).uses_tabular]
 
 
 @pytest.mark.parametrize("n_out", [1, 3])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from sksurv.metrics import concordance_index_censored
 
-from mil.config import config_from_dict
+from mil.config import config_from_dict, dump_config
 from mil.errors import ConfigError
 from mil.run import Run
 from mil.schema import TrainConfig
@@ -50,12 +50,16 @@ def test_the_defaults_resolve_per_task_and_model(tmp_path):
     raw = survival_config(tmp_path)
     raw["model"] = {"name": "abmil"}
     cfg = config_from_dict(raw)
-    assert cfg.ensemble == ["meanpool_linear"] and cfg.train.stop_on == "auto"
+    assert cfg.ensemble == "auto" and cfg.members == ["meanpool_linear"] and cfg.train.stop_on == "auto"
     assert make_task(cfg, []).stop_criterion(cfg.train.stop_on) == ("val_c_index", 1)
-    assert config_from_dict({**raw, "ensemble": []}).ensemble == []
-    assert config_from_dict({**raw, "model": {"name": "bow_linear"}}).ensemble == []  # baselines run alone
+    assert config_from_dict({**raw, "ensemble": []}).members == []
+    assert config_from_dict({**raw, "model": {"name": "bow_linear"}}).members == []  # baselines run alone
+    fusion = config_from_dict({**raw, "model": {"name": "survpath"}, "data": {**raw["data"], "tabular": []}})
+    assert fusion.members == []
+    # "auto" stays in the saved config: a compare entry or a baseline resolves it for its own model
+    assert "ensemble: auto" in dump_config(cfg)
     classification = config_from_dict({"data": {"csv": "a", "features": "b"}})
-    assert classification.ensemble == []
+    assert classification.members == []
     assert make_task(classification, ["a", "b"]).stop_criterion("auto") == ("val_loss", -1)
     for bad in ({"ensemble": ["abmil"]}, {"ensemble": ["meanpool_linear", "meanpool_linear"]},
                 {"train": {**raw["train"], "stop_on": "ibs"}}):  # fmt: skip

@@ -82,13 +82,24 @@ class MILModel(nn.Module):
     :mod:`mil.train.closed_form`, and the uniform tests skip the gradient contracts.
     """
 
+    #: the instance graph the data layer builds into ``batch.edge_index``: None, "spatial"
+    #: (k nearest tiles by coordinates) or "feature" (k nearest in feature space)
     graph: str | None = None
     graph_k: int = 8
+    #: some parameters may stay out of a step's loss (data-parallel training looks for them)
     unused_parameters: bool = False
+    #: fitted by the training loop (False: in closed form by :mod:`mil.train.closed_form`)
     trained_by_gradient: bool = True
     #: the model's ``extra_scores["contribution"]`` sum over each bag to its logits less
     #: :meth:`logit_offset` (exactly, in eval mode); the uniform tests check it
     additive: bool = False
+    #: reads the patient's tables (``data.tabular``) beside the instances: a fusion model
+    uses_tabular: bool = False
+    #: reads the bag's instances at all (False: a model of the tables alone, e.g. ``snn``)
+    uses_instances: bool = True
+    #: the bag's output does not depend on the order of its instances (False: positional
+    #: models; the uniform tests skip the permutation check)
+    permutation_invariant: bool = True
 
     def logit_offset(self) -> Tensor:
         """``[n_out]``: what an additive model adds to the summed contributions (its head's bias)."""

@@ -37,7 +37,7 @@ from mil.models.registry import get, register
 def with_tabular_layout(name: str, hparams: dict[str, Any], table) -> dict[str, Any]:
     """``hparams`` with the ``tabular`` layout of the cohort's tables (a
     :class:`mil.data.tabular.TabularTable`) for a model that fuses them; others unchanged."""
-    if not getattr(get(name), "uses_tabular", False):
+    if not get(name).uses_tabular:
         return dict(hparams)
     if table is None:
         raise ConfigError(f"model {name!r} fuses tabular modalities: list them under data.tabular")

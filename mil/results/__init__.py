@@ -240,6 +240,21 @@ def _parse_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def config_splits(cfg: Config, run_dir: str | Path, cohort, force: bool = False) -> tuple[list, Path]:
+    """The folds a run of ``cfg`` in ``run_dir`` uses, and their folder: the config's
+    ``splits.dir``, else the run's own ``splits/``; read there, or made there when absent
+    (:func:`mil.splits.load_or_make_splits`, never overwritten unless ``force``)."""
+    from mil.splits import load_or_make_splits
+
+    s = cfg.splits
+    folder = Path(s.dir) if s.dir else RunFolder(run_dir).splits_dir
+    splits, _ = load_or_make_splits(
+        folder, cohort, s.folds, s.val_fraction, s.seed, s.repeats, force=force,
+        assignment=s.assignment, site_col=cfg.data.site_col if s.by_site else None,
+    )  # fmt: skip
+    return splits, folder
+
+
 def write_artifacts(folder: str | Path, artifacts: dict[str, Any]) -> None:
     """Write a task's artifacts into ``folder``: tables as CSV, matplotlib Figures as PNG."""
     for name, item in artifacts.items():

@@ -8,6 +8,7 @@ fold's feature mean and sd, or None).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +20,33 @@ from mil.models import create
 from mil.results import METRICS, REFIT
 
 
-def save_model(
-    path: Path,
-    state: dict,
-    model: str,
-    hparams: dict[str, Any],
-    in_dim: int,
-    n_out: int,
-    task: str,
-    classes: list[str],
-    task_state: dict[str, Any],
-    standardize: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Weights and what is needed to rebuild the model; loadable with ``weights_only=True``."""
-    payload = {
-        "standardize": standardize,
-        "state_dict": state,
-        "model": model,
-        "hparams": hparams,
-        "in_dim": int(in_dim),
-        "n_out": int(n_out),
-        "task": task,
-        "classes": list(classes),
-        "task_state": task_state,
-    }
+@dataclass
+class Checkpoint:
+    """What a ``model.pt`` holds: the weights, what rebuilds the model (registered name,
+    hyper-parameters, input and output sizes), the task (name, classes, fold state) and the
+    fold's feature standardisation (None: features as read)."""
+
+    state_dict: dict[str, torch.Tensor]
+    model: str
+    hparams: dict[str, Any]
+    in_dim: int
+    n_out: int
+    task: str
+    classes: list[str]
+    task_state: dict[str, Any]
+    standardize: dict[str, torch.Tensor] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The plain dict ``torch.save`` writes (read back with ``weights_only=True``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(in_dim=int(self.in_dim), n_out=int(self.n_out), classes=list(self.classes))
+        return out
+
+
+def save_model(path: Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically; loadable with ``weights_only=True``."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save(checkpoint.payload(), tmp)
 
 
 def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:

@@ -88,7 +88,7 @@ class SurvivalTask(Task):
     @classmethod
     def default_ensemble(cls, model: type) -> list[str]:
         """A slide model is averaged with ``meanpool_linear`` (docs/benchmarks.md)."""
-        slides_only = model.trained_by_gradient and not getattr(model, "uses_tabular", False)
+        slides_only = model.trained_by_gradient and not model.uses_tabular
         return ["meanpool_linear"] if slides_only else []
 
     def __init__(self, cfg: Config, classes: list[str]) -> None:

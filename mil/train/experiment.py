@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -15,8 +16,9 @@ from mil.data.transforms import Standardizer, fold_preprocessing
 from mil.errors import MilWarning
 from mil.models import create, get
 from mil.models.fusion import with_tabular_layout
-from mil.results import RunFolder
-from mil.splits import Split, load_or_make_splits
+from mil.results import config_splits
+from mil.results.checkpoint import Checkpoint
+from mil.splits import Split
 from mil.tasks import Task, make_task
 
 
@@ -42,19 +44,7 @@ class Experiment:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.cohort, self.store = load_cohort(cfg)
-        split_dir = Path(cfg.splits.dir) if cfg.splits.dir else RunFolder(run_dir).splits_dir
-        self.splits, _ = load_or_make_splits(
-            split_dir,
-            self.cohort,
-            cfg.splits.folds,
-            cfg.splits.val_fraction,
-            cfg.splits.seed,
-            cfg.splits.repeats,
-            force=force_splits,
-            assignment=cfg.splits.assignment,
-            site_col=cfg.data.site_col if cfg.splits.by_site else None,
-        )
-        self.split_dir = split_dir
+        self.splits, self.split_dir = config_splits(cfg, run_dir, self.cohort, force_splits)
         self.model_cls = get(cfg.model_name)
         graph, graph_k = None, 8
         if self.model_cls.graph:  # the instance graph is a hyper-parameter: ask a built model
@@ -87,3 +77,20 @@ class Experiment:
         standardize = cfg.data.standardize if model.trained_by_gradient else False
         norm = fold_preprocessing(self.data, train_ids, standardize, self.cohort.tabular)
         return model, norm, self.data.with_transform(norm)
+
+    def checkpoint(
+        self, task: Task, name: str, hparams: dict[str, Any], state: dict, norm: Standardizer | None
+    ) -> Checkpoint:
+        """A fold's (or refit's) :class:`Checkpoint` of model ``name`` (``hparams`` as the
+        config gives them; the tables' layout is added for a fusion model)."""
+        return Checkpoint(
+            state_dict=state,
+            model=name,
+            hparams=with_tabular_layout(name, hparams, self.cohort.tabular),
+            in_dim=self.store.dim,
+            n_out=task.n_out,
+            task=task.name,
+            classes=task.classes,
+            task_state=task.state(),
+            standardize=None if norm is None else norm.state(),
+        )

@@ -341,7 +341,7 @@ def fit(
         # one call per loss batch (forward_bags moves the data); a model that may leave
         # parameters out of a step says so (MILModel.unused_parameters)
         step = DistributedDataParallel(
-            step, find_unused_parameters=bool(getattr(model, "unused_parameters", False))
+            step, find_unused_parameters=model.unused_parameters
         )
     constant = torch.as_tensor(task.constant_logits(train), dtype=torch.float32)
     budget = training_budget(task, train, cfg)

@@ -20,7 +20,6 @@ import torch
 from mil.data.dataset import BagDataset
 from mil.data.transforms import Standardizer
 from mil.io import write_csv, write_json
-from mil.models.fusion import with_tabular_layout
 from mil.results import HISTORY, MODEL, PREDICTIONS, PREDICTIONS_TRAIN, PREDICTIONS_VAL
 from mil.results.checkpoint import save_model
 from mil.results.members import MEMBERS_JSON, member_dir
@@ -61,7 +60,7 @@ def fit_members(
     """Fit each linear model of ``ensemble:`` on the training bags (penalty chosen on the
     validation bags, as a baseline run chooses it) and predict the fold's partitions."""
     out = []
-    for name in exp.cfg.ensemble:
+    for name in exp.cfg.members:
         model, norm, data = exp.fold_setup(task, train["bag_id"].tolist(), member=name)
         history = fit_closed_form(model, task, data, train, val, exp.cfg.train)
         model = model.to(device)
@@ -105,7 +104,7 @@ def refit_members(
             None,
         )
     ]
-    for name in exp.cfg.ensemble:
+    for name in exp.cfg.members:
         model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), member=name)
         history = fit_closed_form(model, task, data, bags, None, exp.cfg.train, (penalties[name],))
         model = model.to(device)
@@ -148,11 +147,7 @@ def write_members(fold_dir: Path, exp: Experiment, task: Task, members: list[Mem
         model_file = MODEL
         if m.model is not None:
             write_csv(folder / HISTORY, m.history)
-            save_model(
-                folder / MODEL, m.model.state_dict(), m.name,
-                with_tabular_layout(m.name, {}, exp.cohort.tabular), exp.store.dim, task.n_out,
-                task.name, task.classes, task.state(), None if m.norm is None else m.norm.state(),
-            )  # fmt: skip
+            save_model(folder / MODEL, exp.checkpoint(task, m.name, {}, m.model.state_dict(), m.norm))
             model_file = str((folder / MODEL).relative_to(fold_dir))
         entries.append({"name": m.name, "model": model_file, "scale": m.scale(task)})
     write_json(fold_dir / MEMBERS_JSON, {"combine": "mean", "members": entries})

@@ -36,7 +36,6 @@ import torch
 from mil.config import Config
 from mil.errors import DataError, MilError
 from mil.io import read_json, write_csv, write_json
-from mil.models.fusion import with_tabular_layout
 from mil.results import HISTORY, METRICS, MODEL, REFIT, REFIT_JSON, RunFolder
 from mil.results.checkpoint import read_checkpoint, save_model
 from mil.results.members import member_dir
@@ -151,16 +150,12 @@ def refit(
         state = model.state_dict()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.ensemble and model.trained_by_gradient:  # the linear members, refit as the model
-        choice["member_penalty"] = member_penalties(run, cfg.ensemble)
+    if cfg.members and model.trained_by_gradient:  # the linear members, refit as the model
+        choice["member_penalty"] = member_penalties(run, cfg.members)
         members = refit_members(exp, task, bags, (model.to(device), data), choice["member_penalty"], device)
         write_members(out, exp, task, members)
     write_csv(out / HISTORY, history)
-    hparams = with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular)
-    save_model(
-        out / MODEL, state, cfg.model_name, hparams, exp.store.dim, task.n_out,
-        task.name, task.classes, task.state(), None if norm is None else norm.state(),
-    )  # fmt: skip
+    save_model(out / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, state, norm))
     record = {
         "n_bags": len(bags),
         "n_patients": int(bags["patient_id"].nunique()),

@@ -134,9 +134,9 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         )
         if t.min_steps or t.schedule != "constant" or t.warmup_steps:
             parts.append(_budget_words(t))
-    if cfg.ensemble and not closed_form:
+    if cfg.members and not closed_form:
         parts.append(
-            f"In each fold the model was averaged with {', '.join(f'`{m}`' for m in cfg.ensemble)} "
+            f"In each fold the model was averaged with {', '.join(f'`{m}`' for m in cfg.members)} "
             f"fitted on the same training bags ({task.averaging_words()}, equal weights); the "
             "heatmaps show the model's own instance scores."
         )

@@ -26,7 +26,6 @@ from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
 from mil.explain.faithfulness import fold_faithfulness
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
 from mil.metrics.instances import task_scores, witness_auc, witness_metrics
-from mil.models.fusion import with_tabular_layout
 from mil.results import (
     HISTORY,
     METRICS,
@@ -267,7 +266,7 @@ def _train_and_test(
     )  # fmt: skip
     val_pred, fwd, pred, train_pred = _predict(exp, task, split, infer, history, train, val, test)
     members: list[Member] = []
-    if cfg.ensemble:  # linear models beside the model, averaged with it
+    if cfg.members:  # linear models beside the model, averaged with it
         members = [Member(cfg.model_name, pred, train_pred, val_pred)]
         members += fit_members(exp, task, train, val, test, device)
         pred, train_pred, val_pred = average(task, members)
@@ -367,11 +366,7 @@ def _write_fold(
         fold_dir / SCORES, test_bags, r.forward.scores, r.forward.extra_scores,
         model=cfg.model_name, fold=split.name,
     )  # fmt: skip
-    save_model(
-        fold_dir / MODEL, r.state, cfg.model_name,
-        with_tabular_layout(cfg.model_name, cfg.model_hparams, exp.cohort.tabular), exp.store.dim, task.n_out,
-        task.name, task.classes, task.state(), None if r.norm is None else r.norm.state(),
-    )  # fmt: skip
+    save_model(fold_dir / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, r.state, r.norm))
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
     record = {"fold": split.name, "repeat": split.repeat, **sizes}
     if r.members:  # their files, and each one's own headline metric on this fold

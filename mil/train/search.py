@@ -39,11 +39,12 @@ from mil.results import (
     PREDICTIONS_TRAIN,
     PREDICTIONS_VAL,
     RunFolder,
+    config_splits,
     prepare_run_dir,
 )
 from mil.results.checkpoint import read_checkpoint
 from mil.results.search import SEARCH_CSV, average_dir, point_dir, point_val_losses, show_value
-from mil.splits import Split, load_or_make_splits, write_splits
+from mil.splits import Split, write_splits
 from mil.tasks import make_task
 from mil.train.distributed import setup
 from mil.train.runner import run_cv
@@ -153,11 +154,7 @@ def _prepare(cfg: Config, out: Path, folds: Sequence[int] | None) -> list[Split]
     """The search run's config and split files, made once (as :func:`run_cv` makes a run's)."""
     cohort = read_cohort(cfg)
     run = RunFolder(out)
-    splits, _ = load_or_make_splits(
-        Path(cfg.splits.dir) if cfg.splits.dir else run.splits_dir,
-        cohort, cfg.splits.folds, cfg.splits.val_fraction, cfg.splits.seed, cfg.splits.repeats,
-        assignment=cfg.splits.assignment, site_col=cfg.data.site_col if cfg.splits.by_site else None,
-    )  # fmt: skip
+    splits, _ = config_splits(cfg, out, cohort)
     bad = [k for k in folds or [] if not 0 <= k < len(splits)]
     if bad:
         raise ConfigError(
