@@ -230,7 +230,7 @@ def model_rows(
             if m not in s["metrics"]:
                 continue
             ci = s["metrics"][m].get("ci95_pooled")
-            row = _row(label, "external", name, None, m, json_float(s["metrics"][m]["mean"]), ci)
+            row = _row(label, "external", name, None, m, json_float(s["metrics"][m]["value"]), ci)
             row.update(n_bags=s["n_bags"], n_patients=s["n_patients"])
             g = s["gap"].get(m)
             if g:

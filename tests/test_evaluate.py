@@ -143,7 +143,7 @@ def test_predictions_are_the_fold_ensembles_and_auc_is_sklearns(cls_eval, cls_ru
         )
     summary = json.loads((cls_eval / "summary.json").read_text())
     auc = roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
-    assert summary["metrics"]["auc"]["mean"] == pytest.approx(auc, abs=1e-12)
+    assert summary["metrics"]["auc"]["value"] == pytest.approx(auc, abs=1e-12)
     lo, hi = summary["metrics"]["auc"]["ci95_pooled"]
     assert lo <= auc <= hi
     assert summary["run"] == str(cls_run) and summary["cohort"] == external_cls["csv"]
@@ -156,7 +156,7 @@ def test_gap_is_external_minus_the_runs_pooled_out_of_fold_auc(cls_eval, cls_run
     internal = roc_auc_score(oof["label"] == "positive", oof["prob_positive"])
     gap = summary["gap"]["auc"]
     assert gap["internal"] == pytest.approx(internal, abs=1e-12)
-    assert gap["external"] == pytest.approx(summary["metrics"]["auc"]["mean"], abs=1e-12)
+    assert gap["external"] == pytest.approx(summary["metrics"]["auc"]["value"], abs=1e-12)
     assert gap["difference"] == pytest.approx(gap["external"] - internal, abs=1e-12)
     assert gap["ci95"][0] <= gap["difference"] <= gap["ci95"][1] and 0 < gap["p"] <= 1
     report = (cls_eval / "report.md").read_text()
@@ -185,7 +185,7 @@ def test_folder_holds_the_runs_files_and_the_library_call_agrees(
     a = pd.read_csv(cls_eval / "predictions.csv")
     b = pd.read_csv(root / "eval_lib" / "predictions.csv")
     pd.testing.assert_frame_equal(a, b)
-    assert summary["gap"]["auc"]["external"] == pytest.approx(summary["metrics"]["auc"]["mean"])
+    assert summary["gap"]["auc"]["external"] == pytest.approx(summary["metrics"]["auc"]["value"])
 
 
 def test_survival_c_index_is_lifelines(root, tmp_path):
@@ -207,11 +207,11 @@ def test_survival_c_index_is_lifelines(root, tmp_path):
     pred = pd.read_csv(out / "predictions.csv")
     summary = json.loads((out / "summary.json").read_text())
     expected = concordance_index(pred["time"], -pred["risk"], pred["event"])  # higher risk, shorter
-    assert summary["metrics"]["c_index"]["mean"] == pytest.approx(expected, abs=1e-9)
+    assert summary["metrics"]["c_index"]["value"] == pytest.approx(expected, abs=1e-9)
     cohort = pd.read_csv(ext["csv"])
     assert pred["event"].sum() == (cohort["censorship"] == 0).sum()
     assert {"km.png", "risk_groups.csv"} <= {p.name for p in out.iterdir()}
-    assert np.isfinite(summary["metrics"]["c_index_uno"]["mean"])  # censoring from the run's bags
+    assert np.isfinite(summary["metrics"]["c_index_uno"]["value"])  # censoring from the run's bags
     assert "c_index: internal" in (out / "report.md").read_text()
     # a classification cohort for this survival run is refused, naming both tasks
     bad = cohort_yaml(

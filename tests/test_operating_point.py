@@ -128,5 +128,5 @@ def test_mil_evaluate_applies_the_median_of_the_fold_thresholds(cls_run, externa
     positive = pred["prob_positive"] >= t
     assert (pred["pred_op"] == np.where(positive, "positive", "negative")).all()
     y = pred["label_index"].to_numpy()
-    assert summary["metrics"]["sensitivity"]["mean"] == pytest.approx(positive[y == 1].mean())
-    assert summary["metrics"]["specificity"]["mean"] == pytest.approx((~positive[y == 0]).mean())
+    assert summary["metrics"]["sensitivity"]["value"] == pytest.approx(positive[y == 1].mean())
+    assert summary["metrics"]["specificity"]["value"] == pytest.approx((~positive[y == 0]).mean())

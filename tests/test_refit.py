@@ -153,7 +153,7 @@ def test_evaluate_with_the_refit_model(root, early_run, tmp_path):
     )
     np.testing.assert_allclose(pred["prob_positive"], expected["prob_positive"], atol=1e-6)
     auc = roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
-    assert summary["metrics"]["auc"]["mean"] == pytest.approx(auc)
+    assert summary["metrics"]["auc"]["value"] == pytest.approx(auc)
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "refit on all" in report and "the median of the epoch counts the folds kept" in report
 

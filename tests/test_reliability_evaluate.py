@@ -294,7 +294,7 @@ def test_a_damaged_fold_record_leaves_that_fold_out_of_everything_warned_once(
     assert summary["internal"]["n_bags"] == len(oof)
     thresholds = [json.loads((bad / f"fold_{k}" / "metrics.json").read_text()) for k in (0, 2)]
     median = np.median([t["metrics"]["threshold"] for t in thresholds])
-    assert summary["metrics"]["threshold"]["mean"] == pytest.approx(median)
+    assert summary["metrics"]["threshold"]["value"] == pytest.approx(median)
 
 
 def test_an_unfinished_run_or_search_is_warned_with_its_fold_count(run, ext, tmp_path):

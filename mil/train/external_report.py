@@ -26,12 +26,12 @@ def write_external_report(path: Path, summary: dict[str, Any], cfg: Config, task
     for k in ordered_metrics(metrics, task):
         if k.endswith(("_p", "_tau")):
             continue
-        v, ci = json_float(metrics[k]["mean"]), metrics[k].get("ci95_pooled")
+        v, ci = json_float(metrics[k]["value"]), metrics[k].get("ci95_pooled")
         ok = ci and None not in ci[:2] and np.isfinite(ci[0])
         lines.append(f"| {k} | {v:.3f} | {f'{ci[0]:.3f} – {ci[1]:.3f}' if ok else ''} |")
-    if "logrank_p" in metrics and np.isfinite(json_float(metrics["logrank_p"]["mean"])):
+    if "logrank_p" in metrics and np.isfinite(json_float(metrics["logrank_p"]["value"])):
         lines += ["", "Log-rank test of high- vs low-risk external bags (cut at the median risk the "
-                  f"ensemble gives the run's own bags): p = {json_float(metrics['logrank_p']['mean']):.2g}."]  # fmt: skip
+                  f"ensemble gives the run's own bags): p = {json_float(metrics['logrank_p']['value']):.2g}."]  # fmt: skip
     lines += ["", "## Generalization gap", "", *_gap_section(summary), ""]
     figures = [f for f in task.figure_captions if f in summary.get("files", [])]
     if figures:
@@ -162,6 +162,6 @@ def format_evaluation(summary: dict[str, Any]) -> str:
             continue
         ci = m.get("ci95_pooled")
         ci_s = f"   95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
-        lines.append(f"  {k:<20} {m['mean']:>8.3f}{ci_s}")
+        lines.append(f"  {k:<20} {m['value']:>8.3f}{ci_s}")
     lines += [f"  gap: {line}" for line in gap_lines(summary)]
     return "\n".join(lines)
