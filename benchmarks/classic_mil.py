@@ -27,6 +27,9 @@ measures how much of a table figure is chance; nothing is chosen from it
 
     python benchmarks/classic_mil.py --seeds 0,1,2,3,4 [--out results/classic_mil_seeds]
 
+``--smoke`` runs the table's steps on MUSK1's two configs, their first 2 folds of 2 epochs
+each, in this process: seconds (``tests/test_benchmarks.py``).
+
 Run from the repository root: the configs read ``../shared/datasets/classic_mil/``.
 """
 
@@ -35,12 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jobs import run_jobs
 
 DATASETS = ("musk1", "musk2", "fox", "tiger", "elephant")
 MODELS = ("attention", "gated_attention")
@@ -90,6 +92,15 @@ GRID = (
 )
 # rough relative cost, to start the slow configs first
 COST = {"musk2": 3, "tiger": 2, "fox": 2, "elephant": 2, "musk1": 1}
+#: ``--smoke``: :func:`table`'s arguments for MUSK1's two configs, 2 folds of 2 epochs
+SMOKE = {
+    "only": ["musk1"],
+    "jobs": 1,
+    "threads": 1,
+    "n_boot": 20,
+    "folds": 2,
+    "sets": ("train.epochs=2",),
+}
 
 
 def config_names(only: list[str] | None) -> list[str]:
@@ -101,20 +112,26 @@ def _quiet(*args) -> None:
     pass
 
 
-def run_config(name: str, out: str, threads: int, n_boot: int, seed: int | None = None) -> dict:
+def run_config(
+    name: str, out: str, threads: int, n_boot: int, seed: int | None = None,
+    folds: int | None = None, sets: tuple[str, ...] = (),
+) -> dict:  # fmt: skip
     """One config's 5 x 10-fold CV (resuming finished folds); its accuracy summary and wall time.
 
     ``seed`` replaces the config's ``train.seed`` (initialisation, bag order, dropout); the
-    folds do not depend on it (``splits.seed``)."""
+    folds do not depend on it (``splits.seed``). ``folds``: only the first ones (a smoke run),
+    ``sets``: further ``KEY=VALUE`` overrides."""
     import torch
 
     from mil.config import load_config
     from mil.train.runner import run_cv
 
     torch.set_num_threads(threads)
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml", None if seed is None else [f"train.seed={seed}"])
+    seeds = [] if seed is None else [f"train.seed={seed}"]
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", [*seeds, *sets])
     t = time.perf_counter()
-    run = run_cv(cfg, Path(out) / name, progress=False, log=_quiet, n_boot=n_boot)
+    first = None if folds is None else range(folds)
+    run = run_cv(cfg, Path(out) / name, folds=first, progress=False, log=_quiet, n_boot=n_boot)
     seconds = time.perf_counter() - t
     acc = json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
     return {
@@ -181,20 +198,21 @@ def markdown_table(results: dict[str, dict], wall: float) -> str:
     )
 
 
-def run_table(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    names = config_names(args.only)
+def table(
+    out: Path, only: list[str] | None, jobs: int = 2, threads: int = 1, n_boot: int = 200,
+    folds: int | None = None, sets: tuple[str, ...] = (),
+) -> dict[str, dict]:  # fmt: skip
+    """Every config of ``only`` (all five datasets if None; ``folds``, ``sets``: see
+    :func:`run_config`): ``classic_mil.md`` and ``classic_mil.json``; returns the results."""
+    names = config_names(only)
     t0 = time.perf_counter()
+    k = len(names)
+    runs = run_jobs(run_config, jobs, names, [str(out)] * k, [threads] * k, [n_boot] * k,
+                    [None] * k, [folds] * k, [sets] * k)  # fmt: skip
     results = {}
-    ctx = get_context("spawn")  # fresh interpreters: no torch thread pools inherited via fork
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_config, n, str(out), args.threads, args.n_boot) for n in names]
-        for f in futures:
-            r = f.result()
-            results[r["name"]] = r
-            print(
-                f"{r['name']}: accuracy {r['mean']:.3f} ({r['n_folds']} folds, {r['seconds']:.0f} s)"
-            )
+    for r in runs:
+        results[r["name"]] = r
+        print(f"{r['name']}: accuracy {r['mean']:.3f} ({r['n_folds']} folds, {r['seconds']:.0f} s)")
     wall = time.perf_counter() - t0
     text = markdown_table(results, wall)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +220,11 @@ def run_table(args: argparse.Namespace) -> None:
     (out / "classic_mil.json").write_text(json.dumps(results, indent=2) + "\n")
     print(text)
     print(f"written: {out / 'classic_mil.md'}")
+    return results
+
+
+def run_table(args: argparse.Namespace) -> None:
+    table(Path(args.out), args.only, args.jobs, args.threads, args.n_boot)
 
 
 def seed_table(results: dict[tuple[str, int], dict], seeds: list[int]) -> str:
@@ -241,12 +264,10 @@ def run_seeds(args: argparse.Namespace) -> None:
     jobs = [
         (n, str(out / f"seed_{s}"), args.threads, args.n_boot, s) for s in args.seeds for n in names
     ]
-    ctx = get_context("spawn")
     results = {}
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        for r in pool.map(run_config, *zip(*jobs)):
-            results[(r["name"], r["seed"])] = r
-            print(f"{r['name']} seed {r['seed']}: accuracy {r['mean']:.3f} ({r['seconds']:.0f} s)")
+    for r in run_jobs(run_config, args.jobs, *zip(*jobs)):
+        results[(r["name"], r["seed"])] = r
+        print(f"{r['name']} seed {r['seed']}: accuracy {r['mean']:.3f} ({r['seconds']:.0f} s)")
     text = (
         seed_table(results, args.seeds) + f"\n\nTotal wall time: {time.perf_counter() - t0:.0f} s."
     )
@@ -291,9 +312,7 @@ def run_select(args: argparse.Namespace) -> None:
     out = Path(args.out)
     names = config_names(args.only)
     jobs = [(n, p, GRID[p], str(out), args.threads) for n in names for p in range(len(GRID))]
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        curves = list(pool.map(validation_curve, *zip(*jobs)))
+    curves = list(run_jobs(validation_curve, args.jobs, *zip(*jobs)))
     c = pd.concat(curves)
     c = c[c["epoch"].isin([e - 1 for e in EPOCH_CHOICES])].assign(epochs=lambda d: d["epoch"] + 1)
     rows = []
@@ -319,7 +338,7 @@ def run_select(args: argparse.Namespace) -> None:
         print(table.to_string(index=False))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="output folder (default results/classic_mil[_select])")
     p.add_argument("--jobs", type=int, default=2, help="configs trained at once (processes)")
@@ -333,9 +352,14 @@ def main() -> None:
         type=lambda s: [int(x) for x in s.split(",")],
         help="run every config once per training seed, e.g. 0,1,2,3,4 (robustness report)",
     )
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
+        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    args = p.parse_args(argv)
     if args.select and args.seeds:
         p.error("--select and --seeds are separate runs")
+    if args.smoke:
+        table(Path(args.out or "results/classic_mil_smoke"), **SMOKE)
+        return
     default = (
         "classic_mil_select"
         if args.select

@@ -25,6 +25,12 @@ out-of-fold value minus the mean-pool baseline's with a paired patient-bootstrap
 Runs resume (each is an ordinary `mil` run folder); cohorts are generated once
 under ``<out>/cohorts``. Run from the repository root (MUSK1/Tiger are read from
 ``../shared/datasets``). About an hour on two cores.
+
+    python benchmarks/cohort_zoo.py --smoke [--out results/zoo_smoke]
+
+runs the same steps on two tiny cohorts of the same generators (``SMOKE_COHORTS``, one
+classification, one survival) with 2 folds, 2 fixed epochs per run and the last grid point
+only, in this process: seconds (``tests/test_benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -33,13 +39,12 @@ import argparse
 import hashlib
 import json
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from jobs import run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIC = ROOT.parent / "shared" / "datasets" / "classic_mil"
@@ -54,7 +59,11 @@ GRID = {
     "raw-lr2e-4": {"train.lr": 2.0e-4, **CONSTANT, **RAW},  # the defaults until the zoo
     "raw-lr1e-3": {"train.lr": 1.0e-3, **CONSTANT, **RAW},
     "raw-lr1e-3-steps": {"train.lr": 1.0e-3, **STEPS, **RAW},  # the step budget, unwhitened
-    "whiten-lr1e-3-steps": {"train.lr": 1.0e-3, **STEPS, "data.standardize": "whiten"},  # the defaults
+    "whiten-lr1e-3-steps": {
+        "train.lr": 1.0e-3,
+        **STEPS,
+        "data.standardize": "whiten",
+    },  # the defaults
 }
 BASELINES = ("meanpool_linear", "bow_linear")
 
@@ -71,7 +80,9 @@ def _write_bags(root: Path, bags: list[np.ndarray], labels: list[np.ndarray], ex
     for bag_id, x, lab in zip(ids, bags, labels):
         side = int(np.ceil(np.sqrt(len(x))))
         coords = np.stack([np.arange(len(x)) % side, np.arange(len(x)) // side], 1) * 256.0
-        write_slide(root / "features" / f"{bag_id}.h5", x.astype(np.float32), coords, lab.astype(np.uint8))
+        write_slide(
+            root / "features" / f"{bag_id}.h5", x.astype(np.float32), coords, lab.astype(np.uint8)
+        )
     frame = pd.DataFrame({"case_id": [f"P{i:04d}" for i in range(len(bags))], "slide_id": ids})
     frame = pd.concat([frame, extra.reset_index(drop=True)], axis=1)
     frame.to_csv(root / "cohort.csv", index=False)
@@ -127,7 +138,9 @@ def gaussian_cohort(
     _write_bags(root, bags, labels, pd.DataFrame({"label": target}))
 
 
-def presence_survival_cohort(root: Path, n: int, sizes: tuple[int, int], dim: int, seed: int) -> None:
+def presence_survival_cohort(
+    root: Path, n: int, sizes: tuple[int, int], dim: int, seed: int
+) -> None:
     """Survival by presence: 40% of patients hold a rare tile kind (1-5% of tiles, shifted
     by 3 along one direction); their log-hazard is +1.2; exponential times, uniform censoring."""
     rng = np.random.default_rng(seed)
@@ -145,21 +158,31 @@ def presence_survival_cohort(root: Path, n: int, sizes: tuple[int, int], dim: in
     risk = np.array(risk) - np.mean(risk)
     t = rng.exponential(30.0 * np.exp(-risk))
     c = rng.uniform(10, 90, n)
-    extra = pd.DataFrame({"time": np.minimum(t, c), "event": (t <= c).astype(int), "true_risk": risk})
+    extra = pd.DataFrame(
+        {"time": np.minimum(t, c), "event": (t <= c).astype(int), "true_risk": risk}
+    )
     _write_bags(root, bags, labels, extra)
 
 
 def _instances_data(name: str) -> dict:
-    return {"instances": str(CLASSIC / f"{name}.csv.gz"), "bag_col": "bag_id", "label_col": "bag_label"}
+    return {
+        "instances": str(CLASSIC / f"{name}.csv.gz"),
+        "bag_col": "bag_id",
+        "label_col": "bag_label",
+    }
 
 
 #: name -> (task, generator or None, data keys); generators write cohort.csv and features/
 COHORTS = {
     "large-bags-few": (
-        "classification", lambda r: gaussian_cohort(r, 60, (1000, 10000), 30, (0.005, 0.02), 3.0, 4), {},
+        "classification",
+        lambda r: gaussian_cohort(r, 60, (1000, 10000), 30, (0.005, 0.02), 3.0, 4),
+        {},
     ),
     "many-small": (
-        "classification", lambda r: gaussian_cohort(r, 2000, (8, 16), 32, (0.0, 0.0), 2.5, 5), {},
+        "classification",
+        lambda r: gaussian_cohort(r, 2000, (8, 16), 32, (0.0, 0.0), 2.5, 5),
+        {},
     ),
     "digits-b10": ("classification", lambda r: digits_cohort(r, 200, 10, 2, 3, 1), {}),
     "digits-b100": ("classification", lambda r: digits_cohort(r, 120, 100, 20, 3, 2), {}),
@@ -167,17 +190,29 @@ COHORTS = {
     "tiger": ("classification", None, _instances_data("tiger")),
     "fm1536-fraction": (
         "classification",
-        lambda r: gaussian_cohort(r, 200, (20, 200), 1536, (0.05, 0.3), 6.0, 3, foundation=True), {},
+        lambda r: gaussian_cohort(r, 200, (20, 200), 1536, (0.05, 0.3), 6.0, 3, foundation=True),
+        {},
     ),
     "spatial-cluster": ("classification", "synthetic", {}),
     "surv-fraction": ("survival", "synthetic", {}),
-    "surv-presence": ("survival", lambda r: presence_survival_cohort(r, 150, (50, 300), 128, 6), {}),
+    "surv-presence": (
+        "survival",
+        lambda r: presence_survival_cohort(r, 150, (50, 300), 128, 6),
+        {},
+    ),
 }
+#: ``--smoke``: tiny cohorts of the same generators (not part of the zoo's table)
+SMOKE_COHORTS = {
+    "smoke-digits": ("classification", lambda r: digits_cohort(r, 40, 8, 2, 2, 1), {}),
+    "smoke-presence": ("survival", lambda r: presence_survival_cohort(r, 40, (10, 30), 16, 6), {}),
+}
+#: ``--smoke``: every run for two fixed epochs (budget keys explicit, as the grid's are)
+SMOKE_TRAIN = {"train.epochs": 2, "train.patience": None, **CONSTANT}
 
 
 def make_cohort(name: str, out: Path) -> dict:
     """The cohort's ``data`` section (generating the cohort once)."""
-    task, gen, data = COHORTS[name]
+    task, gen, data = {**COHORTS, **SMOKE_COHORTS}[name]
     if gen is None:
         return data
     root = out / "cohorts" / name
@@ -191,7 +226,11 @@ def make_cohort(name: str, out: Path) -> dict:
             write_synthetic_cohort(task, root / "cohort.csv", root / "features", **kw)
         else:
             gen(root)
-    data = {"csv": str(root / "cohort.csv"), "features": str(root / "features"), "patient_col": "case_id"}
+    data = {
+        "csv": str(root / "cohort.csv"),
+        "features": str(root / "features"),
+        "patient_col": "case_id",
+    }
     if gen == "synthetic" and task == "survival":
         data.update(time_col="survival_months", event_col="censorship", censored_value=1)
     return data
@@ -200,31 +239,46 @@ def make_cohort(name: str, out: Path) -> dict:
 # ---- runs --------------------------------------------------------------------------------
 
 
-def base_config(name: str, out: Path) -> dict:
-    task = COHORTS[name][0]
+def base_config(name: str, out: Path, folds: int = 5) -> dict:
+    task = {**COHORTS, **SMOKE_COHORTS}[name][0]
     return {
         "name": name,
         "task": {"type": task},
         "data": make_cohort(name, out),
-        "splits": {"dir": str(out / "splits" / name), "folds": 5, "val_fraction": 0.15, "seed": 0},
+        "splits": {
+            "dir": str(out / "splits" / name),
+            "folds": folds,
+            "val_fraction": 0.15,
+            "seed": 0,
+        },
     }
 
 
-def run_configs(name: str, out: Path, models: tuple[str, ...] = ()) -> dict[str, dict]:
+def run_configs(
+    name: str, out: Path, models: tuple[str, ...] = (), smoke: bool = False
+) -> dict[str, dict]:
     """label -> config dict: defaults, the baselines, the grid, and every model of ``models``
-    with its own defaults (labelled by its name)."""
-    base = base_config(name, out)
+    with its own defaults (labelled by its name). ``smoke``: 2 folds, the last grid point
+    only, and every run's budget :data:`SMOKE_TRAIN`."""
+    base = base_config(name, out, folds=2 if smoke else 5)
     runs = {"defaults": base}
     runs.update({m: {**base, "model": {"name": m}} for m in models})
     for b in BASELINES:  # closed-form fits standardise their pooled vectors themselves
         runs[b] = {**base, "data": {**base["data"], "standardize": False}, "model": {"name": b}}
-    for label, keys in GRID.items():
-        raw = json.loads(json.dumps(base))
-        for key, value in keys.items():
-            section, k = key.split(".")
-            raw.setdefault(section, {})[k] = value
-        runs[label] = raw
+    grid = dict(list(GRID.items())[-1:]) if smoke else GRID
+    runs.update({label: _with(base, keys) for label, keys in grid.items()})
+    if smoke:
+        runs = {label: _with(raw, SMOKE_TRAIN) for label, raw in runs.items()}
     return runs
+
+
+def _with(raw: dict, keys: dict) -> dict:
+    """A copy of the config ``raw`` with the dotted ``keys`` set."""
+    raw = json.loads(json.dumps(raw))
+    for key, value in keys.items():
+        section, k = key.split(".")
+        raw.setdefault(section, {})[k] = value
+    return raw
 
 
 def _folder(out: Path, name: str, label: str, raw: dict) -> Path:
@@ -246,7 +300,10 @@ def _folder(out: Path, name: str, label: str, raw: dict) -> Path:
     return out / "runs" / name / digest
 
 
-def run_cohort(name: str, out: str, models: tuple[str, ...] = ()) -> list[dict]:
+def run_cohort(
+    name: str, out: str, models: tuple[str, ...] = (), smoke: bool = False
+) -> list[dict]:
+    """Every run of :func:`run_configs` on the cohort, and its rows of the zoo's table."""
     import torch
 
     from mil.compare import comparison_table, paired_differences
@@ -258,17 +315,23 @@ def run_cohort(name: str, out: str, models: tuple[str, ...] = ()) -> list[dict]:
     warnings.simplefilter("ignore")
     out = Path(out)
     folders = {}
-    for label, raw in run_configs(name, out, models).items():
+    n_boot = 20 if smoke else 500
+    for label, raw in run_configs(name, out, models, smoke).items():
         folders[label] = _folder(out, name, label, raw)
-        run_cv(config_from_dict(raw), folders[label], progress=False, log=lambda *a: None, n_boot=200)
+        run_cv(config_from_dict(raw), folders[label], progress=False, log=lambda *a: None,
+               n_boot=n_boot * 2 // 5)  # fmt: skip
     table = comparison_table(folders).set_index("model")
-    diffs = paired_differences(folders, "meanpool_linear", n_boot=500).set_index("model")
+    diffs = paired_differences(folders, "meanpool_linear", n_boot=n_boot).set_index("model")
     metric = diffs["metric"].iloc[0]
-    versus = paired_differences({m: folders[m] for m in ("defaults", *models)}, "defaults", n_boot=500)
+    versus = paired_differences(
+        {m: folders[m] for m in ("defaults", *models)}, "defaults", n_boot=n_boot
+    )
     versus = versus.set_index("model")
     rows = []
     for label, folder in folders.items():
-        findings = [f for r in RunFolder(folder).records().values() for f in r.get("diagnostics", [])]
+        findings = [
+            f for r in RunFolder(folder).records().values() for f in r.get("diagnostics", [])
+        ]
         rows.append({
             "cohort": name, "run": label, "metric": metric,
             "mean": table.loc[label, f"{metric}_mean"], "sd": table.loc[label, f"{metric}_sd"],
@@ -290,42 +353,61 @@ def format_table(frame: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in frame.itertuples():
-        delta = "ref." if r.run == "meanpool_linear" else f"{r.delta_vs_meanpool:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        delta = (
+            "ref."
+            if r.run == "meanpool_linear"
+            else f"{r.delta_vs_meanpool:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        )
         lines.append(
             f"| {r.cohort} | {r.run} | {r.metric} | {r.mean:.3f} ± {r.sd:.3f} | {delta} | {r.undertrained_folds} |"
         )
     has = "delta_vs_defaults" in frame
     extra = frame.dropna(subset=["delta_vs_defaults"]) if has else frame.iloc[:0]
     if len(extra):
-        lines += ["", "| cohort | model | metric | pooled − defaults [95% CI] |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| cohort | model | metric | pooled − defaults [95% CI] |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {r.cohort} | {r.run} | {r.metric} | {r.delta_vs_defaults:+.3f} "
                   f"[{r.defaults_ci_low:+.3f}, {r.defaults_ci_high:+.3f}] |" for r in extra.itertuples()]  # fmt: skip
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="results/zoo")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--only", help="comma-separated cohort names")
-    p.add_argument("--models", default="", help="further models, each with its own defaults, "
-                   "compared with the default model (paired)")  # fmt: skip
-    args = p.parse_args()
-    models = tuple(m for m in args.models.split(",") if m)
-    names = args.only.split(",") if args.only else list(COHORTS)
-    unknown = [n for n in names if n not in COHORTS]
-    if unknown:
-        p.error(f"unknown cohort {unknown[0]!r}; choose from {', '.join(COHORTS)}")
-    out = Path(args.out)
+def zoo(out: Path, names: list[str], models: tuple[str, ...] = (), jobs: int = 2,
+        smoke: bool = False) -> pd.DataFrame:  # fmt: skip
+    """Every cohort of ``names`` through :func:`run_cohort`: ``zoo.csv`` and ``zoo.md``."""
     out.mkdir(parents=True, exist_ok=True)
     for n in names:  # generate in this process, once
         make_cohort(n, out)
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(run_cohort, names, [str(out)] * len(names), [models] * len(names)))
+    k = len(names)
+    results = run_jobs(run_cohort, jobs, names, [str(out)] * k, [models] * k, [smoke] * k)
     frame = pd.DataFrame([r for rows in results for r in rows])
     frame.to_csv(out / "zoo.csv", index=False)
     (out / "zoo.md").write_text(format_table(frame) + "\n")
     print(format_table(frame))
+    return frame
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="output folder (default results/zoo, or results/zoo_smoke)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--only", help="comma-separated cohort names")
+    p.add_argument("--models", default="", help="further models, each with its own defaults, "
+                   "compared with the default model (paired)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="the SMOKE_COHORTS, 2 folds, 2 epochs "
+                   "per run, the last grid point, in this process (seconds)")  # fmt: skip
+    args = p.parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    known = SMOKE_COHORTS if args.smoke else COHORTS
+    names = args.only.split(",") if args.only else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"unknown cohort {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.out is None:
+        args.out = "results/zoo_smoke" if args.smoke else "results/zoo"
+    zoo(Path(args.out), names, models, 1 if args.smoke else args.jobs, args.smoke)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ Runs resume (each is an ordinary ``mil`` run folder). Writes ``localization.csv`
 ``localization.md`` under ``--out`` and prints the table. ``--faithfulness`` then
 re-predicts the test bags of finished runs (no training) for deletion / insertion
 areas (``mil.explain.faithfulness``) per score kind: ``faithfulness.csv``.
+``--smoke`` runs every step (both tables) on one 40-bag cohort with two models for
+two epochs, in seconds (``tests/test_benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ import argparse
 import json
 import sys
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cohort_zoo import _write_bags, digits_cohort  # noqa: E402  (the zoo's generators)
+from jobs import run_jobs  # noqa: E402
 
 
 def distractor_cohort(root: Path, n_bags: int, sizes: tuple[int, int], dim: int, seed: int) -> None:
@@ -91,6 +92,11 @@ COHORTS = {
 }
 #: bags per cohort unless ``--bags`` says otherwise (the demo cohort: 60 patients)
 N_BAGS = 80
+#: ``--smoke``: every step on a tiny cohort, a fixed two-epoch budget, in this process
+SMOKE = {
+    "names": ["distractors"], "models": ["abmil", "abmil_additive"], "folds": 2, "bags": 40,
+    "train": {"epochs": 2, "patience": None}, "n_boot": 20, "jobs": 1,
+}  # fmt: skip
 
 
 def make_cohort(name: str, out: Path, n_bags: int = N_BAGS) -> dict:
@@ -110,11 +116,12 @@ def slide_models() -> list[str]:
     return [m for m in available() if not getattr(get(m), "uses_tabular", False)]
 
 
-def config(name: str, model: str, out: Path, folds: int) -> dict:
+def config(name: str, model: str, out: Path, folds: int, train: dict | None = None) -> dict:
+    """The run's config: the model's defaults; ``train`` keys (the smoke run's budget) if given."""
     data = make_cohort(name, out)
     if model in ("meanpool_linear", "bow_linear"):  # they standardise their pooled vectors
         data = {**data, "standardize": False}
-    return {
+    raw = {
         "name": f"{name}-{model}",
         "task": {"type": "classification"},
         "data": data,
@@ -126,9 +133,10 @@ def config(name: str, model: str, out: Path, folds: int) -> dict:
             "seed": 0,
         },
     }
+    return {**raw, "train": train} if train else raw
 
 
-def run_one(args: tuple[str, str, str, int]) -> list[dict]:
+def run_one(args: tuple[str, str, str, int, dict | None]) -> list[dict]:
     """One model on one cohort: a row per score kind (mean over folds)."""
     import torch
 
@@ -136,11 +144,11 @@ def run_one(args: tuple[str, str, str, int]) -> list[dict]:
     from mil.results import RunFolder
     from mil.train.runner import run_cv
 
-    name, model, out, folds = args
+    name, model, out, folds, train = args
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     folder = Path(out) / "runs" / name / model
-    run_cv(config_from_dict(config(name, model, Path(out), folds)), folder, progress=False,
+    run_cv(config_from_dict(config(name, model, Path(out), folds, train)), folder, progress=False,
            log=lambda *a: None, n_boot=50)  # fmt: skip
     records = list(RunFolder(folder).records().values())
     metrics = [r["metrics"] for r in records]
@@ -188,31 +196,61 @@ def faithfulness_table(out: Path, names: list[str], models: list[str]) -> pd.Dat
 
 def deletion_insertion(folder: Path) -> dict[str, float]:
     """Deletion / insertion areas (``mil.explain.faithfulness``) of a finished run's folds, mean
-    over folds: the fold models re-predict their test bags from the saved checkpoints."""
-    import torch
-
+    over folds: each fold's saved model (:class:`mil.train.inference.FoldModel`, which applies
+    the fold's own preprocessing) re-predicts its test bags, whole and with their top-scored
+    instances removed or kept, for its main score and the kinds of :data:`CLASS_KINDS` (each
+    read at the bag's predicted class). A graph model's graph is built afresh on the
+    instances kept."""
     from mil.data.dataset import BagDataset
-    from mil.explain.faithfulness import fold_faithfulness
+    from mil.data.readers import index_feature_dir
+    from mil.explain.faithfulness import faithfulness, predicted_columns
     from mil.metrics.instances import task_scores
+    from mil.results import MODEL
     from mil.run import Run
-    from mil.train.inference import bags_of
+    from mil.train.inference import FoldModel, bags_of
 
     run = Run(folder)
+    task_type = run.config.task.type
+    index = index_feature_dir(run.config.data.features)[0]
     per_fold = []
     for fold in run.folds:
-        fm = run._fold_model(fold, "cpu")
+        fm = FoldModel(run.folder.fold_file(fold, MODEL), run.config, fold)
         ids = run.predictions(fold)["bag_id"].astype(str).tolist()
-        bag_slides, store = bags_of(ids, run._feature_index, run.config.data.features)
-        data = BagDataset.with_graph(
-            bag_slides, store, fm.model.graph, fm.model.graph_k, fm.transform
-        )
+        bag_slides, store = bags_of(ids, index, run.config.data.features)
         fwd = fm.forward(bag_slides, store, keep_scores=True)
-        fwd.extra_scores = task_scores(fwd.extra_scores, "classification")
-        bags = [data[b] for b in bag_slides]
-        per_fold.append(fold_faithfulness(
-            fm.model, bags, fwd, "classification", run.config.train, torch.device("cpu"), CLASS_KINDS,
-        ))  # fmt: skip
+        extra = task_scores(fwd.extra_scores, task_type)  # as attention.h5 holds them
+        kinds = {} if fwd.scores is None else {"main": fwd.scores}
+        kinds.update({k: extra[k] for k in CLASS_KINDS if k in extra})
+        logits = fwd.logits.numpy()
+        columns = {k: predicted_columns(v, logits, task_type) for k, v in kinds.items()}
+        raw = BagDataset(bag_slides, store)  # the features as read: the fold model preprocesses
+        bags = [raw[b] for b in bag_slides]
+        per_fold.append(faithfulness(_predictor(fm), bags, columns, task_type, full_logits=logits))
     return {k: _mean(f.get(k) for f in per_fold) for k in per_fold[0]} if per_fold else {}
+
+
+def _predictor(fm):
+    """A fold model as :data:`mil.explain.faithfulness.Predict`: bags (raw features) in, logits
+    ``[n, n_out]`` out, through :meth:`FoldModel.forward` (the fold's preprocessing)."""
+    from mil.data.dataset import FeatureStore
+
+    class InMemory(FeatureStore):
+        """The bags to predict as a feature store: one 'slide' per bag, nothing read from disk."""
+
+        def __init__(self, bags: dict) -> None:
+            super().__init__({})
+            self.bags = bags
+
+        def get(self, slide_id: str):
+            bag = self.bags[slide_id]
+            return bag.x, bag.coords, {}
+
+    def predict(batch: list) -> np.ndarray:
+        ids = [f"variant_{i}" for i in range(len(batch))]  # the variants share their bag's id
+        store = InMemory(dict(zip(ids, batch)))
+        return fm.forward({i: [i] for i in ids}, store).logits.numpy()
+
+    return predict
 
 
 def _mean(values) -> float:
@@ -277,48 +315,77 @@ def format_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def benchmark(
+    out: Path, names: list[str], models: list[str], folds: int = 3, bags: int = N_BAGS,
+    jobs: int = 2, train: dict | None = None, n_boot: int = 500,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Every model on every cohort, and the instance-level LR: ``localization.csv``/``.md``, and
+    the acceptance table (``acceptance.csv``/``.md``) with ``n_boot`` paired resamples."""
+    out.mkdir(parents=True, exist_ok=True)
+    for n in names:  # generate in this process, once
+        make_cohort(n, out, bags)
+    todo = [(n, m, str(out), folds, train) for n in names for m in models]
+    rows = [r for part in run_jobs(run_one, jobs, todo) for r in part]
+    lr = {n: instance_lr(n, out, folds) for n in names}
+    frame = pd.DataFrame(rows + [row for row, _ in lr.values()])
+    frame.to_csv(out / "localization.csv", index=False)
+    table = format_table(frame)
+    (out / "localization.md").write_text(table + "\n")
+    print(table)
+    accept = acceptance(out, names, models, {n: s for n, (_, s) in lr.items()}, n_boot)
+    accept.to_csv(out / "acceptance.csv", index=False)
+    (out / "acceptance.md").write_text(format_acceptance(accept) + "\n")
+    print(format_acceptance(accept))
+    return frame, accept
+
+
+def write_faithfulness(out: Path, names: list[str], models: list[str]) -> pd.DataFrame:
+    """:func:`faithfulness_table` of the finished runs, written to ``faithfulness.csv``."""
+    frame = faithfulness_table(out, names, models)
+    frame.to_csv(out / "faithfulness.csv", index=False)
+    print(frame.round(3).to_string(index=False) if len(frame) else "no finished runs")
+    return frame
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/localization")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--bags", type=int, default=N_BAGS, help="bags per cohort (demo: 3/4 as patients)")
+    p.add_argument(
+        "--bags", type=int, default=N_BAGS, help="bags per cohort (demo: 3/4 as patients)"
+    )
     p.add_argument("--only", help="comma-separated cohort names")
     p.add_argument("--models", help="comma-separated model names (default: every slide model)")
     p.add_argument(
         "--faithfulness", action="store_true",
         help="instead: deletion / insertion areas of the finished runs of FAITHFULNESS_MODELS",
     )  # fmt: skip
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
+        f"{k} {v}" for k, v in SMOKE.items()) + "; then --faithfulness")  # fmt: skip
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.smoke:
+        benchmark(out, **SMOKE)
+        write_faithfulness(out, SMOKE["names"], SMOKE["models"])
+        return
     names = args.only.split(",") if args.only else list(COHORTS)
     models = args.models.split(",") if args.models else slide_models()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.faithfulness:
-        chosen = [m for m in models if m in FAITHFULNESS_MODELS or args.models]
-        frame = faithfulness_table(out, names, chosen)
-        frame.to_csv(out / "faithfulness.csv", index=False)
-        print(frame.round(3).to_string(index=False) if len(frame) else "no finished runs")
+        write_faithfulness(
+            out, names, [m for m in models if m in FAITHFULNESS_MODELS or args.models]
+        )
         return
-    for n in names:  # generate in this process, once
-        make_cohort(n, out, args.bags)
-    jobs = [(n, m, str(out), args.folds) for n in names for m in models]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        rows = [r for part in pool.map(run_one, jobs) for r in part]
-    lr = {n: instance_lr(n, out, args.folds) for n in names}
-    frame = pd.DataFrame(rows + [row for row, _ in lr.values()])
-    frame.to_csv(out / "localization.csv", index=False)
-    table = format_table(frame)
-    (out / "localization.md").write_text(table + "\n")
-    (out / "command.json").write_text(json.dumps(sys.argv))
-    print(table)
-    accept = acceptance(out, names, models, {n: s for n, (_, s) in lr.items()})
-    accept.to_csv(out / "acceptance.csv", index=False)
-    (out / "acceptance.md").write_text(format_acceptance(accept) + "\n")
-    print(format_acceptance(accept))
+    (out / "command.json").write_text(
+        json.dumps(sys.argv if argv is None else [sys.argv[0], *argv])
+    )
+    benchmark(out, names, models, args.folds, args.bags, args.jobs)
 
 
-def acceptance(out: Path, names: list[str], models: list[str], lr_scores: dict) -> pd.DataFrame:
+def acceptance(
+    out: Path, names: list[str], models: list[str], lr_scores: dict, n_boot: int = 500
+) -> pd.DataFrame:
     """Per cohort and model: its default heatmap score minus the instance-level LR (within
     positive bags and pooled, paired bootstrap over test bags), and its bag AUC minus
     ``abmil``'s (paired over patients): issue 22's acceptance, with CIs."""
@@ -342,9 +409,11 @@ def acceptance(out: Path, names: list[str], models: list[str], lr_scores: dict) 
                 kind = next(k for k in (*default_score_order("classification"), "main")
                             if k == "main" or f"scores_{k}" in g)  # fmt: skip
             row = {"cohort": name, "model": model, "kind": kind}
-            row.update(paired_witness(read_fold_scores(folder, kind), lr_scores[name], labels))
+            row.update(
+                paired_witness(read_fold_scores(folder, kind), lr_scores[name], labels, n_boot)
+            )
             if (ref / "summary.json").is_file():
-                d = paired_differences({model: folder, "abmil": ref}, "abmil", n_boot=500)
+                d = paired_differences({model: folder, "abmil": ref}, "abmil", n_boot=n_boot)
                 d = d.set_index("model").loc[model]
                 row.update(bag_auc=d["value"], bag_delta=d["delta"], bag_low=d["delta_ci_low"],
                            bag_high=d["delta_ci_high"])  # fmt: skip

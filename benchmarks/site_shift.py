@@ -13,7 +13,8 @@ same patients) and the external site (unpaired gap).
 
 With ``--confounding 0.5`` (no site-label link) the internal and site-preserved
 rows should agree within their CIs; with confounding, internal CV is optimistic
-and the paired CI says by how much.
+and the paired CI says by how much. ``--smoke`` runs it on 40 patients, 2 folds of 2
+epochs: seconds (``tests/test_benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import yaml
 
 from mil.config import config_from_dict
@@ -30,6 +32,8 @@ from mil.data.synthetic import write_synthetic_cohort
 from mil.generalization import format_generalization, run_generalization
 
 SITES = ("A", "B", "C", "D")
+#: ``--smoke``: :func:`site_shift`'s arguments for a run of seconds
+SMOKE = {"patients": 40, "dim": 8, "epochs": 2, "folds": 2, "n_boot": 10, "models": ("abmil",)}
 
 
 def site_cohort(
@@ -60,7 +64,43 @@ def site_cohort(
     return {"csv": str(csv), "features": str(feats), "patient_col": "case_id", "site_col": "site"}
 
 
-def main() -> None:
+def site_shift(
+    out: Path, patients: int = 120, confounding: float = 0.75, site_norm: float = 3.0,
+    dim: int = 32, shift_norm: float = 2.0, epochs: int = 20, folds: int = 4, n_boot: int = 1000,
+    models: tuple[str, ...] = ("abmil", "meanpool_linear"),
+) -> tuple[pd.DataFrame, str]:  # fmt: skip
+    """The cohorts (made once under ``out``) and ``mil generalize`` of ``models`` (ABMIL and
+    the mean-pooled linear baseline): the table (``out/generalize``) and its markdown."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "internal.csv"
+    common = (confounding, site_norm, dim, shift_norm)
+    internal = (
+        {"csv": str(data), "features": str(root / "internal_features"), "patient_col": "case_id",
+         "site_col": "site"}
+        if data.is_file()
+        else site_cohort(root, "internal", 0, patients, SITES, *common)
+    )  # fmt: skip
+    external = root / "site_E.yaml"
+    if not external.is_file():
+        ext = site_cohort(root, "external", 1, patients // 2, ("E",), 0.5, *common[1:])
+        external.write_text(yaml.safe_dump({"data": ext}))
+    cfg = config_from_dict(
+        {
+            "name": "site_shift",
+            "task": {"type": "classification"},
+            "data": internal,
+            "splits": {"folds": folds, "val_fraction": 0.2},
+            "train": {"epochs": epochs},  # a fixed budget: the benchmark is about splits
+            "compare": [{"model": {"name": m}} for m in models],
+        },
+        source="benchmarks/site_shift.py",
+    )
+    table = run_generalization(cfg, [external], root / "generalize", n_boot=n_boot, progress=False)
+    return table, format_generalization(table, cfg, n_boot=n_boot)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/site_shift")
     ap.add_argument("--patients", type=int, default=120)
@@ -71,36 +111,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--n-boot", type=int, default=1000)
-    args = ap.parse_args()
-    root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    data = root / "internal.csv"
-    common = (args.confounding, args.site_norm, args.dim, args.shift_norm)
-    internal = (
-        {"csv": str(data), "features": str(root / "internal_features"), "patient_col": "case_id",
-         "site_col": "site"}
-        if data.is_file()
-        else site_cohort(root, "internal", 0, args.patients, SITES, *common)
-    )  # fmt: skip
-    external = root / "site_E.yaml"
-    if not external.is_file():
-        ext = site_cohort(root, "external", 1, args.patients // 2, ("E",), 0.5, *common[1:])
-        external.write_text(yaml.safe_dump({"data": ext}))
-    cfg = config_from_dict(
-        {
-            "name": "site_shift",
-            "task": {"type": "classification"},
-            "data": internal,
-            "splits": {"folds": args.folds, "val_fraction": 0.2},
-            "train": {"epochs": args.epochs},  # a fixed budget: the benchmark is about splits
-            "compare": [{"model": {"name": "abmil"}}, {"model": {"name": "meanpool_linear"}}],
-        },
-        source="benchmarks/site_shift.py",
-    )
-    table = run_generalization(
-        cfg, [external], root / "generalize", n_boot=args.n_boot, progress=False
-    )
-    print(format_generalization(table, cfg, n_boot=args.n_boot))
+    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
+        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.smoke:
+        _, text = site_shift(Path(args.out), **{"confounding": args.confounding, **SMOKE})
+    else:
+        kw = {k: getattr(args, k) for k in ("patients", "confounding", "site_norm", "dim",
+                                              "shift_norm", "epochs", "folds", "n_boot")}  # fmt: skip
+        _, text = site_shift(Path(args.out), **kw)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ test C-index at them, beside the last epoch and the oracle (best test epoch).
     python benchmarks/survival_stopping.py --out results/stopping [--only blca,hnsc]
 
 Cohorts: the six TCGA survival cohorts of ``../shared/datasets/real`` (selection cohorts)
-and two synthetic ones. Each is an ordinary run folder, so runs resume.
+and a synthetic one. Each is an ordinary run folder, so runs resume.
+
+    python benchmarks/survival_stopping.py --smoke [--out results/stopping_smoke]
+
+runs every step on a 40-patient synthetic cohort (``surv-smoke``), 2 folds of 4 epochs:
+seconds (``tests/test_benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -58,16 +63,27 @@ def real_data(name: str) -> dict:
     }
 
 
+#: synthetic cohorts (``mil.data.synthetic``, log-hazard from a tile kind's share): the cohort
+#: zoo's ``surv-fraction``, and a tiny one for ``--smoke``
+SYNTHETIC = {
+    "surv-fraction": dict(
+        n_patients=150, n_two_slides=10, dim=64, min_tiles=40, max_tiles=400, seed=7
+    ),
+    "surv-smoke": dict(n_patients=40, n_two_slides=4, dim=16, min_tiles=10, max_tiles=40, seed=7),
+}
+#: ``--smoke``: ``run_cohort``'s arguments (the inner validation split large enough for events)
+SMOKE = {"names": ["surv-smoke"], "folds": 2, "train": {"epochs": 4}, "val_fraction": 0.3}
+
+
 def synthetic_data(name: str, out: Path) -> dict:
-    """``surv-fraction``: the cohort zoo's (150 patients, log-hazard from a tile kind's share)."""
+    """A cohort of :data:`SYNTHETIC`, generated once under ``out/cohorts``."""
     from mil.data.synthetic import write_synthetic_cohort
 
     root = out / "cohorts" / name
     if not (root / "cohort.csv").exists():
         write_synthetic_cohort(
-            "survival", root / "cohort.csv", root / "features", n_patients=150, n_two_slides=10,
-            dim=64, min_tiles=40, max_tiles=400, seed=7,
-        )  # fmt: skip
+            "survival", root / "cohort.csv", root / "features", **SYNTHETIC[name]
+        )
     return {
         "csv": str(root / "cohort.csv"),
         "features": str(root / "features"),
@@ -112,7 +128,11 @@ def traced(fold_dir_of):
     from mil.train import loop, runner
 
     context: dict = {}
-    original_validate, original_tt, original_setup = loop._validate, runner._train_and_test, runner.fold_setup
+    original_validate, original_tt, original_setup = (
+        loop._validate,
+        runner._train_and_test,
+        runner.fold_setup,
+    )
 
     def fold_setup(exp, task, train_ids):
         model, norm, data = original_setup(exp, task, train_ids)
@@ -137,7 +157,9 @@ def traced(fold_dir_of):
         row = original_validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch)
 
         def risks(frame):
-            fwd = loop.predict(model, context["data"], frame["bag_id"].tolist(), cfg.max_instances, device)
+            fwd = loop.predict(
+                model, context["data"], frame["bag_id"].tolist(), cfg.max_instances, device
+            )
             return fwd.logits[:, 0].double()
 
         r_train, r_val, r_test = risks(context["train"]), risks(val), risks(context["test"])
@@ -156,26 +178,47 @@ def traced(fold_dir_of):
     try:
         yield
     finally:
-        loop._validate, runner._train_and_test, runner.fold_setup = original_validate, original_tt, original_setup
+        loop._validate, runner._train_and_test, runner.fold_setup = (
+            original_validate,
+            original_tt,
+            original_setup,
+        )
 
 
-def run_cohort(name: str, out: Path) -> Path:
+def run_cohort(
+    name: str,
+    out: Path,
+    folds: int = 5,
+    train: dict | None = None,
+    val_fraction: float | None = None,
+) -> Path:
+    """The cohort's traced run (``out/full/<name>``); ``train`` keys and ``val_fraction`` (the
+    smoke run's) beside the defaults."""
     from mil.config import config_from_dict
     from mil.results import RunFolder
     from mil.train.runner import run_cv
 
-    data = synthetic_data(name, out) if name.startswith("surv-") else real_data(name)
+    data = synthetic_data(name, out) if name in SYNTHETIC else real_data(name)
+    splits = {"folds": folds, "seed": 0, "dir": str(out / "splits" / name)}
+    if val_fraction is not None:
+        splits["val_fraction"] = val_fraction
     raw = {
         "name": name,
         "task": {"type": "survival"},
         "data": data,
-        "splits": {"folds": 5, "seed": 0, "dir": str(out / "splits" / name)},
-        "train": {"patience": None, "threads": 1, "faithfulness": False},
+        "splits": splits,
+        "train": {"patience": None, "threads": 1, "faithfulness": False, **(train or {})},
         "ensemble": [],  # the model alone: the analysis averages it with the linear model itself
     }
     run_dir = out / "full" / name
     with traced(RunFolder(run_dir).fold_dir):
-        run_cv(config_from_dict(raw, source=name), run_dir, progress=False, log=lambda *a: None, n_boot=200)
+        run_cv(
+            config_from_dict(raw, source=name),
+            run_dir,
+            progress=False,
+            log=lambda *a: None,
+            n_boot=200,
+        )
     return run_dir
 
 
@@ -210,7 +253,9 @@ def run_linear(name: str, out: Path) -> Path:
     raw = yaml.safe_load((out / "full" / name / "config.yaml").read_text())
     raw["model"] = {"name": "meanpool_linear"}
     run_dir = out / "linear" / name
-    run_cv(config_from_dict(raw, source=name), run_dir, progress=False, log=lambda *a: None, n_boot=200)
+    run_cv(
+        config_from_dict(raw, source=name), run_dir, progress=False, log=lambda *a: None, n_boot=200
+    )
     return run_dir
 
 
@@ -231,7 +276,9 @@ def analyse(name: str, out: Path) -> list[dict]:
     full, lin = out / "full" / name, run_linear(name, out)
     folds = sorted(p.name[len("fold_") :] for p in full.glob("fold_*"))
     rules = {"last": None, "oracle (test)": None}
-    rules.update({f"{c} (smooth {k})": (c, sign, k, None) for c, sign in CRITERIA.items() for k in (1, 3)})
+    rules.update(
+        {f"{c} (smooth {k})": (c, sign, k, None) for c, sign in CRITERIA.items() for k in (1, 3)}
+    )
     rules.update({f"{c} (patience 8)": (c, sign, 1, 8) for c, sign in CRITERIA.items()})
     rows = []
     for rule, spec in rules.items():
@@ -244,14 +291,22 @@ def analyse(name: str, out: Path) -> list[dict]:
             else:
                 e = kept_epoch(h, spec[0], spec[1], spec[2], 0, spec[3])
             epochs.append(e)
-            warm = int(np.searchsorted(h["steps"].cumsum().to_numpy(), 50))  # the 50-step warm-up's last epoch
+            # the 50-step warm-up's last epoch
+            warm = int(np.searchsorted(h["steps"].cumsum().to_numpy(), 50))
             in_warmup += int(e <= warm)
             c_gap.append(float(h["val_c_index"].max() - h["val_c_index"].iloc[e]))
             test = pd.read_csv(full / f"fold_{k}" / "predictions.csv").set_index("bag_id")
             ids = [str(i) for i in npz["test_ids"]]
-            time, event = test.loc[ids, "time"].to_numpy(float), test.loc[ids, "event"].to_numpy(int)
+            time, event = (
+                test.loc[ids, "time"].to_numpy(float),
+                test.loc[ids, "event"].to_numpy(int),
+            )
             z = (npz["test"][e] - npz["train_mean"][e]) / max(npz["train_sd"][e], 1e-12)
-            lt = pd.read_csv(lin / f"fold_{k}" / "predictions.csv").set_index("bag_id").loc[ids, "risk"]
+            lt = (
+                pd.read_csv(lin / f"fold_{k}" / "predictions.csv")
+                .set_index("bag_id")
+                .loc[ids, "risk"]
+            )
             ltr = pd.read_csv(lin / f"fold_{k}" / "predictions_train.csv")["risk"]
             zl = (lt.to_numpy(float) - ltr.mean()) / ltr.std(ddof=0)
             alone.append((time, event, z))
@@ -264,8 +319,12 @@ def analyse(name: str, out: Path) -> list[dict]:
     linear_only = []
     for k in folds:
         t = pd.read_csv(lin / f"fold_{k}" / "predictions.csv")
-        linear_only.append((t["time"].to_numpy(float), t["event"].to_numpy(int), t["risk"].to_numpy(float)))
-    rows.append({"cohort": name, "rule": "meanpool_linear", "epochs": "", "c_mil": pooled_c(linear_only)})
+        linear_only.append(
+            (t["time"].to_numpy(float), t["event"].to_numpy(int), t["risk"].to_numpy(float))
+        )
+    rows.append(
+        {"cohort": name, "rule": "meanpool_linear", "epochs": "", "c_mil": pooled_c(linear_only)}
+    )
     return rows
 
 
@@ -277,19 +336,17 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/stopping")
-    ap.add_argument("--only", default=None)
-    ap.add_argument("--analyse", action="store_true", help="only read the finished traces")
-    args = ap.parse_args()
-    out = Path(args.out)
-    names = args.only.split(",") if args.only else [*REAL_SURVIVAL, "surv-fraction"]
+def stopping(
+    out: Path, names: list[str], analyse_only: bool = False, folds: int = 5,
+    train: dict | None = None, val_fraction: float | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Every cohort's traced run (unless ``analyse_only``) and its analysis: ``stopping.csv``
+    (a row per cohort and rule) and ``stopping.md``."""
     rows = []
     for name in names:
-        if not args.analyse:
+        if not analyse_only:
             print(f"== {name}", flush=True)
-            run_cohort(name, out)
+            run_cohort(name, out, folds, train, val_fraction)
         rows += analyse(name, out)
     table = pd.DataFrame(rows)
     table.to_csv(out / "stopping.csv", index=False)
@@ -299,6 +356,25 @@ def main() -> None:
     text = f"## MIL alone\n\n{markdown(wide)}\n\n## MIL + meanpool_linear (averaged)\n\n{markdown(mixed)}"
     (out / "stopping.md").write_text(text + "\n")
     print(text)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--out", help="output folder (default results/stopping, or results/stopping_smoke)"
+    )
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--analyse", action="store_true", help="only read the finished traces")
+    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
+        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    args = ap.parse_args(argv)
+    out = Path(args.out or ("results/stopping_smoke" if args.smoke else "results/stopping"))
+    if args.smoke:
+        stopping(out, analyse_only=args.analyse, **SMOKE)
+        return
+    names = args.only.split(",") if args.only else [*REAL_SURVIVAL, "surv-fraction"]
+    stopping(out, names, args.analyse)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ epoch; the ratio packed / loop is what matters (absolute numbers depend on
 the CPU).
 
     python benchmarks/train_throughput.py [--threads 2] [--quick] [--precision bf16]
-        [--device cuda]
+        [--device cuda] [--smoke]
+
+``--smoke`` times a few tiny bags of D = 32 for one epoch (seconds; the figures mean
+nothing, ``tests/test_benchmarks.py`` runs it so that the code cannot rot).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import statistics
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -127,7 +131,41 @@ def measure(
     return statistics.median(one_epoch() for _ in range(epochs))
 
 
-def main() -> None:
+#: (name, number of bags, fewest and most instances per bag) of the measured cohorts
+COHORTS = (("small", 1500, 20, 200), ("large", 120, 500, 5000))
+#: ``--smoke``: :func:`throughput`'s arguments for a run of seconds
+SMOKE = {"cohorts": (("small", 24, 5, 40), ("large", 4, 200, 400)), "dim": 32, "hidden": 16,
+         "attn": 16, "epochs": 1}  # fmt: skip
+#: the packed configurations: (bags per loss batch, instances per loss batch, per compute chunk)
+CONFIGS = {
+    "one bag at a time": None,
+    "packed, 16 bags": (16, 10**9, 8192),
+    "packed, instance budget": (64, 8192, 8192),
+}
+
+
+def throughput(
+    cohorts=COHORTS, dim: int = 1024, epochs: int = 3, hidden: int = 128, attn: int = 128,
+    precision: str = "fp32", device: str = "cpu", scale: int = 1,
+) -> pd.DataFrame:  # fmt: skip
+    """Instances per second of every configuration of :data:`CONFIGS` on every cohort (a
+    ``scale``-th of its bags): columns ``bags``, ``cohort``, ``method``, ``instances_per_s``
+    and ``vs_loop`` (the ratio to one bag at a time)."""
+    rows = []
+    for name, n_bags, lo, hi in cohorts:
+        bags, labels = random_bags(n_bags // scale, lo, hi, dim, seed=0)
+        results = {
+            label: measure(conf, bags, labels, epochs, 1, hidden, attn, precision, torch.device(device))
+            for label, conf in CONFIGS.items()
+        }  # fmt: skip
+        base = results["one bag at a time"]
+        for label, v in results.items():
+            rows.append({"bags": name, "cohort": f"{n_bags // scale} bags of {lo}-{hi}",
+                         "method": label, "instances_per_s": v, "vs_loop": v / base})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
@@ -147,36 +185,24 @@ def main() -> None:
     ap.add_argument(
         "--device", default="cpu", help="cpu or cuda (bags live in CPU memory, as in a run)"
     )
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
+        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dim, scale = 1024, (10 if args.quick else 1)
-    rows = []
-    for name, n_bags, lo, hi in [
-        ("small", 1500 // scale, 20, 200),
-        ("large", 120 // scale, 500, 5000),
-    ]:
-        bags, labels = random_bags(n_bags, lo, hi, dim, seed=0)
-        results = {}
-        configs = {
-            "one bag at a time": None,
-            "packed, 16 bags": (16, 10**9, 8192),
-            "packed, instance budget": (64, 8192, 8192),
-        }
-        for label, conf in configs.items():
-            results[label] = measure(
-                conf, bags, labels, args.epochs, 1, args.hidden, args.attn, args.precision, device
-            )
-        base = results["one bag at a time"]
-        for label, v in results.items():
-            rows.append((name, f"{n_bags} bags of {lo}-{hi}", label, v, v / base))
+    kw = dict(dim=1024, epochs=args.epochs, hidden=args.hidden, attn=args.attn)
+    if args.smoke:
+        kw.update(SMOKE)
+    frame = throughput(**kw, precision=args.precision, device=args.device,
+                       scale=10 if args.quick else 1)  # fmt: skip
     print(
-        f"ABMIL (gated, {dim}->{args.hidden}, attention {args.attn}) training throughput, "
-        f"{args.precision}, {device.type}, {args.threads} threads, median of {args.epochs} epochs after a warm-up"
+        f"ABMIL (gated, {kw['dim']}->{kw['hidden']}, attention {kw['attn']}) training throughput, "
+        f"{args.precision}, {args.device}, {args.threads} threads, median of {kw['epochs']} epochs after a warm-up"
     )
     print(f"{'bags':<6} {'cohort':<24} {'method':<26} {'instances/s':>12} {'vs loop':>8}")
-    for r in rows:
-        print(f"{r[0]:<6} {r[1]:<24} {r[2]:<26} {r[3]:>12,.0f} {r[4]:>7.2f}x")
+    for r in frame.itertuples():
+        print(
+            f"{r.bags:<6} {r.cohort:<24} {r.method:<26} {r.instances_per_s:>12,.0f} {r.vs_loop:>7.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,256 @@
+"""Every benchmark of ``benchmarks/`` on a tiny cohort (seconds each), so that none rots unseen.
+
+Each test runs a benchmark's ``--smoke`` preset (its ``SMOKE``) through the functions its
+command line calls, and checks what comes out against the run folders it wrote or an
+independent computation (scikit-learn, the runner's own metrics). The figures of a smoke run
+mean nothing; the code paths are the full runs'.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+CLASSIC = ROOT.parent / "shared" / "datasets" / "classic_mil"
+# two epochs on a few bags are meant to be under-trained: the runner's diagnostics say so
+pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
+
+
+def bench(name: str):
+    """A benchmark module; benchmarks/ goes on the path, as for a script (they import each other)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def fold_frames(run: Path, name: str = "predictions.csv") -> list[pd.DataFrame]:
+    return [pd.read_csv(p) for p in sorted(run.glob(f"fold_*/{name}"))]
+
+
+def fold_metrics(run: Path) -> list[dict]:
+    return [json.loads(p.read_text())["metrics"] for p in sorted(run.glob("fold_*/metrics.json"))]
+
+
+def test_every_benchmark_has_a_smoke_test():
+    """Each module of benchmarks/ (the job helper aside) has a smoke test: a ``test_<name>``
+    here, or a test file of tests/ that names it; each script (a ``__main__`` block) has a
+    ``--smoke`` flag."""
+    modules = [p for p in sorted(BENCHMARKS.glob("*.py")) if p.stem != "jobs"]
+    assert len(modules) >= 9
+    here = Path(__file__)
+    tests = {n.name for n in ast.parse(here.read_text()).body if isinstance(n, ast.FunctionDef)}
+    others = "\n".join(p.read_text() for p in sorted(here.parent.glob("test_*.py")) if p != here)
+    for p in modules:
+        named = re.search(rf"\b{p.stem}\b", others) is not None
+        assert f"test_{p.stem}" in tests or named, f"benchmarks/{p.name} has no smoke test"
+        text = p.read_text()
+        if 'if __name__ == "__main__"' in text:
+            assert "--smoke" in text, f"benchmarks/{p.name} has no --smoke flag"
+
+
+def test_localization(tmp_path):
+    """Both tables, the acceptance and the deletion / insertion pass on 40 bags; the pass that
+    re-predicts from the saved fold models reproduces the runner's own areas."""
+    loc = bench("localization")
+    loc.main(["--smoke", "--out", str(tmp_path)])
+    frame = pd.read_csv(tmp_path / "localization.csv")
+    models = loc.SMOKE["models"]
+    assert set(frame["model"]) == {*models, "instance_lr"}
+    for m in models:
+        kinds = set(frame.loc[frame["model"] == m, "kind"])
+        assert {"main", "instance_logits", "contribution"} <= kinds
+    assert frame["within"].between(0, 1).all()
+    assert frame.loc[frame["model"] != "instance_lr", "bag_auc"].between(0, 1).all()
+    accept = pd.read_csv(tmp_path / "acceptance.csv").set_index("model")
+    assert list(accept.index) == list(models)
+    assert (accept["kind"] == "instance_logits").all()  # the default heatmap score
+    assert np.isfinite(
+        accept.loc["abmil_additive", ["within_delta", "pooled_delta", "bag_delta"]].astype(float)
+    ).all()
+
+    faith = pd.read_csv(tmp_path / "faithfulness.csv")
+    for m in models:
+        got = faith[faith["model"] == m].set_index("kind")
+        assert {"main", "contribution", "instance_logits", "random"} <= set(got.index)
+        assert got[["deletion", "insertion"]].stack().between(0, 1).all()
+        # each fold's metrics.json holds the runner's areas of the same test bags and model
+        folds = fold_metrics(tmp_path / "runs" / "distractors" / m)
+        assert len(folds) == loc.SMOKE["folds"]
+        for kind in ("main", "instance_logits", "random"):
+            for mode in ("deletion", "insertion"):
+                runner = np.mean([f[f"{mode}_{kind}"] for f in folds])
+                assert got.loc[kind, mode] == pytest.approx(runner, abs=1e-4), (m, kind, mode)
+
+
+def test_localization_stats():
+    """The paired witness statistics against scikit-learn: each ranker's within-bag and pooled
+    AUC, and a ranker against itself differs by exactly 0."""
+    stats = bench("localization_stats")
+    rng = np.random.default_rng(0)
+    labels, a, b = {}, {}, {}
+    for f in ("fold_0", "fold_1"):
+        a[f], b[f] = {}, {}
+        for i in range(8):
+            bag = f"{f}_B{i}"
+            n = int(rng.integers(6, 20))
+            labels[bag] = np.zeros(n, int)
+            if i % 2:
+                labels[bag][rng.choice(n, 2, replace=False)] = 1
+            a[f][bag] = labels[bag] + rng.normal(size=n)
+            b[f][bag] = rng.normal(size=n)
+    out = stats.paired_witness(a, b, labels, n_boot=50)
+    within = np.mean([
+        np.mean([roc_auc_score(labels[k], v) for k, v in a[f].items() if labels[k].any()]) for f in a
+    ])  # fmt: skip
+    pooled = np.mean([
+        roc_auc_score(np.concatenate([labels[k] for k in a[f]]), np.concatenate(list(a[f].values())))
+        for f in a
+    ])  # fmt: skip
+    assert out["within_a"] == pytest.approx(within) and out["pooled_a"] == pytest.approx(pooled)
+    assert out["within_delta"] == pytest.approx(out["within_a"] - out["within_b"])
+    assert out["within_low"] <= out["within_delta"] <= out["within_high"]
+    same = stats.paired_witness(a, a, labels, n_boot=20)
+    assert same["within_delta"] == same["within_low"] == same["within_high"] == 0.0
+
+
+def test_cohort_zoo(tmp_path):
+    """Every run of the zoo on a classification and a survival cohort; the run folders are
+    shared by identical configs and the mean-pool baseline is the reference of its table."""
+    zoo = bench("cohort_zoo")
+    zoo.main(["--smoke", "--out", str(tmp_path)])
+    frame = pd.read_csv(tmp_path / "zoo.csv")
+    runs = ["defaults", "meanpool_linear", "bow_linear", list(zoo.GRID)[-1]]
+    metric = {"smoke-digits": "auc", "smoke-presence": "c_index"}
+    for cohort, part in frame.groupby("cohort"):
+        assert list(part["run"]) == runs
+        assert set(part["metric"]) == {metric[cohort]}
+        assert part[["mean", "pooled"]].stack().between(0, 1).all()
+        assert part["undertrained_folds"].between(0, 2).all()
+        base = part.set_index("run").loc["meanpool_linear"]
+        assert base["delta_vs_meanpool"] == 0.0
+        # in a smoke run the defaults and the grid point are one config: one run folder
+        assert part["folder"].nunique() == 3
+    # the table's pooled AUC is the out-of-fold AUC of the run's predictions (scikit-learn)
+    row = frame[(frame["cohort"] == "smoke-digits") & (frame["run"] == "meanpool_linear")].iloc[0]
+    pred = pd.concat(fold_frames(tmp_path / row["folder"]))
+    auc = roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
+    assert row["pooled"] == pytest.approx(auc, abs=1e-9)
+
+
+def test_survival_stopping(tmp_path):
+    """The traced survival run and its analysis: every criterion at every epoch, and the traced
+    test risks of the last epoch are the run's own predictions."""
+    stop = bench("survival_stopping")
+    stop.main(["--smoke", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "stopping.csv")
+    assert {"last", "oracle (test)", "meanpool_linear"} <= set(table["rule"])
+    assert {f"{c} (smooth 1)" for c in stop.CRITERIA} <= set(table["rule"])
+    assert table["c_mil"].between(0, 1).all()
+    epochs = stop.SMOKE["train"]["epochs"]
+    run = tmp_path / "full" / "surv-smoke"
+    for hist, pred, npz in zip(
+        fold_frames(run, "history.csv"),
+        fold_frames(run),
+        sorted(run.glob("fold_*/epoch_risks.npz")),
+    ):
+        assert len(hist) == epochs
+        assert np.isfinite(hist[[*stop.CRITERIA, "test_c_index"]].to_numpy()).all()
+        # the loss at the best scale of the risks is at most that at their z-scored scale
+        assert (hist["val_loss_best_scale"] <= hist["val_loss_z"] + 1e-6).all()
+        traced = np.load(npz)
+        assert traced["test"].shape == (epochs, len(pred))
+        risk = pred.set_index("bag_id").loc[[str(i) for i in traced["test_ids"]], "risk"]
+        np.testing.assert_allclose(traced["test"][-1], risk.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_site_shift(tmp_path):
+    """``mil generalize`` on the site-confounded cohort: internal, site-preserved and external
+    rows, and the internal AUC is the out-of-fold AUC of the run's predictions."""
+    ss = bench("site_shift")
+    table, text = ss.site_shift(tmp_path, **ss.SMOKE)
+    assert set(table["model"]) == set(ss.SMOKE["models"])
+    assert set(table["setting"]) == {"internal CV", "site-preserved CV", "external"}
+    assert set(table["metric"]) == {"auc", "balanced_accuracy"}
+    assert table["value"].between(0, 1).all()
+    assert np.isfinite(table.loc[table["setting"] != "internal CV", "delta"]).all()
+    ext = table[table["setting"] == "external"]
+    assert (ext["n_patients"] == ss.SMOKE["patients"] // 2).all()
+    cohort = pd.read_csv(tmp_path / "internal.csv")
+    assert set(cohort["site"]) == set(ss.SITES)
+    assert set(pd.read_csv(tmp_path / "external.csv")["site"]) == {"E"}
+    pred = pd.concat(fold_frames(tmp_path / "generalize" / "abmil" / "internal"))
+    internal = table[(table["setting"] == "internal CV") & (table["metric"] == "auc")].iloc[0]
+    auc = roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
+    assert internal["value"] == pytest.approx(auc, abs=1e-9)
+    assert "## abmil" in text and "external: site_E" in text
+
+
+@pytest.mark.skipif(not (CLASSIC / "musk1.csv.gz").is_file(), reason=f"needs {CLASSIC} (real data)")
+def test_classic_mil(tmp_path, monkeypatch):
+    """MUSK1's two configs on two folds: the table's accuracy is that of the fold predictions."""
+    classic = bench("classic_mil")
+    monkeypatch.chdir(ROOT)  # the configs name ../shared/datasets from the repository root
+    classic.main(["--smoke", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "classic_mil.json").read_text())
+    assert set(results) == {"musk1_attention", "musk1_gated_attention"}
+    for name, r in results.items():
+        assert r["n_folds"] == classic.SMOKE["folds"]
+        folds = fold_frames(tmp_path / name)
+        acc = [accuracy_score(f["label"].astype(str), f["pred"].astype(str)) for f in folds]
+        assert r["mean"] == pytest.approx(np.mean(acc), abs=1e-9)
+    text = (tmp_path / "classic_mil.md").read_text()
+    assert "| MUSK1 | ABMIL |" in text and "| MUSK1 | gated ABMIL |" in text
+
+
+def test_train_throughput():
+    """Every configuration on both bag sizes; the packed path computes the plain loop's model."""
+    tt = bench("train_throughput")
+    frame = tt.throughput(**tt.SMOKE)
+    assert len(frame) == len(tt.SMOKE["cohorts"]) * len(tt.CONFIGS)
+    assert (np.isfinite(frame["instances_per_s"]) & (frame["instances_per_s"] > 0)).all()
+    assert (frame.loc[frame["method"] == "one bag at a time", "vs_loop"] == 1.0).all()
+    # both loops train the same modules: their outputs agree on the same bags
+    bags, _ = tt.random_bags(6, 5, 40, 32, seed=0)
+    model = tt.create(
+        "abmil", in_dim=32, n_out=2, hidden_dim=16, attn_dim=16, gated=True, dropout=0.0
+    )
+    model.eval()
+    with torch.no_grad():
+        packed = tt.forward_bags(model, bags, 8192, torch.device("cpu")).logits
+        plain = torch.stack([tt.plain_forward(model, b.x) for b in bags])
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_transmil_memory():
+    """One TransMIL training step: times and peak memory measured, every parameter trained."""
+    tm = bench("transmil_memory")
+    m = tm.measure(**tm.SMOKE)
+    assert 0 < m["forward_s"] <= m["total_s"]
+    assert 0 < m["rss_before_gib"] <= m["peak_rss_gib"]
+    assert m["with_grad"] == m["parameters"] > 0
+
+
+def test_mean_pooling_ceiling(tmp_path):
+    """The oracle ceiling on a small-lesion cohort: the planted witness direction separates the
+    tiles, and a thresholded unit separates the slides better than the linear mean."""
+    mpc = bench("mean_pooling_ceiling")
+    cohort = tmp_path / "cohort_classification"
+    mpc.main(["--smoke", "--root", str(tmp_path)])  # generates the cohort
+    c = mpc.ceiling(cohort)
+    assert c["slides"] == len(pd.read_csv(cohort / "cohort.csv")) == mpc.SMOKE["n_patients"]
+    assert 0 < c["witness_tiles"] < c["tiles"]
+    assert c["tile_auc"] > 0.95
+    assert all(0 <= c[k] <= 1 for k in c if k.endswith("_auc") or "_auc_" in k)
+    assert max(c[f"relu_auc_{t:.0f}"] for t in mpc.THRESHOLDS) > c["linear_auc"]
