@@ -38,7 +38,11 @@ LAYERS = {
     "mil.train.experiment": 9,
     "mil.train.inference": 9,
     "mil.train.runner": 9,
+    "mil.train.members": 9,
     "mil.train.refit": 9,
+    "mil.train.external_checks": 9,
+    "mil.train.gaps": 9,
+    "mil.train.search": 9,
     "mil.train": 9,
     "mil.run": 10,
     "mil.compare": 10,
@@ -81,9 +85,25 @@ def imports(tree: ast.Module) -> set[str]:
     return out
 
 
+#: packages all of whose modules share the package's layer; a module anywhere else (``train/``
+#: mixes layers 7 to 9) must be listed in LAYERS by its own name
+ONE_LAYER_PACKAGES = ("mil.data", "mil.losses", "mil.metrics", "mil.splits", "mil.models",
+                      "mil.tasks", "mil.results", "mil.explain")  # fmt: skip
+
+
+def listed(name: str) -> bool:
+    """Whether ``name`` has a layer by its own entry or by a one-layer package's."""
+    return name in LAYERS or any(name.startswith(p + ".") for p in ONE_LAYER_PACKAGES)
+
+
 def test_every_module_has_a_layer():
-    for name in modules():
-        assert isinstance(layer(name), int), name
+    unlisted = [name for name in modules() if not listed(name)]
+    assert not unlisted, f"modules without a layer in LAYERS (docs/architecture.md): {unlisted}"
+
+
+def test_an_unlisted_module_is_caught():
+    assert not listed("mil.train.new_module") and not listed("mil.new_module")
+    assert listed("mil.data.new_reader") and listed("mil.train.runner")
 
 
 def test_imports_go_down_the_layers_only():
