@@ -1,6 +1,6 @@
 # Two set-up commands on a fresh machine (Python >= 3.10 and PyPI access):
 #   make demo   - create .venv if absent, install mil, run `mil demo` on the built-in cohort
-#   make test   - create .venv if absent, install mil with test extras, run ruff and the tests
+#   make test   - create .venv if absent, install mil with test and slide extras, run ruff and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first: a pinned CPU build where one is at hand, else any torch>=2.2 from PyPI
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)" || $(BIN)/pip install --quiet "torch>=2.2"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,slides]"
 	touch $@
 
 install: $(VENV)/.installed

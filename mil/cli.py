@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from mil.cli_cohorts import add_generalize_parser, cmd_evaluate
-from mil.cli_review import cmd_heatmap, cmd_topk
+from mil.cli_review import add_review_parsers
 from mil.errors import MilError, MilWarning
 
 
@@ -290,58 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_evaluate)
     add_generalize_parser(sub, with_config, _count)
 
-    def with_scores(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("run_dir", help="a run folder (results/<name>/...)")
-        sp.add_argument(
-            "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
-        )
-        sp.add_argument(
-            "--score",
-            "--kind",
-            dest="kind",
-            default="default",
-            help="instance score kind: default (chosen by the localization benchmark: "
-            "instance_logits, the model's logit for the tile alone; survival: contribution, the "
-            "tile's signed share of the risk), attention, contribution, instance_logits, "
-            "attention_x_logit, instance_classifier (what the model saved)",
-        )
-        sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
-
-    h = sub.add_parser("heatmap", help="draw test slides' instance scores at their tile positions")
-    with_scores(h)
-    which = h.add_mutually_exclusive_group(required=True)
-    which.add_argument("--slide", action="append", help="slide id (repeatable)")
-    which.add_argument(
-        "--top-n",
-        type=_count(1),
-        help="the N test slides with the highest predicted probability of the last "
-        "(positive) class, or the highest risk",
-    )
-    h.add_argument("--out", help="folder for the PNGs (default RUN_DIR/heatmaps)")
-    h.add_argument(
-        "--normalize",
-        choices=["rank", "minmax", "raw", "signed"],
-        help="default: signed (diverging colours) for survival shares of the risk, else rank",
-    )
-    h.add_argument(
-        "--smooth", type=_non_negative, default=0.0, help="Gaussian sigma in tiles (0 = none)"
-    )
-    h.add_argument(
-        "--top-k", type=_count(0), default=16, help="outline the K highest tiles (0 = none)"
-    )
-    h.add_argument("--cmap", help="matplotlib colormap (default viridis; RdBu_r when signed)")
-    h.add_argument("--dpi", type=_count(1), default=150)
-    h.add_argument(
-        "--slides-dir", help="folder of slide files <slide_id>.* to draw under (needs openslide)"
-    )
-    h.set_defaults(fn=cmd_heatmap)
-
-    k = sub.add_parser("topk", help="write a CSV of a slide's top-scored tiles for review")
-    with_scores(k)
-    k.add_argument("--slide", action="append", required=True, help="slide id (repeatable)")
-    k.add_argument("--k", type=_count(1), default=16, help="tiles per slide (default 16)")
-    k.add_argument("--out", help="CSV path (default RUN_DIR/topk_<slide>.csv)")
-    k.set_defaults(fn=cmd_topk)
+    add_review_parsers(sub, _count, _non_negative)  # mil heatmap, mil topk
     return p
 
 

@@ -3,7 +3,7 @@
 A thin facade: the folder is read through :mod:`mil.results`, predictions are
 made by the fold models of :mod:`mil.train.inference`, and what a task's
 predictions mean comes from its :class:`~mil.tasks.base.Task`. It adds what a
-user does next: heatmaps, top tiles, and fold-ensemble predictions on new slides.
+user does next: heatmaps (over the slide), top tiles, and fold-ensemble predictions on new slides.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Run(ReviewMixin):
         run.predictions()                 # out-of-fold predictions, one row per test bag
         run.scores("P007-S1")             # x, y, score of each tile (from the fold that tested it)
         run.heatmap("P007-S1", top_k=16)  # a matplotlib Figure
+        run.heatmap("P007-S1", wsi="slides/P007-S1.svs")  # over the whole-slide image
+        run.contact_sheet("P007-S1", wsi="slides/P007-S1.svs")  # top/bottom tiles at level 0
         run.predict(["new_slide.h5"])     # fold-ensemble probabilities for new feature files
     """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import h5py
 import matplotlib
@@ -10,11 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
+from PIL import Image
 from scipy import stats
 
 from mil.cli import main
 from mil.config import config_from_dict
-from mil.errors import MilError
+from mil.errors import MilError, TrainingWarning
 from mil.explain.heatmap import (
     infer_tile_size,
     normalize_scores,
@@ -23,10 +26,12 @@ from mil.explain.heatmap import (
     tile_size_from_h5,
     top_k_tiles,
 )
+from mil.explain.slides import SlideWarning, open_slide
 from mil.models.base import DEFAULT_SCORE_KIND
 from mil.run import Run
 from mil.train.runner import run_cv
 from tests.conftest import small_config
+from tests.slide_data import SLIDE, SLIDE_MPP, SLIDE_SIZE, TILE, slide_cohort, write_pyramid
 
 matplotlib.use("Agg")
 
@@ -220,20 +225,175 @@ def test_cli_heatmap_model_without_scores_names_slide_and_fold(run_dir, tmp_path
     assert slide in err and "fold 0" in err
 
 
-def test_cli_unknown_slide_and_thumbnail_without_openslide(run_dir, tmp_path, capsys):
+def test_cli_unknown_slide_is_named(run_dir, capsys):
     err = _error(capsys, ["heatmap", str(run_dir), "--slide", "no-such-slide"])
     assert "no-such-slide" in err
+
+
+# ---- over the real slide (tests/data/CMU-1-Small-Region.svs) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def slide_run(tmp_path_factory):
+    """A classification run whose cohort CSV names the real slide for every slide."""
+    root = tmp_path_factory.mktemp("slide_run")
+    cfg = config_from_dict(slide_cohort(root, "classification"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        return run_cv(cfg, root / "run", progress=False, log=lambda *a: None, n_boot=20)
+
+
+@pytest.fixture(scope="module")
+def level0() -> np.ndarray:
+    with tifffile.TiffFile(SLIDE) as tif:
+        return tif.pages[0].asarray()
+
+
+def block(y: float, x: float, sy: float, sx: float) -> tuple[slice, slice]:
+    """A 128-px tile's rectangle in a drawing of ``sx``, ``sy`` drawn px per level-0 px."""
+    return (
+        slice(round(y * sy), round((y + TILE) * sy)),
+        slice(round(x * sx), round((x + TILE) * sx)),
+    )
+
+
+def test_cli_heatmap_over_the_real_slide(slide_run, tmp_path, capsys):
+    """The cohort CSV's slide_path puts the slide underneath; at 4 x 0.499 µm/px and opacity 1
+    the top tile's rectangle, and nothing else, has the top colour; the rest is the slide."""
+    run = Run(slide_run)
+    slide = run.predictions()["bag_id"].iloc[0]
+    out = tmp_path / "png"
+    argv = ["heatmap", str(slide_run), "--slide", slide, "--out", str(out), "--vis-mpp",
+            str(4 * SLIDE_MPP), "--alpha", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.split() == [
+        str(out / f"{slide}.png"),
+        str(out / f"{slide}_overlay.png"),
+    ]
+    drawing = np.asarray(Image.open(out / f"{slide}_overlay.png").convert("RGB"))
+    assert drawing.shape == (742, 555, 3)
+    s = run.scores(slide)
+    x, y = s[["x", "y"]].to_numpy()[np.argmax(s["score"].to_numpy())]
+    hot = np.zeros(drawing.shape[:2], dtype=bool)
+    hot[block(y, x, 742 / SLIDE_SIZE[1], 555 / SLIDE_SIZE[0])] = True
+    top = np.all(drawing == matplotlib.colormaps["viridis"](1.0, bytes=True)[:3], axis=2)
+    np.testing.assert_array_equal(top, hot)
+    with open_slide(SLIDE) as wsi:
+        image = wsi.image(4.0)
+    bare = np.ones(drawing.shape[:2], dtype=bool)
+    for x, y in s[["x", "y"]].to_numpy():
+        bare[block(y, x, 742 / SLIDE_SIZE[1], 555 / SLIDE_SIZE[0])] = False
+    np.testing.assert_array_equal(drawing[bare], image[bare])
+    fig = run.heatmap(slide, wsi=SLIDE, vis_mpp=4 * SLIDE_MPP)
+    texts = " ".join(" ".join(t.get_text().split()) for t in fig.axes[0].texts)
+    assert f"{len(s)} tiles of 128 px at level 0 (from patch_size_level0)" in texts
+    assert "percentile" in fig.axes[0].child_axes[0].get_ylabel()  # the colour bar
+    plt.close(fig)
+
+
+def test_cli_heatmap_slides_dir_and_missing_slide(slide_run, tmp_path, capsys):
+    run = Run(slide_run)
+    first, second = run.predictions()["bag_id"].iloc[:2]
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / f"{first}.svs").symlink_to(SLIDE)
+    out = tmp_path / "png"
+    base = ["heatmap", str(slide_run), "--slides-dir", str(slides), "--out", str(out)]
+    assert main([*base, "--slide", first, "--tissue"]) == 0
+    assert (out / f"{first}_overlay.png").is_file()
+    err = _error(capsys, [*base, "--slide", second])
+    assert err.startswith("mil: error:") and err.count("\n") == 1
+    assert second in err and str(slides) in err and "slide_path" in err
+
+
+def test_cli_heatmap_coordinates_outside_the_slide(slide_run, tmp_path, capsys):
+    slide = Run(slide_run).predictions()["bag_id"].iloc[0]
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_pyramid(slides / f"{slide}.tif", (1000, 800), mpp=SLIDE_MPP, levels=1)  # too small
+    err = _error(capsys, ["heatmap", str(slide_run), "--slide", slide, "--slides-dir", str(slides)])
+    assert err.startswith("mil: error:") and err.count("\n") == 1
+    assert slide in err and "outside" in err and "1000 x 800" in err
+
+
+def test_cli_heatmap_warns_of_mixed_magnifications(slide_run, tmp_path, capsys):
+    """Two slides whose 128-px tiles lie on a 20x scan and on a 40x one (same pixels): the
+    tiles cover 64 µm on one and 32 µm on the other."""
+    first, second = Run(slide_run).predictions()["bag_id"].iloc[:2]
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / f"{first}.svs").symlink_to(SLIDE)
+    write_pyramid(slides / f"{second}.tif", SLIDE_SIZE, mpp=0.25, levels=2)
+    argv = ["heatmap", str(slide_run), "--slide", first, "--slide", second, "--slides-dir",
+            str(slides), "--out", str(tmp_path / "png")]  # fmt: skip
+    with pytest.warns(SlideWarning, match="different magnifications") as rec:  # mil: warning:
+        assert main(argv) == 0
+    text = " ".join(str(r.message) for r in rec)
+    assert first in text and second in text and "64 µm" in text and "32 µm" in text
+
+
+def test_cli_topk_crops_tiles_from_the_slide(slide_run, tmp_path, level0, capsys):
+    run = Run(slide_run)
+    slide = run.predictions()["bag_id"].iloc[0]
+    crops = tmp_path / "crops"
+    argv = ["topk", str(slide_run), "--slide", slide, "--k", "3", "--out", str(tmp_path / "t.csv"),
+            "--crops", str(crops)]  # fmt: skip
+    assert main(argv) == 0
+    tiles = pd.read_csv(crops / slide / "tiles.csv")
+    s = run.scores(slide).sort_values("score", ascending=False)
+    assert tiles["side"].tolist() == ["top"] * 3 + ["bottom"] * 3
+    np.testing.assert_allclose(tiles["score"][:3], s["score"][:3])
+    np.testing.assert_allclose(tiles["score"][3:], s["score"][::-1][:3])
+    for row in tiles.itertuples():
+        crop = np.asarray(Image.open(crops / slide / row.file).convert("RGB"))
+        x, y = int(row.x), int(row.y)
+        np.testing.assert_array_equal(crop, level0[y : y + TILE, x : x + TILE])
+    assert (crops / slide / "contact_sheet.png").stat().st_size > 10_000
+
+
+def test_cli_topk_crops_need_the_slide(run_dir, tmp_path, capsys):
     slide = Run(run_dir).predictions()["bag_id"].iloc[0]
-    (tmp_path / f"{slide}.svs").write_bytes(b"")
-    try:
-        import openslide  # noqa: F401
-    except (ImportError, OSError):
-        err = _error(
-            capsys, ["heatmap", str(run_dir), "--slide", slide, "--slides-dir", str(tmp_path)]
-        )
-        assert "openslide" in err
-    else:  # an empty file is no slide
-        err = _error(
-            capsys, ["heatmap", str(run_dir), "--slide", slide, "--slides-dir", str(tmp_path)]
-        )
-        assert slide in err
+    argv = ["topk", str(run_dir), "--slide", slide, "--out", str(tmp_path / "t.csv"), "--crops",
+            str(tmp_path / "c")]  # fmt: skip
+    err = _error(capsys, argv)
+    assert slide in err and "--slides-dir" in err
+
+
+@pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
+def test_survival_heatmap_is_signed_and_centred_over_the_slide(tmp_path, capsys):
+    """Survival: the default kind (contribution, the tile's share of the risk) keeps its sign:
+    each tile is drawn at sign(s) x the percentile of |s| on RdBu_r over [-1, 1]."""
+    raw = slide_cohort(tmp_path, "survival")
+    run_dir = run_cv(config_from_dict(raw), tmp_path / "run", progress=False,
+                     log=lambda *a: None, n_boot=10)  # fmt: skip
+    run = Run(run_dir)
+    assert main(["heatmap", str(run_dir), "--top-n", "2", "--out", str(tmp_path / "png")]) == 0
+    assert len(list((tmp_path / "png").glob("*_overlay.png"))) == 2
+    slide = run.top_slides(1)[0]
+    s = run.scores(slide)
+    assert s.attrs["kind"] == "contribution"
+    ov = run.overlay(slide, SLIDE, vis_mpp=4 * SLIDE_MPP)
+    assert ov.cmap == "RdBu_r" and (ov.vmin, ov.vmax) == (-1.0, 1.0)
+    v = s["score"].to_numpy()
+    assert (v > 0).any() and (v < 0).any()
+    sy, sx = 742 / SLIDE_SIZE[1], 555 / SLIDE_SIZE[0]
+    for (x, y), score in zip(s[["x", "y"]].to_numpy(), v):
+        want = np.sign(score) * stats.percentileofscore(np.abs(v), abs(score), kind="rank") / 100
+        np.testing.assert_allclose(ov.values[block(y, x, sy, sx)], want, atol=1e-12)
+
+
+def test_run_heatmap_warns_of_a_tile_size_the_grid_disputes(slide_run, tmp_path):
+    """A feature file whose patch_size_level0 (64) is half its coordinate grid's step (128):
+    Run.heatmap over the slide warns naming the slide, and draws 64-px rectangles."""
+    run = Run(slide_run)
+    slide = run.predictions()["bag_id"].iloc[0]
+    wrong = tmp_path / f"{slide}.h5"
+    shutil.copy(run._feature_index[slide], wrong)
+    with h5py.File(wrong, "a") as f:
+        f.attrs["patch_size_level0"] = 64
+    run.__dict__["_feature_index"] = {**run._feature_index, slide: wrong}
+    with pytest.warns(SlideWarning, match="gaps") as rec:
+        ov = run.overlay(slide, SLIDE, vis_level=0)
+    assert slide in str(rec[0].message) and "128 px" in str(rec[0].message)
+    x, y = run.scores(slide)[["x", "y"]].to_numpy()[0].astype(int)
+    assert ov.count[y : y + 64, x : x + 64].min() == 1 and ov.count[y + 64, x + 64] == 0

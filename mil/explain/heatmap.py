@@ -1,10 +1,10 @@
-"""Attention heatmaps from tile coordinates: scores rasterised on the tile grid, one image per slide.
+"""Instance-score heatmaps from tile coordinates: scores rasterised on the tile grid.
 
 A slide's instance scores are placed on a grid of tile-sized cells (tile size
 from the feature file's attributes, else inferred from the coordinates), so a
 heatmap is one ``imshow`` of a ``[H / tile, W / tile]`` array: 100,000 tiles
-render in about a second, with no slide file needed. A slide thumbnail
-(``openslide-python``, optional) can sit underneath.
+render in about a second, with no slide file needed. Drawing over the slide
+itself is :mod:`mil.explain.overlay`; both share the normalisations here.
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ from mil.errors import MilError
 Normalize = Literal["rank", "minmax", "raw", "signed"]
 NORMALIZATIONS: tuple[str, ...] = ("rank", "minmax", "raw", "signed")
 NORMALIZE_LABELS = {
-    "rank": "score percentile (0-1)",
+    "rank": "score percentile within the slide (0-1)",
     "minmax": "score, min-max scaled",
     "raw": "score",
     "signed": "score / max |score| (sign kept: + raises, - lowers)",
 }
-#: score kinds whose sign means something (a share of a logit or the risk): see signed_kind
-SIGNED_KINDS = ("contribution", "instance_logits", "attention_x_logit")
+SIGNED_LABELS = {
+    "rank": "percentile of |score| within the slide, sign kept (+ raises, - lowers)",
+    "minmax": NORMALIZE_LABELS["signed"],
+    "raw": "score (+ raises, - lowers; 0 at the centre)",
+    "signed": NORMALIZE_LABELS["signed"],
+}
+#: score kinds that are a signed share of the bag's output (summed over a bag: its logit or
+#: risk less the head's bias), whatever the task: their 0 means "neither raises nor lowers",
+#: so they are drawn on a diverging map centred at 0. An instance logit is not among them:
+#: its 0 is an arbitrary point of the output's scale (a Cox predictor's, a regression's).
+SIGNED_KINDS = ("contribution", "attention_x_logit")
 
 
 def signed_kind(label: str | None) -> bool:
@@ -37,22 +46,34 @@ def signed_kind(label: str | None) -> bool:
     return str(label or "").split("[")[0] in SIGNED_KINDS
 
 
-# A raster larger than this many cells is coarsened (cells of several tiles, max per cell):
+# A raster larger than this many cells is coarsened (cells of several tiles, mean per cell):
 # it protects against a wrong tile size turning into a gigapixel array.
 MAX_CELLS = 16_000_000
 
 
-def normalize_scores(scores: np.ndarray, method: Normalize | str = "rank") -> np.ndarray:
+def normalize_scores(
+    scores: np.ndarray, method: Normalize | str = "rank", signed: bool = False
+) -> np.ndarray:
     """Scale scores ``[N]`` for display.
 
     ``rank``: the percentile rank of each score among the slide's scores, as
     CLAM's ``scipy.stats.percentileofscore(scores, s)`` (kind ``rank``, ties
     get the mean rank) divided by 100 — vectorised as
-    ``rankdata(scores) / N``, in ``(0, 1]``. ``minmax``: ``(s - min) / (max - min)``
+    ``rankdata(scores) / N``, in ``(0, 1]``; invariant to any increasing
+    transform of the scores. ``minmax``: ``(s - min) / (max - min)``
     (0.5 everywhere when all scores are equal). ``raw``: unchanged. ``signed``:
     ``s / max |s|`` in [-1, 1], so that 0 stays 0 (for a diverging colour map).
+
+    ``signed=True`` (a signed kind, :data:`SIGNED_KINDS`) keeps 0 at 0: ``rank``
+    becomes ``sign(s) rankdata(|s|) / N`` in [-1, 1] (invariant to any increasing
+    transform that keeps the sign symmetric, ``f(-s) = -f(s)``), and ``minmax``
+    becomes ``signed``.
     """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if signed and method == "rank":
+        return np.sign(s) * stats.rankdata(np.abs(s)) / len(s) if len(s) else s
+    if signed and method == "minmax":
+        method = "signed"
     if method == "rank":
         return stats.rankdata(s, method="average") / max(len(s), 1) if len(s) else s
     if method == "minmax":
@@ -70,6 +91,25 @@ def normalize_scores(scores: np.ndarray, method: Normalize | str = "rank") -> np
     raise MilError(
         f"normalize={method!r}: unknown score normalisation; use one of {', '.join(NORMALIZATIONS)}"
     )
+
+
+def colour_scale(normalize: str, signed: bool, values: np.ndarray) -> tuple[float, float]:
+    """The colour scale's ends for normalised ``values``: centred at 0 for a signed kind or
+    ``signed``; the data's for ``raw``; else [0, 1]."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if normalize == "raw":
+        if signed:
+            top = float(np.max(np.abs(v))) if len(v) else 1.0
+            return (-top, top) if top > 0 else (-1.0, 1.0)
+        vmin, vmax = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+        return (vmin - 0.5, vmax + 0.5) if vmax <= vmin else (vmin, vmax)
+    return (-1.0, 1.0) if signed or normalize == "signed" else (0.0, 1.0)
+
+
+def colour_label(normalize: str, signed: bool) -> str:
+    """What the colour bar shows, in words."""
+    return (SIGNED_LABELS if signed else NORMALIZE_LABELS).get(str(normalize), "score")
 
 
 def infer_tile_size(coords: np.ndarray) -> float:
@@ -106,19 +146,25 @@ def tile_size_from_attrs(attrs: dict) -> float | None:
     return None
 
 
-def tile_size_from_h5(path: str | Path) -> float | None:
-    """The tile size recorded in an h5 feature file's attributes (features are not read)."""
+def feature_attrs(path: str | Path) -> dict:
+    """An h5 feature file's root attributes and its ``coords`` dataset's (as ``coords.<name>``);
+    {} for another file type or an unreadable file (features are not read)."""
     path = Path(path)
     if path.suffix.lower() != ".h5" or not path.is_file():
-        return None
+        return {}
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs.items())
             if "coords" in f:
                 attrs.update({f"coords.{k}": v for k, v in f["coords"].attrs.items()})
     except OSError:
-        return None
-    return tile_size_from_attrs(attrs)
+        return {}
+    return attrs
+
+
+def tile_size_from_h5(path: str | Path) -> float | None:
+    """The tile size recorded in an h5 feature file's attributes (features are not read)."""
+    return tile_size_from_attrs(feature_attrs(path))
 
 
 @dataclass
@@ -154,7 +200,7 @@ def rasterize(
     """Place ``values [N]`` at ``coords [N, 2]`` (tile top-left corners) on a tile-sized grid.
 
     Tiles that fall into the same cell (overlapping tiles, or a coarsened grid)
-    show their maximum, so the result does not depend on the tiles' order.
+    show their mean, so the result does not depend on the tiles' order.
     """
     c = np.asarray(coords, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -172,8 +218,12 @@ def rasterize(
         cell *= float(np.ceil(np.sqrt(cells / max_cells)))
     cols = np.rint((c[:, 0] - x0) / cell).astype(np.int64)
     rows = np.rint((c[:, 1] - y0) / cell).astype(np.int64)
-    grid = np.full((int(rows.max()) + 1, int(cols.max()) + 1), np.nan)
-    np.fmax.at(grid, (rows, cols), v)
+    shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+    flat = rows * shape[1] + cols
+    total = np.bincount(flat, weights=v, minlength=shape[0] * shape[1])
+    count = np.bincount(flat, minlength=shape[0] * shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grid = np.where(count > 0, total / count, np.nan).reshape(shape)
     return ScoreRaster(grid=grid, origin=(x0, y0), cell=cell, rows=rows, cols=cols, values=v)
 
 
@@ -200,16 +250,17 @@ def score_raster(
     tile_size: float | None = None,
     normalize: Normalize | str = "rank",
     smooth: float = 0.0,
+    signed: bool = False,
 ) -> ScoreRaster:
     """Normalised scores on the tile grid: the array a heatmap shows.
 
     ``tile_size`` None infers it from the coordinates (:func:`infer_tile_size`).
     ``smooth`` is a Gaussian sigma in cells (0 = none); ``values`` keeps the
-    unsmoothed normalised scores.
+    unsmoothed normalised scores. ``signed``: see :func:`normalize_scores`.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     ts = tile_size if tile_size else infer_tile_size(np.asarray(coords))
-    r = rasterize(coords, normalize_scores(scores, normalize), ts)
+    r = rasterize(coords, normalize_scores(scores, normalize, signed), ts)
     r.grid = smooth_raster(r.grid, smooth)
     return r
 
@@ -233,29 +284,6 @@ def top_k_tiles(coords: np.ndarray, scores: np.ndarray, k: int = 16) -> pd.DataF
     )
 
 
-def read_thumbnail(slide_path: str | Path, max_size: int = 2048) -> tuple[np.ndarray, float, float]:
-    """A slide thumbnail ``[h, w, 3]`` and the level-0 width and height it covers (openslide)."""
-    try:
-        import openslide
-    except (ImportError, OSError) as exc:
-        raise MilError(
-            f"a slide thumbnail ({slide_path}) needs openslide-python and the OpenSlide library: "
-            f"pip install 'mil-toolkit[slides]' (plus e.g. apt install libopenslide0); "
-            f"or leave out the slide path to draw the heatmap on its own ({type(exc).__name__}: {exc})"
-        ) from None
-    path = Path(slide_path)
-    if not path.is_file():
-        raise MilError(f"slide file not found: {path}")
-    try:
-        slide = openslide.OpenSlide(str(path))
-    except Exception as exc:  # openslide raises several types for an unreadable file
-        raise MilError(f"{path}: openslide cannot open it ({type(exc).__name__}: {exc})") from None
-    with slide:
-        w0, h0 = slide.dimensions
-        thumb = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGB"))
-    return thumb, float(w0), float(h0)
-
-
 def plot_heatmap(
     coords: np.ndarray,
     scores: np.ndarray,
@@ -263,15 +291,14 @@ def plot_heatmap(
     normalize: Normalize | str = "rank",
     smooth: float = 0.0,
     top_k: int = 0,
-    cmap: str = "viridis",
+    cmap: str | None = None,
     title: str | None = None,
     ax=None,
-    slide_path: str | Path | None = None,
-    alpha: float = 0.5,
     colorbar: bool = True,
     outline: str = "red",
+    signed: bool = False,
 ):
-    """Draw a slide's scores at their tile positions; returns the matplotlib Figure.
+    """Draw a slide's scores at their tile positions (no slide image); returns the Figure.
 
     Args:
         coords: ``[N, 2]`` level-0 x, y of each tile's top-left corner.
@@ -281,26 +308,26 @@ def plot_heatmap(
             (``s / max |s|``, for a diverging ``cmap`` such as ``RdBu_r``).
         smooth: Gaussian sigma in tiles (0 = none).
         top_k: outline the ``k`` highest-scored tiles (0 = none).
-        cmap: a perceptually uniform matplotlib colormap (``viridis``, ``magma``...).
+        cmap: a matplotlib colormap; None: ``viridis``, or ``RdBu_r`` centred at 0 when signed.
         ax: draw into these axes (e.g. a panel of a notebook figure).
-        slide_path: a whole-slide image to draw underneath (needs openslide-python).
-        alpha: heatmap opacity over a thumbnail.
         colorbar: draw a colour bar beside the slide.
         outline: colour of the top-k outlines.
+        signed: a signed kind (:data:`SIGNED_KINDS`): 0 stays 0, on a diverging map.
+
+    :mod:`mil.explain.overlay` draws the same scores over the whole-slide image.
     """
     import matplotlib.pyplot as plt
 
-    raster = score_raster(coords, scores, tile_size, normalize, smooth)
+    raster = score_raster(coords, scores, tile_size, normalize, smooth, signed)
     if ax is None:
         h, w = raster.grid.shape
         aspect = h / max(w, 1)
         fig, ax = plt.subplots(figsize=(7.0, float(np.clip(6.0 * aspect, 2.5, 10.0))))
     fig = ax.figure
+    centred = signed or normalize == "signed"
+    cmap = cmap or ("RdBu_r" if centred else "viridis")
     colormap = plt.get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))
-    vmin, vmax = _colour_range(normalize, raster.values)
-    if slide_path is not None:
-        thumb, w0, h0 = read_thumbnail(slide_path)
-        ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="lanczos")
+    vmin, vmax = colour_scale(str(normalize), signed, raster.values)
     im = ax.imshow(
         raster.grid,
         extent=raster.extent,
@@ -309,22 +336,20 @@ def plot_heatmap(
         vmin=vmin,
         vmax=vmax,
         interpolation="nearest",
-        alpha=alpha if slide_path is not None else 1.0,
     )
     if top_k:
-        _outline_top_tiles(ax, raster, coords, scores, top_k, outline)
+        outline_top_tiles(ax, coords, scores, top_k, raster.cell, outline, raster)
     left, right, bottom, topy = raster.extent
     pad = raster.cell
-    if slide_path is None:
-        ax.set_xlim(left - pad, right + pad)
-        ax.set_ylim(bottom + pad, topy - pad)
+    ax.set_xlim(left - pad, right + pad)
+    ax.set_ylim(bottom + pad, topy - pad)
     ax.set_aspect("equal")
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     if title:
         ax.set_title(title, fontsize=10)
     if colorbar:
-        label = NORMALIZE_LABELS.get(str(normalize), "score")
+        label = colour_label(str(normalize), signed)
         if smooth:
             label += f", smoothed (sigma {smooth:g} tiles)"
         # an inset axes follows the slide's box (equal aspect), so the bar is as tall as the slide
@@ -333,29 +358,22 @@ def plot_heatmap(
     return fig
 
 
-def _colour_range(normalize: str, values: np.ndarray) -> tuple[float, float]:
-    """The colour scale's ends: the data's for ``raw``, [-1, 1] for ``signed``, else [0, 1]."""
-    if normalize == "raw":
-        vmin, vmax = float(np.min(values)), float(np.max(values))
-        return (vmin - 0.5, vmax + 0.5) if vmax <= vmin else (vmin, vmax)
-    return (-1.0, 1.0) if normalize == "signed" else (0.0, 1.0)
-
-
-def _outline_top_tiles(ax, raster: ScoreRaster, coords, scores, k: int, colour: str) -> None:
-    """Outline the ``k`` highest-scored tiles on ``ax``."""
+def outline_top_tiles(
+    ax, coords, scores, k: int, size: float, colour: str = "red", raster: ScoreRaster | None = None
+) -> None:
+    """Outline the ``k`` highest-scored tiles on ``ax`` (level-0 axes): ``size``-px squares at
+    their corners, or at their cells of ``raster``."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    top = top_k_tiles(coords, scores, k)
-    x0, y0 = raster.origin
-    boxes = [
-        Rectangle(
-            (x0 + raster.cols[i] * raster.cell, y0 + raster.rows[i] * raster.cell),
-            raster.cell,
-            raster.cell,
-        )
-        for i in top["index"]
-    ]
+    top = top_k_tiles(coords, scores, k)["index"].to_numpy()
+    c = np.asarray(coords, dtype=np.float64)
+    if raster is None:
+        corners = c[top]
+    else:
+        x0, y0 = raster.origin
+        corners = np.stack([x0 + raster.cols[top] * size, y0 + raster.rows[top] * size], 1)
+    boxes = [Rectangle((float(x), float(y)), size, size) for x, y in corners]
     ax.add_collection(
         PatchCollection(boxes, facecolor="none", edgecolor=colour, linewidth=1.2, zorder=3)
     )
