@@ -125,6 +125,9 @@ class TrainConfig:
     grad_clip: float | None = None
     # deletion/insertion curves of each fold's test bags (mil.explain.faithfulness): ~20 passes
     faithfulness: bool = True
+    # models trained per fold from different seeds (initial weights, batch order, dropout),
+    # their outputs and instance scores averaged (mil.train.replicas); 1: one model
+    seeds: int = 1
     # the epoch early stopping keeps: "auto" (the task's: survival the validation C-index,
     # otherwise the validation loss; docs/benchmarks.md), "loss", or a validation metric
     stop_on: str = "auto"
@@ -351,6 +354,7 @@ def _check_values(cfg: Config) -> None:
         f"must be in [0, train.epochs = {cfg.train.epochs})",
     )
     need(cfg.train.max_instances >= 1, "train.max_instances", "must be at least 1")
+    need(cfg.train.seeds >= 1, "train.seeds", "must be at least 1 (models per fold)")
     need(cfg.task.bins >= 2, "task.bins", "must be at least 2")
     need(0.0 <= cfg.task.alpha <= 1.0, "task.alpha", "must be in [0, 1]")
     need(math.isfinite(cfg.data.cache_gb) and cfg.data.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0")

@@ -39,6 +39,7 @@ LAYERS = {
     "mil.train.inference": 9,
     "mil.train.runner": 9,
     "mil.train.members": 9,
+    "mil.train.replicas": 9,
     "mil.train.refit": 9,
     "mil.train.external_checks": 9,
     "mil.train.gaps": 9,

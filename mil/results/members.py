@@ -4,9 +4,11 @@ own predictions, read back for the summary, the report and prediction on new bag
 Layout, in a fold folder (``fold_<k>/``, ``refit/``) whose ``predictions.csv`` is the average::
 
     members.json          {"combine": "mean", "members": [{"name", "model", "scale"}, ...]}:
-                          the model first (its ``model.pt`` is the fold's), then each linear
-                          member; ``scale``: what put its outputs on the common scale
-                          (:meth:`mil.tasks.Task.output_scale`, fitted on its training bags)
+                          the model first (its ``model.pt`` is the fold's; with
+                          ``train.seeds`` its ``replicas``, each {"name", "model", "scale"},
+                          whose average it is), then each linear member; ``scale``: what put
+                          its outputs on the common scale (:meth:`mil.tasks.Task.output_scale`,
+                          fitted on its training bags)
     members/<name>/       each member's own predictions.csv (+ _train, _val); a linear
                           member's model.pt and history.csv
 """
@@ -43,8 +45,11 @@ def read_members(fold_dir: str | Path) -> list[dict[str, Any]] | None:
     fix = f"delete {Path(fold_dir) / 'metrics.json'} and re-run `mil train` to train the fold again"
     record = read_json(path, "ensemble record", fix)
     members = record.get("members") if isinstance(record, dict) else None
+    def ok(m: Any) -> bool:
+        return isinstance(m, dict) and {"name", "model", "scale"} <= set(m)
+
     if not isinstance(members, list) or not all(
-        isinstance(m, dict) and {"name", "model", "scale"} <= set(m) for m in members
+        ok(m) and all(ok(r) for r in m.get("replicas", [])) for m in members
     ):
         raise DataError(f"{path}: not an ensemble record (a 'members' list); {fix}")
     return members
@@ -58,8 +63,12 @@ def members_summary(run_dir: str | Path, task: Task, n_boot: int) -> dict[str, A
     folds = [f for f in run.records() if read_members(run.fold_dir(f))]
     if not folds:
         return None
-    names = [m["name"] for m in read_members(run.fold_dir(folds[0])) or []]
-    folds = [f for f in folds if [m["name"] for m in read_members(run.fold_dir(f)) or []] == names]
+    def names_of(fold: str) -> list[str]:  # every member, each seed replica after its model
+        entries = read_members(run.fold_dir(fold)) or []
+        return [n for e in entries for n in [e["name"], *(r["name"] for r in e.get("replicas", []))]]
+
+    names = names_of(folds[0])
+    folds = [f for f in folds if names_of(f) == names]
     metric = task.headline()
 
     def pooled(path_of) -> pd.DataFrame:
@@ -109,8 +118,9 @@ def ensemble_lines(summary: dict[str, Any]) -> list[str]:
     lines = [
         "## Ensemble",
         "",
-        f"Each fold's prediction is the average of {len(entry['members'])} models fitted on its "
-        f"training bags (`members.json`; their own predictions in `members/<name>/`). Pooled "
+        "Each fold's prediction is an average of models fitted on its training bags (the model, "
+        "itself the average of its seed replicas `<model>_seed<j>` with `train.seeds`, and its "
+        "linear members; `members.json`, their own predictions in `members/<name>/`). Pooled "
         f"out-of-fold {m} with 95% CI, and the average minus each member (paired patient "
         f"bootstrap, {len(entry['folds'])} folds):",
         "",

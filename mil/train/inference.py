@@ -24,6 +24,7 @@ from mil.results.members import read_members
 from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
 from mil.train.loop import Forward, predict
+from mil.train.replicas import average_forwards
 
 Item = str | Path
 
@@ -48,10 +49,14 @@ class FoldModel:
         self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
         norm = self.payload.get("standardize")
         self.norm = None if norm is None else Standardizer.from_state(norm)
-        # the fold's ensemble (members.json): its linear members and every member's scale
+        # the fold's ensemble (members.json): the model's seed replicas, its linear members,
+        # and every one's scale
         entries = read_members(path.parent) or []
         self.scales = [e["scale"] for e in entries]
         self.members = [FoldModel(path.parent / e["model"], cfg, fold, device) for e in entries[1:]]
+        replicas = entries[0].get("replicas", []) if entries else []
+        self.replica_scales = [r["scale"] for r in replicas]
+        self.replicas = [FoldModel(path.parent / r["model"], cfg, fold, device) for r in replicas[1:]]
 
     def forward(
         self,
@@ -81,10 +86,14 @@ class FoldModel:
                 norm = dataclasses.replace(norm, tabular=scaler)
             data = data.with_transform(norm)
         train = self.cfg.train
-        return predict(
+        out = predict(
             self.model, data, list(bag_slides), train.max_instances, self.device, keep_scores,
             precision=train.precision,
         )  # fmt: skip
+        if keep_scores and self.replicas:  # train.seeds: the replicas' averaged instance scores
+            others = [r.forward(bag_slides, store, True, tabular) for r in self.replicas]
+            out = average_forwards([out, *others])
+        return out
 
     def instance_scores(
         self, fwd: Forward, kind: str | None, cls: int | str | None, slide_id: str
@@ -129,6 +138,9 @@ class FoldModel:
         ensemble: the average of its members' outputs, as its ``predictions.csv``)."""
         df = self.task.outputs(self.forward(bag_slides, store, tabular=tabular).logits.numpy())
         df.insert(0, "bag_id", list(bag_slides))
+        if self.replicas:  # train.seeds: the replicas' average is the model's output
+            parts = [df, *(r.outputs(bag_slides, store, tabular).drop(columns="fold") for r in self.replicas)]
+            df = self.task.average_predictions(parts, self.replica_scales)
         if self.members:
             parts = [df, *(m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members)]
             df = self.task.average_predictions(parts, self.scales)

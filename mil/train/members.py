@@ -10,7 +10,8 @@ point is fitted anew on the averaged validation predictions. The model's instanc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ class Member:
     model: torch.nn.Module | None = None
     norm: Standardizer | None = None
     history: pd.DataFrame | None = None
+    #: the model's seed replicas (``train.seeds``), the model itself first; the member's
+    #: predictions are then their average
+    replicas: list[Member] = field(default_factory=list)
+    #: what rebuilds ``model``: its registered name and hyper-parameters (default: ``name``, {})
+    arch: tuple[str, dict[str, Any]] | None = None
 
     def scale(self, task: Task) -> dict[str, float]:
         return task.output_scale(self.train_pred)
@@ -87,29 +93,34 @@ def refit_members(
     exp: Experiment,
     task: Task,
     bags: pd.DataFrame,
-    main: tuple[torch.nn.Module, BagDataset],
+    replicas: list[tuple[torch.nn.Module, Standardizer | None, BagDataset, pd.DataFrame]],
     penalties: dict[str, float],
     device: torch.device,
 ) -> list[Member]:
-    """A refit's ensemble: the refit model (``main``: it and its view of the bags) and each
-    linear member fitted on every bag at ``penalties[name]`` (cross-validation's choice),
-    with every member's training predictions for its scale."""
-    limit = exp.cfg.train.max_instances
-    want = task.needs_train_predictions
-    out = [
-        Member(
-            exp.cfg.model_name,
-            None,
-            _rows(*main, task, bags, limit, device) if want else None,
-            None,
-        )
-    ]
-    for name in exp.cfg.members:
-        model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), member=name)
-        history = fit_closed_form(model, task, data, bags, None, exp.cfg.train, (penalties[name],))
+    """A refit's ensemble: the refit model (``replicas``: it, then its seed replicas, each as
+    (model, preprocessing, view of the bags, history)) and each linear member fitted on every
+    bag at ``penalties[name]`` (cross-validation's choice), with every one's training
+    predictions for its scale."""
+    limit, want = exp.cfg.train.max_instances, task.needs_train_predictions
+    name = exp.cfg.model_name
+    reps = []
+    for j, (model, norm, data, history) in enumerate(replicas):
+        train_pred = _rows(model, data, task, bags, limit, device) if want else None
+        member = Member(f"{name}_seed{j}", None, train_pred, None)
+        if j:  # the first is the refit's own model.pt
+            member.model, member.norm, member.history = model, norm, history
+            member.arch = (name, exp.cfg.model_hparams)
+        reps.append(member)
+    if len(reps) == 1:
+        out = [dataclasses.replace(reps[0], name=name)]
+    else:
+        out = [Member(name, None, average(task, reps)[1], None, replicas=reps)]
+    for member in exp.cfg.members:
+        model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), member=member)
+        history = fit_closed_form(model, task, data, bags, None, exp.cfg.train, (penalties[member],))
         model = model.to(device)
         train_pred = _rows(model, data, task, bags, limit, device) if want else None
-        out.append(Member(name, None, train_pred, None, model=model, norm=norm, history=history))
+        out.append(Member(member, None, train_pred, None, model=model, norm=norm, history=history))
     return out
 
 
@@ -131,23 +142,28 @@ def average(
 
 
 def write_members(fold_dir: Path, exp: Experiment, task: Task, members: list[Member]) -> None:
-    """Each member's predictions (and a linear member's model and history) under
-    ``members/<name>/``, then ``members.json`` naming them, their model files and scales."""
-    entries: list[dict[str, Any]] = []
+    """Each member's predictions (and a linear member's or a seed replica's model and history)
+    under ``members/<name>/``, then ``members.json`` naming them, their model files and scales
+    (a member with seed replicas lists them under ``replicas``)."""
+    entries = []
     for m in members:
-        folder = member_dir(fold_dir, m.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, frame in (
-            (PREDICTIONS, m.pred),
-            (PREDICTIONS_TRAIN, m.train_pred),
-            (PREDICTIONS_VAL, m.val_pred),
-        ):
-            if frame is not None:
-                write_csv(folder / name, frame)
-        model_file = MODEL
-        if m.model is not None:
-            write_csv(folder / HISTORY, m.history)
-            save_model(folder / MODEL, exp.checkpoint(task, m.name, {}, m.model.state_dict(), m.norm))
-            model_file = str((folder / MODEL).relative_to(fold_dir))
-        entries.append({"name": m.name, "model": model_file, "scale": m.scale(task)})
+        entry = _write_member(fold_dir, exp, task, m)
+        if m.replicas:
+            entry["replicas"] = [_write_member(fold_dir, exp, task, r) for r in m.replicas]
+        entries.append(entry)
     write_json(fold_dir / MEMBERS_JSON, {"combine": "mean", "members": entries})
+
+
+def _write_member(fold_dir: Path, exp: Experiment, task: Task, m: Member) -> dict[str, Any]:
+    folder = member_dir(fold_dir, m.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in ((PREDICTIONS, m.pred), (PREDICTIONS_TRAIN, m.train_pred), (PREDICTIONS_VAL, m.val_pred)):
+        if frame is not None:
+            write_csv(folder / name, frame)
+    model_file = MODEL  # the fold's own model.pt
+    if m.model is not None:
+        write_csv(folder / HISTORY, m.history)
+        arch, hparams = m.arch or (m.name, {})
+        save_model(folder / MODEL, exp.checkpoint(task, arch, hparams, m.model.state_dict(), m.norm))
+        model_file = str((folder / MODEL).relative_to(fold_dir))
+    return {"name": m.name, "model": model_file, "scale": m.scale(task)}

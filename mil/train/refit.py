@@ -44,6 +44,7 @@ from mil.train.experiment import Experiment
 from mil.train.loop import fit
 from mil.train.members import refit_members, write_members
 from mil.train.optim import training_budget
+from mil.train.replicas import REPLICA_SEED
 from mil.train.runner import fold_setup
 
 
@@ -148,11 +149,22 @@ def refit(
     else:
         history = fit_closed_form(model, task, data, bags, None, cfg.train, (choice["penalty"],))
         state = model.state_dict()
+    replicas = [(model.to(device), norm, data, history)]
+    if model.trained_by_gradient:  # train.seeds: the replicas, refit as the model
+        for j in range(1, cfg.train.seeds):
+            seed = cfg.train.seed + REPLICA_SEED * j
+            torch.manual_seed(seed + 104729)
+            rep, rep_norm, rep_data = fold_setup(exp, task, bags["bag_id"].tolist())
+            rep_history, _ = fit(
+                rep.to(device), task, rep_data, bags, None, dataclasses.replace(train_cfg, seed=seed),
+                device, progress=progress, desc=f"refit seed {j}", stop_after=choice["epochs"],
+            )  # fmt: skip
+            replicas.append((rep, rep_norm, rep_data, rep_history))
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.members and model.trained_by_gradient:  # the linear members, refit as the model
+    if (cfg.members or len(replicas) > 1) and model.trained_by_gradient:  # the ensemble, refit
         choice["member_penalty"] = member_penalties(run, cfg.members)
-        members = refit_members(exp, task, bags, (model.to(device), data), choice["member_penalty"], device)
+        members = refit_members(exp, task, bags, replicas, choice["member_penalty"], device)
         write_members(out, exp, task, members)
     write_csv(out / HISTORY, history)
     save_model(out / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, state, norm))

@@ -134,12 +134,8 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         )
         if t.min_steps or t.schedule != "constant" or t.warmup_steps:
             parts.append(_budget_words(t))
-    if cfg.members and not closed_form:
-        parts.append(
-            f"In each fold the model was averaged with {', '.join(f'`{m}`' for m in cfg.members)} "
-            f"fitted on the same training bags ({task.averaging_words()}, equal weights); the "
-            "heatmaps show the model's own instance scores."
-        )
+    if not closed_form:
+        parts += _ensemble_words(cfg, task)
     others = [f"`{k}`" for k in cfg.search if k != "data.standardize"]
     if others:
         parts.append(
@@ -152,6 +148,23 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         f"confidence intervals ({n_boot:,} resamples of patients) of the pooled out-of-fold predictions."
     )
     return " ".join(parts)
+
+
+def _ensemble_words(cfg: Config, task: Task) -> list[str]:
+    """The methods' sentences on seed replicas (``train.seeds``) and linear members."""
+    out = []
+    if cfg.train.seeds > 1:
+        out.append(
+            f"Each fold trained {cfg.train.seeds} copies of the model from different seeds (initial "
+            "weights, batch order, dropout); their outputs and instance scores were averaged."
+        )
+    if cfg.members:
+        out.append(
+            f"In each fold the model was averaged with {', '.join(f'`{m}`' for m in cfg.members)} "
+            f"fitted on the same training bags ({task.averaging_words()}, equal weights); the "
+            "heatmaps show the model's own instance scores."
+        )
+    return out
 
 
 def _criterion(task: Task, stop_on: str) -> str:

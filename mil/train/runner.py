@@ -8,6 +8,7 @@ atomically, so an interrupted run resumes from the folds whose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,7 @@ from mil.train.experiment import Experiment
 from mil.train.loop import Forward, diverged, fit, predict
 from mil.train.members import Member, average, fit_members, write_members
 from mil.train.optim import training_budget
+from mil.train.replicas import average_forwards, replica_name, train_replica
 from mil.train.summary import summarize
 
 # names other modules and notebooks import from here
@@ -265,10 +267,13 @@ def _train_and_test(
         precision=cfg.train.precision, dist=dist,
     )  # fmt: skip
     val_pred, fwd, pred, train_pred = _predict(exp, task, split, infer, history, train, val, test)
-    members: list[Member] = []
+    model_member = Member(cfg.model_name, pred, train_pred, val_pred)
+    if cfg.train.seeds > 1:  # seed replicas of the model: outputs and instance scores averaged
+        model_member, fwd = _replicas(exp, task, split, model_member, fwd, (train, val, test), device, dist)
+        pred, train_pred, val_pred = model_member.pred, model_member.train_pred, model_member.val_pred
+    members = [model_member] if cfg.train.seeds > 1 else []
     if cfg.members:  # linear models beside the model, averaged with it
-        members = [Member(cfg.model_name, pred, train_pred, val_pred)]
-        members += fit_members(exp, task, train, val, test, device)
+        members = [model_member, *fit_members(exp, task, train, val, test, device)]
         pred, train_pred, val_pred = average(task, members)
     metrics = task.metrics(pred, train_pred)
     metrics.update(_instance_metrics(exp, task, model, data, test, fwd, pred, device))
@@ -291,6 +296,23 @@ def _train_and_test(
     return FoldResult(
         history, state, norm, data, test, fwd, pred, train_pred, metrics, findings, val_pred, members
     )
+
+
+def _replicas(
+    exp: Experiment, task: Task, split: Split, first: Member, fwd: Forward,
+    bags: tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame], device: torch.device, dist: Dist,
+) -> tuple[Member, Forward]:  # fmt: skip
+    """The model as the average of ``train.seeds`` replicas (the fold's model first), and
+    their averaged instance scores."""
+    parts = dict(zip(("train", "val", "test"), bags))
+    reps = [dataclasses.replace(first, name=replica_name(first.name, 0))]
+    forwards = [fwd]
+    for j in range(1, exp.cfg.train.seeds):
+        member, f = train_replica(exp, task, split, j, parts, device, dist)
+        reps.append(member)
+        forwards.append(f)
+    model = Member(first.name, *average(task, reps), replicas=reps)
+    return model, average_forwards(forwards)
 
 
 def _predict(
