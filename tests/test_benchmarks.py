@@ -254,3 +254,19 @@ def test_mean_pooling_ceiling(tmp_path):
     assert c["tile_auc"] > 0.95
     assert all(0 <= c[k] <= 1 for k in c if k.endswith("_auc") or "_auc_" in k)
     assert max(c[f"relu_auc_{t:.0f}"] for t in mpc.THRESHOLDS) > c["linear_auc"]
+
+
+def test_seed_ensembles(tmp_path):
+    """Each single run's figure is its own pooled AUC; an ensemble's is the AUC of its runs'
+    averaged probabilities (scikit-learn on the saved predictions)."""
+    seeds = bench("seed_ensembles")
+    table = seeds.main(["--smoke", "--out", str(tmp_path)])
+    assert sorted(table["size"].value_counts().items()) == [(1, 4), (2, 2)]
+
+    def frames(run: str) -> pd.DataFrame:
+        return pd.concat(fold_frames(tmp_path / run), ignore_index=True).sort_values("bag_id")
+
+    for r in table.itertuples():
+        runs = [frames(name) for name in r.runs.split(",")]
+        prob = np.mean([f["prob_positive"].to_numpy() for f in runs], axis=0)
+        assert r.value == pytest.approx(roc_auc_score(runs[0]["label_index"], prob))
