@@ -210,7 +210,7 @@ def deletion_insertion(folder: Path) -> dict[str, float]:
     from mil.train.inference import FoldModel, bags_of
 
     run = Run(folder)
-    task_type = run.config.task.type
+    task = run.task
     index = index_feature_dir(run.config.data.features)[0]
     per_fold = []
     for fold in run.folds:
@@ -218,14 +218,14 @@ def deletion_insertion(folder: Path) -> dict[str, float]:
         ids = run.predictions(fold)["bag_id"].astype(str).tolist()
         bag_slides, store = bags_of(ids, index, run.config.data.features)
         fwd = fm.forward(bag_slides, store, keep_scores=True)
-        extra = task_scores(fwd.extra_scores, task_type)  # as attention.h5 holds them
+        extra = task_scores(fwd.extra_scores, task.instance_view)  # as attention.h5 holds them
         kinds = {} if fwd.scores is None else {"main": fwd.scores}
         kinds.update({k: extra[k] for k in CLASS_KINDS if k in extra})
         logits = fwd.logits.numpy()
-        columns = {k: predicted_columns(v, logits, task_type) for k, v in kinds.items()}
+        columns = {k: predicted_columns(v, logits, task) for k, v in kinds.items()}
         raw = BagDataset(bag_slides, store)  # the features as read: the fold model preprocesses
         bags = [raw[b] for b in bag_slides]
-        per_fold.append(faithfulness(_predictor(fm), bags, columns, task_type, full_logits=logits))
+        per_fold.append(faithfulness(_predictor(fm), bags, columns, task, full_logits=logits))
     return {k: _mean(f.get(k) for f in per_fold) for k in per_fold[0]} if per_fold else {}
 
 
@@ -393,7 +393,7 @@ def acceptance(
     from localization_stats import instance_labels, paired_witness, read_fold_scores
 
     from mil.compare import paired_differences
-    from mil.models.base import default_score_order
+    from mil.tasks import ClassificationTask
 
     rows = []
     for name in names:
@@ -406,7 +406,7 @@ def acceptance(
                 continue
             with h5py.File(first, "r") as f:
                 g = next(iter(f.values()))
-                kind = next(k for k in (*default_score_order("classification"), "main")
+                kind = next(k for k in (*ClassificationTask.score_order, "main")
                             if k == "main" or f"scores_{k}" in g)  # fmt: skip
             row = {"cohort": name, "model": model, "kind": kind}
             row.update(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mil.config import DEFAULT_PATIENT_COL, Config
-from mil.data.cohort import AVAILABILITY_COL, Cohort, normalize_id, read_cohort_csv
+from mil.data.cohort import AVAILABILITY_COL, Cohort, normalize_id, read_cohort_csv, task_targets
 from mil.data.collapse import FeatureSpread
 from mil.data.provenance import Provenance, mixed_provenance
 from mil.data.readers import index_feature_dir, read_features
@@ -66,18 +66,9 @@ def check_cohort(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
                 f"{len(extra)} feature files not in the CSV (e.g. {', '.join(extra[:3])})",
             )
         )
-    if cfg.task.target_kind == "label" and d.label_col in df.columns:
-        counts = df[d.label_col].value_counts()
-        for label, n in counts.items():
-            if n < cfg.splits.folds:
-                problems.append(
-                    Problem(
-                        "warning",
-                        str(label),
-                        f"class has {n} slides, fewer than {cfg.splits.folds} folds",
-                    )
-                )
-        table.attrs["class_counts"] = counts.to_dict()
+    reader = task_targets(cfg)  # the task's own warnings: small classes, a censorship flag, ...
+    problems += [Problem("warning", w, what) for w, what in reader.check(df, d, cfg.splits.folds)]
+    table.attrs["targets"] = reader.overview(df, d)
     table.attrs["tables"] = tables
     return problems, table
 
@@ -175,9 +166,10 @@ def _check_instances(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
             "status": "ok",
         }
     )
-    if cohort.classes:
-        counts = cohort.bags["label"].map(dict(enumerate(cohort.classes))).value_counts()
-        table.attrs["class_counts"] = counts.to_dict()
+    frame = cohort.bags.rename(columns={"label": d.label_col}) if cohort.classes else None
+    if frame is not None:  # class labels of the bags, as the CSV names them
+        frame[d.label_col] = frame[d.label_col].map(dict(enumerate(cohort.classes)))
+        table.attrs["targets"] = cohort.targets.overview(frame, d)
     problems, table.attrs["tables"] = tabular_problems(
         cfg, list(dict.fromkeys(cohort.bags["patient_id"])), cohort
     )
@@ -196,8 +188,7 @@ def _csv_problems(
     for sid, n in Counter(ids).items():
         if n > 1:
             problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
-    target_cols = [d.label_col] if cfg.task.target_kind == "label" else [d.time_col, d.event_col]
-    for col in target_cols:
+    for col in task_targets(cfg).source_columns(d):
         if col not in df.columns:
             problems.append(
                 Problem("error", col, f"column not in {csv}; columns are {', '.join(df.columns)}")
@@ -221,16 +212,6 @@ def _csv_problems(
         ]
         if cohort is not None:
             problems += split_problems(cfg, cohort)
-    if cfg.task.target_kind == "survival" and "censor" in d.event_col.lower() and not d.censored_value:
-        problems.append(
-            Problem(
-                "warning",
-                d.event_col,
-                f"the event column is named {d.event_col!r} but data.censored_value is "
-                f"{'not set' if d.censored_value is None else d.censored_value}: its 1s are read "
-                f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
-            )
-        )
     return problems, cohort
 
 
@@ -352,19 +333,11 @@ def split_problems(cfg: Config, cohort) -> list[Problem]:
             task.setup_fold(train, fold_name=sp.name)
         except DataError as exc:
             problems.append(Problem("error", f"fold {sp.name}", str(exc)))
-    if cohort.target_kind != "survival":
-        return problems
-    event = dict(zip(cohort.bags["bag_id"], cohort.bags["event"]))
-    for sp in splits:
-        if not any(event[b] for b in cohort.bags_of_slides(sp.test)):
-            problems.append(
-                Problem(
-                    "warning",
-                    f"fold {sp.name}",
-                    "the test partition has no events, so its survival metrics are undefined; "
-                    "use fewer folds (splits.folds)",
-                )
-            )
+    for sp in splits:  # test bags that cannot carry the task's metrics (no events)
+        test = cohort.bags[cohort.bags["bag_id"].isin(cohort.bags_of_slides(sp.test))]
+        what = task.test_problem(test)
+        if what is not None:
+            problems.append(Problem("warning", f"fold {sp.name}", what))
     return problems
 
 
@@ -378,9 +351,8 @@ def format_check(problems: list[Problem], table: pd.DataFrame) -> str:
             f"feature dim {sorted(set(ok['dim'].tolist()))}; layouts {sorted(set(ok['layout']))}; "
             f"coords in {int(ok['coords'].sum())}/{len(ok)}"
         )
-        counts = table.attrs.get("class_counts")
-        if counts:
-            lines.append("class counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        if table.attrs.get("targets"):
+            lines.append(table.attrs["targets"])
     lines += table.attrs.get("tables", [])
     if problems:
         lines.append(f"{'severity':<8}  {'where':<24}  problem")

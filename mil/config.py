@@ -3,13 +3,15 @@ and the model and task names against their registries; errors name the key and t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mil.data.cohort import AVAILABILITY_COL
 from mil.data.tabular import parse_tabular
-from mil.errors import ConfigError
+from mil.errors import ConfigError, MilWarning
 from mil.models import registry as models
 from mil.schema import (
     DEFAULT_PATIENT_COL,
@@ -19,6 +21,7 @@ from mil.schema import (
     TaskConfig,
     TrainConfig,
     apply_override,
+    build_section,
     dump_config,
     fixed_epoch_budget,
     parse_config,
@@ -78,11 +81,7 @@ def config_from_dict(
         raise ConfigError(
             f"{source}: unknown key 'model.{unknown[0]}' for model {cfg.model_name!r}; {accepts}"
         )
-    if cfg.task.type not in tasks.available():
-        raise ConfigError(
-            f"{source}: task.type = {cfg.task.type!r}; expected one of {tasks.available()}"
-        )
-    cfg.task.target_kind = tasks.get(cfg.task.type).target_kind
+    _check_task(cfg)
     _check_stopping_and_ensemble(cfg)
     for key, values in cfg.search.items():  # each value alone first: the error names its key
         for value in values:
@@ -170,14 +169,58 @@ def _check_stopping_and_ensemble(cfg: Config) -> None:
         cfg.members = list(task.default_ensemble(model) if cfg.ensemble == "auto" else cfg.ensemble)
 
 
-def _check_targets(cfg: Config) -> None:
-    """``data.class_aliases``: {class: [aliases]}, each alias naming one class, no alias a class;
-    and ``task.operating_point``: youden or a sensitivity in (0, 1)."""
-    op = cfg.task.operating_point
-    if op != "youden" and not 0.0 < op < 1.0:
+def _check_task(cfg: Config) -> None:
+    """``task.type`` is a registered task; the other ``task:`` keys are its own options (its
+    ``Options`` dataclass: typed and value-checked into ``cfg.task.options``) or another task's
+    (kept in ``cfg.task.ignored``, warned about when a run starts: :func:`warn_ignored`); its
+    reader of the targets goes into ``cfg.task.targets``."""
+    t = cfg.task
+    if t.type not in tasks.available():
+        raise ConfigError(f"{cfg.source}: task.type = {t.type!r}; expected one of {tasks.available()}")
+    cls = tasks.get(t.type)
+    own = [f.name for f in dataclasses.fields(cls.Options)]
+    others = {f.name for n in tasks.available() for f in dataclasses.fields(tasks.get(n).Options)}
+    unknown = sorted(k for k in t.given if k not in own and k not in others)
+    if unknown:
+        accepts = f"it accepts: {', '.join(own)}" if own else "it takes no task keys but type"
         raise ConfigError(
-            f"{cfg.source}: task.operating_point must be youden or a sensitivity in (0, 1), found {op!r}"
+            f"{cfg.source}: unknown key 'task.{unknown[0]}' for task {t.type!r}; {accepts}"
         )
+    t.ignored = {k: v for k, v in t.given.items() if k not in own}
+    mine = {k: v for k, v in t.given.items() if k in own}
+    try:
+        t.options = build_section(cls.Options, mine, "task.", cfg.source)
+    except (TypeError, ValueError) as exc:  # the Options' own value checks
+        raise ConfigError(f"{cfg.source}: {exc}") from None
+    t.targets = cls.target_reader(t.options)
+
+
+def warn_ignored(cfg: Config) -> None:
+    """A :class:`MilWarning` per ``task:`` key that another task declares, which this run's
+    task does not read (``task.operating_point: 0.9`` of a survival run); silent for a default
+    value of a task that declares it (configs saved before tasks owned their options hold every
+    task's defaults)."""
+    for key, value in cfg.task.ignored.items():
+        if any(value == _default(n, key) for n in _declaring(key)):
+            continue  # a default that earlier versions saved for every task, not a choice
+        warnings.warn(
+            f"{cfg.source}: task.{key} = {value} is ignored: a {cfg.task.type} task does not "
+            f"read it (an option of {', '.join(_declaring(key))})",
+            MilWarning,
+            stacklevel=4,
+        )
+
+
+def _default(task: str, key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(tasks.get(task).Options) if f.name == key)
+
+
+def _declaring(key: str) -> list[str]:
+    return [n for n in tasks.available() if key in {f.name for f in dataclasses.fields(tasks.get(n).Options)}]
+
+
+def _check_targets(cfg: Config) -> None:
+    """``data.class_aliases``: {class: [aliases]}, each alias naming one class, no alias a class."""
     seen: dict[str, str] = {}
     for cls, aliases in cfg.data.class_aliases.items():
         if not isinstance(aliases, list) or not all(

@@ -120,7 +120,7 @@ def evaluate(
     )
     provenance = _check_against_training(run, cfg, cohort_config, any_encoder)
     pred = ensemble_predictions(task, models, cohort, store)
-    warn_thin_outcome(task.target_kind, pred, cfg.data.csv or cfg.data.instances)
+    warn_thin_outcome(task, pred, cfg.data.csv or cfg.data.instances)
     with own_warnings_only():  # a library's warnings about a degenerate cohort or resample
         reference = _reference(run, task, models)
         summary, artifacts = _score(

@@ -203,7 +203,7 @@ class Run(ReviewMixin):
         id returns all rows with a ``slide_id`` column.
 
         ``kind`` ``"default"`` is the default heatmap score
-        (:func:`mil.models.base.default_score_order`, chosen by the localization
+        (the task's :attr:`~mil.tasks.Task.score_order`, chosen by the localization
         benchmark: classification, ``instance_logits``, the model's logit for the tile
         alone; survival, ``contribution``, the tile's signed share of the risk). ``None`` is the
         model's main instance score (ABMIL: attention logits before the softmax;
@@ -221,7 +221,7 @@ class Run(ReviewMixin):
         _, slides, ptr = index[slide_id]
         values, label, coords, bag_id, model = read_scores(
             path, fold, index[slide_id], slide_id, kind, cls, self.classes,
-            self._predicted_class(fold, index[slide_id][0]), self.task.name,
+            self._predicted_class(fold, index[slide_id][0]), self.task.score_order,
         )  # fmt: skip
         df = scores_frame(values, coords, slides, ptr, slide_id)
         one_slide = slide_id if slide_id in slides or len(slides) == 1 else None

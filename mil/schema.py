@@ -23,22 +23,25 @@ from mil.io import read_yaml_mapping  # noqa: F401  (the config readers import i
 
 @dataclass
 class TaskConfig:
-    # a registered task (mil.tasks): classification, survival, or one a plugin adds
+    """``task:``: ``type`` names a registered task (mil.tasks: classification, survival,
+    regression, or one a plugin adds); every other key is the task's own option, declared by
+    the task (its ``Options``) and checked by :mod:`mil.config`, which fills the internal
+    fields below."""
+
     type: str = "classification"
-    class_weights: Literal["none", "balanced"] | list[float] = "none"
-    # binary: the threshold chosen on each fold's validation predictions, applied to its test
-    # bags: "youden" (max sensitivity + specificity - 1) or a target sensitivity in (0, 1)
-    operating_point: Literal["youden"] | float = "youden"
-    # survival
-    loss: Literal["cox", "nll"] = "cox"
-    ties: Literal["efron", "breslow"] = "efron"
-    bins: int = 4
-    # bins at quantiles of the training fold's event times ("fold"), or of the whole cohort's
-    # ("cohort": MCAT/Patch-GCN/SurvPath's labelling, reproduced and flagged in report.md)
-    bins_from: Literal["fold", "cohort"] = "fold"
-    alpha: float = 0.0
-    # the targets the cohort reads ("label"/"survival"): set by mil.config from the registry
-    target_kind: str = field(default="label", metadata={"internal": True})
+    # the keys given besides type, as written (mil.config checks them against the task)
+    given: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
+    # the task's options, typed and checked (an instance of the task's Options dataclass)
+    options: Any = field(default=None, metadata={"internal": True})
+    # what the cohort reads as targets (the task's mil.data.targets.Targets)
+    targets: Any = field(default=None, metadata={"internal": True})
+    # keys given that another task declares: ignored, and warned about when a run starts
+    ignored: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """``type`` and the task's options (as given where the config was not checked)."""
+        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else self.given
+        return {"type": self.type, **copy.deepcopy(opts)}
 
 
 DEFAULT_PATIENT_COL = "case_id"
@@ -75,7 +78,7 @@ class DataConfig:
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
     # generate the built-in synthetic cohort at csv/features when they are absent
-    synthetic: Literal["classification", "survival", "multimodal"] | None = None
+    synthetic: Literal["classification", "survival", "regression", "multimodal"] | None = None
 
 
 @dataclass
@@ -156,7 +159,7 @@ class Config:
         out = dataclasses.asdict(self)
         out.pop("source")
         out.pop("members")
-        out["task"].pop("target_kind")
+        out["task"] = self.task.to_dict()
         for key in ("compare", "search"):  # plain runs keep the config.yaml they always had
             if not out[key]:
                 out.pop(key)
@@ -221,11 +224,21 @@ def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> Non
     node[parts[-1]] = parsed
 
 
+def build_section(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``raw``, every key typed and checked as a config
+    section's (unknown keys and wrong types are a :class:`ConfigError` naming ``prefix`` + the
+    key and ``source``): how a task's own options are read."""
+    return _build(cls, raw, prefix, source)
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, found {raw!r}"
         )
+    if cls is TaskConfig:  # the task's own keys are the task's (mil.config checks them)
+        task_type = _coerce(raw.get("type", TaskConfig.type), str, f"{prefix}type", source)
+        return TaskConfig(task_type, given={k: v for k, v in raw.items() if k != "type"})
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -355,8 +368,6 @@ def _check_values(cfg: Config) -> None:
     )
     need(cfg.train.max_instances >= 1, "train.max_instances", "must be at least 1")
     need(cfg.train.seeds >= 1, "train.seeds", "must be at least 1 (models per fold)")
-    need(cfg.task.bins >= 2, "task.bins", "must be at least 2")
-    need(0.0 <= cfg.task.alpha <= 1.0, "task.alpha", "must be in [0, 1]")
     need(math.isfinite(cfg.data.cache_gb) and cfg.data.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0")
     if cfg.train.patience is not None:
         need(

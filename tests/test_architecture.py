@@ -176,3 +176,49 @@ def test_run_cv_leaves_the_callers_torch_state_as_it_was(tmp_path):
     run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
     assert torch.equal(torch.rand(3), expected)
     assert torch.get_num_threads() == threads
+
+
+def task_switches(tree: ast.Module, task_names: set[str]) -> list[str]:
+    """Where code outside mil/tasks/ asks which task it serves: any use of ``target_kind``, and
+    any comparison of a registered task's name with something that names a task (``task_type
+    == "survival"``, ``cfg.task.type != "classification"``, ``task.name in (...)``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "target_kind":
+            found.append(f"line {node.lineno}: .target_kind")
+        elif isinstance(node, ast.Name) and node.id == "target_kind":
+            found.append(f"line {node.lineno}: target_kind")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            names = {
+                c.value
+                for s in sides
+                for c in ast.walk(s)
+                if isinstance(c, ast.Constant) and isinstance(c.value, str)
+            }
+            if names & task_names and any("task" in ast.unparse(s).lower() for s in sides):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_task_switch_outside_the_tasks():
+    """A task owns its targets, strata, linear fit and score reading: no module outside
+    ``mil/tasks/`` tests which task it serves (docs/architecture.md)."""
+    from mil.tasks import available
+
+    names = set(available())
+    found = [
+        f"{name}: {where}"
+        for name, tree in modules().items()
+        if not (name == "mil.tasks" or name.startswith("mil.tasks."))
+        for where in task_switches(tree, names)
+    ]
+    assert not found, "task switches outside mil/tasks/:\n" + "\n".join(found)
+
+
+def test_the_task_switch_check_catches_one():
+    names = {"classification", "survival"}
+    for code in ('if cfg.task.type == "survival": pass', 'x = task_type != "classification"',
+                 "k = cohort.target_kind", 'if task.name in ("survival", "x"): pass'):
+        assert task_switches(ast.parse(code), names), code
+    assert not task_switches(ast.parse('if kind == "classification": pass'), names)

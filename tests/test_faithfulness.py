@@ -19,6 +19,7 @@ from mil.explain.faithfulness import FRACTIONS, area, curves, faithfulness, pred
 from mil.metrics.instances import task_scores
 from mil.models import create
 from mil.models.base import DEFAULT_SCORE_KIND
+from mil.tasks import ClassificationTask
 
 
 def test_deletion_and_insertion_by_hand():
@@ -83,7 +84,7 @@ def trained():
         k: [v[a:b].numpy() for a, b in zip(split[:-1], split[1:])]
         for k, v in out.extra_scores.items()
     }
-    kinds.update(task_scores(extra, "classification"))
+    kinds.update(task_scores(extra, ClassificationTask.instance_view))
     positive = [b for b, lab in zip(test, y_test) if lab == 1]
     logits = out.logits.numpy()[y_test.numpy() == 1]
     keep = {k: [v for v, lab in zip(vals, y_test) if lab == 1] for k, vals in kinds.items()}

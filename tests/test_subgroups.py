@@ -15,7 +15,7 @@ from mil.cli import main
 from mil.config import config_from_dict
 from mil.data.cohort import Cohort
 from mil.errors import ConfigError, DataError, SplitError
-from mil.tasks.survival import SurvivalTask
+from mil.tasks import make_task
 from mil.train.runner import run_cv
 from mil.train.summary import format_summary, subgroup_metrics
 from tests.conftest import small_config
@@ -118,7 +118,7 @@ def test_survival_subgroup_c_index_is_a_within_fold_pair_count(tmp_path):
     cfg = config_from_dict(
         {"task": {"type": "survival"}, "data": {"csv": "x.csv", "features": "f"}}
     )
-    task = SurvivalTask(cfg, [])
+    task = make_task(cfg, [])
     table = subgroup_metrics(task, pred, ["site"], n_boot=200).set_index("value")
     for value in ("X", "Y"):
         sub = pred[pred["site"] == value]

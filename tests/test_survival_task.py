@@ -24,7 +24,8 @@ from mil.cli import main
 from mil.config import config_from_dict, load_config
 from mil.data.synthetic import demo_config, write_synthetic_cohort
 from mil.errors import DataError
-from mil.tasks.survival import SurvivalTask, SurvivalWarning, _fold_stratified_c_index, cox_batches
+from mil.tasks import make_task
+from mil.tasks.survival import SurvivalWarning, _fold_stratified_c_index, cox_batches
 from mil.train.runner import run_cv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_cox_batches_name_the_fold_when_impossible():
 
 
 def test_test_fold_without_events_warns_and_gives_nan(tmp_path):
-    task = SurvivalTask(config_from_dict(survival_config(tmp_path)), [])
+    task = make_task(config_from_dict(survival_config(tmp_path)), [])
     task.fold_name = "2"
     bags = pd.DataFrame(
         {

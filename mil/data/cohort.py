@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from mil.errors import DataError, MilWarning
+from mil.data.targets import Targets, label_str, no_missing
+from mil.errors import ConfigError, DataError, MilWarning
 from mil.schema import DEFAULT_PATIENT_COL, Config
 
 #: the subgroup column of each bag's available modalities (``slides+rna``), set by data.tabular
@@ -56,11 +56,11 @@ class Cohort:
 
     Attributes:
         slides: one row per slide: ``slide_id``, ``patient_id``, ``bag_id`` and
-            the targets (``label`` class index, or ``time``/``event``), plus
-            the CSV's other columns.
+            the task's target columns (``targets.columns``: a ``label`` class index,
+            ``time``/``event``, a numeric ``target``), plus the CSV's other columns.
         bags: one row per bag (``bag_id``, ``patient_id``, targets), in a
             stable order; ``bag_slides`` maps each bag to its slides.
-        classes: class names in label-index order (classification), else [].
+        classes: class names in label-index order (a task with classes), else [].
         group_cols: subgroup columns (``data.site_col`` first, then
             ``data.subgroup_cols``), present in ``slides`` and ``bags`` as
             strings; a missing value is its own group, ``"missing"``.
@@ -73,8 +73,9 @@ class Cohort:
     task: str
     source: str
     group_cols: list[str] = field(default_factory=list)
-    #: what the targets are: "label" (a class index) or "survival" (time and event)
-    target_kind: str = "label"
+    #: the task's reader of the targets (:class:`~mil.data.targets.Targets`): their columns,
+    #: strata and split counts
+    targets: Targets = field(default_factory=Targets)
     #: the tabular modalities joined by patient (mil.data.tabular.TabularTable), or None
     tabular: Any = None
 
@@ -130,17 +131,17 @@ class Cohort:
         if dup:
             raise DataError(f"{source}: slide ids appear more than once: {', '.join(dup[:10])}")
         out["patient_id"] = _patient_ids(df, out["slide_id"], cfg, source, need_col, bag_is_patient)
-        classes: list[str] = []
-        if cfg.task.target_kind == "label":
-            classes = _label_targets(df, out, cfg, source, need_col)
-            targets = ["label"]
-        else:
-            _survival_targets(df, out, cfg, source, need_col)
-            targets = ["time", "event"]
+        reader = task_targets(cfg)
+        for col, key in reader.source_columns(d).items():
+            need_col(col, key)
+        values, classes = reader.read(df, out["slide_id"], d, source)
+        targets = list(reader.columns)
+        for col in targets:
+            out[col] = values[col].to_numpy()
         for col in df.columns:
             if col not in (d.slide_col,) and col not in out.columns:
                 out[col] = df[col].values
-        group_cols = _group_columns(df, out, cfg, source, need_col)
+        group_cols = _group_columns(df, out, cfg, source, need_col, reader)
         if d.bag_level == "patient":
             out["bag_id"] = out["patient_id"]
             for col in [*targets, *group_cols]:
@@ -167,7 +168,7 @@ class Cohort:
             task=cfg.task.type,
             source=source,
             group_cols=group_cols,
-            target_kind=cfg.task.target_kind,
+            targets=reader,
         )
 
 
@@ -175,9 +176,10 @@ def _column_check(df: pd.DataFrame, source: str):
     """``need_col(col, key)``: a :class:`DataError` naming ``data.<key>`` unless ``df`` has ``col``."""
 
     def need_col(col: str, key: str) -> None:
-        if col not in df.columns:
+        if col not in df.columns:  # key: a data. key, or a task option's full key
             raise DataError(
-                f"{source}: column {col!r} (data.{key}) not in the CSV; columns are: {', '.join(map(str, df.columns))}"
+                f"{source}: column {col!r} ({key if '.' in key else f'data.{key}'}) not in the "
+                f"CSV; columns are: {', '.join(map(str, df.columns))}"
             )
 
     return need_col
@@ -209,79 +211,9 @@ def _patient_ids(
     return slide_ids.copy()
 
 
-def _label_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> list[str]:
-    """``out["label"]`` (class index) from ``data.label_col``; returns the classes in index order."""
-    d = cfg.data
-    need_col(d.label_col, "label_col")
-    raw = df[d.label_col]
-    _no_missing(raw, out["slide_id"], d.label_col, source)
-    labels = class_names(raw, d.class_aliases)
-    if d.classes is not None:
-        classes = [str(c) for c in d.classes]
-        unknown = sorted(set(labels) - set(classes))
-        if unknown:
-            bad = out["slide_id"][labels.isin(unknown)].iloc[0]
-            raise DataError(
-                f"{source}: label {unknown[0]!r} (slide {bad}) is not in data.classes {classes}"
-            )
-    else:
-        classes = _stable_classes(labels if d.class_aliases else raw)
-    if len(classes) < 2:
-        raise DataError(
-            f"{source}: column {d.label_col!r} has a single class {classes}; need at least 2"
-        )
-    out["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
-    return classes
-
-
-def _survival_targets(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> None:
-    """``out["time"]`` (finite, >= 0) and ``out["event"]`` (1 = observed, after
-    ``data.censored_value``) from ``data.time_col`` and ``data.event_col``."""
-    d = cfg.data
-    need_col(d.time_col, "time_col")
-    need_col(d.event_col, "event_col")
-    for col in (d.time_col, d.event_col):
-        _no_missing(df[col], out["slide_id"], col, source)
-    time = pd.to_numeric(df[d.time_col], errors="coerce")
-    invalid = time.isna() | (time < 0) | ~np.isfinite(time.fillna(0.0).to_numpy(float))
-    if invalid.any():
-        i = int(np.flatnonzero(invalid.to_numpy())[0])
-        raise DataError(
-            f"{source}: column {d.time_col!r} must hold finite non-negative numbers "
-            f"(slide {out['slide_id'].iloc[i]}: {_shown(df[d.time_col].iloc[i])})"
-        )
-    ev = pd.to_numeric(df[d.event_col], errors="coerce")
-    if d.censored_value is not None:
-        # two codes, one of them the censored value; otherwise the mapping would
-        # silently read every other code (a typo, a third status) as an event
-        codes = [_shown(c) for c in sorted(ev.dropna().unique().tolist())]
-        if d.censored_value not in ev.dropna().unique() or len(codes) > 2:
-            raise DataError(
-                f"{source}: column {d.event_col!r} holds the values {', '.join(codes[:10])}, but "
-                f"data.censored_value = {d.censored_value} needs two codes, one of them "
-                f"{d.censored_value} (censored); check data.event_col and data.censored_value"
-            )
-        ev = (ev != d.censored_value).astype(float).where(ev.notna())
-    if ev.isna().any() or not ev.isin([0, 1]).all():
-        i = int(np.flatnonzero((~ev.isin([0, 1])).to_numpy())[0])
-        raise DataError(
-            f"{source}: column {d.event_col!r} must be 0/1 after mapping "
-            f"(data.censored_value={d.censored_value}); slide {out['slide_id'].iloc[i]} has "
-            f"{_shown(df[d.event_col].iloc[i])}"
-        )
-    out["time"] = time.astype(float)
-    out["event"] = ev.astype(int)
-    if out["event"].sum() == 0:
-        raise DataError(
-            f"{source}: column {d.event_col!r}: every patient is censored; survival needs events"
-        )
-
-
-# columns of predictions.csv that a subgroup column would collide with
-PREDICTION_COLUMNS = ("bag_id", "patient_id", "label", "label_index", "pred", "fold", "time", "event", "risk")
-
-
-def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col) -> list[str]:
+def _group_columns(
+    df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str, need_col, reader: Targets
+) -> list[str]:
     """Validate ``data.site_col`` / ``data.subgroup_cols``; write them into ``out`` as strings."""
     d = cfg.data
     keys = ([("site_col", d.site_col)] if d.site_col else []) + [
@@ -294,7 +226,7 @@ def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
         need_col(col, key)
         if col in cols:
             continue
-        if col in PREDICTION_COLUMNS or col.startswith(("prob_", "surv_")) or col == d.slide_col:
+        if reader.is_reserved(col) or col == d.slide_col:
             raise DataError(
                 f"{source}: data.{key} = {col!r} names a column that predictions.csv already "
                 f"has; rename it in the CSV"
@@ -302,52 +234,18 @@ def _group_columns(df: pd.DataFrame, out: pd.DataFrame, cfg: Config, source: str
         raw = df[col]
         missing = raw.isna() | (raw.astype(str).str.strip() == "")
         if key == "site_col" and cfg.splits.by_site:
-            _no_missing(raw, out["slide_id"], col, source)
-        out[col] = raw.map(_label_str).where(~missing, "missing").to_numpy()
+            no_missing(raw, out["slide_id"], col, source)
+        out[col] = raw.map(label_str).where(~missing, "missing").to_numpy()
         cols.append(col)
     return cols
 
 
-def _shown(v) -> str:
-    """A CSV value for a message: ``-3.0``, ``inf``, ``'yes'`` (never ``np.float64(-3.0)``)."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def _label_str(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def class_names(labels: pd.Series, aliases: dict[str, list[str]] | None = None) -> pd.Series:
-    """Each label as the cohort names its class (``1.0`` -> ``"1"``, spaces stripped), an
-    alias of ``data.class_aliases`` (``{class: [aliases]}``) read as its class."""
-    names = labels.map(_label_str)
-    if aliases:
-        to_class = {_label_str(a): _label_str(c) for c, some in aliases.items() for a in some}
-        names = names.map(lambda n: to_class.get(n, n))
-    return names
-
-
-def _stable_classes(raw: pd.Series) -> list[str]:
-    """Classes sorted numerically when all labels are numbers, else as strings."""
-    values = raw.dropna().unique()
-    try:
-        nums = sorted({float(v) for v in values})
-        return [_label_str(v) for v in nums]
-    except (TypeError, ValueError):
-        return sorted({_label_str(v) for v in values})
-
-
-def _no_missing(col: pd.Series, slide_ids: pd.Series, name: str, source: str) -> None:
-    missing = col.isna() | (col.astype(str).str.strip() == "")
-    if missing.any():
-        ids = slide_ids[missing].tolist()
-        raise DataError(
-            f"{source}: {len(ids)} rows have no value in column {name!r} (slides {', '.join(ids[:5])}"
-            f"{', …' if len(ids) > 5 else ''}); fill them in or remove those rows"
+def task_targets(cfg: Config) -> Targets:
+    """The reader of ``cfg``'s targets, which :mod:`mil.config` set from the task."""
+    reader = cfg.task.targets
+    if not isinstance(reader, Targets):
+        raise ConfigError(
+            f"{cfg.source}: the config was not checked against the task registry; load it "
+            "with mil.config.load_config or config_from_dict"
         )
+    return reader

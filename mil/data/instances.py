@@ -6,15 +6,16 @@ For MIL data that is not slide feature files: the classic MIL benchmarks
     data:
       instances: bags.csv.gz      # .csv (any compression pandas reads) or .parquet
       bag_col: bag_id             # one bag per value, kept as written (a string)
-      label_col: bag_label        # classification; survival uses time_col / event_col
+      label_col: bag_label        # the task's target columns (survival: time_col / event_col)
 
 Which column is what:
 
 * ``bag_col``: the bag of each row. Rows of a bag need not be adjacent; a
   bag's instances keep the order of the table.
-* bag-level columns: ``label_col`` (classification) or ``time_col`` and
-  ``event_col`` (survival), and ``patient_col`` when the table has it (the
-  patient defaults to the bag). Each must hold one value per bag.
+* bag-level columns: the task's target columns (``label_col`` for classification
+  and regression, ``time_col`` and ``event_col`` for survival), and ``patient_col``
+  when the table has it (the patient defaults to the bag). Each must hold one
+  value per bag.
 * reserved, never features: ``instance_id``; ``x`` and ``y`` (instance
   coordinates, both or neither); ``instance_label`` (0/1 instance ground
   truth, used for the witness AUC).
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mil.data.cohort import Cohort
+from mil.data.cohort import Cohort, task_targets
 from mil.data.dataset import FeatureStore
 from mil.data.readers import SlideFeatures
 from mil.errors import DataError
@@ -74,10 +75,7 @@ def read_table(path: str | Path, id_col: str) -> pd.DataFrame:
 def bag_level_columns(cfg: Config, columns) -> dict[str, str]:
     """The columns that hold one value per bag (targets, optional patient) -> their config key."""
     d = cfg.data
-    if cfg.task.target_kind == "label":
-        cols = {d.label_col: "label_col"}
-    else:
-        cols = {d.time_col: "time_col", d.event_col: "event_col"}
+    cols = dict(task_targets(cfg).source_columns(d))
     patient_col = d.patient_col if d.patient_col is not None else DEFAULT_PATIENT_COL
     if patient_col in columns and patient_col not in cols:
         cols[patient_col] = "patient_col"
@@ -97,7 +95,7 @@ def feature_columns(df: pd.DataFrame, exclude: list[str], source: str) -> list[s
         example = df[bad[0]].iloc[0]
         raise DataError(
             f"{source}: column(s) {bad[:5]} are not numeric (e.g. {example!r}); every column other "
-            f"than the bag, label/time/event, patient, {INSTANCE_ID_COL}, {INSTANCE_LABEL_COL} and "
+            f"than the bag, the targets, patient, {INSTANCE_ID_COL}, {INSTANCE_LABEL_COL} and "
             f"x/y columns is read as a feature. Fix the values or drop those columns"
         )
     if not cols:
@@ -127,7 +125,7 @@ def read_instance_table(
     for col, key in [(d.bag_col, "bag_col"), *level_keys.items()]:
         if col not in df.columns:
             raise DataError(
-                f"{source}: column {col!r} (data.{key}) not in the instance table; "
+                f"{source}: column {col!r} ({key if '.' in key else f'data.{key}'}) not in the instance table; "
                 f"columns are: {', '.join(map(str, df.columns[:20]))}{', …' if len(df.columns) > 20 else ''}"
             )
     if len(df) == 0:

@@ -4,7 +4,8 @@ Slides are blobs of tiles on a 256-px grid; tile features come from a few
 spatially coherent tissue types plus per-slide stain-like offsets. Positive
 (classification) or aggressive (survival) slides carry one small, spatially
 clustered region of *witness* tiles whose features are shifted along one
-fixed direction. Witness tiles are stored as ``instance_label`` so that the
+fixed direction; in the regression cohort the target is the share of such
+tiles (plus noise). Witness tiles are stored as ``instance_label`` so that the
 runner can measure how well attention finds them (``witness_auc``).
 """
 
@@ -112,14 +113,17 @@ def write_synthetic_cohort(
     ``1.6 (f - mean f) / sd(f)``; times are exponential with uniform censoring.
     CLAM/Patch-GCN columns: ``case_id, slide_id, label`` or
     ``case_id, slide_id, survival_months, censorship`` (1 = censored), plus
-    ``true_risk`` for survival (the oracle).
+    ``true_risk`` for survival (the oracle). ``kind="regression"``: each patient's
+    planted-tile share f is uniform on 0-30% (tiles shifted as for survival); the target
+    ``planted_percent`` is ``100 f`` plus Gaussian noise of sd :data:`REGRESSION_NOISE`
+    (``true_percent``: ``100 f``, the oracle).
     """
     lo, hi = witness_fraction
     if not 0 < lo <= hi < 1:
         raise ValueError(
             f"witness_fraction must be (lo, hi) with 0 < lo <= hi < 1, got {witness_fraction}"
         )
-    seed = {"classification": 0, "survival": 1}[kind] if seed is None else seed
+    seed = {"classification": 0, "survival": 1, "regression": 2}.get(kind, 0) if seed is None else seed
     rng = np.random.default_rng(seed)
     prototypes = rng.normal(0, 1.0, (6, dim))
     direction = rng.normal(0, 1, dim)
@@ -138,34 +142,62 @@ def write_synthetic_cohort(
                     {"case_id": pid, "slide_id": sid, "label": "positive" if pos else "negative"}
                 )
     elif kind == "survival":
-        # Aggressive tiles stand further out than classification witnesses: the hazard
-        # follows their *fraction*, which a model can only measure if tiles are separable.
-        shift = 1.5 * shift
-        frac = np.where(
-            rng.uniform(size=n_patients) < 1 / 3, 0.0, rng.uniform(0.02, 0.25, n_patients)
-        )
-        eta = 1.6 * (frac - frac.mean()) / frac.std()
-        t_event = rng.exponential(24.0 * np.exp(-eta))
-        t_cens = rng.uniform(12.0, 120.0, n_patients)
-        time = np.minimum(t_event, t_cens)
-        censored = (t_cens < t_event).astype(int)
-        for i, (pid, n_slides) in enumerate(patients):
-            sids = _write_slides(rng, features, pid, n_slides, frac[i], prototypes, shift, tiles)
-            rows += [
-                {
-                    "case_id": pid,
-                    "slide_id": sid,
-                    "survival_months": round(float(time[i]), 3),
-                    "censorship": int(censored[i]),
-                    "true_risk": float(eta[i]),
-                }
-                for sid in sids
-            ]
+        rows = _survival_patients(rng, features, patients, prototypes, 1.5 * shift, tiles)
+    elif kind == "regression":
+        rows = _regression_patients(rng, features, patients, prototypes, 1.5 * shift, tiles)
     else:
         raise ValueError(f"unknown synthetic cohort kind {kind!r}")
     df = pd.DataFrame(rows)
     write_csv(csv, df)
     return df
+
+
+def _survival_patients(rng, features, patients, prototypes, shift, tiles) -> list[dict]:
+    """The survival cohort's slides and rows. Aggressive tiles stand further out than
+    classification witnesses (``shift`` is 1.5 times theirs): the hazard follows their
+    *fraction*, which a model can only measure if tiles are separable."""
+    n_patients = len(patients)
+    frac = np.where(
+        rng.uniform(size=n_patients) < 1 / 3, 0.0, rng.uniform(0.02, 0.25, n_patients)
+    )
+    eta = 1.6 * (frac - frac.mean()) / frac.std()
+    t_event = rng.exponential(24.0 * np.exp(-eta))
+    t_cens = rng.uniform(12.0, 120.0, n_patients)
+    time = np.minimum(t_event, t_cens)
+    censored = (t_cens < t_event).astype(int)
+    rows = []
+    for i, (pid, n_slides) in enumerate(patients):
+        sids = _write_slides(rng, features, pid, n_slides, frac[i], prototypes, shift, tiles)
+        rows += [
+            {
+                "case_id": pid,
+                "slide_id": sid,
+                "survival_months": round(float(time[i]), 3),
+                "censorship": int(censored[i]),
+                "true_risk": float(eta[i]),
+            }
+            for sid in sids
+        ]
+    return rows
+
+
+#: sd of the noise on the regression cohort's target (percentage points of planted tiles)
+REGRESSION_NOISE = 2.0
+
+
+def _regression_patients(rng, features, patients, prototypes, shift, tiles) -> list[dict]:
+    """The regression cohort's slides and rows: target = 100 x planted share + noise."""
+    frac = rng.uniform(0.0, 0.3, len(patients))
+    target = 100.0 * frac + rng.normal(0.0, REGRESSION_NOISE, len(patients))
+    rows = []
+    for i, (pid, n_slides) in enumerate(patients):
+        sids = _write_slides(rng, features, pid, n_slides, frac[i], prototypes, shift, tiles)
+        rows += [
+            {"case_id": pid, "slide_id": sid, "planted_percent": round(float(target[i]), 3),
+             "true_percent": round(100.0 * float(frac[i]), 3)}
+            for sid in sids
+        ]  # fmt: skip
+    return rows
 
 
 def _write_slides(
@@ -264,4 +296,24 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
                 "seed": 0,
             },
         }
+    if kind == "regression":
+        return _regression_demo(root, cohort)
     raise ValueError(f"unknown demo kind {kind!r}")
+
+
+def _regression_demo(root: Path, cohort: Path) -> dict:
+    """The regression demo: the defaults (model, training) on patient bags."""
+    return {
+        "name": "demo_regression",
+        "task": {"type": "regression", "loss": "mse", "target_scaling": "standard", "cutoff": 15},
+        "data": {
+            "csv": str(cohort / "cohort.csv"),
+            "features": str(cohort / "features"),
+            "slide_col": "slide_id",
+            "patient_col": "case_id",
+            "label_col": "planted_percent",
+            "bag_level": "patient",
+            "synthetic": "regression",
+        },
+        "splits": {"dir": str(root / "data_splits" / "demo_regression"), "folds": 5, "seed": 0},
+    }

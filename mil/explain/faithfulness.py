@@ -7,9 +7,10 @@ then predict the bag again
 - *deletion*: without its top ``ceil(f N)`` instances, for each fraction ``f``;
 - *insertion*: from its top ``ceil(f N)`` instances only (at least one).
 
-The curve follows the model's evidence for what it predicted on the whole bag
-(classification: the probability of that class; survival: the risk, or the mean
-hazard logit of a discrete-time model). A score whose top instances carry the
+The curve follows the model's evidence for what it predicted on the whole bag, as
+the task measures it (:meth:`mil.tasks.Task.evidence`: classification, the
+probability of that class; survival, the risk, or the mean hazard logit of a
+discrete-time model; regression, the prediction). A score whose top instances carry the
 prediction makes the deletion curve fall fast (a low area) and the insertion
 curve rise fast (a high area); random orders give the reference.
 """
@@ -23,13 +24,21 @@ import numpy as np
 import torch
 
 from mil.data.batch import Bag
-from mil.models.base import default_score_order
+from mil.tasks import Task
+from mil.tasks import get as get_task
 
 #: fractions of a bag's instances removed (deletion) or kept (insertion)
 FRACTIONS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2)
 
 #: a batch of bags -> their logits ``[n, n_out]``
 Predict = Callable[[list[Bag]], np.ndarray]
+#: the task whose evidence the curves follow: a task, its class, or its registered name
+TaskLike = Task | type[Task] | str
+
+
+def as_task(task: TaskLike) -> Task | type[Task]:
+    """A task's class for its registered name (``"classification"``), else ``task``."""
+    return get_task(task) if isinstance(task, str) else task
 
 
 def subset(bag: Bag, keep: np.ndarray) -> Bag:
@@ -44,23 +53,18 @@ def subset(bag: Bag, keep: np.ndarray) -> Bag:
     return Bag(bag_id=bag.bag_id, x=bag.x[keep_t], coords=coords, edge_index=edge_index)
 
 
-def evidence(logits: np.ndarray, task_type: str, cls: np.ndarray | None = None) -> np.ndarray:
-    """``[n]``: classification, the softmax probability of class ``cls[i]`` (default: the
-    most probable); otherwise the mean of the outputs (a Cox risk, or hazard logits)."""
-    z = np.asarray(logits, dtype=np.float64)
-    if task_type != "classification":
-        return z.mean(1)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    cls = p.argmax(1) if cls is None else np.asarray(cls)
-    return p[np.arange(len(p)), cls]
+def evidence(logits: np.ndarray, task: TaskLike, cls: np.ndarray | None = None) -> np.ndarray:
+    """``[n]``: the task's evidence for output ``cls[i]`` (:meth:`mil.tasks.Task.evidence`;
+    classification: the softmax probability of that class, by default the most probable;
+    otherwise the mean of the outputs: a Cox risk, hazard logits, a prediction)."""
+    return as_task(task).evidence(np.asarray(logits, dtype=np.float64), cls)
 
 
 def curves(
     predict: Predict,
     bags: Sequence[Bag],
     scores: Sequence[np.ndarray],
-    task_type: str,
+    task: TaskLike,
     mode: str = "deletion",
     fractions: Sequence[float] = FRACTIONS,
     full_logits: np.ndarray | None = None,
@@ -75,7 +79,8 @@ def curves(
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode={mode!r}: use 'deletion' or 'insertion'")
     full = np.asarray(predict(list(bags)) if full_logits is None else full_logits)
-    cls = full.argmax(1) if task_type == "classification" else None
+    task = as_task(task)
+    cls = task.faithfulness_target(full)
     variants, owner = [], []
     for i, (bag, s) in enumerate(zip(bags, scores)):
         n = len(bag)
@@ -85,7 +90,7 @@ def curves(
             keep = order[min(k, n - 1) :] if mode == "deletion" else order[: max(1, k)]
             variants.append(subset(bag, keep))
             owner.append(i)
-    out = evidence(np.asarray(predict(variants)), task_type, None if cls is None else cls[owner])
+    out = evidence(np.asarray(predict(variants)), task, None if cls is None else cls[owner])
     return out.reshape(len(bags), len(fractions))
 
 
@@ -102,7 +107,7 @@ def faithfulness(
     predict: Predict,
     bags: Sequence[Bag],
     kinds: dict[str, Sequence[np.ndarray]],
-    task_type: str,
+    task: TaskLike,
     seed: int = 0,
     full_logits: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -113,20 +118,22 @@ def faithfulness(
     out: dict[str, float] = {}
     for kind, scores in kinds.items():
         for mode in ("deletion", "insertion"):
-            c = curves(predict, bags, scores, task_type, mode, full_logits=full_logits)
+            c = curves(predict, bags, scores, task, mode, full_logits=full_logits)
             out[f"{mode}_{kind}"] = area(c)
     return out
 
 
-def predicted_columns(values: Sequence, logits: np.ndarray, task_type: str) -> list[np.ndarray]:
-    """Each bag's scores ``[N_i]`` or ``[N_i, K]`` as one column: the bag's predicted class's
-    for a classification kind with a column per class, else the only (first) column."""
+def predicted_columns(values: Sequence, logits: np.ndarray, task: TaskLike) -> list[np.ndarray]:
+    """Each bag's scores ``[N_i]`` or ``[N_i, K]`` as one column: the column of the output the
+    task's curve follows (:meth:`mil.tasks.Task.faithfulness_target`: the predicted class) for
+    a kind with a column per output, else the only (first) column."""
     z = np.asarray(logits)
+    target = as_task(task).faithfulness_target(z)
     out = []
     for i, v in enumerate(values):
         v = np.asarray(v, dtype=np.float64)
-        if v.ndim == 2 and task_type == "classification" and v.shape[1] == z.shape[1] > 1:
-            v = v[:, int(z[i].argmax())]
+        if v.ndim == 2 and target is not None and v.shape[1] == z.shape[1] > 1:
+            v = v[:, int(target[i])]
         out.append(v if v.ndim == 1 else v[:, 0])
     return out
 
@@ -135,7 +142,7 @@ def fold_faithfulness(
     model,
     bags: Sequence[Bag],
     fwd,
-    task_type: str,
+    task: TaskLike,
     train,
     device: torch.device,
     extra: Sequence[str] | None = None,
@@ -153,20 +160,22 @@ def fold_faithfulness(
         return out.logits.cpu().numpy()
 
     kinds = {} if fwd.scores is None else {"main": fwd.scores}
+    task = as_task(task)
     if extra is None:
-        extra = [k for k in default_score_order(task_type) if k in fwd.extra_scores][:1]
+        extra = [k for k in task.score_order if k in fwd.extra_scores][:1]
     kinds.update({k: fwd.extra_scores[k] for k in extra if k in fwd.extra_scores})
     if not kinds or not len(bags):
         return {}
     model.eval()
     logits = fwd.logits.numpy()
-    columns = {k: predicted_columns(v, logits, task_type) for k, v in kinds.items()}
-    return faithfulness(predict, bags, columns, task_type, full_logits=logits)
+    columns = {k: predicted_columns(v, logits, task) for k, v in kinds.items()}
+    return faithfulness(predict, bags, columns, task, full_logits=logits)
 
 
 __all__ = [
     "FRACTIONS",
     "area",
+    "as_task",
     "curves",
     "evidence",
     "faithfulness",

@@ -1,8 +1,8 @@
 """Instance-level metrics: how well instance scores rank annotated positive instances.
 
 Score kinds hold one column per head output (:data:`mil.models.base.SCORE_KINDS`);
-:func:`task_view` turns them into what a task reads (class evidence, or a
-share of the risk) and :func:`score_column` picks the column a witness AUC ranks.
+:func:`task_scores` turns them into what a task reads (its ``instance_view``: class
+evidence, a share of the risk) and :func:`score_column` picks the column a witness AUC ranks.
 """
 
 from __future__ import annotations
@@ -18,29 +18,16 @@ LOGIT_KINDS = ("contribution", "instance_logits", "attention_x_logit")
 POOLED_KINDS = ("instance_logits", "instance_classifier")
 
 
-def task_view(values: np.ndarray, kind: str, task_type: str) -> np.ndarray:
-    """One bag's scores of ``kind`` ``[N, K]`` as the task reads them.
-
-    Classification: logit kinds are centred over the classes (a softmax ignores a
-    common shift; for two classes column 1 is half the instance's share of the
-    log-odds). Survival: a Cox risk is one column already; discrete-time hazard
-    logits (one per bin) become their mean over the bins (higher: higher risk).
-    Other kinds (attention branches, CLAM's instance classifiers) are unchanged.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if kind not in LOGIT_KINDS or v.ndim != 2:
-        return v
-    if task_type == "classification" and v.shape[1] > 1:
-        return v - v.mean(1, keepdims=True)
-    if task_type == "survival" and v.shape[1] > 1:
-        return v.mean(1, keepdims=True)
-    return v
+#: one bag's scores of a kind ``[N, K]`` and the kind's name -> the scores as the task reads
+#: them (:meth:`mil.tasks.Task.instance_view`: class evidence, a share of the risk)
+View = Callable[[np.ndarray, str], np.ndarray]
 
 
-def task_scores(extra_scores: dict[str, Sequence], task_type: str) -> dict[str, list[np.ndarray]]:
-    """Every bag's scores of every kind through :func:`task_view` (what ``attention.h5`` holds)."""
+def task_scores(extra_scores: dict[str, Sequence], view: View) -> dict[str, list[np.ndarray]]:
+    """Every bag's scores of every kind as the task reads them (``view``: the task's
+    :meth:`~mil.tasks.Task.instance_view`): what ``attention.h5`` holds."""
     return {
-        kind: [task_view(np.asarray(v), kind, task_type).astype(np.float32) for v in values]
+        kind: [np.asarray(view(np.asarray(v), kind)).astype(np.float32) for v in values]
         for kind, values in extra_scores.items()
     }
 
@@ -110,12 +97,14 @@ def witness_metrics(
     extra_scores: dict[str, Sequence],
     positive: np.ndarray,
     instance_labels: Callable[[str], np.ndarray | None],
-    task_type: str,
+    view: View | None = None,
 ) -> dict[str, float]:
     """``witness_auc_<kind>`` (within positive bags) for every score kind, and
-    ``witness_auc_pooled_<kind>`` for the kinds comparable across bags."""
+    ``witness_auc_pooled_<kind>`` for the kinds comparable across bags; ``view``: how the task
+    reads a kind (None: ``extra_scores`` are read already, as :func:`task_scores` gives them)."""
     out: dict[str, float] = {}
-    for kind, values in task_scores(extra_scores, task_type).items():
+    scores = extra_scores if view is None else task_scores(extra_scores, view)
+    for kind, values in scores.items():
         cols = [score_column(v) for v in values]
         within = witness_auc(bag_ids, cols, positive, instance_labels)
         if within is not None:
@@ -132,8 +121,8 @@ __all__ = [
     "POOLED_KINDS",
     "pooled_witness_auc",
     "score_column",
+    "View",
     "task_scores",
-    "task_view",
     "witness_auc",
     "witness_metrics",
 ]

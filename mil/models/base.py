@@ -52,18 +52,12 @@ SCORE_KINDS: dict[str, str] = {
 }
 
 #: the kind a heatmap draws unless told otherwise (chosen by benchmarks/localization.py,
-#: docs/benchmarks.md); a model without it falls back along :func:`default_score_order`
+#: docs/benchmarks.md); each task orders the kinds it falls back along
+#: (:attr:`mil.tasks.Task.score_order`)
 DEFAULT_SCORE_KIND = "instance_logits"
-#: survival: the signed share of the risk (an instance logit's sign is relative to an
-#: arbitrary zero of the Cox predictor)
+#: survival's and regression's: the signed share of the output (an instance logit's sign is
+#: relative to an arbitrary zero of the Cox predictor)
 SURVIVAL_SCORE_KIND = "contribution"
-
-
-def default_score_order(task_type: str) -> tuple[str, ...]:
-    """The kinds ``"default"`` reads for a task, first the one a model has."""
-    if task_type == "survival":
-        return (SURVIVAL_SCORE_KIND, "attention_x_logit", DEFAULT_SCORE_KIND)
-    return (DEFAULT_SCORE_KIND, "contribution", "attention_x_logit")
 
 
 class MILModel(nn.Module):

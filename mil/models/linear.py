@@ -12,8 +12,9 @@ standardise it with the training fold's mean :math:`\mu` and spread
   k-means centres fit on the training fold's instances (a word histogram per bag).
 
 They are not trained by gradient descent: :mod:`mil.train.closed_form` fits the
-head with scikit-learn's logistic regression (classification) or scikit-survival's
-ridge Cox model (survival), the penalty chosen on the inner validation split, and
+head with the task's linear model (scikit-learn's logistic regression for
+classification, scikit-survival's ridge Cox model for survival, ridge regression for
+regression: :meth:`mil.tasks.Task.fit_linear`), the penalty chosen on the inner validation split, and
 writes the result into this module's tensors. For the discrete-time survival loss
 the Cox linear predictor :math:`\eta` becomes per-bin hazards through the
 training fold's Breslow baseline: :math:`h_k = 1 - \exp(-\Delta H_0(k)\,e^{\eta})`.
@@ -31,7 +32,7 @@ is the linear probe of the slide-encoder papers and Patho-Bench: an L2-penalised
 logistic regression (ridge Cox for survival) on the embedding, its penalty chosen on
 validation. Unlike Patho-Bench's, each feature is first standardised with the
 training fold's statistics, and the penalty comes from
-:data:`mil.train.closed_form.C_GRID` (``ALPHA_GRID``).
+:data:`mil.tasks.linear_fits.C_GRID` (``ALPHA_GRID``).
 """
 
 from __future__ import annotations

@@ -4,13 +4,13 @@ One group per bag (its id, with ``/`` as ``|``; attribute ``bag_id``), holding
 ``coords [N, 2]`` where the features had them, ``scores [N]`` (the model's
 main instance score) and ``scores_<kind> [N]`` or ``[N, C]`` for further
 kinds (:data:`mil.models.base.SCORE_KINDS`, as the task reads them:
-:func:`mil.metrics.instances.task_view`); attributes ``slides`` and
+:meth:`mil.tasks.Task.instance_view`); attributes ``slides`` and
 ``slide_ptr`` say which rows belong to which slide of a multi-slide bag. File
 attributes: ``model``, ``fold``, ``has_scores``, ``score_kinds``.
 
-Reading, ``kind="default"`` is the first kind of
-:func:`~mil.models.base.default_score_order` the file has (else the main score); a two-column class kind read without ``cls`` gives the last class's
-column (the positive class of a binary task).
+Reading, ``kind="default"`` is the first kind of the task's
+:attr:`~mil.tasks.Task.score_order` the file has (else the main score); a two-column class
+kind read without ``cls`` gives the last class's column (the positive class of a binary task).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pandas as pd
 from mil.errors import DataError
 from mil.io import atomic_path
 from mil.metrics.instances import LOGIT_KINDS
-from mil.models.base import default_score_order
+from mil.models.base import DEFAULT_SCORE_KIND
 
 #: ``kind`` that reads the default heatmap score
 DEFAULT = "default"
@@ -96,12 +96,13 @@ def read_scores(
     cls: int | str | None,
     classes: list[str],
     fallback_cls: int | None = None,
-    task_type: str = "classification",
+    score_order: Sequence[str] = (DEFAULT_SCORE_KIND, "contribution", "attention_x_logit"),
 ) -> tuple[np.ndarray, str, np.ndarray | None, str, str]:
     """One bag's scores of ``kind`` (column ``cls``) in the group ``entry`` of a scores file.
 
     ``fallback_cls``: the column of a class kind of more than two columns read without
-    ``cls`` (e.g. the bag's predicted class); ``task_type`` picks the default kind. Returns (values, label of the kind, coords
+    ``cls`` (e.g. the bag's predicted class); ``score_order``: the task's kinds ``"default"`` reads, first the one the file has
+(:attr:`mil.tasks.Task.score_order`). Returns (values, label of the kind, coords
     or None, bag id, model name).
     """
     group = entry[0]
@@ -109,7 +110,7 @@ def read_scores(
         g = f[group]
         bag_id = str(g.attrs.get("bag_id", group))
         if kind == DEFAULT:
-            kind = next((k for k in default_score_order(task_type) if f"scores_{k}" in g), None)
+            kind = next((k for k in score_order if f"scores_{k}" in g), None)
         values, label = _read_kind(g, kind, cls, classes, slide_id, fold, path, fallback_cls)
         coords = g["coords"][()] if "coords" in g else None
         model = str(f.attrs.get("model", ""))

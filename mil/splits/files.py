@@ -77,17 +77,13 @@ def write_splits(
 
 
 def describe(split: Split, cohort: Cohort) -> pd.DataFrame:
-    """Slides per class (or censored/event) and partition, plus patient counts."""
+    """Slides per outcome (class, censored/event, target quantile: the task's) and partition,
+    plus patient counts."""
     s = cohort.slides.set_index("slide_id")
     rows = {}
     for p in PARTS:
         part = s.loc[split.part(p)]
-        if cohort.target_kind == "label":
-            counts = part["label"].value_counts().reindex(range(len(cohort.classes)), fill_value=0)
-            counts.index = cohort.classes
-        else:
-            counts = part["event"].value_counts().reindex([0, 1], fill_value=0)
-            counts.index = ["censored", "event"]
+        counts = cohort.targets.counts(part, cohort.classes).copy()
         counts["patients"] = part["patient_id"].nunique()
         rows[p] = counts
     return pd.DataFrame(rows)

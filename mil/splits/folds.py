@@ -33,37 +33,21 @@ class Split:
         return getattr(self, name)
 
 
-def strata(cohort: Cohort, n_time_bins: int = 2) -> np.ndarray:
-    """Per-slide stratification labels: the class, or event x time quantile for survival."""
-    s = cohort.slides
-    if cohort.target_kind == "label":
-        return s["label"].to_numpy()
-    # time quantiles within events and within censored patients, so no stratum is tiny
-    event = s["event"].to_numpy()
-    q = np.zeros(len(s), dtype=int)
-    for e in (0, 1):
-        idx = np.flatnonzero(event == e)
-        bins = min(n_time_bins, len(idx))
-        if bins > 1:
-            ranks = s["time"].iloc[idx].rank(method="first")
-            q[idx] = pd.qcut(ranks, bins, labels=False).to_numpy()
-    return event * n_time_bins + q
+def strata(cohort: Cohort) -> np.ndarray:
+    """Per-slide stratification labels, the finest the task gives (its class, event status x
+    time quantile, target quantile: :meth:`mil.data.targets.Targets.strata`)."""
+    return strata_options(cohort)[0][1]
 
 
 def strata_options(cohort: Cohort) -> list[tuple[str, np.ndarray]]:
     """Per-slide stratification labels, finest first: what a split may fall back to.
 
-    Survival: event x time quantile, then event status alone (a small cohort
-    whose training fold cannot fill every inner fold from each event x time
-    stratum). Classification: the class only; a split never gives up class
-    stratification silently.
+    The task's targets say which (:meth:`mil.data.targets.Targets.strata`): survival, event
+    x time quantile, then event status alone (a small cohort whose training fold cannot fill
+    every inner fold from each event x time stratum); classification, the class only (a
+    split never gives up class stratification silently).
     """
-    if cohort.target_kind == "label":
-        return [("class", strata(cohort))]
-    return [
-        ("event status x time quantile", strata(cohort)),
-        ("event status", cohort.slides["event"].to_numpy(int)),
-    ]
+    return cohort.targets.strata(cohort.slides)
 
 
 def stratified_group_folds(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,31 +17,63 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mil.schema import Config
+from mil.data.targets import Targets
+from mil.metrics.instances import LOGIT_KINDS
+from mil.models.base import DEFAULT_SCORE_KIND
 
 #: what a task's artifact hooks return: file name -> a table (CSV) or a matplotlib Figure (PNG)
 Artifacts = dict[str, Any]
 #: given a fold file name (e.g. ``"predictions.csv"``), that table of every fold of the first
 #: repeat, by fold name: how a task reads its folds back without knowing the run folder
 FoldTables = Callable[[str], dict[str, pd.DataFrame]]
+#: a closed-form linear head: ``weight [k, D]``, ``bias [k]`` and, for a head that turns one
+#: linear predictor into ``n_out`` outputs, its per-output offsets (else None)
+LinearHead = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+@dataclass
+class NoOptions:
+    """The options of a task that declares none (``task:`` holds only ``type``)."""
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """What a task knows of its run besides its own options: words for titles and messages.
+
+    ``name``: the run's name (figure titles); ``source``: the config file (messages);
+    ``bag_level``: what a bag is (``slide``, ``patient``); ``columns``: the cohort column each
+    target comes from (``{"time": "survival_months"}``, axis labels); ``validated``: the folds
+    have an inner validation split."""
+
+    name: str = "run"
+    source: str = "<dict>"
+    bag_level: str = "slide"
+    columns: dict[str, str] = field(default_factory=dict)
+    validated: bool = True
 
 
 class Task:
-    """Turns head outputs into a loss, predictions, metrics and run artifacts.
+    """Owns its targets and turns head outputs into a loss, predictions, metrics and artifacts.
 
-    Per fold the runner calls :meth:`setup_fold` with the training bags, then
+    Before any fold, :meth:`target_reader` says what the cohort reads as targets (columns,
+    checks, fold strata); the task's own ``task:`` keys are its :attr:`Options`. A task is
+    built with its options, the classes and a :class:`TaskRun` (:func:`mil.tasks.make_task`), never
+    the whole config. Per fold the runner calls :meth:`setup_fold` with the training bags, then
     :meth:`batches`, :meth:`targets` and :meth:`loss` while training, and
     :meth:`predictions` and :meth:`metrics` on the test bags; :meth:`fold_artifacts`
     and :meth:`patient_predictions` give the fold's extra files. The summary
     pools the folds with :meth:`pooled_metrics`, :meth:`pooled_ci`,
-    :meth:`counts` and :meth:`summary_artifacts`.
+    :meth:`counts` and :meth:`summary_artifacts`. The closed-form linear baselines fit the
+    task's :meth:`fit_linear`; instance scores are read through :meth:`instance_view` and
+    :attr:`score_order`, and deletion/insertion curves follow :meth:`evidence`.
     """
 
     #: the ``task.type`` it is registered under (set by the registry)
     name = "task"
-    #: what the cohort reads as targets: ``"label"`` (a class column) or ``"survival"``
-    #: (time and event columns)
-    target_kind = "label"
+    #: the task's own ``task:`` keys: a dataclass whose fields are typed and checked like a
+    #: config section (:func:`mil.schema.build_section`); ``__post_init__`` checks values
+    #: (a ``ValueError`` becomes a config error naming the file)
+    Options: type = NoOptions
     #: metrics that compare runs, headline first (comparison tables, paired and subgroup tests)
     headline_metrics: tuple[str, ...] = ()
     #: metrics shown first in reports, in this order (the rest follow alphabetically)
@@ -68,9 +101,18 @@ class Task:
         name = cls.stop_on if stop_on == "auto" else stop_on
         return ("val_loss", -1) if name == "loss" else (f"val_{name}", 1)
 
-    def __init__(self, cfg: Config, classes: list[str]) -> None:
-        self.cfg = cfg
+    @classmethod
+    def target_reader(cls, options: Any) -> Targets:
+        """What the cohort reads as this task's targets (:class:`~mil.data.targets.Targets`):
+        by default class labels from ``data.label_col``."""
+        from mil.tasks.targets import LabelTargets
+
+        return LabelTargets()
+
+    def __init__(self, options: Any, classes: list[str], run: TaskRun | None = None) -> None:
+        self.options = options if options is not None else self.Options()
         self.classes = list(classes)
+        self.run = run if run is not None else TaskRun()
         #: the fold being run ("" outside a fold), named in messages and predictions
         self.fold_name = ""
 
@@ -111,19 +153,30 @@ class Task:
         """Take back what scoring a fold's saved predictions needs from its :meth:`state`
         (survival: the bins); a decision threshold is fitted anew, not taken."""
 
-    #: whether the runner predicts the validation bags (with the kept weights) for
-    #: :meth:`fit_operating_point` and writes them to ``predictions_val.csv``
-    needs_val_predictions = False
+    #: the task's decision rule fitted on validation predictions (binary classification's
+    #: threshold: :class:`mil.tasks.operating_point.OperatingPoint`), or None; the four
+    #: members below only hand on to it
+    operating_point: Any = None
+
+    @property
+    def needs_val_predictions(self) -> bool:
+        """Whether the runner predicts the validation bags (with the kept weights) for
+        :meth:`fit_operating_point` and writes them to ``predictions_val.csv``."""
+        return self.operating_point is not None and self.operating_point.applies
 
     def fit_operating_point(self, val_pred: pd.DataFrame) -> None:
-        """Fit fold state on the validation predictions (a decision threshold)."""
+        """Fit the operating point on the validation predictions."""
+        if self.operating_point is not None:
+            self.operating_point.fit(val_pred)
 
     def ensemble_operating_point(self, fold_metrics: list[dict[str, Any]]) -> None:
         """Set the fold ensemble's operating point from the folds' ``metrics.json`` metrics."""
+        if self.operating_point is not None:
+            self.operating_point.from_folds(fold_metrics)
 
     def with_operating_point(self, pred: pd.DataFrame) -> pd.DataFrame:
         """``pred`` with the decisions at the operating point, where the task has one."""
-        return pred
+        return pred if self.operating_point is None else self.operating_point.apply(pred)
 
     def validation_usable(self, val_bags: pd.DataFrame) -> bool:
         """Whether the validation bags can drive early stopping (survival: some event)."""
@@ -251,6 +304,52 @@ class Task:
         """One prediction row in a few words, for a heatmap's title (``P(tumour) = 0.93``)."""
         return ""
 
+    def test_problem(self, test_bags: pd.DataFrame) -> str | None:
+        """Why a fold's test bags cannot carry the metrics (``mil check`` warns), or None."""
+        return None
+
+    def thin_outcome(self, pred: pd.DataFrame) -> str | None:
+        """Why an external cohort's outcomes cannot carry the metrics (one class, a handful of
+        events), for ``mil evaluate``'s warning after the cohort's name; None if they can."""
+        return None
+
+    # ---- instance scores ----------------------------------------------------------------------
+
+    #: the score kinds ``"default"`` reads, first the one a model has: the heatmaps' default
+    #: (chosen by benchmarks/localization.py, docs/benchmarks.md)
+    score_order: tuple[str, ...] = (DEFAULT_SCORE_KIND, "contribution", "attention_x_logit")
+
+    @classmethod
+    def instance_view(cls, values: np.ndarray, kind: str) -> np.ndarray:
+        """One bag's scores of ``kind`` ``[N, K]`` (a column per head output) as the task reads
+        them: what ``attention.h5``, witness AUCs and heatmaps use. By default as they are."""
+        return np.asarray(values, dtype=np.float64)
+
+    @classmethod
+    def faithfulness_target(cls, logits: np.ndarray) -> np.ndarray | None:
+        """``[n]``: the head output each bag's deletion/insertion curve follows (a class), or
+        None: the mean of the outputs (:meth:`evidence`)."""
+        return None
+
+    @classmethod
+    def evidence(cls, logits: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+        """``[n]``: the model's evidence for its prediction of each bag (what faithfulness
+        curves follow): by default the mean of the outputs (a Cox risk, a prediction)."""
+        return np.asarray(logits, dtype=np.float64).mean(1)
+
+    # ---- the closed-form linear baselines (meanpool_linear, bow_linear) ----------------------
+
+    #: the penalty of :meth:`fit_linear`: its name in ``history.csv`` and the grid tried (empty:
+    #: the task has no closed-form linear fit)
+    linear_penalty: tuple[str, tuple[float, ...]] = ("", ())
+    #: that model in the report's words (``ridge regression (scikit-learn)``)
+    linear_words = ""
+
+    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+        """The penalised linear model of the task on standardised bag vectors ``z [B, D]``
+        (scikit-learn / scikit-survival), whose head outputs :meth:`loss` reads."""
+        raise NotImplementedError
+
     # ---- files beside the predictions, and the report -----------------------------------------
 
     def fold_artifacts(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None) -> Artifacts:
@@ -273,3 +372,8 @@ class Task:
 
 def as_tensor(values: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.as_tensor(np.asarray(values), dtype=dtype)
+
+
+def logit_kind(kind: str, values: np.ndarray) -> bool:
+    """Whether scores of ``kind`` hold a column per head output (class logits, a share of them)."""
+    return kind in LOGIT_KINDS and np.ndim(values) == 2

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -13,26 +14,38 @@ from torch import Tensor
 
 from mil.errors import ConfigError
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
-from mil.metrics.classification import (
-    classification_auc,
-    operating_threshold,
-    roc_curves,
-    threshold_metrics,
-)
+from mil.metrics.classification import classification_auc, roc_curves, threshold_metrics
 from mil.plots import calibration_figure, roc_figure
-from mil.schema import Config
-from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
+from mil.tasks.base import Artifacts, FoldTables, LinearHead, Task, TaskRun, as_tensor, logit_kind
+from mil.tasks.linear_fits import C_GRID, logistic_head
+from mil.tasks.operating_point import OperatingPoint
 from mil.tasks.registry import register
+
+
+@dataclass
+class ClassificationOptions:
+    """``task.class_weights``: ``none``, ``balanced`` (inverse class frequency in the training
+    fold, as scikit-learn's ``compute_class_weight``) or a list of C weights.
+    ``task.operating_point`` (binary): the threshold chosen on each fold's validation
+    predictions, ``youden`` or a target sensitivity in (0, 1)."""
+
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    operating_point: Literal["youden"] | float = "youden"
+
+    def __post_init__(self) -> None:
+        op = self.operating_point
+        if op != "youden" and not 0.0 < op < 1.0:
+            raise ValueError(
+                f"task.operating_point must be youden or a sensitivity in (0, 1), found {op!r}"
+            )
 
 
 @register("classification")
 class ClassificationTask(Task):
-    """Cross-entropy over C classes (C >= 2), optional class weights.
+    """Cross-entropy over C classes (C >= 2), optional class weights
+    (:class:`ClassificationOptions`); binary tasks get an :class:`OperatingPoint`."""
 
-    ``task.class_weights``: ``none``, ``balanced`` (inverse class frequency
-    in the training fold, as scikit-learn's ``compute_class_weight``) or a
-    list of C weights.
-    """
+    Options = ClassificationOptions
 
     headline_metrics = ("auc", "balanced_accuracy")
     report_metrics = ("auc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "brier")
@@ -42,15 +55,15 @@ class ClassificationTask(Task):
         "calibration.png": "Reliability diagram of the pooled out-of-fold probabilities (bins of equal size).",
     }
 
-    def __init__(self, cfg: Config, classes: list[str]) -> None:
-        super().__init__(cfg, classes)
+    def __init__(self, options: Any, classes: list[str], run: TaskRun | None = None) -> None:
+        super().__init__(options, classes, run)
         self.weight: Tensor | None = None
         # binary: the fold's decision threshold on P(positive), from its validation bags
-        self.threshold: float | None = None
-        cw = cfg.task.class_weights
+        self.operating_point = OperatingPoint(self.options.operating_point, self.classes)
+        cw = self.options.class_weights
         if isinstance(cw, list) and len(cw) != len(classes):
             raise ConfigError(
-                f"{cfg.source}: task.class_weights has {len(cw)} values for {len(classes)} classes {classes}"
+                f"{self.run.source}: task.class_weights has {len(cw)} values for {len(classes)} classes {classes}"
             )
 
     @property
@@ -58,32 +71,13 @@ class ClassificationTask(Task):
         return len(self.classes)
 
     @property
-    def needs_val_predictions(self) -> bool:
-        return len(self.classes) == 2
-
-    def fit_operating_point(self, val_pred: pd.DataFrame) -> None:
-        """``task.operating_point`` on the validation predictions (binary; None without both
-        classes among them, and then no thresholded metrics)."""
-        op = self.cfg.task.operating_point
-        self.threshold = operating_threshold(
-            val_pred["label_index"], val_pred[f"prob_{self.classes[1]}"], None if op == "youden" else op
-        )
-
-    def ensemble_operating_point(self, fold_metrics: list[dict[str, Any]]) -> None:
-        """The median of the folds' thresholds (each chosen on its validation predictions)."""
-        found = [float(m["threshold"]) for m in fold_metrics if m.get("threshold") is not None]
-        self.threshold = float(np.median(found)) if found else None
-
-    def with_operating_point(self, out: pd.DataFrame) -> pd.DataFrame:
-        """``out`` with ``pred_op``, the class at the fold's threshold (binary, once fitted)."""
-        if self.threshold is not None and len(self.classes) == 2:
-            positive = out[f"prob_{self.classes[1]}"].to_numpy(float) >= self.threshold
-            out["pred_op"] = np.where(positive, self.classes[1], self.classes[0])
-        return out
+    def threshold(self) -> float | None:
+        """The fold's decision threshold on P(positive) (binary, once fitted)."""
+        return self.operating_point.threshold
 
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
-        self.threshold = None
-        cw = self.cfg.task.class_weights
+        self.operating_point.threshold = None
+        cw = self.options.class_weights
         if cw == "balanced":
             from sklearn.utils.class_weight import compute_class_weight
 
@@ -168,9 +162,7 @@ class ClassificationTask(Task):
 
     def _positive(self, pred: pd.DataFrame) -> np.ndarray | None:
         """Decisions at the operating point (``pred_op`` is the positive class), if any."""
-        if "pred_op" not in pred or len(self.classes) != 2:
-            return None
-        return (pred["pred_op"].astype(str) == str(self.classes[1])).to_numpy()
+        return self.operating_point.decisions(pred)
 
     def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
         y, p = pred["label_index"].to_numpy(int), self._prob(pred)
@@ -207,6 +199,48 @@ class ClassificationTask(Task):
     def outcome_strata(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int)
 
+    def thin_outcome(self, pred: pd.DataFrame) -> str | None:
+        classes = sorted(pred["label"].dropna().astype(str).unique()) if "label" in pred else []
+        if len(classes) != 1:
+            return None
+        return (
+            f"every bag of the external cohort ({_count(len(pred), 'bag')}, "
+            f"{_count(pred['patient_id'].nunique(), 'patient')}) is of class {classes[0]!r}; the "
+            "metrics that need two classes (AUC, its gap) are undefined (null) and the others "
+            "describe that class alone"
+        )
+
+    @classmethod
+    def instance_view(cls, values: np.ndarray, kind: str) -> np.ndarray:
+        """Logit kinds centred over the classes (a softmax ignores a common shift; for two
+        classes column 1 is half the instance's share of the log-odds); other kinds as they are."""
+        v = np.asarray(values, dtype=np.float64)
+        if logit_kind(kind, v) and v.shape[1] > 1:
+            return v - v.mean(1, keepdims=True)
+        return v
+
+    @classmethod
+    def faithfulness_target(cls, logits: np.ndarray) -> np.ndarray:
+        """The class each bag is predicted."""
+        return np.asarray(logits).argmax(1)
+
+    @classmethod
+    def evidence(cls, logits: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+        """The softmax probability of class ``target[i]`` (default: the most probable)."""
+        z = np.asarray(logits, dtype=np.float64)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        target = p.argmax(1) if target is None else np.asarray(target)
+        return p[np.arange(len(p)), target]
+
+    linear_penalty = ("C", C_GRID)
+    linear_words = "logistic regression (scikit-learn)"
+
+    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+        """An L2 logistic regression with the fold's class weights."""
+        weight = None if self.weight is None else self.weight.numpy()
+        return logistic_head(z, bags["label"].to_numpy(int), penalty, weight, seed)
+
     def summary_artifacts(self, folds: FoldTables) -> tuple[dict[str, Any], Artifacts]:
         """Out-of-fold ROC curves: ``roc.csv`` (per fold and pooled) and ``roc.png``.
 
@@ -222,7 +256,7 @@ class ClassificationTask(Task):
         curves, aucs = roc_curves(preds, self.classes, classes)
         if curves is None:
             return {}, {}
-        title = f"{self.cfg.name}: out-of-fold ROC, {len(preds)} folds"
+        title = f"{self.run.name}: out-of-fold ROC, {len(preds)} folds"
         artifacts = {"roc.csv": curves, "roc.png": roc_figure(curves, aucs, title)}
         if len(self.classes) == 2:
             artifacts.update(self._calibration(preds))
@@ -243,7 +277,7 @@ class ClassificationTask(Task):
         frac, mean = calibration_curve(y, p, n_bins=bins, strategy="quantile")
         table = pd.DataFrame({"mean_predicted": mean, "fraction_positive": frac})
         brier = float(np.mean((p - y) ** 2))
-        title = f"{self.cfg.name}: calibration, {len(y)} out-of-fold predictions"
+        title = f"{self.run.name}: calibration, {len(y)} out-of-fold predictions"
         return {"calibration.csv": table, "calibration.png": calibration_figure(table, brier, title)}
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
@@ -269,10 +303,10 @@ class ClassificationTask(Task):
         return f"label {row['label']}, P({c}) = {row[f'prob_{c}']:.2f}"
 
     def title(self) -> str:
-        return f"{self.cfg.data.bag_level} classification"
+        return f"{self.run.bag_level} classification"
 
     def methods(self) -> str:
-        weights = self.cfg.task.class_weights
+        weights = self.options.class_weights
         return (
             "Loss: cross-entropy"
             + (f" with class weights ({weights})" if weights != "none" else "")
@@ -281,19 +315,17 @@ class ClassificationTask(Task):
             "at the most probable class"
             + (
                 f"; sensitivity and specificity at a threshold chosen on each fold's validation "
-                f"predictions ({_operating_words(self.cfg.task.operating_point)}) and applied "
+                f"predictions ({self.operating_point.words()}) and applied "
                 f"unchanged to its test bags."
-                if len(self.classes) == 2 and self.cfg.splits.val_fraction > 0
+                if self.operating_point.applies and self.run.validated
                 else "."
             )
         )
 
 
-def _operating_words(op) -> str:
-    if op == "youden":
-        return "the largest Youden's J, sensitivity + specificity - 1"
-    return f"the highest threshold reaching a sensitivity of {op:g}"
-
-
 def _with_threshold_metrics(y: np.ndarray, p: np.ndarray, positive: np.ndarray) -> dict[str, float]:
     return {**classification_metrics(y, p), **threshold_metrics(y, positive)}
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

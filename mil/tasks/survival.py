@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mil.errors import DataError, MilWarning
+from mil.errors import DataError
 from mil.losses import (
     assign_bins,
     cox_batches,
@@ -24,40 +24,32 @@ from mil.losses import (
     discrete_survival,
     discrete_time_bins,
 )
-from mil.metrics import bootstrap_ci
 from mil.metrics.survival import (
-    NanOnDataError,
-    breslow_survival,
-    c_index,
-    c_index_uno,
-    discrete_survival_at,
     fold_stratified_c_index,
-    ibs,
-    ibs_times,
     logrank_p,
-    pooled_arrays,
-    pooled_c_index,
     risk_groups,
     risk_scale,
     standardized_risk,
-    td_auc,
 )
+from mil.models.base import DEFAULT_SCORE_KIND, SURVIVAL_SCORE_KIND
 from mil.plots import km_figure
-from mil.schema import Config
-from mil.tasks.base import Artifacts, FoldTables, Task, as_tensor
+from mil.tasks.base import Artifacts, FoldTables, LinearHead, Task, TaskRun, as_tensor, logit_kind
+from mil.tasks.linear_fits import ALPHA_GRID, cox_head
 from mil.tasks.registry import register
-from mil.tasks.survival_words import methods_words
+from mil.tasks.survival_metrics import SurvivalMetrics, SurvivalWarning
+from mil.tasks.survival_words import SurvivalOptions, methods_words
+from mil.tasks.targets import SurvivalTargets
 
 # the pooled C-index over pairs within a fold (kept importable from here)
 _fold_stratified_c_index = fold_stratified_c_index
 
 
-class SurvivalWarning(MilWarning):
-    """A fold whose data leave a survival metric or early stopping undefined."""
+#: an external cohort with fewer events is warned about (its C-index says little)
+MIN_EVENTS = 10
 
 
 @register("survival")
-class SurvivalTask(Task):
+class SurvivalTask(SurvivalMetrics, Task):
     """Cox partial likelihood (``task.loss: cox``) or discrete-time hazard NLL (``nll``).
 
     Cox: one output, the log-hazard ``risk``; every loss batch holds at least
@@ -73,7 +65,7 @@ class SurvivalTask(Task):
     :meth:`validation_usable`).
     """
 
-    target_kind = "survival"
+    Options = SurvivalOptions
     headline_metrics = ("c_index",)
     report_metrics = ("c_index", "c_index_uno", "td_auc", "ibs")
     outcome_columns = ("time", "event")
@@ -91,21 +83,31 @@ class SurvivalTask(Task):
         slides_only = model.trained_by_gradient and not model.uses_tabular
         return ["meanpool_linear"] if slides_only else []
 
-    def __init__(self, cfg: Config, classes: list[str]) -> None:
-        super().__init__(cfg, [])
-        self.loss_name = cfg.task.loss
-        self.ties = cfg.task.ties
+    #: survival: the signed share of the risk (an instance logit's sign is relative to an
+    #: arbitrary zero of the Cox predictor)
+    score_order = (SURVIVAL_SCORE_KIND, "attention_x_logit", DEFAULT_SCORE_KIND)
+    linear_penalty = ("alpha", ALPHA_GRID)
+    linear_words = "a ridge Cox model (scikit-survival)"
+
+    @classmethod
+    def target_reader(cls, options: SurvivalOptions) -> SurvivalTargets:
+        return SurvivalTargets()
+
+    def __init__(self, options: SurvivalOptions, classes: list[str], run: TaskRun | None = None) -> None:
+        super().__init__(options, [], run)
+        self.loss_name = self.options.loss
+        self.ties = self.options.ties
         self.bin_edges: np.ndarray | None = None
         self.cohort_times: tuple[np.ndarray, np.ndarray] | None = None
 
     def observe_cohort(self, bags: pd.DataFrame) -> None:
         """With ``task.bins_from: cohort``, keep every bag's time and event for the bins."""
-        if self.cfg.task.bins_from == "cohort":
+        if self.options.bins_from == "cohort":
             self.cohort_times = (bags["time"].to_numpy(float), bags["event"].to_numpy(int))
 
     @property
     def n_out(self) -> int:
-        return 1 if self.loss_name == "cox" else int(self.cfg.task.bins)
+        return 1 if self.loss_name == "cox" else int(self.options.bins)
 
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
         event = train_bags["event"].to_numpy(int)
@@ -121,9 +123,9 @@ class SurvivalTask(Task):
         if self.cohort_times is not None:  # bins_from: cohort (test folds' times included)
             times, event = self.cohort_times
         try:
-            self.bin_edges = discrete_time_bins(times, event, self.cfg.task.bins)
+            self.bin_edges = discrete_time_bins(times, event, self.options.bins)
         except DataError as exc:
-            raise DataError(f"{self.where}: {exc} (task.bins = {self.cfg.task.bins})") from None
+            raise DataError(f"{self.where}: {exc} (task.bins = {self.options.bins})") from None
 
     def constant_logits(self, train_bags: pd.DataFrame) -> np.ndarray:
         """Cox: 0 (every constant risk is as good). NLL: the logit of each bin's hazard in the
@@ -158,8 +160,8 @@ class SurvivalTask(Task):
             return True
         warnings.warn(
             f"{self.where}: the validation partition ({len(val_bags)} bags) has no events, so "
-            f"its loss and C-index are undefined and not logged; this fold trains for the full "
-            f"train.epochs = {self.cfg.train.epochs} without early stopping",
+            f"its loss and C-index are undefined and not logged; this fold trains for its whole "
+            f"budget (train.epochs, train.min_steps) without early stopping",
             SurvivalWarning,
             stacklevel=2,
         )
@@ -190,7 +192,7 @@ class SurvivalTask(Task):
                 logits[:, 0], targets["time"].to(logits.device), event, ties=self.ties
             )
         return discrete_hazard_nll(
-            logits, targets["bin"].to(logits.device), event, alpha=self.cfg.task.alpha
+            logits, targets["bin"].to(logits.device), event, alpha=self.options.alpha
         )
 
     def outputs(self, logits: np.ndarray) -> pd.DataFrame:
@@ -248,91 +250,6 @@ class SurvivalTask(Task):
         out["n_bags"] = g.size().to_numpy()
         return out
 
-    def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
-        """Harrell's C; with the training fold's predictions also Uno's C, td-AUC, IBS, log-rank p.
-
-        Without ``train_pred`` (validation during training) only ``c_index``,
-        NaN where undefined. A test fold where a metric is undefined (no
-        events, no event before the training follow-up ends, …) gets NaN and
-        a :class:`SurvivalWarning`, so one small fold does not stop a run.
-        """
-        time, event, risk = (pred[c].to_numpy(float) for c in ("time", "event", "risk"))
-        validating = train_pred is None
-        nan = float("nan")
-        out: dict[str, Any] = {}
-        if not validating and event.sum() == 0:
-            warnings.warn(
-                f"{self.where}: the test partition ({len(pred)} bags) has no events; its "
-                "survival metrics are undefined (NaN). Use fewer folds (splits.folds)",
-                SurvivalWarning,
-                stacklevel=2,
-            )
-            names = ("c_index", "c_index_uno", "c_index_uno_tau", "td_auc", "ibs", "logrank_p")
-            return dict.fromkeys(names, nan)
-        with self._undefined_as_nan(out, "c_index", quiet=validating):
-            out["c_index"] = c_index(time, event, risk)
-        if validating:
-            return out
-        tr_time, tr_event = (train_pred[c].to_numpy(float) for c in ("time", "event"))
-        out["c_index_uno"], out["c_index_uno_tau"] = nan, nan
-        with self._undefined_as_nan(out, "c_index_uno"):
-            uno = c_index_uno(tr_time, tr_event, time, event, risk)
-            out["c_index_uno"], out["c_index_uno_tau"] = uno["c_index"], uno["tau"]
-        with self._undefined_as_nan(out, "td_auc"):
-            auc = td_auc(tr_time, tr_event, time, event, risk)
-            out["td_auc"] = auc["auc"]
-            out["td_auc_times"] = auc["times"].tolist()
-        with self._undefined_as_nan(out, "ibs"):
-            times = ibs_times(tr_time, tr_event, time)
-            surv = self.survival_at(pred, train_pred, times)
-            out["ibs"] = ibs(tr_time, tr_event, time, event, surv, times)
-            out["ibs_times"] = times.tolist()
-        groups = risk_groups(pred, train_pred)
-        out["logrank_p"] = logrank_p(groups)
-        if self.bin_edges is not None:
-            out["bin_cuts"] = self.bin_edges[1:-1].tolist()
-        return out
-
-    def survival_at(
-        self, pred: pd.DataFrame, train_pred: pd.DataFrame, times: np.ndarray
-    ) -> np.ndarray:
-        """Survival ``[n, len(times)]`` of ``pred``'s bags.
-
-        Cox: Breslow baseline fitted on the training fold's predicted risks.
-        NLL: the product of ``1 - hazard`` up to each time's bin.
-        """
-        if self.loss_name == "cox":
-            return breslow_survival(
-                train_pred["risk"].to_numpy(float),
-                train_pred["time"].to_numpy(float),
-                train_pred["event"].to_numpy(int),
-                pred["risk"].to_numpy(float),
-                times,
-            )
-        cols = [f"surv_{k}" for k in range(self.n_out)]
-        return discrete_survival_at(pred[cols].to_numpy(float), self._edges(), times)
-
-    def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
-        """Harrell's C of pooled out-of-fold predictions, over pairs within a fold.
-
-        Risks of different folds come from different models (a Cox risk is
-        defined only up to a shift), so the statistic compares pairs within a
-        fold only: concordant / comparable pairs summed over folds.
-        """
-        return pooled_c_index(*pooled_arrays(pred))
-
-    def pooled_ci(
-        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
-    ) -> dict[str, tuple[float, float]]:
-        """Bootstrap 95% CI of :meth:`pooled_metrics`, resampling patients."""
-        return bootstrap_ci(
-            pooled_c_index,
-            *pooled_arrays(pred),
-            n_boot=n_boot,
-            seed=seed,
-            groups=pred["patient_id"].astype(str).to_numpy(),
-        )
-
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
         return {"n_events": int(pred["event"].to_numpy(int).sum())}
 
@@ -343,15 +260,48 @@ class SurvivalTask(Task):
         """Every bag: witness AUC is averaged over the bags that hold aggressive tiles at all."""
         return np.ones(len(pred), dtype=bool)
 
+    def test_problem(self, test_bags: pd.DataFrame) -> str | None:
+        if test_bags["event"].to_numpy(int).any():
+            return None
+        return (
+            "the test partition has no events, so its survival metrics are undefined; use fewer "
+            "folds (splits.folds)"
+        )
+
+    def thin_outcome(self, pred: pd.DataFrame) -> str | None:
+        events = int(pred.groupby("patient_id")["event"].max().sum())
+        if not 0 < events < MIN_EVENTS:
+            return None
+        n = pred["patient_id"].nunique()
+        return (
+            f"the external cohort has {events} event{'s' * (events != 1)} among {n} "
+            f"patient{'s' * (n != 1)}; its C-index and confidence interval rest on so few events "
+            f"that they say little (a CI can look narrow by chance). Add patients with events "
+            f"(at least {MIN_EVENTS})"
+        )
+
+    @classmethod
+    def instance_view(cls, values: np.ndarray, kind: str) -> np.ndarray:
+        """A Cox risk is one column already; discrete-time hazard logits (one per bin) become
+        their mean over the bins (higher: higher risk)."""
+        v = np.asarray(values, dtype=np.float64)
+        return v.mean(1, keepdims=True) if logit_kind(kind, v) and v.shape[1] > 1 else v
+
+    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+        """A ridge Cox model (the task's ties); for ``nll`` its risk becomes bin hazards
+        through the Breslow baseline of the training bags."""
+        cuts = None if self.n_out == 1 else np.asarray(self.state()["bin_cuts"], float)
+        return cox_head(z, bags["time"].to_numpy(float), bags["event"].to_numpy(int), penalty, self.ties, cuts)
+
     def fold_artifacts(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None) -> Artifacts:
         """``risk_groups.csv`` and ``km.png``: test bags cut at the training fold's median risk."""
         if train_pred is None:
             return {}
         groups = risk_groups(pred, train_pred)
-        title = f"{self.cfg.name}, fold {self.fold_name}: test bags by predicted risk"
+        title = f"{self.run.name}, fold {self.fold_name}: test bags by predicted risk"
         return {
             "risk_groups.csv": groups,
-            "km.png": km_figure(groups, title, self.cfg.data.time_col),
+            "km.png": km_figure(groups, title, self._time_label()),
         }
 
     def summary_artifacts(self, folds: FoldTables) -> tuple[dict[str, Any], Artifacts]:
@@ -366,10 +316,10 @@ class SurvivalTask(Task):
         if not parts:
             return {}, {}
         pooled = pd.concat(parts, ignore_index=True)
-        title = f"{self.cfg.name}: out-of-fold risk groups, {len(parts)} folds pooled"
+        title = f"{self.run.name}: out-of-fold risk groups, {len(parts)} folds pooled"
         artifacts = {
             "risk_groups.csv": pooled,
-            "km.png": km_figure(pooled, title, self.cfg.data.time_col),
+            "km.png": km_figure(pooled, title, self._time_label()),
         }
         return {"logrank_p_pooled": logrank_p(pooled)}, artifacts
 
@@ -383,12 +333,12 @@ class SurvivalTask(Task):
         return "survival prediction"
 
     def methods(self) -> str:
-        return methods_words(self.cfg.task)
+        return methods_words(self.options)
+
+    def _time_label(self) -> str:
+        return self.run.columns.get("time", "time")
 
     def _edges(self) -> np.ndarray:
         if self.bin_edges is None:
             raise RuntimeError("SurvivalTask.setup_fold must run before the nll targets exist")
         return self.bin_edges
-
-    def _undefined_as_nan(self, out: dict[str, Any], key: str, quiet: bool = False):
-        return NanOnDataError(out, key, None if quiet else self.where, SurvivalWarning)

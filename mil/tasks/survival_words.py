@@ -1,11 +1,34 @@
-"""The survival task's sentences for a report's methods paragraph."""
+"""The survival task's own ``task:`` keys and its sentences for a report's methods paragraph."""
 
 from __future__ import annotations
 
-from mil.schema import TaskConfig
+from dataclasses import dataclass
+from typing import Literal
 
 
-def methods_words(task: TaskConfig) -> str:
+@dataclass
+class SurvivalOptions:
+    """``task.loss``: the Cox partial likelihood over each loss batch's risk set, or the
+    discrete-time hazard NLL (Patch-GCN style bins); ``ties``: how tied event times enter the
+    partial likelihood; ``bins``: time bins of ``nll``, at quantiles of the training fold's
+    uncensored times (``bins_from: cohort``: of the whole cohort's, MCAT / Patch-GCN /
+    SurvPath's labelling, reproduced and flagged); ``alpha``: the weight moved onto the
+    uncensored terms of ``nll`` (Patch-GCN's)."""
+
+    loss: Literal["cox", "nll"] = "cox"
+    ties: Literal["efron", "breslow"] = "efron"
+    bins: int = 4
+    bins_from: Literal["fold", "cohort"] = "fold"
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bins < 2:
+            raise ValueError("task.bins must be at least 2")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("task.alpha must be in [0, 1]")
+
+
+def methods_words(task: SurvivalOptions) -> str:
     """The loss and the metrics of a survival run, in a paper's words."""
     if task.loss == "cox":
         return (

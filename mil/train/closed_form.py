@@ -1,16 +1,11 @@
-"""Fit the linear baselines (:mod:`mil.models.linear`) with scikit-learn / scikit-survival.
+"""Fit the linear baselines (:mod:`mil.models.linear`) with the task's closed-form model.
 
 One fold: the pooled bag vectors of the training bags (a k-means codebook first,
 for ``bow_linear``, fit on training-fold instances only) are standardised with
-their training mean and spread, and a penalised linear model is fit per penalty
-of a grid:
-
-- classification: ``sklearn.linear_model.LogisticRegression(C)`` (multinomial;
-  the task's class weights);
-- survival: ``sksurv.linear_model.CoxPHSurvivalAnalysis(alpha)`` (ridge Cox, the
-  task's ties); for the discrete-time loss its linear predictor becomes per-bin
-  hazards through the Breslow baseline of the training bags
-  (``sksurv.linear_model.coxph.BreslowEstimator``).
+their training mean and spread, and the task's penalised linear model
+(:meth:`mil.tasks.Task.fit_linear`: logistic regression for classification, ridge
+Cox for survival, ridge regression for regression) is fit per penalty of the
+task's grid (:attr:`mil.tasks.Task.linear_penalty`).
 
 The penalty kept is the one with the lowest *task loss* on the validation bags
 (the criterion early stopping uses for the MIL models); without usable validation
@@ -22,27 +17,19 @@ training vectors (an SVD rotation), which is exact for an L2 penalty.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.cluster import KMeans
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
-from sksurv.linear_model import CoxPHSurvivalAnalysis
-from sksurv.linear_model.coxph import BreslowEstimator
-from sksurv.util import Surv
 
 from mil.data.dataset import BagDataset
 from mil.errors import ConfigError
 from mil.models.linear import BagOfWordsLinear, PooledLinear
 from mil.schema import TrainConfig
 from mil.tasks import Task
+from mil.tasks.linear_fits import ALPHA_GRID, C_GRID  # noqa: F401  (importable from here)
 
-#: inverse penalties of the logistic regression, and ridge penalties of the Cox model
-C_GRID = tuple(10.0**k for k in range(-4, 3))
-ALPHA_GRID = tuple(10.0**k for k in range(-2, 4))
 #: instances the k-means codebook is fit on, at most (drawn evenly over training bags)
 CODEBOOK_INSTANCES = 30_000
 
@@ -60,10 +47,10 @@ def fit_closed_form(
 
     ``penalties`` replaces the grid; one penalty is fitted as given, with no
     validation loss (a refit at the penalty cross-validation chose)."""
-    if task.target_kind not in ("label", "survival"):
+    if not task.linear_penalty[1]:
         raise ConfigError(
-            f"model {model.registry_name!r} fits classification and survival tasks only, "
-            f"not task.type {task.name!r}"
+            f"model {model.registry_name!r} is fitted in closed form by the task's linear model, "
+            f"and task.type {task.name!r} declares none (Task.fit_linear, Task.linear_penalty)"
         )
     model.cpu()
     if isinstance(model, BagOfWordsLinear):
@@ -128,48 +115,20 @@ def codebook(model: BagOfWordsLinear, data: BagDataset, bag_ids: list[str], seed
 
 
 class _LinearFit:
-    """The task's penalised linear model on standardised bag vectors."""
+    """The task's penalised linear model (:meth:`mil.tasks.Task.fit_linear`) on standardised
+    bag vectors, fitted in the span of the training vectors where ``rot`` is given."""
 
     def __init__(self, model: PooledLinear, task: Task, train: pd.DataFrame, rot, seed: int):
         self.model, self.task, self.rot, self.seed = model, task, rot, seed
-        self.survival = task.target_kind == "survival"
-        self.grid = ALPHA_GRID if self.survival else C_GRID
-        self.penalty_name = "alpha" if self.survival else "C"
+        self.penalty_name, self.grid = task.linear_penalty
 
     def fit(self, z: np.ndarray, bags: pd.DataFrame, penalty: float):
         """``(weight, bias, delta_h0)`` tensors for :meth:`PooledLinear.set_head`."""
         zr = z if self.rot is None else z @ self.rot
-        back = (lambda w: w) if self.rot is None else (lambda w: w @ self.rot.T)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence notes at the weakest penalties
-            if self.survival:
-                return self._fit_cox(zr, bags, penalty, back)
-            weight = getattr(self.task, "weight", None)
-            lr = LogisticRegression(
-                C=penalty, max_iter=5000, random_state=self.seed,
-                class_weight=None if weight is None else dict(enumerate(weight.tolist())),
-            ).fit(zr, bags["label"].to_numpy(int))  # fmt: skip
-        w, b = back(lr.coef_), lr.intercept_
-        if len(lr.classes_) == 2:  # softmax([0, eta]) = sigmoid(eta)
-            w, b = np.vstack([np.zeros_like(w), w]), np.array([0.0, b[0]])
-        return torch.as_tensor(w).float(), torch.as_tensor(b).float(), None
-
-    def _fit_cox(self, zr, bags, penalty, back):
-        time, event = bags["time"].to_numpy(float), bags["event"].to_numpy(bool)
-        ties = getattr(self.task, "ties", "efron")
-        cox = CoxPHSurvivalAnalysis(alpha=penalty, ties=ties, n_iter=200).fit(
-            zr, Surv.from_arrays(event, time)
-        )
-        w = back(cox.coef_[None, :])
-        delta = None
-        if self.model.n_out > 1:  # discrete-time hazards per bin from the Breslow baseline
-            breslow = BreslowEstimator().fit(zr @ cox.coef_, event, time)
-            cuts = np.asarray(self.task.state()["bin_cuts"], float)
-            h0 = breslow.cum_baseline_hazard_
-            at = np.concatenate([[0.0], cuts, [h0.x[-1]]])
-            cum = np.where(at < h0.x[0], 0.0, h0(np.clip(at, h0.x[0], h0.x[-1])))
-            delta = torch.as_tensor(np.diff(cum)).float()
-        return torch.as_tensor(w).float(), torch.zeros(1), delta
+        w, b, delta = self.task.fit_linear(zr, bags, penalty, self.seed)
+        w = w if self.rot is None else w @ self.rot.T
+        as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64)).float()  # noqa: E731
+        return as_t(w), as_t(b), None if delta is None else as_t(delta)
 
     def loss(self, head, z: np.ndarray, bags: pd.DataFrame) -> float:
         self.model.set_head(*head, mu=torch.zeros(z.shape[1]), sigma=torch.ones(z.shape[1]))

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from mil.config import Config
+from mil.config import Config, warn_ignored
 from mil.data.dataset import BagDataset
 from mil.data.sources import load_cohort
 from mil.data.transforms import Standardizer, fold_preprocessing
-from mil.errors import MilWarning
 from mil.models import create, get
 from mil.models.fusion import with_tabular_layout
 from mil.results import config_splits
@@ -34,13 +32,7 @@ class Experiment:
         self, cfg: Config, run_dir: Path, force_splits: bool = False, progress: bool = True
     ):
         self.cfg = cfg
-        if cfg.task.target_kind != "label" and cfg.task.operating_point != "youden":
-            warnings.warn(
-                f"{cfg.source}: task.operating_point = {cfg.task.operating_point} is ignored: a "
-                f"{cfg.task.type} task has no decision threshold",
-                MilWarning,
-                stacklevel=3,
-            )
+        warn_ignored(cfg)  # task: keys of another task (task.operating_point of survival)
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.cohort, self.store = load_cohort(cfg)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from mil.config import Config
-from mil.data.cohort import Cohort, class_names, read_cohort_csv
+from mil.data.cohort import Cohort, read_cohort_csv
 from mil.data.dataset import FeatureStore
 from mil.data.provenance import cohort_files
 from mil.data.readers import read_features
@@ -23,12 +23,12 @@ from mil.data.sources import load_cohort
 from mil.errors import ConfigError, DataError, MilError, MilWarning
 from mil.results import CONFIG, METRICS, MODEL, REFIT, REFIT_JSON, SPLITS, RunFolder
 from mil.results.search import SEARCH_CSV
+from mil.tasks import Task
+from mil.tasks.survival import MIN_EVENTS  # noqa: F401  (fewer external events are warned)
+from mil.tasks.targets import class_names
 from mil.train.refit import read_refit
 from mil.train.runner import resolve_device
 
-#: an external survival cohort with fewer events than this gets a warning (its C-index and CI
-#: rest on a handful of comparable pairs)
-MIN_EVENTS = 10
 #: how :func:`mil.data.provenance.provenance_differences` begins its message about encoders
 ENCODER_DIFFERENCE = "feature provenance differs from the run's training cohort in encoder:"
 # the bytes compared at each end of two same-sized feature files: enough to tell two
@@ -262,27 +262,13 @@ def _same_file(a: Path, b: Path | None) -> bool:
         return False
 
 
-def warn_thin_outcome(target_kind: str, pred: pd.DataFrame, source: Any) -> None:
-    """Warn when the external outcomes cannot carry the metrics: one class only (AUC and its
-    gap undefined), or a survival cohort with fewer than :data:`MIN_EVENTS` events."""
-    n_patients = pred["patient_id"].nunique()
-    if target_kind == "label" and "label" in pred.columns:
-        classes = sorted(pred["label"].dropna().astype(str).unique())
-        if len(classes) == 1:
-            _warn(
-                f"{source}: every bag of the external cohort ({_count(len(pred), 'bag')}, "
-                f"{_count(n_patients, 'patient')}) is of class {classes[0]!r}; the metrics that need two classes "
-                f"(AUC, its gap) are undefined (null) and the others describe that class alone"
-            )
-    if target_kind == "survival" and "event" in pred.columns:
-        events = int(pred.groupby("patient_id")["event"].max().sum())
-        if 0 < events < MIN_EVENTS:
-            _warn(
-                f"{source}: the external cohort has {_count(events, 'event')} among "
-                f"{_count(n_patients, 'patient')}; its C-index and confidence interval rest on so "
-                f"few events that they say little (a CI can look narrow by chance). Add "
-                f"patients with events (at least {MIN_EVENTS})"
-            )
+def warn_thin_outcome(task: Task, pred: pd.DataFrame, source: Any) -> None:
+    """Warn when the external outcomes cannot carry the metrics, as the task says
+    (:meth:`mil.tasks.Task.thin_outcome`: one class only, so the AUC and its gap are
+    undefined; a survival cohort with fewer than ten events)."""
+    what = task.thin_outcome(pred)
+    if what is not None:
+        _warn(f"{source}: {what}")
 
 
 # ---- the external cohort, read --------------------------------------------------------------
@@ -291,7 +277,7 @@ def warn_thin_outcome(target_kind: str, pred: pd.DataFrame, source: Any) -> None
 def check_classes(cfg: Config, classes: list[str]) -> None:
     """Refuse a label of the cohort CSV that is none of the run's classes, naming it."""
     d = cfg.data
-    if cfg.task.target_kind != "label" or not classes or d.instances or not d.csv:
+    if not classes or d.instances or not d.csv:  # a task with classes reads data.label_col
         return
     df = read_cohort_csv(d.csv, d.slide_col)
     if d.label_col not in df.columns:
@@ -342,7 +328,3 @@ def own_warnings_only() -> Iterator[None]:
         if issubclass(w.category, MilWarning) and str(w.message) not in seen:
             seen.add(str(w.message))
             warnings.warn(w.message, stacklevel=3)
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"

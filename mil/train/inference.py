@@ -16,8 +16,7 @@ from mil.data.readers import FEATURE_SUFFIXES
 from mil.data.tabular import TabularScaler, TabularTable
 from mil.data.transforms import Standardizer
 from mil.errors import MilError
-from mil.metrics.instances import LOGIT_KINDS, task_view
-from mil.models.base import default_score_order
+from mil.metrics.instances import LOGIT_KINDS
 from mil.results import REFIT
 from mil.results.checkpoint import load_model
 from mil.results.members import read_members
@@ -47,6 +46,7 @@ class FoldModel:
         self.cfg, self.fold, self.device = cfg, fold, torch.device(device)
         self.model.to(self.device)
         self.task: Task = make_task(cfg, list(self.payload.get("classes", [])))
+        self.task.load_fold_state(self.payload.get("task_state") or {})  # a target scaler, bins
         norm = self.payload.get("standardize")
         self.norm = None if norm is None else Standardizer.from_state(norm)
         # the fold's ensemble (members.json): the model's seed replicas, its linear members,
@@ -99,12 +99,12 @@ class FoldModel:
         self, fwd: Forward, kind: str | None, cls: int | str | None, slide_id: str
     ) -> np.ndarray:
         """The instance scores of ``kind`` (column ``cls``) of a one-bag :meth:`forward`, as the
-        fold's ``attention.h5`` holds them (:func:`mil.metrics.instances.task_view`).
+        fold's ``attention.h5`` holds them (:meth:`mil.tasks.Task.instance_view`).
 
         ``kind`` ``"default"``: the default heatmap score (:mod:`mil.results.scores`); a class
         kind without ``cls``: the last class of two, else the predicted class."""
         if kind == DEFAULT:
-            order = default_score_order(self.cfg.task.type)
+            order = self.task.score_order
             kind = next((k for k in order if k in fwd.extra_scores), None)
         if kind == "attention" and kind not in fwd.extra_scores:  # the main score (ABMIL...)
             kind = None
@@ -120,7 +120,7 @@ class FoldModel:
                 f"slide {slide_id}: fold {self.fold}'s model has no {kind!r} scores; "
                 f"kinds: {sorted(fwd.extra_scores)}"
             )
-        v = task_view(fwd.extra_scores[kind][0].numpy(), kind, self.cfg.task.type)
+        v = self.task.instance_view(fwd.extra_scores[kind][0].numpy(), kind)
         classes = list(self.payload["classes"])
         names = classes if len(classes) == v.shape[1] else []
         if cls is None and kind in (*LOGIT_KINDS, "instance_classifier") and v.shape[1] > 1:

@@ -48,7 +48,7 @@ def write_report(run_dir: str | Path) -> Path:
     if summary.get("diagnostics"):
         lines += ["## Training diagnostics", "", *_diagnostics(summary), ""]
     if run.file(BASELINES).is_file():
-        lines += ["## Against linear baselines", "", *_baselines(run.file(BASELINES), cfg), ""]
+        lines += ["## Against linear baselines", "", *_baselines(run.file(BASELINES), cfg, task), ""]
     if summary.get("subgroups"):
         lines += ["## Sites and subgroups", "", *subgroup_lines(summary, task), ""]
     lines += ["## Per fold", "", *_per_fold(records, task), ""]
@@ -302,7 +302,7 @@ def _diagnostics(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def _baselines(path: Path, cfg: Config) -> list[str]:
+def _baselines(path: Path, cfg: Config, task: Task) -> list[str]:
     table = pd.read_csv(path)
     lines = [
         f"The same folds with linear models on pooled bags (`mil train --baseline`; "
@@ -320,8 +320,8 @@ def _baselines(path: Path, cfg: Config) -> list[str]:
     lines += [
         "",
         "`meanpool_linear`: the mean of the bag's features; `bow_linear`: a histogram over a "
-        "k-means codebook of training-fold instances; each standardised, then logistic "
-        "regression (classification) or ridge Cox (survival), the penalty chosen on the "
+        "k-means codebook of training-fold instances; each standardised, then "
+        f"{task.linear_words or 'the linear model of the task'}, the penalty chosen on the "
         "validation bags. A difference whose CI holds 0 says the MIL model did not earn its "
         "keep over a linear model on this cohort.",
     ]

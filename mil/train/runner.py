@@ -352,14 +352,13 @@ def _instance_metrics(
     if witness is not None:
         out["witness_auc"] = witness
     # score kinds as the task reads them (class evidence, share of the risk): attention.h5 holds these
-    fwd.extra_scores = task_scores(fwd.extra_scores, cfg.task.type)
+    fwd.extra_scores = task_scores(fwd.extra_scores, task.instance_view)
     out.update(witness_metrics(
         pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
-        cfg.task.type,
     ))  # fmt: skip
     if cfg.train.faithfulness:  # deletion/insertion of the top-scored instances
         test_bags = [data[b] for b in test["bag_id"]]
-        out.update(fold_faithfulness(model, test_bags, fwd, cfg.task.type, cfg.train, device))
+        out.update(fold_faithfulness(model, test_bags, fwd, task, cfg.train, device))
     return out
 
 
