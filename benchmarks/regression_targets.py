@@ -11,10 +11,13 @@ Two kinds of cohort:
   deaths selects a cohort), run with ``target_scaling: standard`` (the default) and ``log``.
 
 Each cohort runs the defaults (``task: {type: regression}``, the default model and training,
-patient bags, 5 folds) and ``meanpool_linear`` / ``bow_linear`` (ridge regression on the pooled
-bags, ``mil train --baseline``) on the same split files; the table gives pooled out-of-fold R²,
-Pearson r and MAE with patient-bootstrap CIs (``summary.json``) and the paired difference of R²
-against each baseline (``baselines.csv``)::
+``ensemble: auto``, patient bags, 5 folds). With ``ensemble: auto`` a regression fold trains the
+model and fits ``meanpool_linear`` and ``bow_linear`` (ridge regression on the pooled bags) on
+the same training bags, and predicts their average; each member's own predictions are kept
+(``members/<name>/``), so one run gives the model alone, each ridge model, the default average
+and (here) the model averaged with ``bow_linear`` only, all on the same folds. The table gives
+pooled out-of-fold R², Pearson r and MAE with patient-bootstrap CIs (``summary.json``) and the
+paired differences of R² (the average minus each member)::
 
     python benchmarks/regression_targets.py --out results/regression            # ~1 h on 2 CPUs
     python benchmarks/regression_targets.py --out /tmp/reg --smoke              # seconds
@@ -28,14 +31,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from mil.compare import run_baselines
 from mil.config import config_from_dict
 from mil.data.synthetic import demo_config, write_synthetic_cohort
 from mil.metrics.regression import regression_metrics
 from mil.train.runner import run_cv
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "real"
-BASELINES = ["meanpool_linear", "bow_linear"]
 #: the smoke preset: a tiny synthetic cohort, 3 folds, 2 epochs, no real cohort
 SMOKE = {"n_patients": 24, "dim": 12, "tiles": (15, 40), "folds": 3, "epochs": 2, "real": [], "n_boot": 20}
 #: the real cohorts (as benchmarks/survival_stopping.py names them)
@@ -75,42 +76,52 @@ def uncensored_config(out: Path, short: str, scaling: str) -> dict:
     }  # fmt: skip
 
 
-def run_one(raw: dict, out: Path, preset: dict, baselines: list[str]) -> dict:
-    """The defaults and the baselines on one cohort: a row of the table."""
+def run_one(raw: dict, out: Path, preset: dict) -> dict:
+    """The defaults on one cohort (the model averaged with its ridge members, ``ensemble:
+    auto``): a row of the table, with each member's own figure and the paired difference of
+    the average against it (``summary.json``'s ``ensemble``), and the model averaged with
+    ``bow_linear`` alone (from the members' saved predictions)."""
     raw = {**raw, "splits": {**raw["splits"], "folds": preset["folds"]}}
     if preset["epochs"]:
         raw["train"] = {"epochs": preset["epochs"], "threads": 1}
     cfg = config_from_dict(raw, source=raw["name"])
     run_dir = run_cv(cfg, out / "runs" / raw["name"], progress=False, log=lambda *a: None, n_boot=preset["n_boot"])
-    table = run_baselines(cfg, run_dir, baselines, progress=False, log=lambda *a: None, n_boot=preset["n_boot"])
-    summary = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    summary = json.loads((run_dir / "summary.json").read_text())
     pred = pd.concat(pd.read_csv(p) for p in sorted(run_dir.glob("fold_*/predictions.csv")))
     pooled = regression_metrics(pred["target"], pred["prediction"])
     row = {"cohort": raw["name"], "patients": pred["patient_id"].nunique()}
     for k in ("r2", "pearson_r", "mae"):  # pooled out-of-fold, with summary.json's bootstrap CI
         row[k] = pooled[k]
-        row[f"{k}_ci"] = summary[k]["ci95_pooled"]
-    for r in table.itertuples():
-        row[f"{r.baseline}_r2"] = r.baseline_value
-        row[f"delta_{r.baseline}"] = r.delta
-        row[f"delta_{r.baseline}_ci"] = [r.delta_ci_low, r.delta_ci_high]
-    row.update(averaged(run_dir, "meanpool_linear", preset["n_boot"]))
+        row[f"{k}_ci"] = summary["metrics"][k]["ci95_pooled"]
+    ens = summary.get("ensemble") or {"members": {}}
+    for name, m in ens["members"].items():
+        key = "model" if name == cfg.model_name else name
+        row[f"{key}_r2"] = m["value"]
+        d = m["average_minus_member"]
+        row[f"avg_minus_{key}"] = d["delta"]
+        row[f"avg_minus_{key}_ci"] = [d["ci_low"], d["ci_high"]]
+    if "bow_linear" in ens["members"]:
+        row.update(pair_average(run_dir, cfg.model_name, "bow_linear", preset["n_boot"]))
     return row
 
 
-def averaged(run_dir: Path, member: str, n_boot: int) -> dict:
-    """The model averaged with a baseline fitted on the same training bags (what ``ensemble:
-    [member]`` predicts): its pooled R² and the paired difference to the model alone."""
+def pair_average(run_dir: Path, model: str, member: str, n_boot: int) -> dict:
+    """The model averaged with one member only (its saved predictions): pooled R² and the
+    paired difference to the model alone."""
     from mil.tasks.paired import paired_metric_difference
-    from mil.train.summary import run_predictions, run_task
+    from mil.train.summary import run_task
+
+    def pooled(name: str) -> pd.DataFrame:
+        files = sorted(run_dir.glob(f"fold_*/members/{name}/predictions.csv"))
+        parts = (pd.read_csv(p).assign(fold_dir=p.parents[2].name) for p in files)
+        return pd.concat(parts, ignore_index=True)
 
     task = run_task(run_dir)
-    model = run_predictions(run_dir)
-    other = run_predictions(run_dir / "baselines" / member)
-    avg = task.average_predictions([model, other])  # rows matched by bag (one repeat)
-    d = paired_metric_difference(task, avg, model, "r2", n_boot=n_boot)
-    return {f"avg_{member}_r2": d["value"], f"avg_{member}_delta": d["delta"],
-            f"avg_{member}_delta_ci": [d["ci_low"], d["ci_high"]]}  # fmt: skip
+    alone = pooled(model)
+    avg = task.average_predictions([alone, pooled(member)])
+    d = paired_metric_difference(task, avg, alone, "r2", n_boot=n_boot)
+    return {f"model+{member}_r2": d["value"], f"model+{member}_minus_model": d["delta"],
+            f"model+{member}_minus_model_ci": [d["ci_low"], d["ci_high"]]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -125,10 +136,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for name in names:
         if name == "synthetic":
-            rows.append(run_one(synthetic_config(out, preset), out, preset, BASELINES))
+            rows.append(run_one(synthetic_config(out, preset), out, preset))
             continue
         for scaling in ("standard", "log"):
-            rows.append(run_one(uncensored_config(out, name, scaling), out, preset, BASELINES))
+            rows.append(run_one(uncensored_config(out, name, scaling), out, preset))
     table = pd.DataFrame(rows)
     table.to_csv(out / "regression_targets.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

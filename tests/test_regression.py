@@ -309,7 +309,8 @@ def test_baseline_is_ridge_regression_on_pooled_bags(tmp_path):
 
 def test_regression_targets_benchmark_smoke(tmp_path):
     """benchmarks/regression_targets.py --smoke: its table against scikit-learn's R² of the
-    runs' out-of-fold predictions (the model's and each ridge baseline's)."""
+    run's out-of-fold predictions: the default average, each member's own, and the model
+    averaged with bow_linear by hand."""
     import sys
     from pathlib import Path
 
@@ -320,11 +321,18 @@ def test_regression_targets_benchmark_smoke(tmp_path):
     row = table.iloc[0]
     run_dir = tmp_path / "runs" / "demo_regression"
 
-    def pooled_r2(folder):
-        pred = pd.concat(pd.read_csv(p) for p in sorted(folder.glob("fold_*/predictions.csv")))
-        return r2_score(pred["target"], pred["prediction"])
+    def pooled(pattern):
+        return pd.concat(pd.read_csv(p) for p in sorted(run_dir.glob(pattern))).sort_values("bag_id")
 
-    assert row["r2"] == pytest.approx(pooled_r2(run_dir))
-    for name in regression_targets.BASELINES:
-        assert row[f"{name}_r2"] == pytest.approx(pooled_r2(run_dir / "baselines" / name))
-        assert row[f"delta_{name}"] == pytest.approx(row["r2"] - row[f"{name}_r2"])
+    average = pooled("fold_*/predictions.csv")
+    assert row["r2"] == pytest.approx(r2_score(average["target"], average["prediction"]))
+    members = {"model": "abmil_additive", "meanpool_linear": "meanpool_linear", "bow_linear": "bow_linear"}
+    preds = {key: pooled(f"fold_*/members/{name}/predictions.csv") for key, name in members.items()}
+    for key, p in preds.items():
+        assert row[f"{key}_r2"] == pytest.approx(r2_score(p["target"], p["prediction"]))
+        assert row[f"avg_minus_{key}"] == pytest.approx(row["r2"] - row[f"{key}_r2"])
+    # the default average is the mean of the three members' predictions
+    mean = np.mean([p["prediction"].to_numpy() for p in preds.values()], axis=0)
+    np.testing.assert_allclose(average["prediction"], mean, rtol=1e-6)
+    pair = (preds["model"]["prediction"].to_numpy() + preds["bow_linear"]["prediction"].to_numpy()) / 2
+    assert row["model+bow_linear_r2"] == pytest.approx(r2_score(preds["model"]["target"], pair))
