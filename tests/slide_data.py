@@ -59,7 +59,7 @@ def place_on_slide(features: Path, seed: int = 0) -> None:
 def slide_cohort(root: Path, kind: str = "classification", slide_path: bool = True) -> dict:
     """A small cohort on the slide and a fast config over it (2 folds, 2 epochs, 1 thread).
 
-    ``kind``: ``classification``, ``survival`` or ``multimodal`` (survival with omics and
+    ``kind``: ``classification``, ``survival``, ``regression`` or ``multimodal`` (survival with omics and
     clinical tables, for the fusion models). ``slide_path``: the cohort CSV names the slide
     file of every slide (they all share the one real slide).
     """
@@ -78,7 +78,10 @@ def slide_cohort(root: Path, kind: str = "classification", slide_path: bool = Tr
             df.to_csv(csv, index=False)
     data = {"csv": str(csv), "features": str(feats), "patient_col": "case_id"}
     task = {"type": "classification"}
-    if kind != "classification":
+    if kind == "regression":
+        task = {"type": "regression"}
+        data.update(label_col="planted_percent")
+    elif kind != "classification":
         task = {"type": "survival"}
         data.update(time_col="survival_months", event_col="censorship", censored_value=1)
     if kind == "multimodal":

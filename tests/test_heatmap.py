@@ -360,10 +360,12 @@ def test_cli_topk_crops_need_the_slide(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
-def test_survival_heatmap_is_signed_and_centred_over_the_slide(tmp_path, capsys):
-    """Survival: the default kind (contribution, the tile's share of the risk) keeps its sign:
-    each tile is drawn at sign(s) x the percentile of |s| on RdBu_r over [-1, 1]."""
-    raw = slide_cohort(tmp_path, "survival")
+@pytest.mark.parametrize("kind", ["survival", "regression"])
+def test_signed_heatmap_is_centred_over_the_slide(kind, tmp_path, capsys):
+    """Survival and regression: the default kind (contribution, the tile's share of the risk or
+    of the prediction) keeps its sign: each tile is drawn at sign(s) x the percentile of |s| on
+    RdBu_r over [-1, 1]."""
+    raw = slide_cohort(tmp_path, kind)
     run_dir = run_cv(config_from_dict(raw), tmp_path / "run", progress=False,
                      log=lambda *a: None, n_boot=10)  # fmt: skip
     run = Run(run_dir)
