@@ -1,4 +1,4 @@
-"""The linear baselines (meanpool_linear, bow_linear) against direct scikit-learn /
+"""The linear baselines (meanpool_linear, bow_linear, proto_linear) against direct scikit-learn /
 scikit-survival fits on the same folds, written here from the split files and the
 feature files alone."""
 
@@ -15,6 +15,7 @@ from conftest import small_config
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
+from sklearn.mixture import GaussianMixture
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
@@ -95,6 +96,36 @@ def test_bag_of_words_is_kmeans_histograms_and_logistic_regression(tmp_path):
     pred = pd.read_csv(out / "fold_0" / "predictions.csv").set_index("bag_id")
     np.testing.assert_allclose(
         pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
+    )
+
+
+def test_prototypes_are_a_gaussian_mixture_and_logistic_regression(tmp_path):
+    """proto_linear: scikit-learn's diagonal GaussianMixture on the training instances; each
+    bag the mean of [posteriors, posterior-weighted standardised offsets from each component]."""
+    raw = small_config(tmp_path / "c")
+    raw["model"] = {"name": "proto_linear", "prototypes": 3}
+    out = run(raw, tmp_path / "run")
+    labels = pd.read_csv(tmp_path / "c" / "cohort.csv").set_index("slide_id")["label"]
+    ids = split(out, 0)
+    x = {b: features(tmp_path / "c", b).astype(np.float32) for b in labels.index}
+    train_x = np.concatenate([x[b] for b in ids["train"]])
+    gmm = GaussianMixture(3, covariance_type="diag", reg_covar=1e-4, max_iter=200, random_state=0)
+    gmm.fit(train_x)
+    sd = np.sqrt(gmm.covariances_)
+
+    def vector(v: np.ndarray) -> np.ndarray:
+        r = gmm.predict_proba(v)
+        offsets = r[:, :, None] * (v[:, None, :] - gmm.means_) / sd
+        return np.concatenate([r, offsets.reshape(len(v), -1)], axis=1).mean(0)
+
+    z = standardised({b: vector(x[b].astype(np.float64)) for b in x}, ids)
+    y = {p: np.array([int(labels[b] == "positive") for b in ids[p]]) for p in ids}
+    history = pd.read_csv(out / "fold_0" / "history.csv")
+    direct = LogisticRegression(C=history.loc[history["best"], "C"].item(), max_iter=5000)
+    direct.fit(z["train"], y["train"])
+    pred = pd.read_csv(out / "fold_0" / "predictions.csv").set_index("bag_id")
+    np.testing.assert_allclose(
+        pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=1e-3
     )
 
 

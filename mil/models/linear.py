@@ -9,7 +9,12 @@ standardise it with the training fold's mean :math:`\mu` and spread
 
 - ``meanpool_linear``: :math:`\phi(x) = x` (the instance features);
 - ``bow_linear``: :math:`\phi(x)` is the one-hot code of the nearest of ``words``
-  k-means centres fit on the training fold's instances (a word histogram per bag).
+  k-means centres fit on the training fold's instances (a word histogram per bag);
+- ``proto_linear``: prototypes as in PANTHER (Song et al., CVPR 2024): a diagonal Gaussian
+  mixture of ``prototypes`` components fit on the training fold's instances;
+  :math:`\phi(x) = [\,r_k(x),\; r_k(x)\,(x-m_k)/s_k\,]_k` with :math:`r_k` the posterior of
+  component :math:`k`, so the bag vector holds each prototype's share of the bag and the mean
+  offset of its tiles from the prototype (the mixture weights and first moments of a bag).
 
 They are not trained by gradient descent: :mod:`mil.train.closed_form` fits the
 head with the task's linear model (scikit-learn's logistic regression for
@@ -37,9 +42,9 @@ training fold's statistics, and the penalty comes from
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
 from mil.data.batch import BagBatch
 from mil.models.base import MILModel, MILOutput
@@ -47,6 +52,8 @@ from mil.models.registry import register
 
 #: head kinds: class logits or a Cox risk (linear), or discrete-time hazard logits
 LINEAR, HAZARDS = 0, 1
+#: instances whose basis vectors are computed at once
+BASIS_CHUNK = 4096
 
 
 class PooledLinear(MILModel):
@@ -77,6 +84,10 @@ class PooledLinear(MILModel):
         """:math:`\\phi(x)` per instance, ``[N, basis_dim]``."""
         raise NotImplementedError
 
+    def fit_basis(self, x: np.ndarray, seed: int) -> None:
+        """Fit what :meth:`basis` learns from the training fold's instances ``x [N, D]`` (a
+        sample of them; :mod:`mil.train.closed_form`). Nothing here: a fixed basis."""
+
     def set_head(
         self, weight: Tensor, bias: Tensor, delta_h0: Tensor | None, *, mu: Tensor, sigma: Tensor
     ) -> None:
@@ -105,16 +116,25 @@ class PooledLinear(MILModel):
         return torch.where(c > 20.0, c, small)
 
     def forward(self, batch: BagBatch) -> MILOutput:
-        phi = (self.basis(batch.x) - self.mu) / self.sigma
-        z = scatter(phi, batch.batch, dim=0, dim_size=batch.num_bags, reduce="mean")
         hazards = int(self.head_kind) == HAZARDS
         row = self.weight[0] if hazards else self.weight[-1]
-        with torch.no_grad():
-            scores = phi @ row
-            n = batch.sizes[batch.batch].to(phi.dtype).clamp(min=1).unsqueeze(1)
-            w = self.weight[:1] if hazards else self.weight
-            extra = {"contribution": phi @ w.T / n, "instance_logits": self.head(phi)}
-        return MILOutput(logits=self.head(z), embedding=z, scores=scores, extra_scores=extra)
+        w = self.weight[:1] if hazards else self.weight
+        n = batch.sizes[batch.batch].to(torch.float32).clamp(min=1).unsqueeze(1)
+        z = torch.zeros(batch.num_bags, self.basis_dim, device=batch.x.device)
+        scores, contribution, logits = [], [], []
+        # in chunks of instances: a wide basis (proto_linear) is never held for a whole batch
+        for lo in range(0, len(batch.x), BASIS_CHUNK):
+            part = slice(lo, lo + BASIS_CHUNK)
+            phi = (self.basis(batch.x[part]) - self.mu) / self.sigma
+            z = z.index_add(0, batch.batch[part], phi / n[part])
+            with torch.no_grad():
+                scores.append(phi @ row)
+                contribution.append(phi @ w.T / n[part])
+                logits.append(self.head(phi))
+        extra = {"contribution": torch.cat(contribution), "instance_logits": torch.cat(logits)}
+        return MILOutput(
+            logits=self.head(z), embedding=z, scores=torch.cat(scores), extra_scores=extra
+        )
 
 
 @register("meanpool_linear")
@@ -142,12 +162,67 @@ class BagOfWordsLinear(PooledLinear):
         super().__init__(in_dim, n_out, words)
         self.register_buffer("centres", torch.randn(words, in_dim))
 
-    def set_codebook(self, centres: Tensor) -> None:
+    def fit_basis(self, x: np.ndarray, seed: int) -> None:
+        """k-means (scikit-learn) centres of the training fold's instances."""
+        from sklearn.cluster import KMeans
+
+        if len(np.unique(x, axis=0)) < self.basis_dim:
+            raise ValueError(
+                f"model.words = {self.basis_dim}, but the training bags hold fewer distinct "
+                "instances; lower model.words"
+            )
+        km = KMeans(n_clusters=self.basis_dim, n_init=3, random_state=seed).fit(x)
         with torch.no_grad():
-            self.centres.copy_(centres)
+            self.centres.copy_(torch.as_tensor(km.cluster_centers_).float())
 
     def basis(self, x: Tensor) -> Tensor:
         x = x.float()
         # squared distances up to the per-instance constant |x|^2
         d = (self.centres.float() ** 2).sum(1) - 2.0 * x @ self.centres.float().T
         return nn.functional.one_hot(d.argmin(1), self.basis_dim).float()
+
+
+@register("proto_linear")
+class PrototypeLinear(PooledLinear):
+    r"""Prototypes (PANTHER-style): a diagonal Gaussian mixture of ``prototypes`` components
+    fit on the training fold's instances (scikit-learn); :math:`\phi(x)` holds each
+    component's posterior :math:`r_k(x)` and :math:`r_k(x)(x-m_k)/s_k`; a linear head on
+    their bag means (see :mod:`mil.models.linear`). ``basis_dim = prototypes (1 + in_dim)``."""
+
+    def __init__(self, in_dim: int, n_out: int, prototypes: int = 8) -> None:
+        if prototypes < 2:
+            raise ValueError(f"prototypes = {prototypes}; a mixture needs at least 2 components")
+        super().__init__(in_dim, n_out, prototypes * (1 + in_dim))
+        self.prototypes = prototypes
+        self.register_buffer("means", torch.zeros(prototypes, in_dim))
+        self.register_buffer("scales", torch.ones(prototypes, in_dim))
+        self.register_buffer("log_weights", torch.full((prototypes,), -float(np.log(prototypes))))
+
+    def fit_basis(self, x: np.ndarray, seed: int) -> None:
+        """``GaussianMixture(prototypes, covariance_type="diag")`` on the training instances."""
+        from sklearn.mixture import GaussianMixture
+
+        if len(x) < 2 * self.prototypes:
+            raise ValueError(
+                f"model.prototypes = {self.prototypes}, but the training bags hold {len(x)} "
+                "instances; lower model.prototypes"
+            )
+        gmm = GaussianMixture(
+            self.prototypes, covariance_type="diag", reg_covar=1e-4, max_iter=200, random_state=seed
+        ).fit(x)
+        with torch.no_grad():
+            self.means.copy_(torch.as_tensor(gmm.means_).float())
+            self.scales.copy_(torch.as_tensor(np.sqrt(gmm.covariances_)).float())
+            self.log_weights.copy_(torch.as_tensor(np.log(gmm.weights_)).float())
+
+    def posteriors(self, x: Tensor) -> Tensor:
+        """:math:`r_k(x)`, ``[N, prototypes]`` (scikit-learn's ``predict_proba``)."""
+        u = (x.float().unsqueeze(1) - self.means) / self.scales
+        log_p = -0.5 * (u**2).sum(-1) - self.scales.log().sum(-1) + self.log_weights
+        return torch.softmax(log_p, dim=1)
+
+    def basis(self, x: Tensor) -> Tensor:
+        x = x.float()
+        r = self.posteriors(x)
+        offsets = r.unsqueeze(2) * (x.unsqueeze(1) - self.means) / self.scales
+        return torch.cat([r, offsets.flatten(1)], dim=1)

@@ -1,7 +1,7 @@
 """Fit the linear baselines (:mod:`mil.models.linear`) with the task's closed-form model.
 
-One fold: the pooled bag vectors of the training bags (a k-means codebook first,
-for ``bow_linear``, fit on training-fold instances only) are standardised with
+One fold: the pooled bag vectors of the training bags (a k-means codebook first for
+``bow_linear``, a Gaussian mixture for ``proto_linear``, fit on training-fold instances only) are standardised with
 their training mean and spread, and the task's penalised linear model
 (:meth:`mil.tasks.Task.fit_linear`: logistic regression for classification, ridge
 Cox for survival, ridge regression for regression) is fit per penalty of the
@@ -20,12 +20,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.cluster import KMeans
 from sklearn.model_selection import KFold
 
 from mil.data.dataset import BagDataset
 from mil.errors import ConfigError
-from mil.models.linear import BagOfWordsLinear, PooledLinear
+from mil.models.linear import BASIS_CHUNK, PooledLinear
 from mil.schema import TrainConfig
 from mil.tasks import Task
 from mil.tasks.linear_fits import ALPHA_GRID, C_GRID  # noqa: F401  (importable from here)
@@ -53,8 +52,10 @@ def fit_closed_form(
             f"and task.type {task.name!r} declares none (Task.fit_linear, Task.linear_penalty)"
         )
     model.cpu()
-    if isinstance(model, BagOfWordsLinear):
-        model.set_codebook(codebook(model, data, train["bag_id"].tolist(), cfg.seed))
+    try:
+        model.fit_basis(instance_sample(data, train["bag_id"].tolist(), cfg.seed), cfg.seed)
+    except ValueError as e:  # a codebook or mixture larger than the training instances allow
+        raise ConfigError(str(e)) from None
     f_tr = pooled(model, data, train["bag_id"].tolist())
     mu = f_tr.mean(0)
     sigma = f_tr.std(0)
@@ -91,27 +92,28 @@ def fit_closed_form(
 
 def pooled(model: PooledLinear, data: BagDataset, bag_ids: list[str]) -> np.ndarray:
     """The bag vectors (means of the model's per-instance basis), ``[bags, basis_dim]``."""
+
+    def mean(x: torch.Tensor) -> np.ndarray:
+        parts = [
+            model.basis(x[i : i + BASIS_CHUNK]).double().sum(0)
+            for i in range(0, len(x), BASIS_CHUNK)
+        ]
+        return (torch.stack(parts).sum(0) / len(x)).numpy()
+
     with torch.no_grad():
-        return np.stack([model.basis(data[b].x).mean(0).double().numpy() for b in bag_ids])
+        return np.stack([mean(data[b].x) for b in bag_ids])
 
 
-def codebook(model: BagOfWordsLinear, data: BagDataset, bag_ids: list[str], seed: int) -> torch.Tensor:
-    """k-means centres of (at most :data:`CODEBOOK_INSTANCES`) training-fold instances."""
+def instance_sample(data: BagDataset, bag_ids: list[str], seed: int) -> np.ndarray:
+    """At most :data:`CODEBOOK_INSTANCES` training-fold instances, drawn evenly over the bags:
+    what a codebook or a mixture (:meth:`PooledLinear.fit_basis`) is fit on."""
     rng = np.random.default_rng(seed)
     per_bag = max(1, CODEBOOK_INSTANCES // max(1, len(bag_ids)))
     rows = []
     for b in bag_ids:
         x = data[b].x.float().numpy()
         rows.append(x[rng.choice(len(x), per_bag, replace=False)] if len(x) > per_bag else x)
-    x = np.concatenate(rows)
-    words = model.basis_dim
-    if len(np.unique(x, axis=0)) < words:
-        raise ConfigError(
-            f"model.words = {words}, but the training bags hold fewer distinct instances; "
-            f"lower model.words"
-        )
-    km = KMeans(n_clusters=words, n_init=3, random_state=seed).fit(x)
-    return torch.as_tensor(km.cluster_centers_).float()
+    return np.concatenate(rows)
 
 
 class _LinearFit:
