@@ -5,6 +5,7 @@ feature files alone."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -14,13 +15,15 @@ import pytest
 from conftest import small_config
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.mixture import GaussianMixture
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
 from mil.config import config_from_dict
 from mil.data.synthetic import write_synthetic_cohort
+from mil.errors import MilWarning
+from mil.run import Run
 from mil.train.closed_form import ALPHA_GRID, C_GRID
 from mil.train.runner import run_cv
 
@@ -129,6 +132,74 @@ def test_prototypes_are_a_gaussian_mixture_and_logistic_regression(tmp_path):
     )
 
 
+def test_clinical_linear_is_logistic_regression_on_the_scaled_tables(tmp_path):
+    """clinical_linear reads the tables alone: each bag's vector is its patient's values scaled
+    with the training fold's present patients (mean, sd), zero where the patient has no row,
+    and the row's availability; then the standardised logistic regression, as scikit-learn."""
+    raw = small_config(tmp_path / "c")
+    cohort = pd.read_csv(raw["data"]["csv"])
+    patients = cohort.drop_duplicates("case_id")
+    rng = np.random.default_rng(0)
+    y = (patients["label"] == "positive").to_numpy(float)
+    omics = pd.DataFrame({"case_id": patients["case_id"], "g1": 2.0 * y + rng.normal(0, 0.7, len(y)),
+                          "g2": rng.normal(5, 2, len(y))})  # fmt: skip
+    omics = omics[rng.uniform(size=len(y)) > 0.25]
+    omics.to_csv(tmp_path / "omics.csv", index=False)
+    raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "omics.csv")}]
+    raw["model"] = {"name": "clinical_linear"}
+    out = run(raw, tmp_path / "run")
+    patient = cohort.set_index("slide_id")["case_id"]
+    table = omics.set_index("case_id")
+    for fold in range(3):
+        ids = split(out, fold)
+        seen = table.loc[table.index.isin(patient[ids["train"]].unique())]
+        scaled = (table - seen.mean()) / seen.std(ddof=0)
+
+        vectors = {
+            b: np.r_[scaled.loc[p].to_numpy(), 1.0] if p in scaled.index else np.zeros(3)
+            for b, p in patient.items()
+        }
+        z = standardised(vectors, ids)
+        labels = cohort.set_index("slide_id")["label"]
+        yy = {p: np.array([int(labels[b] == "positive") for b in ids[p]]) for p in ids}
+        history = pd.read_csv(out / f"fold_{fold}" / "history.csv")
+        direct = LogisticRegression(C=history.loc[history["best"], "C"].item(), max_iter=5000)
+        direct.fit(z["train"], yy["train"])
+        pred = pd.read_csv(out / f"fold_{fold}" / "predictions.csv").set_index("bag_id")
+        np.testing.assert_allclose(
+            pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
+        )
+    pooled = pd.concat(pd.read_csv(p) for p in sorted(out.glob("fold_*/predictions.csv")))
+    has = pooled["modalities"] == "slides+omics"
+    assert roc_auc_score(pooled.loc[has, "label"], pooled.loc[has, "prob_positive"]) > 0.85
+
+
+def test_a_slide_model_with_a_clinical_member_predicts_with_the_runs_tables(tmp_path):
+    """ensemble: [clinical_linear] beside a slide model (a late fusion of linear outputs):
+    Run.predict gives each bag of the run's cohort its patient's tables and reproduces the
+    fold's saved predictions; a bag from elsewhere is predicted with its tables missing,
+    with a warning."""
+    raw = small_config(tmp_path / "c", epochs=1)
+    patients = pd.read_csv(raw["data"]["csv"]).drop_duplicates("case_id")
+    y = (patients["label"] == "positive").to_numpy(float)
+    pd.DataFrame({"case_id": patients["case_id"], "g1": 3.0 * y}).to_csv(tmp_path / "t.csv", index=False)
+    raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "t.csv")}]
+    raw["ensemble"] = ["clinical_linear"]
+    out = run(raw, tmp_path / "run")
+    r = Run(out)
+    saved = r.predictions(0)
+    again = r.predict(saved["bag_id"].tolist(), folds=[0])
+    np.testing.assert_allclose(again["prob_positive"], saved["prob_positive"], rtol=1e-5)
+    member = pd.read_csv(out / "fold_0" / "members" / "clinical_linear" / "predictions.csv")
+    assert roc_auc_score(member["label"], member["prob_positive"]) == 1.0  # the tables' signal
+    other = tmp_path / "elsewhere.h5"
+    shutil.copy(tmp_path / "c" / "features" / f"{saved['bag_id'].iloc[0]}.h5", other)
+    with pytest.warns(MilWarning, match="predicted as missing"):
+        alone = r.predict([str(other), saved["bag_id"].iloc[1]], folds=[0])
+    assert alone["bag_id"].tolist() == ["elsewhere", saved["bag_id"].iloc[1]]
+    assert alone["prob_positive"].iloc[1] == pytest.approx(saved["prob_positive"].iloc[1], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def survival_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("surv")
@@ -232,3 +303,33 @@ def test_train_with_baseline_reports_the_paired_difference(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_penalty_whose_fit_diverges_is_skipped_and_all_failing_is_named(tmp_path, monkeypatch):
+    """A solver failure at one penalty (scikit-survival's 'search direction contains NaN' on a
+    wide, ill-conditioned basis) leaves that row empty and the grid goes on; at every penalty
+    it is a DataError naming the model."""
+    from mil.errors import DataError
+    from mil.tasks.classification import ClassificationTask
+
+    real = ClassificationTask.fit_linear
+
+    def flaky(self, z, bags, penalty, seed):
+        if penalty < threshold:
+            raise ValueError("search direction contains NaN or infinite values")
+        return real(self, z, bags, penalty, seed)
+
+    monkeypatch.setattr(ClassificationTask, "fit_linear", flaky)
+    raw = small_config(tmp_path / "c")
+    raw["model"] = {"name": "meanpool_linear"}
+    threshold = 1e-2
+    out = run(raw, tmp_path / "run")
+    history = pd.read_csv(out / "fold_0" / "history.csv")
+    failed = history["C"] < threshold
+    assert failed.any() and history.loc[failed, "val_loss"].isna().all()
+    assert not history.loc[history["best"], "C"].lt(threshold).any()
+    assert history.loc[~failed, "val_loss"].notna().all()
+    threshold = 1e9
+    raw["splits"]["dir"] = str(tmp_path / "splits2")
+    with pytest.raises(DataError, match="meanpool_linear.*failed at every penalty.*search direction"):
+        run(raw, tmp_path / "run2")

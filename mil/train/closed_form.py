@@ -23,8 +23,8 @@ import torch
 from sklearn.model_selection import KFold
 
 from mil.data.dataset import BagDataset
-from mil.errors import ConfigError
-from mil.models.linear import BASIS_CHUNK, PooledLinear
+from mil.errors import ConfigError, DataError
+from mil.models.linear import PooledLinear
 from mil.schema import TrainConfig
 from mil.tasks import Task
 from mil.tasks.linear_fits import ALPHA_GRID, C_GRID  # noqa: F401  (importable from here)
@@ -67,9 +67,23 @@ def fit_closed_form(
     fitter = _LinearFit(model, task, train, rot, cfg.seed)
     if penalties is not None:
         fitter.grid = tuple(float(p) for p in penalties)
-    rows, best = [], None
+    rows, best, fitted = [], None, []
     for i, penalty in enumerate(fitter.grid):
-        head = fitter.fit(z_tr, train, penalty)
+        try:
+            head = fitter.fit(z_tr, train, penalty)
+        except (ValueError, np.linalg.LinAlgError) as e:  # the solver diverged at this penalty
+            failure, nan = e, float("nan")
+            rows.append(
+                {
+                    "epoch": i,
+                    fitter.penalty_name: penalty,
+                    "train_loss": nan,
+                    "val_loss": nan,
+                    "steps": 0,
+                }
+            )
+            continue
+        fitted.append(i)
         if len(fitter.grid) == 1:
             val_loss = float("nan")
         elif z_va is not None:
@@ -82,7 +96,12 @@ def fit_closed_form(
         )  # fmt: skip
         if np.isfinite(val_loss) and (best is None or val_loss < rows[best]["val_loss"]):
             best = i
-    best = 0 if best is None else best
+    if not fitted:
+        raise DataError(
+            f"model {model.registry_name!r}: the task's linear model failed at every penalty of "
+            f"{fitter.grid} on {len(train)} training bags ({failure})"
+        )
+    best = fitted[0] if best is None else best
     head = fitter.fit(z_tr, train, fitter.grid[best])
     model.set_head(*head, mu=torch.as_tensor(mu).float(), sigma=torch.as_tensor(sigma).float())
     history = pd.DataFrame(rows)
@@ -93,15 +112,8 @@ def fit_closed_form(
 def pooled(model: PooledLinear, data: BagDataset, bag_ids: list[str]) -> np.ndarray:
     """The bag vectors (means of the model's per-instance basis), ``[bags, basis_dim]``."""
 
-    def mean(x: torch.Tensor) -> np.ndarray:
-        parts = [
-            model.basis(x[i : i + BASIS_CHUNK]).double().sum(0)
-            for i in range(0, len(x), BASIS_CHUNK)
-        ]
-        return (torch.stack(parts).sum(0) / len(x)).numpy()
-
     with torch.no_grad():
-        return np.stack([mean(data[b].x) for b in bag_ids])
+        return np.stack([model.bag_vector(data[b]).numpy() for b in bag_ids])
 
 
 def instance_sample(data: BagDataset, bag_ids: list[str], seed: int) -> np.ndarray:
