@@ -223,7 +223,7 @@ def ensemble_predictions(
 def tables_for(model: FoldModel, cohort: Cohort) -> TabularTable | None:
     """The cohort's ``data.tabular`` tables laid out as the run's fusion models read theirs;
     None (every table missing, with a warning) where the cohort lists none."""
-    layout = model.payload["hparams"].get("tabular")
+    layout = model.tables_layout()
     if not layout:
         return None
     if cohort.tabular is None:

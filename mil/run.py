@@ -322,7 +322,8 @@ class Run(ReviewMixin):
         run's feature folder, one bag each; or ``{bag_id: [files or ids]}`` for
         multi-slide (patient) bags. Each fold model sees the features
         standardised with its own training statistics when the run
-        standardised them.
+        standardised them; a model that reads tables (``data.tabular``) gets the
+        run's tables of the bag's patient (a bag of the run's cohort).
 
         Returns ``bag_id``, then the task's prediction columns (per class
         ``prob_<class>`` and ``pred``; or ``risk``, plus ``surv_<k>`` for the
@@ -331,10 +332,11 @@ class Run(ReviewMixin):
         ``folds=["refit"]`` predicts with the model refit on every bag
         (``mil train --refit``) alone.
         """
-        from mil.train.inference import bags_of, ensemble
+        from mil.train.inference import bags_of, predict_with_tables
 
         bag_slides, store = bags_of(bags, self._feature_index, self.config.data.features)
-        return ensemble(self._fold_models(folds, device), bag_slides, store, per_fold)
+        models = self._fold_models(folds, device)
+        return predict_with_tables(models, bag_slides, store, per_fold, self.config)
 
     def fold_scores(
         self,

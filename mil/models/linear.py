@@ -14,7 +14,13 @@ standardise it with the training fold's mean :math:`\mu` and spread
   mixture of ``prototypes`` components fit on the training fold's instances;
   :math:`\phi(x) = [\,r_k(x),\; r_k(x)\,(x-m_k)/s_k\,]_k` with :math:`r_k` the posterior of
   component :math:`k`, so the bag vector holds each prototype's share of the bag and the mean
-  offset of its tiles from the prototype (the mixture weights and first moments of a bag).
+  offset of its tiles from the prototype (the mixture weights and first moments of a bag);
+- ``clinical_linear``: the bag's tables alone (``data.tabular``: clinical variables, omics),
+  :math:`f_b = [\,t \odot m_F;\ m\,]` (the patient's scaled values, zero where a modality
+  is missing, and the availability of each modality), so every multimodal run has its
+  table-only linear baseline (a ridge Cox model on the clinical covariates for survival);
+  averaged with a slide model (``ensemble: [clinical_linear]``) it is a late fusion of
+  linear risks.
 
 They are not trained by gradient descent: :mod:`mil.train.closed_form` fits the
 head with the task's linear model (scikit-learn's logistic regression for
@@ -46,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mil.data.batch import BagBatch
+from mil.data.batch import BagBatch, collate_bags
 from mil.models.base import MILModel, MILOutput
 from mil.models.registry import register
 
@@ -87,6 +93,16 @@ class PooledLinear(MILModel):
     def fit_basis(self, x: np.ndarray, seed: int) -> None:
         """Fit what :meth:`basis` learns from the training fold's instances ``x [N, D]`` (a
         sample of them; :mod:`mil.train.closed_form`). Nothing here: a fixed basis."""
+
+    def bag_vector(self, bag) -> Tensor:
+        """:math:`f_b` of one bag (a :class:`mil.data.dataset.Bag`), unstandardised, ``[basis_dim]``
+        in float64: the mean of :meth:`basis` over its instances, in chunks."""
+        x = bag.x
+        parts = [
+            self.basis(x[i : i + BASIS_CHUNK]).double().sum(0)
+            for i in range(0, len(x), BASIS_CHUNK)
+        ]
+        return torch.stack(parts).sum(0) / len(x)
 
     def set_head(
         self, weight: Tensor, bias: Tensor, delta_h0: Tensor | None, *, mu: Tensor, sigma: Tensor
@@ -226,3 +242,43 @@ class PrototypeLinear(PooledLinear):
         r = self.posteriors(x)
         offsets = r.unsqueeze(2) * (x.unsqueeze(1) - self.means) / self.scales
         return torch.cat([r, offsets.flatten(1)], dim=1)
+
+
+@register("clinical_linear")
+class ClinicalLinear(PooledLinear):
+    r"""The tables alone (``data.tabular``): :math:`f_b = [\,t \odot m_F;\ m\,]`, the
+    patient's scaled values (zero where a modality is missing) and each modality's
+    availability; the task's linear head (see :mod:`mil.models.linear`). The instances are
+    not read: every tile of a bag gets the bag's logit as its ``instance_logits``."""
+
+    uses_tabular = True
+    uses_instances = False
+    additive = False  # no instance shares: the tables are the whole input
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        tabular: list[dict] | None = None,
+        modalities: list[str] | None = None,
+    ) -> None:
+        from mil.models.fusion_layers import TabularModel
+
+        layout = TabularModel(in_dim, n_out, tabular, modalities, 0.0)
+        super().__init__(in_dim, n_out, len(layout.cols) + len(layout.mods))
+        self.layout = layout
+
+    def tables(self, batch: BagBatch) -> Tensor:
+        """``[B, basis_dim]``: the selected modalities' values and their availability."""
+        t, m = self.layout.tabular_inputs(batch)
+        return torch.cat([t[:, self.layout.cols], m[:, self.layout.mods]], 1)
+
+    def bag_vector(self, bag) -> Tensor:
+        one = collate_bags([bag])
+        return self.tables(one)[0].double()
+
+    def forward(self, batch: BagBatch) -> MILOutput:
+        z = (self.tables(batch) - self.mu) / self.sigma
+        logits = self.head(z)
+        extra = {"instance_logits": logits.detach().float()[batch.batch]}
+        return MILOutput(logits=logits, embedding=z, extra_scores=extra)

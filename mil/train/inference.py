@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from mil.data.dataset import BagDataset, FeatureStore
 from mil.data.readers import FEATURE_SUFFIXES
 from mil.data.tabular import TabularScaler, TabularTable
 from mil.data.transforms import Standardizer
-from mil.errors import MilError
+from mil.errors import MilError, MilWarning
 from mil.metrics.instances import LOGIT_KINDS
 from mil.results import REFIT
 from mil.results.checkpoint import load_model
@@ -56,7 +58,9 @@ class FoldModel:
         self.members = [FoldModel(path.parent / e["model"], cfg, fold, device) for e in entries[1:]]
         replicas = entries[0].get("replicas", []) if entries else []
         self.replica_scales = [r["scale"] for r in replicas]
-        self.replicas = [FoldModel(path.parent / r["model"], cfg, fold, device) for r in replicas[1:]]
+        self.replicas = [
+            FoldModel(path.parent / r["model"], cfg, fold, device) for r in replicas[1:]
+        ]
 
     def forward(
         self,
@@ -94,6 +98,14 @@ class FoldModel:
             others = [r.forward(bag_slides, store, True, tabular) for r in self.replicas]
             out = average_forwards([out, *others])
         return out
+
+    def tables_layout(self) -> list[dict[str, Any]] | None:
+        """The tables' layout that the fold's model or one of its members reads
+        (``clinical_linear`` beside a slide model); None where none reads tables."""
+        for m in (self, *self.members):
+            if layout := m.payload["hparams"].get("tabular"):
+                return layout
+        return None
 
     def instance_scores(
         self, fwd: Forward, kind: str | None, cls: int | str | None, slide_id: str
@@ -139,10 +151,19 @@ class FoldModel:
         df = self.task.outputs(self.forward(bag_slides, store, tabular=tabular).logits.numpy())
         df.insert(0, "bag_id", list(bag_slides))
         if self.replicas:  # train.seeds: the replicas' average is the model's output
-            parts = [df, *(r.outputs(bag_slides, store, tabular).drop(columns="fold") for r in self.replicas)]
+            parts = [
+                df,
+                *(
+                    r.outputs(bag_slides, store, tabular).drop(columns="fold")
+                    for r in self.replicas
+                ),
+            ]
             df = self.task.average_predictions(parts, self.replica_scales)
         if self.members:
-            parts = [df, *(m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members)]
+            parts = [
+                df,
+                *(m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members),
+            ]
             df = self.task.average_predictions(parts, self.scales)
         df.insert(1, "fold", self.fold)
         return df
@@ -212,3 +233,49 @@ def ensemble(
     out = models[0].task.mean_outputs(long, by="bag_id")
     out["n_folds"] = len(models)
     return out
+
+
+def predict_with_tables(
+    models: Sequence[FoldModel],
+    bag_slides: dict[str, list[str]],
+    store: FeatureStore,
+    per_fold: bool,
+    cfg: Config,
+) -> pd.DataFrame:
+    """:func:`ensemble` with the run's own tables (``data.tabular`` of ``cfg``) where its
+    models read them: a bag whose slides are one patient's of the run's cohort gets that
+    patient's values; any other bag is predicted with its tables missing, with a warning."""
+    layout = models[0].tables_layout()
+    if layout is None or not cfg.data.tabular:
+        return ensemble(models, bag_slides, store, per_fold)
+    from mil.data.sources import load_cohort
+
+    cohort, _ = load_cohort(cfg)
+    patient = cohort.slides.set_index("slide_id")["patient_id"]
+    known = {
+        b: patient[s[0]]
+        for b, s in bag_slides.items()
+        if all(x in patient.index for x in s) and patient[list(s)].nunique() == 1
+    }
+    table = TabularTable(cohort.tabular.patients, known, cohort.tabular.modalities)
+    table = table.aligned(layout, str(cfg.source))
+    parts = (
+        [ensemble(models, {b: bag_slides[b] for b in known}, store, per_fold, table)]
+        if known
+        else []
+    )
+    others = {b: s for b, s in bag_slides.items() if b not in known}
+    if others:
+        warnings.warn(
+            f"{len(others)} bag(s) ({', '.join(list(others)[:3])}) are no patient's slides of the "
+            f"run's cohort, so their tables ({', '.join(m['name'] for m in layout)}) are unknown: "
+            "they are predicted as missing; use mil evaluate with a cohort config that lists them",
+            MilWarning,
+            stacklevel=3,
+        )
+        parts.append(ensemble(models, others, store, per_fold))
+    out = pd.concat(parts, ignore_index=True)
+    order = {b: i for i, b in enumerate(bag_slides)}
+    return out.sort_values("bag_id", key=lambda c: c.map(order), kind="stable").reset_index(
+        drop=True
+    )
