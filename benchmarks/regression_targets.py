@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", default="results/regression")
     ap.add_argument("--smoke", action="store_true", help="a tiny synthetic run (seconds)")
     ap.add_argument("--cohorts", help=f"comma-separated: synthetic and/or {', '.join(REAL_COHORTS)}")
+    ap.add_argument("--scalings", default="standard,log", help="task.target_scaling of the real cohorts")
     args = ap.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
     out = Path(args.out)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if name == "synthetic":
             rows.append(run_one(synthetic_config(out, preset), out, preset))
             continue
-        for scaling in ("standard", "log"):
+        for scaling in args.scalings.split(","):
             rows.append(run_one(uncensored_config(out, name, scaling), out, preset))
     table = pd.DataFrame(rows)
     table.to_csv(out / "regression_targets.csv", index=False)
