@@ -166,6 +166,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if has_errors(problems) else 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from mil.config import load_config
+    from mil.data.sources import pack_cohort
+
+    cfg = load_config(args.config, args.set)
+    packed, done = pack_cohort(cfg, rebuild=not args.check, progress=not args.quiet)
+    m = packed.manifest
+    size = packed.features.nbytes / 2**30
+    print(
+        f"feature store {packed.root}: {done}; {len(m['slides'])} slides, {m['rows']:,} "
+        f"instances x {m['dim']} ({m['dtype']}, {size:.2f} GB)"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mil.demo import run_demo
 
@@ -264,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a cohort's CSV and feature files")
     with_config(c)
     c.set_defaults(fn=cmd_check)
+
+    k = sub.add_parser(
+        "cache", help="pack a cohort's features into one memory-mapped file (data.store: packed)"
+    )
+    with_config(k)
+    k.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that the store is current (exit 2 naming the stale slides if not)",
+    )
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
+    k.set_defaults(fn=cmd_cache)
 
     d = sub.add_parser("demo", help="run the built-in synthetic demo end to end")
     d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")

@@ -110,7 +110,14 @@ def collate_bags(
     else:
         # one pass: copy (and cast) every bag straight into its rows of the packed tensor
         # (``torch.cat(out=)`` into another dtype concatenates, then casts: ~2x slower)
-        x = torch.empty((int(ptr[-1]), bags[0].x.shape[1]), dtype=dtype, pin_memory=pin_memory)
+        # packed where the bags are (device-resident bags: on the device, nothing to pin)
+        where = bags[0].x.device
+        x = torch.empty(
+            (int(ptr[-1]), bags[0].x.shape[1]),
+            dtype=dtype,
+            device=where,
+            pin_memory=pin_memory and where.type == "cpu",
+        )
         if all(b.x.dtype == dtype for b in bags):
             torch.cat([b.x for b in bags], 0, out=x)
         else:

@@ -308,7 +308,8 @@ def run_identity(raw: dict) -> dict:
     for key in ("device", "threads", "faithfulness"):  # they change no prediction
         raw.get("train", {}).pop(key, None)
     data = raw.get("data", {})
-    data.pop("subgroup_cols", None)
+    for key in ("subgroup_cols", "prefetch", "store_dir"):  # no prediction depends on them
+        data.pop(key, None)
     if not raw.get("splits", {}).get("by_site"):
         data.pop("site_col", None)
     # runs saved before data.patient_col defaulted to null wrote the default "case_id",

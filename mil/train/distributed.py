@@ -19,10 +19,13 @@ here changes a run.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -46,6 +49,13 @@ class Dist:
     def shard(self, items: list) -> list:
         """This rank's share of ``items`` (item ``i`` goes to rank ``i mod world``)."""
         return items[self.rank :: self.world]
+
+    def batch_share(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of a loss batch of ``n`` bags this rank owns, and those it forwards:
+        a rank without one (fewer bags than ranks) forwards bag 0 at weight 0, as DDP needs a
+        forward and a backward on every rank."""
+        mine = np.arange(n)[self.rank :: self.world]
+        return mine, mine if len(mine) else np.zeros(1, dtype=int)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -100,6 +110,27 @@ class Dist:
 
 
 SINGLE = Dist()
+
+
+#: cgroup v2 CPU quota (``<quota> <period>`` or ``max <period>``), as containers and Slurm set
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use: its affinity mask (``taskset``, Slurm's
+    ``--cpus-per-task``), capped by the cgroup's CPU quota (``cpu.max``: a container's
+    ``--cpus``), which torch's default thread count ignores."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def _nccl() -> bool:

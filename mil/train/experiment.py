@@ -35,7 +35,7 @@ class Experiment:
         warn_ignored(cfg)  # task: keys of another task (task.operating_point of survival)
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.cohort, self.store = load_cohort(cfg)
+        self.cohort, self.store = load_cohort(cfg, progress)
         self.splits, self.split_dir = config_splits(cfg, run_dir, self.cohort, force_splits)
         self.model_cls = get(cfg.model_name)
         graph, graph_k = None, 8
@@ -43,6 +43,7 @@ class Experiment:
             probe = create(cfg.model_name, in_dim=1, n_out=1, **cfg.model_hparams)
             graph, graph_k = probe.graph, probe.graph_k
         self.data = BagDataset.with_graph(self.cohort.bag_slides, self.store, graph, graph_k)
+        self.data.read_ahead = cfg.data.prefetch
 
     def task(self) -> Task:
         task = make_task(self.cfg, self.cohort.classes)

@@ -47,7 +47,7 @@ from mil.splits import Split, write_splits
 from mil.tasks import Task
 from mil.train.closed_form import fit_closed_form
 from mil.train.diagnostics import diagnose, summarize_findings
-from mil.train.distributed import SINGLE, Dist, setup
+from mil.train.distributed import SINGLE, Dist, setup, usable_cores
 from mil.train.experiment import Experiment
 from mil.train.loop import Forward, diverged, fit, predict
 from mil.train.members import Member, average, fit_members, write_members
@@ -170,11 +170,10 @@ def _fold_or_skip(
 
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the block only (a notebook keeps its own setting)."""
-    if not n:
-        yield
-        return
+    """``torch.set_num_threads(n)`` for the block only (a notebook keeps its own setting);
+    ``n`` None: torch's count, at most the cores this process may use (:func:`usable_cores`)."""
     before = torch.get_num_threads()
+    n = n or min(before, usable_cores())
     torch.set_num_threads(n)
     try:
         yield
