@@ -188,12 +188,13 @@ def _csv_problems(
     for sid, n in Counter(ids).items():
         if n > 1:
             problems.append(Problem("error", sid, f"slide id appears {n} times in the CSV"))
-    for col in task_targets(cfg).source_columns(d):
+    reader = task_targets(cfg)
+    for col in reader.source_columns(d):
         if col not in df.columns:
             problems.append(
                 Problem("error", col, f"column not in {csv}; columns are {', '.join(df.columns)}")
             )
-        else:
+        elif not reader.missing_allowed:
             for sid in ids[df[col].isna()]:
                 problems.append(Problem("error", sid, f"no value in column {col!r}"))
     if not any(p.severity == "error" for p in problems):

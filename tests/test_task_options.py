@@ -19,7 +19,7 @@ from tests.test_config_reference import rows_of, unquote, words
 BASE = {"data": {"csv": "x.csv", "features": "f"}}
 
 
-@pytest.mark.parametrize("name", ["classification", "survival", "regression"])
+@pytest.mark.parametrize("name", ["classification", "survival", "regression", "ordinal", "multitarget"])
 def test_each_tasks_keys_are_documented(name):
     options = get(name).Options
     rows = rows_of(f"key (`{name}`)")

@@ -116,14 +116,24 @@ def write_synthetic_cohort(
     ``true_risk`` for survival (the oracle). ``kind="regression"``: each patient's
     planted-tile share f is uniform on 0-30% (tiles shifted as for survival); the target
     ``planted_percent`` is ``100 f`` plus Gaussian noise of sd :data:`REGRESSION_NOISE`
-    (``true_percent``: ``100 f``, the oracle).
+    (``true_percent``: ``100 f``, the oracle). ``kind="ordinal"``: each patient has a severity
+    u uniform on 0-1, planted-tile share ``0.3 u`` (tiles shifted as for survival) and a
+    ``grade`` 1-4 cut from u plus Gaussian noise of sd :data:`~mil.data.synthetic_targets.ORDINAL_GRADE_NOISE` at 0.25,
+    0.5 and 0.75, so neighbouring grades overlap as a pathologist's do (``true_severity``: u).
+    ``kind="multitarget"``: two kinds of planted tiles along two directions: 40% of patients
+    are ``msi_status`` ``MSI`` (a clustered region of 8-20% of each slide's tiles along the
+    first, the witnesses), the others ``MSS``; a second share ``f`` uniform on 0-30% along the
+    second gives ``tmb`` (``5 + 60 f`` plus noise of sd 2) and ``grade`` 1-3 (``f`` plus noise
+    of sd 0.03 cut at 0.1 and 0.2); each of the three cells is empty for a random
+    :data:`~mil.data.synthetic_targets.MULTITARGET_MISSING` of the patients (``true_share``: ``f``).
     """
     lo, hi = witness_fraction
     if not 0 < lo <= hi < 1:
         raise ValueError(
             f"witness_fraction must be (lo, hi) with 0 < lo <= hi < 1, got {witness_fraction}"
         )
-    seed = {"classification": 0, "survival": 1, "regression": 2}.get(kind, 0) if seed is None else seed
+    seeds = {"classification": 0, "survival": 1, "regression": 2, "ordinal": 3, "multitarget": 4}
+    seed = seeds.get(kind, 0) if seed is None else seed
     rng = np.random.default_rng(seed)
     prototypes = rng.normal(0, 1.0, (6, dim))
     direction = rng.normal(0, 1, dim)
@@ -145,6 +155,11 @@ def write_synthetic_cohort(
         rows = _survival_patients(rng, features, patients, prototypes, 1.5 * shift, tiles)
     elif kind == "regression":
         rows = _regression_patients(rng, features, patients, prototypes, 1.5 * shift, tiles)
+    elif kind in ("ordinal", "multitarget"):
+        from mil.data.synthetic_targets import multitarget_patients, ordinal_patients
+
+        make = ordinal_patients if kind == "ordinal" else multitarget_patients
+        rows = make(rng, features, patients, prototypes, (1.5 if kind == "ordinal" else 1.0) * shift, tiles)
     else:
         raise ValueError(f"unknown synthetic cohort kind {kind!r}")
     df = pd.DataFrame(rows)
@@ -298,6 +313,10 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
         }
     if kind == "regression":
         return _regression_demo(root, cohort)
+    if kind in ("ordinal", "multitarget"):
+        from mil.data.synthetic_targets import targets_demo
+
+        return targets_demo(kind, root, cohort)
     raise ValueError(f"unknown demo kind {kind!r}")
 
 
@@ -317,3 +336,4 @@ def _regression_demo(root: Path, cohort: Path) -> dict:
         },
         "splits": {"dir": str(root / "data_splits" / "demo_regression"), "folds": 5, "seed": 0},
     }
+

@@ -32,6 +32,9 @@ class Targets:
     columns: tuple[str, ...] = ()
     #: further columns (or prefixes, ending in ``_``) of the task's ``predictions.csv``
     reserved: tuple[str, ...] = ()
+    #: an empty cell of a source column is a missing label the task reads (``multitarget``),
+    #: not an error ``mil check`` reports
+    missing_allowed: bool = False
 
     def source_columns(self, data: Any) -> dict[str, str]:
         """The cohort-table columns the targets come from -> the config key naming each

@@ -138,7 +138,8 @@ def _read_kind(g, kind, cls, classes, slide_id, fold, path, fallback_cls) -> tup
         return values.astype(np.float64), kind or "score"
     k = values.shape[1]
     names = classes if len(classes) == k else [str(j) for j in range(k)]
-    if cls is None and kind in (*LOGIT_KINDS, "instance_classifier"):
+    if cls is None and kind in (*LOGIT_KINDS, "instance_classifier") and k > 1:
+        # (one column, a score or an ordinal task's shared score, is read as it is)
         cls = k - 1 if k == 2 else fallback_cls
     if cls is None:
         if k == 1:
