@@ -154,6 +154,11 @@ def _check_stopping_and_ensemble(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.source}: train.stop_on = {cfg.train.stop_on!r}; expected one of {allowed}"
         )
+    if cfg.train.sampler == "balanced" and task.balance_groups is tasks.Task.balance_groups:
+        raise ConfigError(
+            f"{cfg.source}: train.sampler: balanced: a {cfg.task.type} task has no groups of bags "
+            "to balance (classes, or event status); use train.sampler: random"
+        )
     model = models.get(cfg.model_name)
     linear = [n for n in models.available() if not models.get(n).trained_by_gradient]
     for name in [] if cfg.ensemble == "auto" else cfg.ensemble:
@@ -186,8 +191,11 @@ def _check_task(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.source}: unknown key 'task.{unknown[0]}' for task {t.type!r}; {accepts}"
         )
-    t.ignored = {k: v for k, v in t.given.items() if k not in own}
-    mine = {k: v for k, v in t.given.items() if k in own}
+    # configs saved before tasks owned their options hold every task's defaults, some under a
+    # key this task declares too (``loss: cox`` of a classification run): ignored, not refused
+    saved = {k for k in own if k in t.given and cls.saved_defaults.get(k, t) == t.given[k]}
+    t.ignored = {k: v for k, v in t.given.items() if k not in own or k in saved}
+    mine = {k: v for k, v in t.given.items() if k in own and k not in saved}
     try:
         t.options = build_section(cls.Options, mine, "task.", cfg.source)
     except (TypeError, ValueError) as exc:  # the Options' own value checks
@@ -244,7 +252,7 @@ def _check_targets(cfg: Config) -> None:
 #: ``device``, ``threads``, ``max_instances`` and ``faithfulness`` change no selection worth making)
 SEARCH_TRAIN_KEYS = tuple(
     "epochs batch_size lr weight_decay optimizer patience min_epochs min_steps schedule "
-    "warmup_steps best_from_epoch subsample precision grad_clip".split()
+    "warmup_steps best_from_epoch subsample precision grad_clip sampler".split()
 )
 #: other keys a grid may hold: a fold's own feature preprocessing
 SEARCH_DATA_KEYS = ("data.standardize",)

@@ -66,19 +66,20 @@ class DataConfig:
     # instance-table input (one row per instance): see mil.data.instances
     instances: str | None = None
     bag_col: str = "bag_id"
-    # per training fold (mil.data.transforms): none (false), per-feature z-scores (true) or
-    # ZCA whitening ("whiten"; the default, chosen on the cohort zoo: docs/benchmarks.md)
+    # per training fold (mil.data.transforms): false, z-scores (true), ZCA whitening (default)
     standardize: bool | Literal["whiten"] = "whiten"
-    # tissue source site (centre) of each slide: reported as a subgroup, and the
-    # group of site-preserved folds with splits.by_site
+    # tissue source site (centre) of each slide: a subgroup, and the groups of splits.by_site
     site_col: str | None = None
     # further cohort CSV columns (sex, stage, scanner, ...) whose values get their own metrics
     subgroup_cols: list[str] = field(default_factory=list)
     tabular: list[dict[str, Any]] = field(default_factory=list)  # joined by patient: mil.data.tabular
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
+    store: Literal["files", "packed"] = "files"  # packed: one memory map (mil.data.store)
+    store_dir: str | None = None  # the packed store's folder; null: <features>/.mil_store
+    prefetch: int = 2  # loss batches read ahead on a thread while one trains; 0: inline
     # generate the built-in synthetic cohort at csv/features when they are absent
-    synthetic: Literal["classification", "survival", "regression", "multimodal"] | None = None
+    synthetic: Literal["classification", "survival", "regression", "ordinal", "multitarget", "multimodal"] | None = None
 
 
 @dataclass
@@ -98,7 +99,8 @@ class SplitsConfig:
 class TrainConfig:
     # lr, min_steps, schedule, warmup_steps: chosen on the cohort zoo (docs/benchmarks.md)
     epochs: int = 40
-    batch_size: int = 16
+    batch_size: int | Literal["auto"] = 16  # auto: from the rarest class (mil.train.sampling)
+    sampler: Literal["random", "balanced"] = "random"  # balanced: classes equal in each batch
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
     # adamw: decoupled wd; adam: coupled L2 (Ilse 2018); sgd: momentum, L2 (mi-Net); radam: TransMIL's
@@ -327,7 +329,7 @@ def _check_values(cfg: Config) -> None:
     need(0.0 <= cfg.splits.val_fraction < 0.5, "splits.val_fraction", "must be in [0, 0.5)")
     need(cfg.splits.repeats >= 1, "splits.repeats", "must be at least 1")
     need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")
-    need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
+    need(cfg.train.batch_size == "auto" or cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1 or auto")
     need(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "must be a positive finite number")
     need(
         math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0,

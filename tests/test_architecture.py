@@ -30,6 +30,8 @@ LAYERS = {
     "mil.train.loop": 7,
     "mil.train.diagnostics": 7,
     "mil.train.optim": 7,
+    "mil.train.sampling": 7,
+    "mil.train.objective": 7,
     "mil.train.closed_form": 7,
     "mil.train.distributed": 7,
     "mil.train.report": 7,

@@ -50,7 +50,7 @@ def centred_scores(path: Path) -> dict[str, np.ndarray]:
         return {k: f[k]["scores"][:] - f[k]["scores"][:].mean() for k in f}
 
 
-@pytest.mark.parametrize("case", ["abmil", "clam_sb", "cox"])
+@pytest.mark.parametrize("case", ["abmil", "clam_sb", "cox", "supcon"])
 def test_two_ranks_match_one_process(tmp_path: Path, case: str) -> None:
     if case == "cox":
         raw = survival_config(tmp_path, "cox", epochs=4, batch_size=12, lr=2e-3, patience=None)
@@ -59,6 +59,9 @@ def test_two_ranks_match_one_process(tmp_path: Path, case: str) -> None:
     else:
         raw = small_config(tmp_path, epochs=4, batch_size=6, threads=1)
         raw["model"] = {"name": case, "hidden_dim": 16, "dropout": 0.0}
+        if case == "supcon":  # SC-MIL's contrastive term spans the whole batch too
+            raw["model"]["name"] = "abmil"
+            raw["task"]["supcon"] = {"weight": 0.5}
         raw["data"]["standardize"] = True
         value_cols = ["prob_negative", "prob_positive"]
     cfg_path = tmp_path / "cfg.yaml"

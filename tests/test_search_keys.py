@@ -164,6 +164,7 @@ VALUES = {
     "train.subsample": [None, 8],
     "train.precision": ["fp32", "bf16"],
     "train.grad_clip": [None, 1.0],
+    "train.sampler": ["random", "balanced"],
     "data.standardize": [False, True],
     "model.name": ["abmil", "mean"],
     "model.hidden_dim": [8, 16],

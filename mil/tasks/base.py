@@ -74,6 +74,10 @@ class Task:
     #: config section (:func:`mil.schema.build_section`); ``__post_init__`` checks values
     #: (a ``ValueError`` becomes a config error naming the file)
     Options: type = NoOptions
+    #: ``task:`` keys and values that configs saved before tasks owned their options hold for
+    #: every run (another task's defaults under a key this task may declare too): read as
+    #: absent, so such a saved config still loads
+    saved_defaults: dict[str, Any] = {}
     #: metrics that compare runs, headline first (comparison tables, paired and subgroup tests)
     headline_metrics: tuple[str, ...] = ()
     #: metrics shown first in reports, in this order (the rest follow alphabetically)
@@ -189,6 +193,12 @@ class Task:
         order = rng.permutation(len(bags))
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
+    def balance_groups(self, bags: pd.DataFrame) -> np.ndarray | None:
+        """Each bag's group ``[len(bags)]`` (a class, an event status) that ``train.sampler:
+        balanced`` puts in equal number in every loss batch and ``train.batch_size: auto``
+        sizes batches by; None: the task has none (regression)."""
+        return None
+
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -208,6 +218,17 @@ class Task:
 
     def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    #: SC-MIL's contrastive term (:class:`mil.losses.supcon.SupCon`), or None: no projection head
+    supcon: Any = None
+
+    def training_objective(
+        self, loss: Tensor, targets: dict[str, Tensor], projected: Tensor | None, progress: float
+    ) -> Tensor:
+        """What a training step minimises, from the batch's :meth:`loss`: that loss, or (with
+        :attr:`supcon`) its mix with the contrastive loss of the projected bag embeddings
+        ``[B, P]`` at ``progress`` (the share of the training budget done, 0 to 1)."""
+        return loss
 
     # ---- predictions and metrics ------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mil.errors import ConfigError
+from mil.losses.focal import focal_loss
+from mil.losses.supcon import SupCon
 from mil.metrics import bootstrap_ci, classification_metrics, confusion
 from mil.metrics.classification import classification_auc, roc_curves, threshold_metrics
 from mil.plots import calibration_figure, roc_figure
@@ -27,12 +30,22 @@ class ClassificationOptions:
     """``task.class_weights``: ``none``, ``balanced`` (inverse class frequency in the training
     fold, as scikit-learn's ``compute_class_weight``) or a list of C weights.
     ``task.operating_point`` (binary): the threshold chosen on each fold's validation
-    predictions, ``youden`` or a target sensitivity in (0, 1)."""
+    predictions, ``youden`` or a target sensitivity in (0, 1). ``task.loss``: cross-entropy
+    (``ce``) or the focal loss (``focal``, :func:`mil.losses.focal.focal_loss`) with
+    ``task.gamma``. ``task.supcon``: SC-MIL's supervised contrastive term on the bag embeddings
+    (:class:`mil.losses.supcon.SupCon`: ``weight``, ``temperature``, ``schedule``), or null."""
 
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     operating_point: Literal["youden"] | float = "youden"
+    loss: Literal["ce", "focal"] = "ce"
+    gamma: float = 2.0
+    supcon: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if not self.gamma >= 0:
+            raise ValueError(f"task.gamma must be >= 0 (0: cross-entropy), found {self.gamma!r}")
+        if self.supcon is not None:  # checked, with its defaults filled in (as saved)
+            self.supcon = dataclasses.asdict(SupCon.parse(self.supcon))
         op = self.operating_point
         if op != "youden" and not 0.0 < op < 1.0:
             raise ValueError(
@@ -46,6 +59,7 @@ class ClassificationTask(Task):
     (:class:`ClassificationOptions`); binary tasks get an :class:`OperatingPoint`."""
 
     Options = ClassificationOptions
+    saved_defaults = {"loss": "cox"}  # survival's default, in every saved config
 
     headline_metrics = ("auc", "balanced_accuracy")
     report_metrics = ("auc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "brier")
@@ -58,6 +72,8 @@ class ClassificationTask(Task):
     def __init__(self, options: Any, classes: list[str], run: TaskRun | None = None) -> None:
         super().__init__(options, classes, run)
         self.weight: Tensor | None = None
+        sc = self.options.supcon
+        self.supcon = SupCon(**sc) if sc is not None and sc["weight"] > 0 else None
         # binary: the fold's decision threshold on P(positive), from its validation bags
         self.operating_point = OperatingPoint(self.options.operating_point, self.classes)
         cw = self.options.class_weights
@@ -118,7 +134,20 @@ class ClassificationTask(Task):
 
     def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
         w = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(logits, targets["label"].to(logits.device), weight=w)
+        label = targets["label"].to(logits.device)
+        if self.options.loss == "focal":
+            return focal_loss(logits, label, self.options.gamma, weight=w)
+        return F.cross_entropy(logits, label, weight=w)
+
+    def balance_groups(self, bags: pd.DataFrame) -> np.ndarray:
+        return bags["label"].to_numpy(int)
+
+    def training_objective(
+        self, loss: Tensor, targets: dict[str, Tensor], projected: Tensor | None, progress: float
+    ) -> Tensor:
+        if self.supcon is None or projected is None:
+            return loss
+        return self.supcon.mix(loss, projected, targets["label"], progress)
 
     def outputs(self, logits: np.ndarray) -> pd.DataFrame:
         """``prob_<class>`` (softmax) per class and ``pred``, the most probable class."""
@@ -306,10 +335,18 @@ class ClassificationTask(Task):
         return f"{self.run.bag_level} classification"
 
     def methods(self) -> str:
-        weights = self.options.class_weights
+        weights, o = self.options.class_weights, self.options
+        sc = self.supcon
         return (
-            "Loss: cross-entropy"
+            ("Loss: cross-entropy" if o.loss == "ce" else f"Loss: focal loss (gamma {o.gamma:g})")
             + (f" with class weights ({weights})" if weights != "none" else "")
+            + (
+                f", mixed with the supervised contrastive loss of projected bag embeddings "
+                f"(SC-MIL; temperature {sc.temperature:g}, share {sc.weight:g} on a {sc.schedule} "
+                "schedule over training)"
+                if sc is not None
+                else ""
+            )
             + ". Metrics (scikit-learn): ROC AUC (one-vs-rest macro for more than two classes), "
             "average precision (AUPRC), Brier score, and balanced accuracy, accuracy and macro F1 "
             "at the most probable class"

@@ -174,6 +174,10 @@ class SurvivalTask(SurvivalMetrics, Task):
             return super().batches(bags, batch_size, rng)
         return cox_batches(bags["event"].to_numpy(int), batch_size, rng, where=self.where)
 
+    def balance_groups(self, bags: pd.DataFrame) -> np.ndarray:
+        """Event status (1: observed): balanced batches hold as many events as censored bags."""
+        return bags["event"].to_numpy(int)
+
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         time = bags["time"].to_numpy(float)
         out = {

@@ -15,13 +15,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
-from mil.data.dataset import BagDataset
+from mil.data.dataset import BagDataset, on_device
+from mil.data.prefetch import read_ahead
 from mil.errors import TrainingError
 from mil.models.base import MILModel
 from mil.schema import TrainConfig
 from mil.tasks.base import Task
 from mil.train.distributed import SINGLE, Dist
-from mil.train.optim import make_optimizer, make_scheduler, training_budget
+from mil.train.objective import local_objective, projection_head, sharded_objective
+from mil.train.optim import StepSchedule, make_optimizer, make_scheduler, training_budget
+from mil.train.sampling import loss_batches
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Forward:
 
     logits: Tensor  # [B, n_out]
     aux_loss: Tensor | None = None
+    embedding: Tensor | None = None  # [B, H], kept where asked (SC-MIL's contrastive term)
     scores: list[Tensor] | None = None  # per bag [N_b]
     extra_scores: dict[str, list[Tensor]] = field(default_factory=dict)
 
@@ -45,6 +49,7 @@ def forward_bags(
     targets: Tensor | None = None,
     keep_scores: bool = False,
     precision: str = "fp32",
+    keep_embedding: bool = False,
 ) -> Forward:
     """Forward ``bags`` in compute chunks of at most ``max_instances`` rows.
 
@@ -55,7 +60,7 @@ def forward_bags(
     the returned logits are float32 either way.
     """
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    logits, aux, scores = [], [], []
+    logits, aux, scores, embedding = [], [], [], []
     extra: dict[str, list[Tensor]] = {}
     # CPU: a bag of >= ALONE_CPU rows runs alone (no packing copy; its products are
     # already efficient). CUDA: pack up to the budget (fewer, larger kernels; one pinned copy).
@@ -69,6 +74,8 @@ def forward_bags(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(batch)
         logits.append(out.logits.float())
+        if keep_embedding:
+            embedding.append(out.embedding.float())
         if out.aux_loss is not None:
             aux.append(out.aux_loss.float() * len(chunk))
         if keep_scores:
@@ -81,6 +88,7 @@ def forward_bags(
     return Forward(
         logits=torch.cat(logits),
         aux_loss=(torch.stack(aux).sum() / len(bags)) if aux else None,
+        embedding=torch.cat(embedding) if keep_embedding else None,
         scores=scores if (keep_scores and scores) else None,
         extra_scores=extra,
     )
@@ -154,20 +162,27 @@ def predict(
 
 
 class BatchForward(torch.nn.Module):
-    """A loss batch's chunked forward (:func:`forward_bags`) as one module call: what DDP wraps."""
+    """A loss batch's chunked forward (:func:`forward_bags`) as one module call: what DDP wraps.
+    With a projection ``head`` (SC-MIL) it also returns the projected bag embeddings."""
 
     def __init__(
-        self, model: MILModel, max_instances: int, device: torch.device, precision: str
+        self,
+        model: MILModel,
+        max_instances: int,
+        device: torch.device,
+        precision: str,
+        head: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.head = head
         self.max_instances = max_instances
         self.device = device
         self.precision = precision
 
     def forward(
         self, bags: Sequence[Bag], targets: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         out = forward_bags(
             self.model,
             bags,
@@ -175,37 +190,10 @@ class BatchForward(torch.nn.Module):
             self.device,
             targets=targets,
             precision=self.precision,
+            keep_embedding=self.head is not None,
         )
-        return out.logits, out.aux_loss
-
-
-def _sharded_objective(
-    task: Task,
-    targets: dict[str, Tensor],
-    logits: Tensor,
-    aux: Tensor | None,
-    mine: np.ndarray,
-    dist: Dist,
-) -> tuple[Tensor, float]:
-    """This rank's objective for a loss batch dealt out across ranks, and the batch's loss.
-
-    The loss is computed over the whole batch (all ranks' bag outputs,
-    gathered), differentiable through this rank's bags ``mine`` only; scaled
-    by the number of ranks, DDP's gradient average is the one-process gradient.
-    An auxiliary loss (a mean over this rank's bags) enters with its share of
-    the batch.
-    """
-    n = len(targets[next(iter(targets))])
-    full = dist.gather_rows(logits if len(mine) else logits[:0], n)
-    if len(mine):
-        full = full.index_put((torch.as_tensor(mine, device=full.device),), logits)
-    loss = task.loss(full, targets)
-    aux_share = aux * (len(mine) / n) if aux is not None else None
-    objective = loss if aux_share is None else loss + aux_share
-    if not len(mine):  # the stand-in bag: in the graph, at weight zero
-        objective = objective + 0.0 * logits.sum()
-    shown = float(loss.detach()) + dist.sum([0.0 if aux_share is None else float(aux_share)])[0]
-    return objective * dist.world, shown
+        projected = None if self.head is None else self.head(out.embedding)
+        return out.logits, out.aux_loss, projected
 
 
 def diverged(where: str, epoch: int | None, what: str, cfg: TrainConfig) -> TrainingError:
@@ -231,35 +219,36 @@ def _train_epoch(
     dist: Dist,
     where: str,
     constant: Tensor,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    scheduler: StepSchedule,
 ) -> dict[str, float]:
-    """One pass over the training bags in loss batches: the mean loss, the mean loss of the
-    constant prediction ``constant`` on the same batches, optimizer steps, instances seen."""
+    """One pass over the training bags in loss batches: the mean loss (the task's, without a
+    contrastive term), the mean loss of the constant prediction ``constant`` on the same
+    batches, optimizer steps, instances seen."""
     model.train()
     train_ids = train["bag_id"].tolist()
     losses, constant_losses, n_inst = [], [], 0
-    for rows in task.batches(train, cfg.batch_size, rng):
+    # the epoch's batches drawn up front, so that their bags are read ahead while one trains
+    batches = list(loss_batches(task, train, cfg, rng))
+    data.plan([train_ids[rows[i]] for rows in batches for i in dist.batch_share(len(rows))[1]])
+
+    def read(rows: np.ndarray) -> list[Bag]:  # the bags this rank forwards
+        return [data[train_ids[rows[i]]] for i in dist.batch_share(len(rows))[1]]
+
+    for rows, bags in read_ahead(read, batches, data.read_ahead):
         tgt = task.targets(train.iloc[rows])
         with torch.no_grad():
             constant_losses.append(float(task.loss(constant.expand(len(rows), -1), tgt)))
-        mine = np.arange(len(rows))[dist.rank :: dist.world]
-        # fewer bags than ranks: a rank without one forwards bag 0 at weight 0 (DDP
-        # needs a forward and a backward on every rank)
-        use = mine if len(mine) else np.zeros(1, dtype=int)
-        bags = [data[train_ids[rows[i]]] for i in use]
+        mine, use = dist.batch_share(len(rows))
         if cfg.subsample:
             bags = [subsample(b, cfg.subsample, gen) for b in bags]
         mtgt = task.model_targets(tgt)
-        logits, aux = step(bags, None if mtgt is None else mtgt[torch.as_tensor(use)])
+        out = step(bags, None if mtgt is None else mtgt[torch.as_tensor(use)])
         if dist.enabled:
-            loss, shown = _sharded_objective(task, tgt, logits, aux, mine, dist)
+            loss, shown = sharded_objective(task, tgt, out, mine, dist, scheduler.progress)
         else:
-            loss = task.loss(logits, tgt)
-            if aux is not None:
-                loss = loss + aux
-            shown = float(loss.detach())
-        if not math.isfinite(shown):
-            raise diverged(where, None, f"the training loss is {shown}", cfg)
+            loss, shown = local_objective(task, tgt, out, scheduler.progress)
+        if not (math.isfinite(shown) and math.isfinite(float(loss.detach()))):
+            raise diverged(where, None, f"the training loss is {shown} (objective {loss:g})", cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -307,6 +296,29 @@ def _criterion_score(row: dict[str, float], column: str, sign: int) -> float:
     return score if math.isfinite(score) else -math.inf
 
 
+def _step_and_optimizer(
+    model: MILModel,
+    task: Task,
+    data: BagDataset,
+    train: pd.DataFrame,
+    cfg: TrainConfig,
+    device: torch.device,
+    dist: Dist,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A loss batch's forward (with SC-MIL's projection head where the task asks for one;
+    under torchrun wrapped in DDP) and the optimizer of its parameters."""
+    head = projection_head(model, task, data, train, device, cfg.seed)
+    params = [*model.parameters(), *([] if head is None else head.parameters())]
+    step: torch.nn.Module = BatchForward(model, cfg.max_instances, device, cfg.precision, head)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # one call per loss batch (forward_bags moves the data); a model that may leave
+        # parameters out of a step says so (MILModel.unused_parameters)
+        step = DistributedDataParallel(step, find_unused_parameters=model.unused_parameters)
+    return step, make_optimizer(params, cfg)
+
+
 def fit(
     model: MILModel,
     task: Task,
@@ -330,19 +342,11 @@ def fit(
     Under torchrun (``dist``) each loss batch is shared out across the ranks
     (:mod:`mil.train.distributed`); every rank returns the same weights.
     """
+    data = on_device(data, [*train["bag_id"], *([] if val is None else val["bag_id"])], device)
     rng = np.random.default_rng(cfg.seed)
     # the batches are the same on every rank; the subsampling (and dropout) draws are per rank
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank)
-    opt = make_optimizer(model.parameters(), cfg)
-    step: torch.nn.Module = BatchForward(model, cfg.max_instances, device, cfg.precision)
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # one call per loss batch (forward_bags moves the data); a model that may leave
-        # parameters out of a step says so (MILModel.unused_parameters)
-        step = DistributedDataParallel(
-            step, find_unused_parameters=model.unused_parameters
-        )
+    step, opt = _step_and_optimizer(model, task, data, train, cfg, device, dist)
     constant = torch.as_tensor(task.constant_logits(train), dtype=torch.float32)
     budget = training_budget(task, train, cfg)
     scheduler = make_scheduler(opt, cfg, budget.steps)

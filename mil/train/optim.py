@@ -11,6 +11,7 @@ import torch
 
 from mil.schema import TrainConfig
 from mil.tasks.base import Task
+from mil.train.sampling import loss_batches
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Budget:
 
 def training_budget(task: Task, train: pd.DataFrame, cfg: TrainConfig) -> Budget:
     """The fold's :class:`Budget` (the batches per epoch do not depend on the shuffle)."""
-    per_epoch = max(1, len(task.batches(train, cfg.batch_size, np.random.default_rng(0))))
+    per_epoch = max(1, len(loss_batches(task, train, cfg, np.random.default_rng(0))))
     epochs, min_epochs = cfg.epochs, cfg.min_epochs
     if cfg.min_steps:
         needed = math.ceil(cfg.min_steps / per_epoch)
@@ -38,9 +39,20 @@ def training_budget(task: Task, train: pd.DataFrame, cfg: TrainConfig) -> Budget
     return Budget(epochs, min_epochs, per_epoch)
 
 
-def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A per-step learning-rate factor that knows the fold's budget of ``total_steps``."""
+
+    def __init__(self, opt: torch.optim.Optimizer, factor, total_steps: int) -> None:
+        self.total_steps = max(1, int(total_steps))
+        super().__init__(opt, factor)
+
+    @property
+    def progress(self) -> float:
+        """The share of the budget's steps taken (0 to 1): what SC-MIL's schedule follows."""
+        return min(1.0, self.last_epoch / self.total_steps)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> StepSchedule:
     """``train.schedule`` as a factor on ``train.lr`` per optimizer step ``s`` (from 0):
     a linear warm-up ``(s + 1) / warmup_steps`` over the first ``warmup_steps``, then 1
     (``constant``) or ``(1 + cos(pi s / total_steps)) / 2`` (``cosine``)."""
@@ -51,7 +63,7 @@ def make_scheduler(
             return warm * 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
         return warm
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return StepSchedule(opt, factor, total_steps)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -128,7 +128,7 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         hp = ", ".join(f"{k} {v}" for k, v in cfg.model_hparams.items())
         parts.append(
             f"Aggregator: `{cfg.model_name}`{f' ({hp})' if hp else ''}. Optimiser: {t.optimizer} "
-            f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {t.batch_size} bag{'s' if t.batch_size > 1 else ''} per step"
+            f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {_batch_words(t)} per step"
             + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
             + "."
         )
@@ -326,6 +326,18 @@ def _baselines(path: Path, cfg: Config, task: Task) -> list[str]:
         "keep over a linear model on this cohort.",
     ]
     return lines
+
+
+def _batch_words(t) -> str:
+    """The loss batches in words: their size (``auto``: from the rarest class) and sampler."""
+    size = (
+        "ceil(3 / share of the rarest class) bags (16 to 48, nnMIL's rule)"
+        if t.batch_size == "auto"
+        else f"{t.batch_size} bag{'s' if t.batch_size > 1 else ''}"
+    )
+    if t.sampler == "balanced":
+        size += " with every class (survival: events and censored) in equal number"
+    return size
 
 
 def _budget_words(t) -> str:
