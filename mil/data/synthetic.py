@@ -320,20 +320,20 @@ def demo_config(kind: str, root: str | Path, loss: str = "cox") -> dict:
     raise ValueError(f"unknown demo kind {kind!r}")
 
 
-def _regression_demo(root: Path, cohort: Path) -> dict:
-    """The regression demo: the defaults (model, training) on patient bags."""
+def patient_demo(name: str, task: dict, root: Path, cohort: Path, kind: str, **data) -> dict:
+    """A demo config over the synthetic cohort of ``kind`` at ``cohort``: patient bags, the
+    library defaults otherwise, 5 folds whose split files go under ``root/data_splits``."""
     return {
-        "name": "demo_regression",
-        "task": {"type": "regression", "loss": "mse", "target_scaling": "standard", "cutoff": 15},
-        "data": {
-            "csv": str(cohort / "cohort.csv"),
-            "features": str(cohort / "features"),
-            "slide_col": "slide_id",
-            "patient_col": "case_id",
-            "label_col": "planted_percent",
-            "bag_level": "patient",
-            "synthetic": "regression",
-        },
-        "splits": {"dir": str(root / "data_splits" / "demo_regression"), "folds": 5, "seed": 0},
+        "name": name,
+        "task": task,
+        "data": {"csv": str(cohort / "cohort.csv"), "features": str(cohort / "features"),
+                 "slide_col": "slide_id", "patient_col": "case_id", **data,
+                 "bag_level": "patient", "synthetic": kind},
+        "splits": {"dir": str(root / "data_splits" / name), "folds": 5, "seed": 0},
     }
 
+
+def _regression_demo(root: Path, cohort: Path) -> dict:
+    """The regression demo: the defaults (model, training) on patient bags."""
+    task = {"type": "regression", "loss": "mse", "target_scaling": "standard", "cutoff": 15}
+    return patient_demo("demo_regression", task, root, cohort, "regression", label_col="planted_percent")

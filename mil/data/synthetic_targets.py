@@ -67,45 +67,22 @@ def multitarget_patients(rng, features, patients, prototypes, shift, tiles) -> l
 
 def _ordinal_demo(root: Path, cohort: Path) -> dict:
     """The ordinal demo: grades 1-4 of patient bags, the defaults otherwise."""
-    return {
-        "name": "demo_ordinal",
-        "task": {"type": "ordinal", "thresholds": "marginal", "decision": "median"},
-        "data": {
-            "csv": str(cohort / "cohort.csv"),
-            "features": str(cohort / "features"),
-            "slide_col": "slide_id",
-            "patient_col": "case_id",
-            "label_col": "grade",
-            "bag_level": "patient",
-            "synthetic": "ordinal",
-        },
-        "splits": {"dir": str(root / "data_splits" / "demo_ordinal"), "folds": 5, "seed": 0},
-    }
+    task = {"type": "ordinal", "thresholds": "marginal", "decision": "median"}
+    return _s.patient_demo("demo_ordinal", task, root, cohort, "ordinal", label_col="grade")
 
 
 def _multitarget_demo(root: Path, cohort: Path) -> dict:
     """The multi-target demo: MSI status, TMB and grade of patient bags, 30% of each missing."""
-    return {
-        "name": "demo_multitarget",
-        "task": {
-            "type": "multitarget",
-            "weights": "equal",
-            "targets": [
-                {"name": "msi", "label_col": "msi_status", "classes": ["MSS", "MSI"]},
-                {"name": "tmb", "label_col": "tmb", "type": "regression"},
-                {"name": "grade", "label_col": "grade", "type": "ordinal"},
-            ],
-        },
-        "data": {
-            "csv": str(cohort / "cohort.csv"),
-            "features": str(cohort / "features"),
-            "slide_col": "slide_id",
-            "patient_col": "case_id",
-            "bag_level": "patient",
-            "synthetic": "multitarget",
-        },
-        "splits": {"dir": str(root / "data_splits" / "demo_multitarget"), "folds": 5, "seed": 0},
+    task = {
+        "type": "multitarget",
+        "weights": "equal",
+        "targets": [
+            {"name": "msi", "label_col": "msi_status", "classes": ["MSS", "MSI"]},
+            {"name": "tmb", "label_col": "tmb", "type": "regression"},
+            {"name": "grade", "label_col": "grade", "type": "ordinal"},
+        ],
     }
+    return _s.patient_demo("demo_multitarget", task, root, cohort, "multitarget")
 
 
 def targets_demo(kind: str, root: Path, cohort: Path) -> dict:
