@@ -1,6 +1,6 @@
 # Two set-up commands on a fresh machine (Python >= 3.10 and PyPI access):
 #   make demo   - create .venv if absent, install mil, run `mil demo` on the built-in cohort
-#   make test   - create .venv if absent, install mil with test and slide extras, run ruff and the tests
+#   make test   - create .venv if absent, install mil with test and slide extras, run ruff (lint and format check) and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check mil tests benchmarks
+	$(BIN)/ruff format --check mil tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30

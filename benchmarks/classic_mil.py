@@ -113,9 +113,14 @@ def _quiet(*args) -> None:
 
 
 def run_config(
-    name: str, out: str, threads: int, n_boot: int, seed: int | None = None,
-    folds: int | None = None, sets: tuple[str, ...] = (),
-) -> dict:  # fmt: skip
+    name: str,
+    out: str,
+    threads: int,
+    n_boot: int,
+    seed: int | None = None,
+    folds: int | None = None,
+    sets: tuple[str, ...] = (),
+) -> dict:
     """One config's 5 x 10-fold CV (resuming finished folds); its accuracy summary and wall time.
 
     ``seed`` replaces the config's ``train.seed`` (initialisation, bag order, dropout); the
@@ -199,16 +204,30 @@ def markdown_table(results: dict[str, dict], wall: float) -> str:
 
 
 def table(
-    out: Path, only: list[str] | None, jobs: int = 2, threads: int = 1, n_boot: int = 200,
-    folds: int | None = None, sets: tuple[str, ...] = (),
-) -> dict[str, dict]:  # fmt: skip
+    out: Path,
+    only: list[str] | None,
+    jobs: int = 2,
+    threads: int = 1,
+    n_boot: int = 200,
+    folds: int | None = None,
+    sets: tuple[str, ...] = (),
+) -> dict[str, dict]:
     """Every config of ``only`` (all five datasets if None; ``folds``, ``sets``: see
     :func:`run_config`): ``classic_mil.md`` and ``classic_mil.json``; returns the results."""
     names = config_names(only)
     t0 = time.perf_counter()
     k = len(names)
-    runs = run_jobs(run_config, jobs, names, [str(out)] * k, [threads] * k, [n_boot] * k,
-                    [None] * k, [folds] * k, [sets] * k)  # fmt: skip
+    runs = run_jobs(
+        run_config,
+        jobs,
+        names,
+        [str(out)] * k,
+        [threads] * k,
+        [n_boot] * k,
+        [None] * k,
+        [folds] * k,
+        [sets] * k,
+    )
     results = {}
     for r in runs:
         results[r["name"]] = r
@@ -352,8 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda s: [int(x) for x in s.split(",")],
         help="run every config once per training seed, e.g. 0,1,2,3,4 (robustness report)",
     )
-    p.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()),
+    )
     args = p.parse_args(argv)
     if args.select and args.seeds:
         p.error("--select and --seeds are separate runs")

@@ -111,9 +111,16 @@ def digits_cohort(root: Path, n_bags: int, mean: int, sd: int, max_nines: int, s
 
 
 def gaussian_cohort(
-    root: Path, n_bags: int, sizes: tuple[int, int], dim: int, witness: tuple[float, float],
-    shift: float, seed: int, foundation: bool = False, min_witnesses: int = 1,
-) -> None:  # fmt: skip
+    root: Path,
+    n_bags: int,
+    sizes: tuple[int, int],
+    dim: int,
+    witness: tuple[float, float],
+    shift: float,
+    seed: int,
+    foundation: bool = False,
+    min_witnesses: int = 1,
+) -> None:
     """Instances N(0, I) (or foundation-model-like: a 32-d latent through a random map plus
     a common offset, norms of tens); positive bags shift a fraction of their instances by
     ``shift`` along one direction. Bag sizes log-uniform in ``sizes``."""
@@ -318,8 +325,13 @@ def run_cohort(
     n_boot = 20 if smoke else 500
     for label, raw in run_configs(name, out, models, smoke).items():
         folders[label] = _folder(out, name, label, raw)
-        run_cv(config_from_dict(raw), folders[label], progress=False, log=lambda *a: None,
-               n_boot=n_boot * 2 // 5)  # fmt: skip
+        run_cv(
+            config_from_dict(raw),
+            folders[label],
+            progress=False,
+            log=lambda *a: None,
+            n_boot=n_boot * 2 // 5,
+        )
     table = comparison_table(folders).set_index("model")
     diffs = paired_differences(folders, "meanpool_linear", n_boot=n_boot).set_index("model")
     metric = diffs["metric"].iloc[0]
@@ -332,17 +344,30 @@ def run_cohort(
         findings = [
             f for r in RunFolder(folder).records().values() for f in r.get("diagnostics", [])
         ]
-        rows.append({
-            "cohort": name, "run": label, "metric": metric,
-            "mean": table.loc[label, f"{metric}_mean"], "sd": table.loc[label, f"{metric}_sd"],
-            "pooled": diffs.loc[label, "value"], "delta_vs_meanpool": diffs.loc[label, "delta"],
-            "ci_low": diffs.loc[label, "delta_ci_low"], "ci_high": diffs.loc[label, "delta_ci_high"],
-            "undertrained_folds": sum(f["kind"] == "under-training" for f in findings),
-            **({"delta_vs_defaults": versus.loc[label, "delta"],
-                "defaults_ci_low": versus.loc[label, "delta_ci_low"],
-                "defaults_ci_high": versus.loc[label, "delta_ci_high"]} if label in models else {}),
-            "folder": str(folder.relative_to(out)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "cohort": name,
+                "run": label,
+                "metric": metric,
+                "mean": table.loc[label, f"{metric}_mean"],
+                "sd": table.loc[label, f"{metric}_sd"],
+                "pooled": diffs.loc[label, "value"],
+                "delta_vs_meanpool": diffs.loc[label, "delta"],
+                "ci_low": diffs.loc[label, "delta_ci_low"],
+                "ci_high": diffs.loc[label, "delta_ci_high"],
+                "undertrained_folds": sum(f["kind"] == "under-training" for f in findings),
+                **(
+                    {
+                        "delta_vs_defaults": versus.loc[label, "delta"],
+                        "defaults_ci_low": versus.loc[label, "delta_ci_low"],
+                        "defaults_ci_high": versus.loc[label, "delta_ci_high"],
+                    }
+                    if label in models
+                    else {}
+                ),
+                "folder": str(folder.relative_to(out)),
+            }
+        )
     print(f"{name}: " + ", ".join(f"{r['run']} {r['mean']:.3f}" for r in rows), flush=True)
     return rows
 
@@ -369,13 +394,17 @@ def format_table(frame: pd.DataFrame) -> str:
             "| cohort | model | metric | pooled − defaults [95% CI] |",
             "|---|---|---|---|",
         ]
-        lines += [f"| {r.cohort} | {r.run} | {r.metric} | {r.delta_vs_defaults:+.3f} "
-                  f"[{r.defaults_ci_low:+.3f}, {r.defaults_ci_high:+.3f}] |" for r in extra.itertuples()]  # fmt: skip
+        lines += [
+            f"| {r.cohort} | {r.run} | {r.metric} | {r.delta_vs_defaults:+.3f} "
+            f"[{r.defaults_ci_low:+.3f}, {r.defaults_ci_high:+.3f}] |"
+            for r in extra.itertuples()
+        ]
     return "\n".join(lines)
 
 
-def zoo(out: Path, names: list[str], models: tuple[str, ...] = (), jobs: int = 2,
-        smoke: bool = False) -> pd.DataFrame:  # fmt: skip
+def zoo(
+    out: Path, names: list[str], models: tuple[str, ...] = (), jobs: int = 2, smoke: bool = False
+) -> pd.DataFrame:
     """Every cohort of ``names`` through :func:`run_cohort`: ``zoo.csv`` and ``zoo.md``."""
     out.mkdir(parents=True, exist_ok=True)
     for n in names:  # generate in this process, once
@@ -394,10 +423,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="output folder (default results/zoo, or results/zoo_smoke)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", help="comma-separated cohort names")
-    p.add_argument("--models", default="", help="further models, each with its own defaults, "
-                   "compared with the default model (paired)")  # fmt: skip
-    p.add_argument("--smoke", action="store_true", help="the SMOKE_COHORTS, 2 folds, 2 epochs "
-                   "per run, the last grid point, in this process (seconds)")  # fmt: skip
+    p.add_argument(
+        "--models",
+        default="",
+        help="further models, each with its own defaults, compared with the default model (paired)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the SMOKE_COHORTS, 2 folds, 2 epochs "
+        "per run, the last grid point, in this process (seconds)",
+    )
     args = p.parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     known = SMOKE_COHORTS if args.smoke else COHORTS

@@ -59,11 +59,17 @@ def write_slide(path: Path, side_tiles: int, tile: int, mpp: float = 0.5) -> tup
         for i, side in enumerate(levels):
             n = (-(-side // 512)) ** 2
             tif.write(
-                stream(n), shape=(side, side, 3), dtype=np.uint8, tile=(512, 512),
-                compression="jpeg", photometric="rgb", resolution=(res / 4**i, res / 4**i),
-                resolutionunit="CENTIMETER", subifds=len(levels) - 1 if i == 0 else None,
+                stream(n),
+                shape=(side, side, 3),
+                dtype=np.uint8,
+                tile=(512, 512),
+                compression="jpeg",
+                photometric="rgb",
+                resolution=(res / 4**i, res / 4**i),
+                resolutionunit="CENTIMETER",
+                subifds=len(levels) - 1 if i == 0 else None,
                 subfiletype=1 if i else 0,
-            )  # fmt: skip
+            )
     return size, size
 
 
@@ -84,8 +90,15 @@ def draw_once(path: Path, coords: np.ndarray, scores: np.ndarray, tile: int, out
         ov = render_overlay(slide, geom.coords, scores, geom.tile_size, **vis)
         t["rendered"] = time.perf_counter()
     ov.source = geom.source
-    fig = plot_overlay(ov, geom.coords, scores, geom.tile_size, top_k=16, title="bench",
-                       caption=overlay_caption(ov, "instance_logits", "", len(scores)))  # fmt: skip
+    fig = plot_overlay(
+        ov,
+        geom.coords,
+        scores,
+        geom.tile_size,
+        top_k=16,
+        title="bench",
+        caption=overlay_caption(ov, "instance_logits", "", len(scores)),
+    )
     fig.savefig(out / "bench.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
     save_png(out / "bench_overlay.png", ov.rgb)
@@ -127,11 +140,17 @@ def measure(tiles: int = 50_000, tile: int = 256, repeats: int = 3) -> list[dict
         ):
             runs = [draw_once(path, coords, scores, tile, Path(tmp), **vis) for _ in range(repeats)]
             best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
-            results.append({
-                "setting": label, "tiles": tiles, "tile_px": tile, "slide_px": [width, height],
-                "slide_written_s": round(written, 1), "repeats": repeats,
-                **{k: round(v, 3) if isinstance(v, float) else v for k, v in best.items()},
-            })  # fmt: skip
+            results.append(
+                {
+                    "setting": label,
+                    "tiles": tiles,
+                    "tile_px": tile,
+                    "slide_px": [width, height],
+                    "slide_written_s": round(written, 1),
+                    "repeats": repeats,
+                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in best.items()},
+                }
+            )
     return results
 
 

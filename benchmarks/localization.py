@@ -78,9 +78,17 @@ def demo_cohort(root: Path, n_patients: int = 60) -> None:
     from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_cohort
 
     write_synthetic_cohort(
-        "classification", root / "cohort.csv", root / "features", n_patients=n_patients, n_two_slides=0,
-        dim=64, min_tiles=40, max_tiles=200, seed=7, witness_fraction=SMALL_LESION_WITNESS_FRACTION,
-    )  # fmt: skip
+        "classification",
+        root / "cohort.csv",
+        root / "features",
+        n_patients=n_patients,
+        n_two_slides=0,
+        dim=64,
+        min_tiles=40,
+        max_tiles=200,
+        seed=7,
+        witness_fraction=SMALL_LESION_WITNESS_FRACTION,
+    )
 
 
 #: name -> generator writing cohort.csv and features/ under a folder
@@ -94,9 +102,14 @@ COHORTS = {
 N_BAGS = 80
 #: ``--smoke``: every step on a tiny cohort, a fixed two-epoch budget, in this process
 SMOKE = {
-    "names": ["distractors"], "models": ["abmil", "abmil_additive"], "folds": 2, "bags": 40,
-    "train": {"epochs": 2, "patience": None}, "n_boot": 20, "jobs": 1,
-}  # fmt: skip
+    "names": ["distractors"],
+    "models": ["abmil", "abmil_additive"],
+    "folds": 2,
+    "bags": 40,
+    "train": {"epochs": 2, "patience": None},
+    "n_boot": 20,
+    "jobs": 1,
+}
 
 
 def make_cohort(name: str, out: Path, n_bags: int = N_BAGS) -> dict:
@@ -148,22 +161,37 @@ def run_one(args: tuple[str, str, str, int, dict | None]) -> list[dict]:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     folder = Path(out) / "runs" / name / model
-    run_cv(config_from_dict(config(name, model, Path(out), folds, train)), folder, progress=False,
-           log=lambda *a: None, n_boot=50)  # fmt: skip
+    run_cv(
+        config_from_dict(config(name, model, Path(out), folds, train)),
+        folder,
+        progress=False,
+        log=lambda *a: None,
+        n_boot=50,
+    )
     records = list(RunFolder(folder).records().values())
     metrics = [r["metrics"] for r in records]
-    kinds = sorted({k[len("witness_auc_"):] for m in metrics for k in m if k.startswith("witness_auc_")
-                    and not k.startswith("witness_auc_pooled_")})  # fmt: skip
+    kinds = sorted(
+        {
+            k[len("witness_auc_") :]
+            for m in metrics
+            for k in m
+            if k.startswith("witness_auc_") and not k.startswith("witness_auc_pooled_")
+        }
+    )
     rows = []
     for kind in ["main", *kinds]:
         key = "witness_auc" if kind == "main" else f"witness_auc_{kind}"
         pooled = f"witness_auc_pooled_{kind}"
-        rows.append({
-            "cohort": name, "model": model, "kind": kind,
-            "within": _mean(m.get(key) for m in metrics),
-            "pooled": _mean(m.get(pooled) for m in metrics),
-            "bag_auc": _mean(m.get("auc") for m in metrics),
-        })  # fmt: skip
+        rows.append(
+            {
+                "cohort": name,
+                "model": model,
+                "kind": kind,
+                "within": _mean(m.get(key) for m in metrics),
+                "pooled": _mean(m.get(pooled) for m in metrics),
+                "bag_auc": _mean(m.get("auc") for m in metrics),
+            }
+        )
     print(
         f"{name} {model}: " + ", ".join(f"{r['kind']} {r['within']:.3f}" for r in rows), flush=True
     )
@@ -184,8 +212,16 @@ def faithfulness_table(out: Path, names: list[str], models: list[str]) -> pd.Dat
             if (folder / "summary.json").is_file():
                 areas = deletion_insertion(folder)
                 kinds = [k[len("deletion_") :] for k in areas if k.startswith("deletion_")]
-                rows += [{"cohort": name, "model": model, "kind": k, "deletion": areas[f"deletion_{k}"],
-                          "insertion": areas[f"insertion_{k}"]} for k in kinds]  # fmt: skip
+                rows += [
+                    {
+                        "cohort": name,
+                        "model": model,
+                        "kind": k,
+                        "deletion": areas[f"deletion_{k}"],
+                        "insertion": areas[f"insertion_{k}"],
+                    }
+                    for k in kinds
+                ]
                 print(
                     f"{name} {model}: "
                     + ", ".join(f"{k} {areas[f'deletion_{k}']:.3f}" for k in kinds),
@@ -287,8 +323,14 @@ def instance_lr(name: str, out: Path, folds: int) -> tuple[dict, dict]:
         fold_scores[f"fold_{k}"] = dict(zip(test, scores))
         within.append(witness_auc(test, scores, np.array([label[s] for s in test]), inst.get))
         pooled.append(pooled_witness_auc(test, scores, inst.get))
-    return {"cohort": name, "model": "instance_lr", "kind": "instance_logits",
-            "within": _mean(within), "pooled": _mean(pooled), "bag_auc": float("nan")}, fold_scores  # fmt: skip
+    return {
+        "cohort": name,
+        "model": "instance_lr",
+        "kind": "instance_logits",
+        "within": _mean(within),
+        "pooled": _mean(pooled),
+        "bag_auc": float("nan"),
+    }, fold_scores
 
 
 def format_table(frame: pd.DataFrame) -> str:
@@ -316,9 +358,15 @@ def format_table(frame: pd.DataFrame) -> str:
 
 
 def benchmark(
-    out: Path, names: list[str], models: list[str], folds: int = 3, bags: int = N_BAGS,
-    jobs: int = 2, train: dict | None = None, n_boot: int = 500,
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    out: Path,
+    names: list[str],
+    models: list[str],
+    folds: int = 3,
+    bags: int = N_BAGS,
+    jobs: int = 2,
+    train: dict | None = None,
+    n_boot: int = 500,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every model on every cohort, and the instance-level LR: ``localization.csv``/``.md``, and
     the acceptance table (``acceptance.csv``/``.md``) with ``n_boot`` paired resamples."""
     out.mkdir(parents=True, exist_ok=True)
@@ -358,11 +406,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help="comma-separated cohort names")
     p.add_argument("--models", help="comma-separated model names (default: every slide model)")
     p.add_argument(
-        "--faithfulness", action="store_true",
+        "--faithfulness",
+        action="store_true",
         help="instead: deletion / insertion areas of the finished runs of FAITHFULNESS_MODELS",
-    )  # fmt: skip
-    p.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()) + "; then --faithfulness")  # fmt: skip
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: "
+        + ", ".join(f"{k} {v}" for k, v in SMOKE.items())
+        + "; then --faithfulness",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.smoke:
@@ -406,8 +460,11 @@ def acceptance(
                 continue
             with h5py.File(first, "r") as f:
                 g = next(iter(f.values()))
-                kind = next(k for k in (*ClassificationTask.score_order, "main")
-                            if k == "main" or f"scores_{k}" in g)  # fmt: skip
+                kind = next(
+                    k
+                    for k in (*ClassificationTask.score_order, "main")
+                    if k == "main" or f"scores_{k}" in g
+                )
             row = {"cohort": name, "model": model, "kind": kind}
             row.update(
                 paired_witness(read_fold_scores(folder, kind), lr_scores[name], labels, n_boot)
@@ -415,8 +472,12 @@ def acceptance(
             if (ref / "summary.json").is_file():
                 d = paired_differences({model: folder, "abmil": ref}, "abmil", n_boot=n_boot)
                 d = d.set_index("model").loc[model]
-                row.update(bag_auc=d["value"], bag_delta=d["delta"], bag_low=d["delta_ci_low"],
-                           bag_high=d["delta_ci_high"])  # fmt: skip
+                row.update(
+                    bag_auc=d["value"],
+                    bag_delta=d["delta"],
+                    bag_low=d["delta_ci_low"],
+                    bag_high=d["delta_ci_high"],
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -92,15 +92,22 @@ def paired_witness(
         return tuple(float(np.nanmean(v)) for v in (wa, wb, pa, pb))
 
     point = stats([np.arange(len(p[0])) for p in per_fold])
-    boots = np.array([
-        stats([rng.integers(0, len(p[0]), len(p[0])) for p in per_fold]) for _ in range(n_boot)
-    ])  # fmt: skip
+    boots = np.array(
+        [stats([rng.integers(0, len(p[0]), len(p[0])) for p in per_fold]) for _ in range(n_boot)]
+    )
     out = {}
     for name, (i, j) in {"within": (0, 1), "pooled": (2, 3)}.items():
         delta = boots[:, i] - boots[:, j]
         low, high = np.nanpercentile(delta, [2.5, 97.5])
-        out.update({f"{name}_a": point[i], f"{name}_b": point[j],
-                    f"{name}_delta": point[i] - point[j], f"{name}_low": low, f"{name}_high": high})  # fmt: skip
+        out.update(
+            {
+                f"{name}_a": point[i],
+                f"{name}_b": point[j],
+                f"{name}_delta": point[i] - point[j],
+                f"{name}_low": low,
+                f"{name}_high": high,
+            }
+        )
     return out
 
 

@@ -67,9 +67,12 @@ def ceiling(cohort: Path) -> dict[str, float]:
     z = np.concatenate(proj)
     mu, sd = z[~allw].mean(), z[~allw].std()  # thresholds in sd of the non-witness tiles
     out = {
-        "slides": len(df), "tiles": len(allw), "witness_tiles": int(allw.sum()),
-        "tile_auc": roc_auc_score(allw, z), "linear_auc": roc_auc_score(y, [q.mean() for q in proj]),
-    }  # fmt: skip
+        "slides": len(df),
+        "tiles": len(allw),
+        "witness_tiles": int(allw.sum()),
+        "tile_auc": roc_auc_score(allw, z),
+        "linear_auc": roc_auc_score(y, [q.mean() for q in proj]),
+    }
     for t in THRESHOLDS:
         out[f"relu_auc_{t:.0f}"] = roc_auc_score(
             y, [np.maximum((q - mu) / sd - t, 0).mean() for q in proj]
@@ -88,16 +91,22 @@ def main(argv: list[str] | None = None) -> None:
         default=SMALL_LESION_WITNESS_FRACTION,
         help="witness tiles per positive slide, if the cohort is generated (default 0.04 0.10)",
     )
-    p.add_argument("--smoke", action="store_true", help="a cohort of " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()) + " (seconds)")  # fmt: skip
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a cohort of " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()) + " (seconds)",
+    )
     args = p.parse_args(argv)
     cohort = Path(args.root) / "cohort_classification"
     if not (cohort / "cohort.csv").exists():
         try:
             write_synthetic_cohort(
-                "classification", cohort / "cohort.csv", cohort / "features",
-                witness_fraction=tuple(args.witness_fraction), **(SMOKE if args.smoke else {}),
-            )  # fmt: skip
+                "classification",
+                cohort / "cohort.csv",
+                cohort / "features",
+                witness_fraction=tuple(args.witness_fraction),
+                **(SMOKE if args.smoke else {}),
+            )
         except ValueError as e:  # a bad --witness-fraction
             p.error(str(e))
     c = ceiling(cohort)

@@ -30,8 +30,24 @@ from mil.tasks.paired import paired_metric_difference
 from mil.train.runner import run_cv
 from mil.train.summary import run_predictions
 
-SMOKE = {"n_patients": 30, "dim": 12, "tiles": (15, 40), "folds": 3, "epochs": 2, "seeds": 1, "n_boot": 20}
-FULL = {"n_patients": 120, "dim": 64, "tiles": (200, 1000), "folds": 5, "epochs": None, "seeds": 1, "n_boot": 1000}
+SMOKE = {
+    "n_patients": 30,
+    "dim": 12,
+    "tiles": (15, 40),
+    "folds": 3,
+    "epochs": 2,
+    "seeds": 1,
+    "n_boot": 20,
+}
+FULL = {
+    "n_patients": 120,
+    "dim": 64,
+    "tiles": (200, 1000),
+    "folds": 5,
+    "epochs": None,
+    "seeds": 1,
+    "n_boot": 1000,
+}
 METRICS = ("qwk", "mae", "auc", "balanced_accuracy")
 TASKS = ("ordinal", "classification")
 
@@ -43,11 +59,21 @@ def configs(out: Path, preset: dict, seed: int) -> dict[str, dict]:
     if not csv.is_file():
         lo, hi = preset["tiles"]
         write_synthetic_cohort(
-            "ordinal", csv, feats, n_patients=preset["n_patients"], dim=preset["dim"],
-            min_tiles=lo, max_tiles=hi, n_two_slides=preset["n_patients"] // 5,
-        )  # fmt: skip
+            "ordinal",
+            csv,
+            feats,
+            n_patients=preset["n_patients"],
+            dim=preset["dim"],
+            min_tiles=lo,
+            max_tiles=hi,
+            n_two_slides=preset["n_patients"] // 5,
+        )
     raw["splits"] = {**raw["splits"], "folds": preset["folds"]}
-    raw["train"] = {"seed": seed, "threads": 1, **({"epochs": preset["epochs"]} if preset["epochs"] else {})}
+    raw["train"] = {
+        "seed": seed,
+        "threads": 1,
+        **({"epochs": preset["epochs"]} if preset["epochs"] else {}),
+    }
     nominal = {**raw, "name": "demo_ordinal_nominal", "task": {"type": "classification"}}
     return {"ordinal": raw, "classification": nominal}
 
@@ -76,9 +102,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         row: dict = {"seed": seed, "patients": runs["ordinal"]["patient_id"].nunique()}
         for metric in METRICS:
             d = paired_metric_difference(
-                task, runs["ordinal"], runs["classification"], metric, n_boot=preset["n_boot"], seed=seed,
+                task,
+                runs["ordinal"],
+                runs["classification"],
+                metric,
+                n_boot=preset["n_boot"],
+                seed=seed,
                 names=("the ordinal run's predictions", "the nominal run's"),
-            )  # fmt: skip
+            )
             row[f"ordinal_{metric}"] = d["value"]
             row[f"nominal_{metric}"] = d["reference_value"]
             row[f"delta_{metric}"] = d["delta"]

@@ -38,11 +38,26 @@ from mil.train.runner import run_cv
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "real"
 #: the smoke preset: a tiny synthetic cohort, 3 folds, 2 epochs, no real cohort
-SMOKE = {"n_patients": 24, "dim": 12, "tiles": (15, 40), "folds": 3, "epochs": 2, "real": [], "n_boot": 20}
+SMOKE = {
+    "n_patients": 24,
+    "dim": 12,
+    "tiles": (15, 40),
+    "folds": 3,
+    "epochs": 2,
+    "real": [],
+    "n_boot": 20,
+}
 #: the real cohorts (as benchmarks/survival_stopping.py names them)
 REAL_COHORTS = ("nsclc", "blca", "hnsc", "stad", "lihc", "skcm")
-FULL = {"n_patients": 100, "dim": 64, "tiles": (200, 2000), "folds": 5, "epochs": None, "n_boot": 1000,
-        "real": list(REAL_COHORTS)}  # fmt: skip
+FULL = {
+    "n_patients": 100,
+    "dim": 64,
+    "tiles": (200, 2000),
+    "folds": 5,
+    "epochs": None,
+    "n_boot": 1000,
+    "real": list(REAL_COHORTS),
+}
 
 
 def synthetic_config(out: Path, preset: dict) -> dict:
@@ -52,9 +67,15 @@ def synthetic_config(out: Path, preset: dict) -> dict:
     if not csv.is_file():
         lo, hi = preset["tiles"]
         write_synthetic_cohort(
-            "regression", csv, feats, n_patients=preset["n_patients"], dim=preset["dim"],
-            min_tiles=lo, max_tiles=hi, n_two_slides=preset["n_patients"] // 5,
-        )  # fmt: skip
+            "regression",
+            csv,
+            feats,
+            n_patients=preset["n_patients"],
+            dim=preset["dim"],
+            min_tiles=lo,
+            max_tiles=hi,
+            n_two_slides=preset["n_patients"] // 5,
+        )
     return raw
 
 
@@ -70,10 +91,15 @@ def uncensored_config(out: Path, short: str, scaling: str) -> dict:
     return {
         "name": f"{short}_{scaling}",
         "task": {"type": "regression", "target_scaling": scaling},
-        "data": {"csv": str(csv), "features": str(src / "features"), "patient_col": "case_id",
-                 "label_col": "time", "bag_level": "patient"},
+        "data": {
+            "csv": str(csv),
+            "features": str(src / "features"),
+            "patient_col": "case_id",
+            "label_col": "time",
+            "bag_level": "patient",
+        },
         "splits": {"dir": str(out / "splits" / short), "folds": 5, "seed": 0},
-    }  # fmt: skip
+    }
 
 
 def run_one(raw: dict, out: Path, preset: dict) -> dict:
@@ -85,7 +111,13 @@ def run_one(raw: dict, out: Path, preset: dict) -> dict:
     if preset["epochs"]:
         raw["train"] = {"epochs": preset["epochs"], "threads": 1}
     cfg = config_from_dict(raw, source=raw["name"])
-    run_dir = run_cv(cfg, out / "runs" / raw["name"], progress=False, log=lambda *a: None, n_boot=preset["n_boot"])
+    run_dir = run_cv(
+        cfg,
+        out / "runs" / raw["name"],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=preset["n_boot"],
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     pred = pd.concat(pd.read_csv(p) for p in sorted(run_dir.glob("fold_*/predictions.csv")))
     pooled = regression_metrics(pred["target"], pred["prediction"])
@@ -120,16 +152,23 @@ def pair_average(run_dir: Path, model: str, member: str, n_boot: int) -> dict:
     alone = pooled(model)
     avg = task.average_predictions([alone, pooled(member)])
     d = paired_metric_difference(task, avg, alone, "r2", n_boot=n_boot)
-    return {f"model+{member}_r2": d["value"], f"model+{member}_minus_model": d["delta"],
-            f"model+{member}_minus_model_ci": [d["ci_low"], d["ci_high"]]}  # fmt: skip
+    return {
+        f"model+{member}_r2": d["value"],
+        f"model+{member}_minus_model": d["delta"],
+        f"model+{member}_minus_model_ci": [d["ci_low"], d["ci_high"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/regression")
     ap.add_argument("--smoke", action="store_true", help="a tiny synthetic run (seconds)")
-    ap.add_argument("--cohorts", help=f"comma-separated: synthetic and/or {', '.join(REAL_COHORTS)}")
-    ap.add_argument("--scalings", default="standard,log", help="task.target_scaling of the real cohorts")
+    ap.add_argument(
+        "--cohorts", help=f"comma-separated: synthetic and/or {', '.join(REAL_COHORTS)}"
+    )
+    ap.add_argument(
+        "--scalings", default="standard,log", help="task.target_scaling of the real cohorts"
+    )
     args = ap.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
     out = Path(args.out)

@@ -27,14 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"runs": 4, "sizes": (1, 2)}
 
 
-def run_seeds(config: str | Path, out: Path, runs: int, overrides: list[str] | None = None) -> list[Path]:
+def run_seeds(
+    config: str | Path, out: Path, runs: int, overrides: list[str] | None = None
+) -> list[Path]:
     """``runs`` ordinary runs of ``config`` with train.seed 0..runs-1 on one set of split files."""
     from mil.config import load_config
     from mil.train.runner import run_cv
 
     dirs = []
     for s in range(runs):
-        sets = [*(overrides or []), f"train.seed={s}", "train.seeds=1", f"splits.dir={out / 'splits'}"]
+        sets = [
+            *(overrides or []),
+            f"train.seed={s}",
+            "train.seeds=1",
+            f"splits.dir={out / 'splits'}",
+        ]
         cfg = load_config(config, sets)
         dirs.append(run_cv(cfg, out / f"seed{s}", progress=False, log=lambda *a: None, n_boot=10))
     return dirs
@@ -49,7 +56,12 @@ def ensemble_predictions(task, run_dirs: list[Path]) -> pd.DataFrame:
     for f in folds:
         runs = [RunFolder(d) for d in run_dirs]
         preds = [r.predictions(f) for r in runs]
-        train = [r.predictions(f, PREDICTIONS_TRAIN) if r.fold_file(f, PREDICTIONS_TRAIN).is_file() else None for r in runs]
+        train = [
+            r.predictions(f, PREDICTIONS_TRAIN)
+            if r.fold_file(f, PREDICTIONS_TRAIN).is_file()
+            else None
+            for r in runs
+        ]
         scales = [task.output_scale(t) for t in train]
         avg = task.average_predictions(preds, scales).assign(fold_dir=f"fold_{f}")
         parts.append(avg)
@@ -67,8 +79,15 @@ def study(run_dirs: list[Path], sizes: tuple[int, ...]) -> pd.DataFrame:
         for g in range(len(run_dirs) // n):
             group = run_dirs[g * n : (g + 1) * n]
             pred = ensemble_predictions(task, group)
-            rows.append({"size": n, "group": g, "runs": ",".join(d.name for d in group),
-                         "metric": metric, "value": task.metric_value(pred, metric)})  # fmt: skip
+            rows.append(
+                {
+                    "size": n,
+                    "group": g,
+                    "runs": ",".join(d.name for d in group),
+                    "metric": metric,
+                    "value": task.metric_value(pred, metric),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -89,12 +108,29 @@ def smoke_config(out: Path) -> Path:
 
     root = out / "cohort"
     if not (root / "cohort.csv").exists():
-        write_synthetic_cohort("classification", root / "cohort.csv", root / "features", n_patients=24,
-                               n_two_slides=0, dim=8, min_tiles=10, max_tiles=30, shift_norm=6.0)  # fmt: skip
-    cfg = {"name": "seeds_smoke", "task": {"type": "classification"},
-           "data": {"csv": str(root / "cohort.csv"), "features": str(root / "features"), "patient_col": "case_id"},
-           "splits": {"folds": 2, "val_fraction": 0.2, "seed": 0}, "model": {"name": "abmil", "hidden_dim": 8},
-           "train": {"epochs": 2, "batch_size": 8, "threads": 1, "faithfulness": False}}  # fmt: skip
+        write_synthetic_cohort(
+            "classification",
+            root / "cohort.csv",
+            root / "features",
+            n_patients=24,
+            n_two_slides=0,
+            dim=8,
+            min_tiles=10,
+            max_tiles=30,
+            shift_norm=6.0,
+        )
+    cfg = {
+        "name": "seeds_smoke",
+        "task": {"type": "classification"},
+        "data": {
+            "csv": str(root / "cohort.csv"),
+            "features": str(root / "features"),
+            "patient_col": "case_id",
+        },
+        "splits": {"folds": 2, "val_fraction": 0.2, "seed": 0},
+        "model": {"name": "abmil", "hidden_dim": 8},
+        "train": {"epochs": 2, "batch_size": 8, "threads": 1, "faithfulness": False},
+    }
     path = out / "smoke.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -43,9 +43,17 @@ def site_cohort(
     ``sites`` with probability ``confounding``."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     df = write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=n, n_two_slides=0, dim=dim,
-        min_tiles=40, max_tiles=160, shift_norm=shift,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n,
+        n_two_slides=0,
+        dim=dim,
+        min_tiles=40,
+        max_tiles=160,
+        shift_norm=shift,
+    )
     rng = np.random.default_rng(seed + 100)
     offsets = {s: rng.normal(size=dim) for s in sites}
     offsets = {s: site_norm * v / np.linalg.norm(v) for s, v in offsets.items()}
@@ -65,10 +73,17 @@ def site_cohort(
 
 
 def site_shift(
-    out: Path, patients: int = 120, confounding: float = 0.75, site_norm: float = 3.0,
-    dim: int = 32, shift_norm: float = 2.0, epochs: int = 20, folds: int = 4, n_boot: int = 1000,
+    out: Path,
+    patients: int = 120,
+    confounding: float = 0.75,
+    site_norm: float = 3.0,
+    dim: int = 32,
+    shift_norm: float = 2.0,
+    epochs: int = 20,
+    folds: int = 4,
+    n_boot: int = 1000,
     models: tuple[str, ...] = ("abmil", "meanpool_linear"),
-) -> tuple[pd.DataFrame, str]:  # fmt: skip
+) -> tuple[pd.DataFrame, str]:
     """The cohorts (made once under ``out``) and ``mil generalize`` of ``models`` (ABMIL and
     the mean-pooled linear baseline): the table (``out/generalize``) and its markdown."""
     root = Path(out)
@@ -76,11 +91,15 @@ def site_shift(
     data = root / "internal.csv"
     common = (confounding, site_norm, dim, shift_norm)
     internal = (
-        {"csv": str(data), "features": str(root / "internal_features"), "patient_col": "case_id",
-         "site_col": "site"}
+        {
+            "csv": str(data),
+            "features": str(root / "internal_features"),
+            "patient_col": "case_id",
+            "site_col": "site",
+        }
         if data.is_file()
         else site_cohort(root, "internal", 0, patients, SITES, *common)
-    )  # fmt: skip
+    )
     external = root / "site_E.yaml"
     if not external.is_file():
         ext = site_cohort(root, "external", 1, patients // 2, ("E",), 0.5, *common[1:])
@@ -111,14 +130,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()),
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         _, text = site_shift(Path(args.out), **{"confounding": args.confounding, **SMOKE})
     else:
-        kw = {k: getattr(args, k) for k in ("patients", "confounding", "site_norm", "dim",
-                                              "shift_norm", "epochs", "folds", "n_boot")}  # fmt: skip
+        kw = {
+            k: getattr(args, k)
+            for k in (
+                "patients",
+                "confounding",
+                "site_norm",
+                "dim",
+                "shift_norm",
+                "epochs",
+                "folds",
+                "n_boot",
+            )
+        }
         _, text = site_shift(Path(args.out), **kw)
     print(text)
 

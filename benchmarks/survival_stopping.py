@@ -311,11 +311,17 @@ def analyse(name: str, out: Path) -> list[dict]:
             zl = (lt.to_numpy(float) - ltr.mean()) / ltr.std(ddof=0)
             alone.append((time, event, z))
             mixed.append((time, event, (z + zl) / 2))
-        rows.append({
-            "cohort": name, "rule": rule, "epochs": ",".join(map(str, epochs)),
-            "c_mil": pooled_c(alone), "c_mil_plus_linear": pooled_c(mixed),
-            "folds_in_warmup": in_warmup, "max_val_c_gap": max(c_gap),
-        })  # fmt: skip
+        rows.append(
+            {
+                "cohort": name,
+                "rule": rule,
+                "epochs": ",".join(map(str, epochs)),
+                "c_mil": pooled_c(alone),
+                "c_mil_plus_linear": pooled_c(mixed),
+                "folds_in_warmup": in_warmup,
+                "max_val_c_gap": max(c_gap),
+            }
+        )
     linear_only = []
     for k in folds:
         t = pd.read_csv(lin / f"fold_{k}" / "predictions.csv")
@@ -337,9 +343,13 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def stopping(
-    out: Path, names: list[str], analyse_only: bool = False, folds: int = 5,
-    train: dict | None = None, val_fraction: float | None = None,
-) -> pd.DataFrame:  # fmt: skip
+    out: Path,
+    names: list[str],
+    analyse_only: bool = False,
+    folds: int = 5,
+    train: dict | None = None,
+    val_fraction: float | None = None,
+) -> pd.DataFrame:
     """Every cohort's traced run (unless ``analyse_only``) and its analysis: ``stopping.csv``
     (a row per cohort and rule) and ``stopping.md``."""
     rows = []
@@ -366,8 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--only", default=None)
     ap.add_argument("--analyse", action="store_true", help="only read the finished traces")
-    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()),
+    )
     args = ap.parse_args(argv)
     out = Path(args.out or ("results/stopping_smoke" if args.smoke else "results/stopping"))
     if args.smoke:

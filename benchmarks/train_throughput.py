@@ -134,8 +134,13 @@ def measure(
 #: (name, number of bags, fewest and most instances per bag) of the measured cohorts
 COHORTS = (("small", 1500, 20, 200), ("large", 120, 500, 5000))
 #: ``--smoke``: :func:`throughput`'s arguments for a run of seconds
-SMOKE = {"cohorts": (("small", 24, 5, 40), ("large", 4, 200, 400)), "dim": 32, "hidden": 16,
-         "attn": 16, "epochs": 1}  # fmt: skip
+SMOKE = {
+    "cohorts": (("small", 24, 5, 40), ("large", 4, 200, 400)),
+    "dim": 32,
+    "hidden": 16,
+    "attn": 16,
+    "epochs": 1,
+}
 #: the packed configurations: (bags per loss batch, instances per loss batch, per compute chunk)
 CONFIGS = {
     "one bag at a time": None,
@@ -145,9 +150,15 @@ CONFIGS = {
 
 
 def throughput(
-    cohorts=COHORTS, dim: int = 1024, epochs: int = 3, hidden: int = 128, attn: int = 128,
-    precision: str = "fp32", device: str = "cpu", scale: int = 1,
-) -> pd.DataFrame:  # fmt: skip
+    cohorts=COHORTS,
+    dim: int = 1024,
+    epochs: int = 3,
+    hidden: int = 128,
+    attn: int = 128,
+    precision: str = "fp32",
+    device: str = "cpu",
+    scale: int = 1,
+) -> pd.DataFrame:
     """Instances per second of every configuration of :data:`CONFIGS` on every cohort (a
     ``scale``-th of its bags): columns ``bags``, ``cohort``, ``method``, ``instances_per_s``
     and ``vs_loop`` (the ratio to one bag at a time)."""
@@ -155,13 +166,22 @@ def throughput(
     for name, n_bags, lo, hi in cohorts:
         bags, labels = random_bags(n_bags // scale, lo, hi, dim, seed=0)
         results = {
-            label: measure(conf, bags, labels, epochs, 1, hidden, attn, precision, torch.device(device))
+            label: measure(
+                conf, bags, labels, epochs, 1, hidden, attn, precision, torch.device(device)
+            )
             for label, conf in CONFIGS.items()
-        }  # fmt: skip
+        }
         base = results["one bag at a time"]
         for label, v in results.items():
-            rows.append({"bags": name, "cohort": f"{n_bags // scale} bags of {lo}-{hi}",
-                         "method": label, "instances_per_s": v, "vs_loop": v / base})  # fmt: skip
+            rows.append(
+                {
+                    "bags": name,
+                    "cohort": f"{n_bags // scale} bags of {lo}-{hi}",
+                    "method": label,
+                    "instances_per_s": v,
+                    "vs_loop": v / base,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -185,15 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--device", default="cpu", help="cpu or cuda (bags live in CPU memory, as in a run)"
     )
-    ap.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(
-        f"{k} {v}" for k, v in SMOKE.items()))  # fmt: skip
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()),
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kw = dict(dim=1024, epochs=args.epochs, hidden=args.hidden, attn=args.attn)
     if args.smoke:
         kw.update(SMOKE)
-    frame = throughput(**kw, precision=args.precision, device=args.device,
-                       scale=10 if args.quick else 1)  # fmt: skip
+    frame = throughput(
+        **kw, precision=args.precision, device=args.device, scale=10 if args.quick else 1
+    )
     print(
         f"ABMIL (gated, {kw['dim']}->{kw['hidden']}, attention {kw['attn']}) training throughput, "
         f"{args.precision}, {args.device}, {args.threads} threads, median of {kw['epochs']} epochs after a warm-up"

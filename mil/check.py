@@ -138,12 +138,15 @@ def _unused_tables(cfg: Config) -> list[Problem]:
         return []
     names = ", ".join(str(t.get("name")) for t in cfg.data.tabular)
     fusers = ", ".join(n for n in available() if fuses(n))
-    return [Problem(
-        "warning", "data.tabular",
-        f"model {cfg.model_name!r} reads no tables, so the tables of data.tabular ({names}) only "
-        f"name each patient's availability subgroup (column {AVAILABILITY_COL!r}); to train on "
-        f"them, use a model that fuses them ({fusers})",
-    )]  # fmt: skip
+    return [
+        Problem(
+            "warning",
+            "data.tabular",
+            f"model {cfg.model_name!r} reads no tables, so the tables of data.tabular ({names}) only "
+            f"name each patient's availability subgroup (column {AVAILABILITY_COL!r}); to train on "
+            f"them, use a model that fuses them ({fusers})",
+        )
+    ]
 
 
 def _check_instances(cfg: Config) -> tuple[list[Problem], pd.DataFrame]:
@@ -300,7 +303,9 @@ def _mixed_kinds(table: pd.DataFrame) -> list[Problem]:
                 f"files hold one vector [D] (slide/patient embeddings)"
             )
             if r["tiles"] == 1:
-                what += "; a [1, D] array is a bag of one tile: save a slide embedding as a [D] vector"
+                what += (
+                    "; a [1, D] array is a bag of one tile: save a slide embedding as a [D] vector"
+                )
         what += "; a cohort is one kind: point data.features at one encoder's output"
         problems.append(Problem("error", r["slide_id"], what))
         table.loc[i, "status"] = "mixed kinds"

@@ -71,7 +71,9 @@ def _baseline_names(text: str | None) -> list[str]:
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in available()]
     if unknown:
-        raise MilError(f"--baseline {unknown[0]}: not a registered model (e.g. meanpool_linear, bow_linear)")
+        raise MilError(
+            f"--baseline {unknown[0]}: not a registered model (e.g. meanpool_linear, bow_linear)"
+        )
     return names
 
 
@@ -81,8 +83,10 @@ def _train_baselines(cfg, run_dir: Path, names: list[str], progress: bool, folds
 
     table = run_baselines(cfg, run_dir, names, folds=folds, progress=progress)
     for r in table.itertuples():
-        print(f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} (95% CI "
-              f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})")  # fmt: skip
+        print(
+            f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} (95% CI "
+            f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})"
+        )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -234,18 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default results/<name>)")
     t.add_argument("--folds", help="only these folds, e.g. 0,2 (for one job per fold)")
     t.add_argument(
-        "--points", help="with a search: block, only these grid points, e.g. 0,2 (one job per point)"
+        "--points",
+        help="with a search: block, only these grid points, e.g. 0,2 (one job per point)",
     )
     t.add_argument(
-        "--baseline", nargs="?", const="meanpool_linear", metavar="NAMES",
+        "--baseline",
+        nargs="?",
+        const="meanpool_linear",
+        metavar="NAMES",
         help="also run linear baselines on the same folds (default meanpool_linear; e.g. "
         "meanpool_linear,bow_linear) and report the run's paired difference to each",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--refit", action="store_true",
+        "--refit",
+        action="store_true",
         help="then fit one model on every bag, for the epochs (or penalty) cross-validation "
         "chose, into <run>/refit/ (for `mil evaluate --refit`)",
-    )  # fmt: skip
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
 
@@ -304,15 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-boot", type=_count(1), default=1000, help="bootstrap resamples")
     e.add_argument("--device", default="cpu", help="torch device of the fold models (default cpu)")
     e.add_argument(
-        "--refit", action="store_true",
+        "--refit",
+        action="store_true",
         help="predict with the run's model refit on every bag (mil train --refit) instead of "
         "the fold ensemble",
-    )  # fmt: skip
+    )
     e.add_argument(
-        "--any-encoder", action="store_true",
+        "--any-encoder",
+        action="store_true",
         help="evaluate features whose files name another encoder than the run's (a warning "
         "instead of an error; for one encoder under two names)",
-    )  # fmt: skip
+    )
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=cmd_evaluate)
     add_generalize_parser(sub, with_config, _count)

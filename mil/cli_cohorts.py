@@ -13,9 +13,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mil.train.external_report import format_evaluation
 
     summary = evaluate(
-        args.run_dir, args.cohort_config, args.out, n_boot=args.n_boot, device=args.device,
-        progress=not args.quiet, refit=args.refit, any_encoder=args.any_encoder,
-    )  # fmt: skip
+        args.run_dir,
+        args.cohort_config,
+        args.out,
+        n_boot=args.n_boot,
+        device=args.device,
+        progress=not args.quiet,
+        refit=args.refit,
+        any_encoder=args.any_encoder,
+    )
     print(format_evaluation(summary))
     print(f"results: {args.out}")
     return 0
@@ -29,9 +35,15 @@ def cmd_generalize(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}_generalization"
     table = run_generalization(
-        cfg, args.external, out, models=models, refit=args.refit, progress=not args.quiet,
-        n_boot=args.n_boot, any_encoder=args.any_encoder,
-    )  # fmt: skip
+        cfg,
+        args.external,
+        out,
+        models=models,
+        refit=args.refit,
+        progress=not args.quiet,
+        n_boot=args.n_boot,
+        any_encoder=args.any_encoder,
+    )
     print(format_generalization(table, cfg, args.refit, args.n_boot))
     print(f"table: {out / REPORT}")
     return 0
@@ -45,17 +57,21 @@ def add_generalize_parser(sub, with_config, count) -> None:
     )
     with_config(g)
     g.add_argument(
-        "--external", nargs="+", default=[], metavar="COHORT_YAML",
+        "--external",
+        nargs="+",
+        default=[],
+        metavar="COHORT_YAML",
         help="external cohort configs (their data: sections), each evaluated with mil evaluate",
-    )  # fmt: skip
+    )
     g.add_argument("--out", help="folder for the runs and generalization.md")
     g.add_argument("--models", help="comma-separated compare labels or model names")
     g.add_argument("--refit", action="store_true", help="external cohorts by the refit model")
     g.add_argument(
-        "--any-encoder", action="store_true",
+        "--any-encoder",
+        action="store_true",
         help="evaluate external features whose files name another encoder than the training "
         "cohort's (a warning instead of an error; for one encoder under two names)",
-    )  # fmt: skip
+    )
     g.add_argument("--n-boot", type=count(1), default=1000, help="bootstrap resamples")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(fn=cmd_generalize)

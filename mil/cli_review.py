@@ -23,34 +23,41 @@ def add_review_parsers(sub, count, non_negative) -> None:
             "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
         )
         sp.add_argument(
-            "--score", "--kind", dest="kind", default="default",
+            "--score",
+            "--kind",
+            dest="kind",
+            default="default",
             help="instance score kind: default (chosen by the localization benchmark: "
             "instance_logits, the model's logit for the tile alone; survival: contribution, the "
             "tile's signed share of the risk), attention, contribution, instance_logits, "
             "attention_x_logit, instance_classifier (what the model saved)",
-        )  # fmt: skip
+        )
         sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
         sp.add_argument("--slides-dir", help=SLIDES_HELP)
         sp.add_argument(
-            "--slide-reader", choices=["auto", "tiffslide", "openslide"], default="auto",
+            "--slide-reader",
+            choices=["auto", "tiffslide", "openslide"],
+            default="auto",
             help="whole-slide image reader (auto: tiffslide, else OpenSlide)",
-        )  # fmt: skip
+        )
 
     h = sub.add_parser("heatmap", help="draw test slides' instance scores over the slide")
     with_scores(h)
     which = h.add_mutually_exclusive_group(required=True)
     which.add_argument("--slide", action="append", help="slide id (repeatable)")
     which.add_argument(
-        "--top-n", type=count(1),
+        "--top-n",
+        type=count(1),
         help="the N test slides with the highest predicted probability of the last "
         "(positive) class, or the highest risk",
-    )  # fmt: skip
+    )
     h.add_argument("--out", help="folder for the PNGs (default RUN_DIR/heatmaps)")
     h.add_argument(
-        "--normalize", choices=["rank", "minmax", "raw", "signed"],
+        "--normalize",
+        choices=["rank", "minmax", "raw", "signed"],
         help="default rank: percentile within the slide (signed kinds: of |score|, sign kept, "
         "on a diverging map centred at 0); raw: the scores as saved",
-    )  # fmt: skip
+    )
     h.add_argument(
         "--smooth", type=non_negative, default=0.0, help="Gaussian sigma in tiles (0 = none)"
     )
@@ -63,9 +70,11 @@ def add_review_parsers(sub, count, non_negative) -> None:
     scale.add_argument("--vis-level", type=count(0), help="draw over this level of the slide")
     scale.add_argument("--vis-mpp", type=non_negative, help="draw at this many µm per pixel")
     h.add_argument(
-        "--max-size", type=count(16), default=2048,
+        "--max-size",
+        type=count(16),
+        default=2048,
         help="without --vis-level/--vis-mpp: the drawing's longest side in pixels (default 2048)",
-    )  # fmt: skip
+    )
     h.add_argument(
         "--alpha", type=non_negative, default=0.5, help="opacity of the colours (0-1, default 0.5)"
     )
@@ -96,14 +105,27 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     slides = args.slide or run.top_slides(args.top_n, fold=args.fold)
     out = Path(args.out) if args.out else run.path / "heatmaps"
     draw = dict(
-        vis_level=args.vis_level, vis_mpp=args.vis_mpp, max_size=args.max_size,
-        alpha=args.alpha, tissue=args.tissue, backend=args.slide_reader,
-    )  # fmt: skip
+        vis_level=args.vis_level,
+        vis_mpp=args.vis_mpp,
+        max_size=args.max_size,
+        alpha=args.alpha,
+        tissue=args.tissue,
+        backend=args.slide_reader,
+    )
     paths = run.save_heatmaps(
-        slides, out, args.slides_dir, draw, dpi=args.dpi, fold=args.fold, kind=args.kind,
-        cls=args.cls, normalize=args.normalize, smooth=args.smooth, top_k=args.top_k,
+        slides,
+        out,
+        args.slides_dir,
+        draw,
+        dpi=args.dpi,
+        fold=args.fold,
+        kind=args.kind,
+        cls=args.cls,
+        normalize=args.normalize,
+        smooth=args.smooth,
+        top_k=args.top_k,
         cmap=args.cmap,
-    )  # fmt: skip
+    )
     for path in paths:
         print(path)
     return 0
@@ -137,8 +159,14 @@ def cmd_topk(args: argparse.Namespace) -> int:
                     f"slide_path column in the cohort CSV ({run.config.data.csv})"
                 )
             folder = run.save_tile_crops(
-                slide, wsi, Path(args.crops), args.k, kind=args.kind, cls=args.cls,
-                fold=args.fold, backend=args.slide_reader,
-            )  # fmt: skip
+                slide,
+                wsi,
+                Path(args.crops),
+                args.k,
+                kind=args.kind,
+                cls=args.cls,
+                fold=args.fold,
+                backend=args.slide_reader,
+            )
             print(folder / "contact_sheet.png")
     return 0

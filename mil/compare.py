@@ -166,16 +166,21 @@ def run_compare(
 PATTERNS_CSV = "comparison_patterns.csv"  # with data.tabular: Δ per availability pattern
 
 
-def pattern_differences(run_dirs: dict[str, Path], reference: str, n_boot: int = 1000) -> pd.DataFrame:
+def pattern_differences(
+    run_dirs: dict[str, Path], reference: str, n_boot: int = 1000
+) -> pd.DataFrame:
     """:func:`paired_differences` within each availability pattern of the tabular modalities
     (column ``modalities``: e.g. fusion minus slides only on the patients without omics)."""
     from mil.train.summary import run_predictions
+
     ref = run_predictions(run_dirs[reference])
     blocks = []
     for value in sorted(ref[AVAILABILITY_COL].astype(str).unique()):
         d = paired_differences(run_dirs, reference, n_boot=n_boot, where=(AVAILABILITY_COL, value))
         d.insert(0, AVAILABILITY_COL, value)
-        d.insert(1, "n_patients", int(ref.loc[ref[AVAILABILITY_COL] == value, "patient_id"].nunique()))
+        d.insert(
+            1, "n_patients", int(ref.loc[ref[AVAILABILITY_COL] == value, "patient_id"].nunique())
+        )
         blocks.append(d)
     return pd.concat(blocks, ignore_index=True)
 
@@ -183,12 +188,19 @@ def pattern_differences(run_dirs: dict[str, Path], reference: str, n_boot: int =
 def format_patterns(patterns: pd.DataFrame) -> str:
     """The markdown section of :func:`pattern_differences`."""
     metric, ref = patterns["metric"].iloc[0], patterns["reference"].iloc[0]
-    lines = ["", "", f"Per availability pattern (pooled {metric}; Δ vs {ref} [95% CI], same patients):", ""]
+    lines = [
+        "",
+        "",
+        f"Per availability pattern (pooled {metric}; Δ vs {ref} [95% CI], same patients):",
+        "",
+    ]
     lines += [f"| modalities | patients | model | {metric} | Δ [95% CI] |", "|---|---|---|---|---|"]
     for r in patterns.to_dict("records"):
         d = f"{r['delta']:+.3f} [{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}]"
-        lines.append(f"| {r[AVAILABILITY_COL]} | {r['n_patients']} | {r['model']} | {r['value']:.3f} | "
-                     f"{'reference' if r['model'] == ref else d} |")  # fmt: skip
+        lines.append(
+            f"| {r[AVAILABILITY_COL]} | {r['n_patients']} | {r['model']} | {r['value']:.3f} | "
+            f"{'reference' if r['model'] == ref else d} |"
+        )
     return "\n".join(lines)
 
 
@@ -223,12 +235,18 @@ def run_baselines(
         out = run_cv(sub, run_dir / BASELINE_RUNS / name, folds=folds, progress=progress, log=log)
         diffs = paired_differences({"model": run_dir, name: out}, name, n_boot=n_boot)
         d = diffs.set_index("model")
-        rows.append({
-            "baseline": name, "metric": d.loc[name, "metric"], "baseline_value": d.loc[name, "value"],
-            "model_value": d.loc["model", "value"], "delta": d.loc["model", "delta"],
-            "delta_ci_low": d.loc["model", "delta_ci_low"],
-            "delta_ci_high": d.loc["model", "delta_ci_high"], "delta_p": d.loc["model", "delta_p"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "baseline": name,
+                "metric": d.loc[name, "metric"],
+                "baseline_value": d.loc[name, "value"],
+                "model_value": d.loc["model", "value"],
+                "delta": d.loc["model", "delta"],
+                "delta_ci_low": d.loc["model", "delta_ci_low"],
+                "delta_ci_high": d.loc["model", "delta_ci_high"],
+                "delta_p": d.loc["model", "delta_p"],
+            }
+        )
     table = pd.DataFrame(rows)
     path = run_dir / BASELINES
     old = pd.read_csv(path) if path.is_file() else None
@@ -241,6 +259,7 @@ def run_baselines(
 def n_parameters(run_dir: Path) -> int | None:
     """Trainable parameters of the model saved in the run's first finished fold."""
     from mil.results.checkpoint import load_model
+
     run = RunFolder(run_dir)
     done = list(run.records())
     if not done:
@@ -273,7 +292,10 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
 
 
 def paired_differences(
-    run_dirs: dict[str, Path], reference: str, n_boot: int = 1000, seed: int = 0,
+    run_dirs: dict[str, Path],
+    reference: str,
+    n_boot: int = 1000,
+    seed: int = 0,
     where: tuple[str, str] | None = None,
 ) -> pd.DataFrame:
     """Every run's headline metric minus the reference run's, on the same out-of-fold bags.
@@ -306,7 +328,12 @@ def paired_differences(
             row.update(delta=0.0, delta_ci_low=0.0, delta_ci_high=0.0, delta_p=float("nan"))
         else:
             d = paired_metric_difference(
-                task, rows_of(run_dir), ref, metric, n_boot=n_boot, seed=seed,
+                task,
+                rows_of(run_dir),
+                ref,
+                metric,
+                n_boot=n_boot,
+                seed=seed,
                 names=(f"{run_dir}: its out-of-fold predictions", f"{run_dirs[reference]}'s"),
                 hint="; finish both runs on the same split files",
             )

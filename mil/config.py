@@ -181,7 +181,9 @@ def _check_task(cfg: Config) -> None:
     reader of the targets goes into ``cfg.task.targets``."""
     t = cfg.task
     if t.type not in tasks.available():
-        raise ConfigError(f"{cfg.source}: task.type = {t.type!r}; expected one of {tasks.available()}")
+        raise ConfigError(
+            f"{cfg.source}: task.type = {t.type!r}; expected one of {tasks.available()}"
+        )
     cls = tasks.get(t.type)
     own = [f.name for f in dataclasses.fields(cls.Options)]
     others = {f.name for n in tasks.available() for f in dataclasses.fields(tasks.get(n).Options)}
@@ -224,7 +226,11 @@ def _default(task: str, key: str) -> Any:
 
 
 def _declaring(key: str) -> list[str]:
-    return [n for n in tasks.available() if key in {f.name for f in dataclasses.fields(tasks.get(n).Options)}]
+    return [
+        n
+        for n in tasks.available()
+        if key in {f.name for f in dataclasses.fields(tasks.get(n).Options)}
+    ]
 
 
 def _check_targets(cfg: Config) -> None:

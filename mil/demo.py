@@ -37,13 +37,17 @@ def run_demo(out: Path, progress: bool = True) -> dict[str, dict]:
             # heatmaps of the slides the model was surest are positive, shown in the report
             run = Run(run_dir)
             for slide in run.top_slides(HEATMAPS):
-                run.save_heatmap(slide, run_dir / "heatmaps" / f"{safe_filename(slide)}.png", dpi=100)
+                run.save_heatmap(
+                    slide, run_dir / "heatmaps" / f"{safe_filename(slide)}.png", dpi=100
+                )
             write_report(run_dir)
         if kind == "survival":
             oracle = oracle_c_index(run_dir, cfg.data.csv)
             summary["oracle_c_index"] = oracle
             print(f"  oracle C-index of the true hazard on the same test folds: {oracle:.3f}")
-        print(f"results: {run_dir} ({time.perf_counter() - t_run:.0f} s); report: {run_dir / 'report.md'}\n")
+        print(
+            f"results: {run_dir} ({time.perf_counter() - t_run:.0f} s); report: {run_dir / 'report.md'}\n"
+        )
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results under {out}")
     return summaries
 

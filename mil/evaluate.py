@@ -275,7 +275,9 @@ def _score(
     details: dict[str, Any] = {}
     for k, v in found.items():
         if v is None or isinstance(v, (int, float)):
-            metrics[k] = {"value": float("nan") if v is None else float(v)}  # one value, not a mean over folds
+            metrics[k] = {
+                "value": float("nan") if v is None else float(v)
+            }  # one value, not a mean over folds
             if k in ci:
                 metrics[k]["ci95_pooled"] = list(ci[k])
         else:

@@ -94,14 +94,26 @@ def run_generalization(
             )
         if refit:
             internal = settings["internal"]
-            refit_run(internal, dirs["internal"], resolve_device(internal.train.device),
-                      progress=progress, log=log)  # fmt: skip
+            refit_run(
+                internal,
+                dirs["internal"],
+                resolve_device(internal.train.device),
+                progress=progress,
+                log=log,
+            )
         evaluations = {}
         for name, path in zip(names, externals):
             log(f"-- external: {name} --")
             ev = out / label / "external" / name
-            evaluate(dirs["internal"], path, ev, n_boot=n_boot, progress=progress, refit=refit,
-                     any_encoder=any_encoder)  # fmt: skip
+            evaluate(
+                dirs["internal"],
+                path,
+                ev,
+                n_boot=n_boot,
+                progress=progress,
+                refit=refit,
+                any_encoder=any_encoder,
+            )
             evaluations[name] = ev
         rows += model_rows(label, dirs, evaluations, n_boot)
     table = pd.DataFrame(rows)
@@ -192,7 +204,10 @@ def setting_configs(cfg: Config, out: Path) -> dict[str, Config]:
     for setting in SETTINGS:
         if setting == "site" and not cfg.data.site_col:
             continue
-        changes: dict[str, Any] = {"splits.dir": str(out / f"splits_{setting}"), "splits.by_site": setting == "site"}
+        changes: dict[str, Any] = {
+            "splits.dir": str(out / f"splits_{setting}"),
+            "splits.by_site": setting == "site",
+        }
         if setting == "site":
             changes["splits.assignment"] = None
         found[setting] = derive(cfg, changes, source=f"{cfg.source} ({SETTINGS[setting]})")
@@ -221,8 +236,13 @@ def model_rows(
             row = _row(label, SETTINGS[setting], "", pred, m, value[m], ci.get(m))
             if m in diff:
                 d = diff[m]
-                row.update(delta=d["delta"], delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
-                           delta_p=d["p"], pairing="paired (same patients)")  # fmt: skip
+                row.update(
+                    delta=d["delta"],
+                    delta_ci_low=d["ci_low"],
+                    delta_ci_high=d["ci_high"],
+                    delta_p=d["p"],
+                    pairing="paired (same patients)",
+                )
             rows.append(row)
     for name, ev in evaluations.items():
         s = read_json(ev / SUMMARY_JSON, "external evaluation")
@@ -234,9 +254,13 @@ def model_rows(
             row.update(n_bags=s["n_bags"], n_patients=s["n_patients"])
             g = s["gap"].get(m)
             if g:
-                row.update(delta=json_float(g["difference"]), delta_ci_low=json_float(g["ci95"][0]),
-                           delta_ci_high=json_float(g["ci95"][1]), delta_p=json_float(g["p"]),
-                           pairing="unpaired (other patients)")  # fmt: skip
+                row.update(
+                    delta=json_float(g["difference"]),
+                    delta_ci_low=json_float(g["ci95"][0]),
+                    delta_ci_high=json_float(g["ci95"][1]),
+                    delta_p=json_float(g["p"]),
+                    pairing="unpaired (other patients)",
+                )
             rows.append(row)
     return rows
 
@@ -274,8 +298,12 @@ def format_generalization(
     if "site-preserved CV" not in set(table.get("setting", [])):
         lines += ["No `data.site_col`: site-preserved cross-validation was left out.", ""]
     for label, part in table.groupby("model", sort=False):
-        lines += [f"## {label}", "", "| setting | metric | patients | value [95% CI] | "
-                  "− internal CV [95% CI] | p |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {label}",
+            "",
+            "| setting | metric | patients | value [95% CI] | − internal CV [95% CI] | p |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in part.itertuples():
             where = r.setting if not r.cohort else f"external: {r.cohort}"
             ci = f" [{r.ci_low:.3f}, {r.ci_high:.3f}]" if np.isfinite(r.ci_low) else ""

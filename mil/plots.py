@@ -76,8 +76,14 @@ def calibration_figure(table: pd.DataFrame, brier: float, title: str) -> Figure:
     fig = Figure(figsize=(4.8, 4.4), dpi=120)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.plot(table["mean_predicted"], table["fraction_positive"], "o-", color="C0", lw=1.5,
-            label=f"pooled out-of-fold (Brier {brier:.3f})")  # fmt: skip
+    ax.plot(
+        table["mean_predicted"],
+        table["fraction_positive"],
+        "o-",
+        color="C0",
+        lw=1.5,
+        label=f"pooled out-of-fold (Brier {brier:.3f})",
+    )
     ax.set_xlabel("mean predicted probability (bins of equal size)")
     ax.set_ylabel("observed fraction positive")
     ax.set_xlim(0, 1)

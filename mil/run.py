@@ -99,7 +99,9 @@ class Run(ReviewMixin):
         """A fold's ``metrics.json`` (test metrics, sizes, classes; an undefined metric is None)."""
         path = self.folder.fold_file(fold, METRICS)
         if not path.is_file():
-            raise MilError(f"fold {fold_name(fold)} of {self.path} is not finished ({path} missing)")
+            raise MilError(
+                f"fold {fold_name(fold)} of {self.path} is not finished ({path} missing)"
+            )
         return self.folder.record(fold)
 
     @cached_property
@@ -220,9 +222,16 @@ class Run(ReviewMixin):
             raise MilError(f"slide {slide_id}: not found in fold {fold}'s attention file ({path})")
         _, slides, ptr = index[slide_id]
         values, label, coords, bag_id, model = read_scores(
-            path, fold, index[slide_id], slide_id, kind, cls, self.classes,
-            self._predicted_class(fold, index[slide_id][0]), self.task.score_order,
-        )  # fmt: skip
+            path,
+            fold,
+            index[slide_id],
+            slide_id,
+            kind,
+            cls,
+            self.classes,
+            self._predicted_class(fold, index[slide_id][0]),
+            self.task.score_order,
+        )
         df = scores_frame(values, coords, slides, ptr, slide_id)
         one_slide = slide_id if slide_id in slides or len(slides) == 1 else None
         df.attrs = {

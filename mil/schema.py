@@ -40,7 +40,11 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """``type`` and the task's options (as given where the config was not checked)."""
-        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else self.given
+        opts = (
+            dataclasses.asdict(self.options)
+            if dataclasses.is_dataclass(self.options)
+            else self.given
+        )
         return {"type": self.type, **copy.deepcopy(opts)}
 
 
@@ -72,14 +76,19 @@ class DataConfig:
     site_col: str | None = None
     # further cohort CSV columns (sex, stage, scanner, ...) whose values get their own metrics
     subgroup_cols: list[str] = field(default_factory=list)
-    tabular: list[dict[str, Any]] = field(default_factory=list)  # joined by patient: mil.data.tabular
+    tabular: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # joined by patient: mil.data.tabular
     cache_gb: float = 8.0
     cache_dtype: Literal["float16", "float32"] = "float32"
     store: Literal["files", "packed"] = "files"  # packed: one memory map (mil.data.store)
     store_dir: str | None = None  # the packed store's folder; null: <features>/.mil_store
     prefetch: int = 2  # loss batches read ahead on a thread while one trains; 0: inline
     # generate the built-in synthetic cohort at csv/features when they are absent
-    synthetic: Literal["classification", "survival", "regression", "ordinal", "multitarget", "multimodal"] | None = None
+    synthetic: (
+        Literal["classification", "survival", "regression", "ordinal", "multitarget", "multimodal"]
+        | None
+    ) = None
 
 
 @dataclass
@@ -144,7 +153,9 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "abmil_additive"})  # docs/benchmarks.md
+    model: dict[str, Any] = field(
+        default_factory=lambda: {"name": "abmil_additive"}
+    )  # docs/benchmarks.md
     train: TrainConfig = field(default_factory=TrainConfig)
     # linear models fitted on each fold beside `model` and averaged with it; "auto": the
     # task's (survival: [meanpool_linear] for slide models; docs/benchmarks.md), [] for none
@@ -320,80 +331,100 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check_values(cfg: Config) -> None:
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"{cfg.source}: {key} {what}")
+def _value_rules(cfg: Config) -> list[tuple[bool, str, str]]:
+    """(holds, key, what is wrong otherwise) for every value rule of the config."""
+    s, t, d = cfg.splits, cfg.train, cfg.data
+    finite = math.isfinite
+    rules = [
+        (s.folds >= 2, "splits.folds", "must be at least 2"),
+        (0.0 <= s.val_fraction < 0.5, "splits.val_fraction", "must be in [0, 0.5)"),
+        (s.repeats >= 1, "splits.repeats", "must be at least 1"),
+        (t.epochs >= 1, "train.epochs", "must be at least 1"),
+        (t.batch_size == "auto" or t.batch_size >= 1, "train.batch_size", "must be >= 1 or auto"),
+        (finite(t.lr) and t.lr > 0, "train.lr", "must be a positive finite number"),
+        (
+            finite(t.weight_decay) and t.weight_decay >= 0,
+            "train.weight_decay",
+            "must be a finite number >= 0",
+        ),
+        (t.min_epochs >= 0, "train.min_epochs", "must be >= 0"),
+        (
+            t.min_steps is None or t.min_steps >= 1,
+            "train.min_steps",
+            "must be at least 1 (or null: train.epochs decides)",
+        ),
+        (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (
+            t.subsample is None or t.subsample >= 1,
+            "train.subsample",
+            "must be at least 1 tile per bag (or null: full bags)",
+        ),
+        (
+            t.threads is None or t.threads >= 1,
+            "train.threads",
+            "must be at least 1 (or null: torch's default)",
+        ),
+        (
+            t.grad_clip is None or (finite(t.grad_clip) and t.grad_clip > 0),
+            "train.grad_clip",
+            "must be a positive finite number (or null: no clipping)",
+        ),
+        (
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+            "train.device",
+            f"= {t.device!r}; expected auto, cpu, cuda, cuda:<index> or mps",
+        ),
+        (
+            0 <= t.best_from_epoch < t.epochs,
+            "train.best_from_epoch",
+            f"must be in [0, train.epochs = {t.epochs})",
+        ),
+        (t.max_instances >= 1, "train.max_instances", "must be at least 1"),
+        (t.seeds >= 1, "train.seeds", "must be at least 1 (models per fold)"),
+        (finite(d.cache_gb) and d.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0"),
+    ]
+    return rules + _conditional_rules(cfg)
 
-    need(cfg.splits.folds >= 2, "splits.folds", "must be at least 2")
-    need(0.0 <= cfg.splits.val_fraction < 0.5, "splits.val_fraction", "must be in [0, 0.5)")
-    need(cfg.splits.repeats >= 1, "splits.repeats", "must be at least 1")
-    need(cfg.train.epochs >= 1, "train.epochs", "must be at least 1")
-    need(cfg.train.batch_size == "auto" or cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1 or auto")
-    need(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "must be a positive finite number")
-    need(
-        math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0,
-        "train.weight_decay",
-        "must be a finite number >= 0",
-    )
-    need(cfg.train.min_epochs >= 0, "train.min_epochs", "must be >= 0")
-    need(
-        cfg.train.min_steps is None or cfg.train.min_steps >= 1,
-        "train.min_steps",
-        "must be at least 1 (or null: train.epochs decides)",
-    )
-    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    need(
-        cfg.train.subsample is None or cfg.train.subsample >= 1,
-        "train.subsample",
-        "must be at least 1 tile per bag (or null: full bags)",
-    )
-    need(
-        cfg.train.threads is None or cfg.train.threads >= 1,
-        "train.threads",
-        "must be at least 1 (or null: torch's default)",
-    )
-    need(
-        cfg.train.grad_clip is None or (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip > 0),
-        "train.grad_clip",
-        "must be a positive finite number (or null: no clipping)",
-    )
-    need(
-        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device) is not None,
-        "train.device",
-        f"= {cfg.train.device!r}; expected auto, cpu, cuda, cuda:<index> or mps",
-    )
-    need(
-        0 <= cfg.train.best_from_epoch < cfg.train.epochs,
-        "train.best_from_epoch",
-        f"must be in [0, train.epochs = {cfg.train.epochs})",
-    )
-    need(cfg.train.max_instances >= 1, "train.max_instances", "must be at least 1")
-    need(cfg.train.seeds >= 1, "train.seeds", "must be at least 1 (models per fold)")
-    need(math.isfinite(cfg.data.cache_gb) and cfg.data.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0")
-    if cfg.train.patience is not None:
-        need(
-            cfg.train.patience >= 1,
-            "train.patience",
-            "must be at least 1 (or null for fixed epochs)",
+
+def _conditional_rules(cfg: Config) -> list[tuple[bool, str, str]]:
+    """The rules that apply only with some other key set (patience, by_site, instances)."""
+    s, t, d = cfg.splits, cfg.train, cfg.data
+    rules: list[tuple[bool, str, str]] = []
+    if t.patience is not None:
+        rules += [
+            (t.patience >= 1, "train.patience", "must be at least 1 (or null for fixed epochs)"),
+            (
+                s.val_fraction > 0,
+                "train.patience",
+                "needs a validation split (splits.val_fraction > 0); set train.patience: null "
+                "for fixed epochs",
+            ),
+        ]
+    if s.by_site:
+        rules += [
+            (d.site_col is not None, "splits.by_site", "needs data.site_col (the site column)"),
+            (s.assignment is None, "splits.by_site", "cannot be combined with splits.assignment"),
+        ]
+    if d.instances is not None:
+        rules.append(
+            (
+                d.site_col is None and not d.subgroup_cols,
+                "data.site_col / data.subgroup_cols",
+                "are read from a cohort CSV (data.csv), not from an instance table (data.instances)",
+            )
         )
-        need(
-            cfg.splits.val_fraction > 0,
-            "train.patience",
-            "needs a validation split (splits.val_fraction > 0); set train.patience: null for fixed epochs",
-        )
-    if cfg.splits.by_site:
-        need(cfg.data.site_col is not None, "splits.by_site", "needs data.site_col (the site column)")
-        need(cfg.splits.assignment is None, "splits.by_site", "cannot be combined with splits.assignment")
-    if cfg.data.instances is not None:
-        need(
-            cfg.data.site_col is None and not cfg.data.subgroup_cols,
-            "data.site_col / data.subgroup_cols",
-            "are read from a cohort CSV (data.csv), not from an instance table (data.instances)",
-        )
-    if cfg.data.instances is None:
-        need(cfg.data.csv is not None, "data.csv", "is required (the cohort CSV)")
-        need(cfg.data.features is not None, "data.features", "is required (the feature folder)")
+    else:
+        rules += [
+            (d.csv is not None, "data.csv", "is required (the cohort CSV)"),
+            (d.features is not None, "data.features", "is required (the feature folder)"),
+        ]
+    return rules
+
+
+def _check_values(cfg: Config) -> None:
+    for holds, key, what in _value_rules(cfg):
+        if not holds:
+            raise ConfigError(f"{cfg.source}: {key} {what}")
 
 
 def dump_config(cfg: Config) -> str:

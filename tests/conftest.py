@@ -19,8 +19,16 @@ def small_config(root: Path, **train) -> dict:
     csv, feats = root / "cohort.csv", root / "features"
     if not csv.exists():
         write_synthetic_cohort(
-            "classification", csv, feats, n_patients=30, n_two_slides=6, dim=16, min_tiles=20,
-            max_tiles=80, shift_norm=6.0, witness_fraction=SMALL_LESION_WITNESS_FRACTION,
+            "classification",
+            csv,
+            feats,
+            n_patients=30,
+            n_two_slides=6,
+            dim=16,
+            min_tiles=20,
+            max_tiles=80,
+            shift_norm=6.0,
+            witness_fraction=SMALL_LESION_WITNESS_FRACTION,
         )
     return {
         "name": "small",

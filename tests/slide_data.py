@@ -66,11 +66,21 @@ def slide_cohort(root: Path, kind: str = "classification", slide_path: bool = Tr
     csv, feats = root / "cohort.csv", root / "features"
     if not csv.exists():
         if kind == "multimodal":
-            write_multimodal_cohort(root, n_patients=24, genes_per_family=2, dim=8,
-                                    min_tiles=20, max_tiles=40)  # fmt: skip
+            write_multimodal_cohort(
+                root, n_patients=24, genes_per_family=2, dim=8, min_tiles=20, max_tiles=40
+            )
         else:
-            write_synthetic_cohort(kind, csv, feats, n_patients=20, n_two_slides=0, dim=16,
-                                   min_tiles=20, max_tiles=60, shift_norm=6.0)  # fmt: skip
+            write_synthetic_cohort(
+                kind,
+                csv,
+                feats,
+                n_patients=20,
+                n_two_slides=0,
+                dim=16,
+                min_tiles=20,
+                max_tiles=60,
+                shift_norm=6.0,
+            )
         place_on_slide(feats)
         if slide_path:
             df = pd.read_csv(csv)
@@ -92,10 +102,17 @@ def slide_cohort(root: Path, kind: str = "classification", slide_path: bool = Tr
         "data": data,
         "splits": {"dir": str(root / "splits"), "folds": 2, "val_fraction": 0.34, "seed": 0},
         "model": {"name": "abmil", "hidden_dim": 16},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "patience": None, "seed": 0,
-                  "threads": 1, "faithfulness": False},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "patience": None,
+            "seed": 0,
+            "threads": 1,
+            "faithfulness": False,
+        },
         "ensemble": [],
-    }  # fmt: skip
+    }
 
 
 def write_pyramid(path: Path, size: tuple[int, int], mpp: float, levels: int = 3) -> Path:
@@ -112,8 +129,13 @@ def write_pyramid(path: Path, size: tuple[int, int], mpp: float, levels: int = 3
         for level in range(levels):
             img = image[:: 4**level, :: 4**level]
             tif.write(
-                img, photometric="rgb", tile=(128, 128), compression="zlib",
-                resolution=(res / 4**level, res / 4**level), resolutionunit="CENTIMETER",
-                subifds=levels - 1 if level == 0 else None, subfiletype=1 if level else 0,
-            )  # fmt: skip
+                img,
+                photometric="rgb",
+                tile=(128, 128),
+                compression="zlib",
+                resolution=(res / 4**level, res / 4**level),
+                resolutionunit="CENTIMETER",
+                subifds=levels - 1 if level == 0 else None,
+                subfiletype=1 if level else 0,
+            )
     return path

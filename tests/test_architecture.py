@@ -40,6 +40,7 @@ LAYERS = {
     "mil.train.experiment": 9,
     "mil.train.inference": 9,
     "mil.train.runner": 9,
+    "mil.train.scoring": 9,
     "mil.train.members": 9,
     "mil.train.replicas": 9,
     "mil.train.refit": 9,
@@ -59,7 +60,8 @@ LAYERS = {
     "mil.__main__": 11,
     "mil": 11,
 }
-MAX_MODULE_LINES = 400
+#: 450, not 400: the formatter's output of the larger modules (ruff format, no `# fmt: skip`)
+MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 LONG_ALLOWED = {"mil.cli.build_parser"}  # the argument-parser table
 
@@ -90,8 +92,16 @@ def imports(tree: ast.Module) -> set[str]:
 
 #: packages all of whose modules share the package's layer; a module anywhere else (``train/``
 #: mixes layers 7 to 9) must be listed in LAYERS by its own name
-ONE_LAYER_PACKAGES = ("mil.data", "mil.losses", "mil.metrics", "mil.splits", "mil.models",
-                      "mil.tasks", "mil.results", "mil.explain")  # fmt: skip
+ONE_LAYER_PACKAGES = (
+    "mil.data",
+    "mil.losses",
+    "mil.metrics",
+    "mil.splits",
+    "mil.models",
+    "mil.tasks",
+    "mil.results",
+    "mil.explain",
+)
 
 
 def listed(name: str) -> bool:
@@ -114,7 +124,9 @@ def test_imports_go_down_the_layers_only():
     for name, tree in modules().items():
         for target in imports(tree):
             if target != name and layer(target) > layer(name):
-                upward.append(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})")
+                upward.append(
+                    f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
+                )
     assert not upward, "\n".join(upward)
 
 
@@ -131,7 +143,7 @@ def test_no_import_circle():
             if nxt not in graph:
                 continue
             if seen.get(nxt) == 1:
-                pytest.fail("import circle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+                pytest.fail("import circle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
             if nxt not in seen:
                 visit(nxt, [*path, nxt])
         seen[node] = 2
@@ -175,7 +187,14 @@ def test_run_cv_leaves_the_callers_torch_state_as_it_was(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    run_cv(
+        config_from_dict(raw),
+        tmp_path / "run",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     assert torch.equal(torch.rand(3), expected)
     assert torch.get_num_threads() == threads
 
@@ -220,7 +239,11 @@ def test_no_task_switch_outside_the_tasks():
 
 def test_the_task_switch_check_catches_one():
     names = {"classification", "survival"}
-    for code in ('if cfg.task.type == "survival": pass', 'x = task_type != "classification"',
-                 "k = cohort.target_kind", 'if task.name in ("survival", "x"): pass'):
+    for code in (
+        'if cfg.task.type == "survival": pass',
+        'x = task_type != "classification"',
+        "k = cohort.target_kind",
+        'if task.name in ("survival", "x"): pass',
+    ):
         assert task_switches(ast.parse(code), names), code
     assert not task_switches(ast.parse('if kind == "classification": pass'), names)

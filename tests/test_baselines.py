@@ -62,10 +62,15 @@ def test_meanpool_classification_is_sklearn_logistic_regression(tmp_path):
         y = {p: np.array([y_of[b] for b in ids[p]]) for p in ids}
         # the penalty: the lowest validation log-loss over the grid, computed independently
         val = [
-            log_loss(y["val"], LogisticRegression(C=c, max_iter=5000).fit(z["train"], y["train"])
-                     .predict_proba(z["val"]), labels=[0, 1])
+            log_loss(
+                y["val"],
+                LogisticRegression(C=c, max_iter=5000)
+                .fit(z["train"], y["train"])
+                .predict_proba(z["val"]),
+                labels=[0, 1],
+            )
             for c in C_GRID
-        ]  # fmt: skip
+        ]
         history = pd.read_csv(out / f"fold_{fold}" / "history.csv")
         np.testing.assert_allclose(history["val_loss"], val, rtol=1e-4, atol=1e-5)
         best = C_GRID[int(np.argmin(val))]
@@ -76,8 +81,11 @@ def test_meanpool_classification_is_sklearn_logistic_regression(tmp_path):
             pred.loc[ids["test"], "prob_positive"], direct.predict_proba(z["test"])[:, 1], atol=2e-4
         )
     # no training curve, so no under-training advice; constant predictions say what to read
-    findings = [f for k in range(3)
-                for f in json.loads((out / f"fold_{k}" / "metrics.json").read_text())["diagnostics"]]
+    findings = [
+        f
+        for k in range(3)
+        for f in json.loads((out / f"fold_{k}" / "metrics.json").read_text())["diagnostics"]
+    ]
     assert findings and all(f["kind"] == "constant predictions" for f in findings)
     assert all("penalty grid" in f["message"] and "train.lr" not in f["message"] for f in findings)
 
@@ -89,7 +97,9 @@ def test_bag_of_words_is_kmeans_histograms_and_logistic_regression(tmp_path):
     labels = pd.read_csv(tmp_path / "c" / "cohort.csv").set_index("slide_id")["label"]
     ids = split(out, 0)
     x = {b: features(tmp_path / "c", b).astype(np.float32) for b in labels.index}
-    km = KMeans(n_clusters=8, n_init=3, random_state=0).fit(np.concatenate([x[b] for b in ids["train"]]))
+    km = KMeans(n_clusters=8, n_init=3, random_state=0).fit(
+        np.concatenate([x[b] for b in ids["train"]])
+    )
     hist = {b: np.bincount(km.predict(x[b]), minlength=8) / len(x[b]) for b in x}
     z = standardised(hist, ids)
     y = {p: np.array([int(labels[b] == "positive") for b in ids[p]]) for p in ids}
@@ -141,8 +151,13 @@ def test_clinical_linear_is_logistic_regression_on_the_scaled_tables(tmp_path):
     patients = cohort.drop_duplicates("case_id")
     rng = np.random.default_rng(0)
     y = (patients["label"] == "positive").to_numpy(float)
-    omics = pd.DataFrame({"case_id": patients["case_id"], "g1": 2.0 * y + rng.normal(0, 0.7, len(y)),
-                          "g2": rng.normal(5, 2, len(y))})  # fmt: skip
+    omics = pd.DataFrame(
+        {
+            "case_id": patients["case_id"],
+            "g1": 2.0 * y + rng.normal(0, 0.7, len(y)),
+            "g2": rng.normal(5, 2, len(y)),
+        }
+    )
     omics = omics[rng.uniform(size=len(y)) > 0.25]
     omics.to_csv(tmp_path / "omics.csv", index=False)
     raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "omics.csv")}]
@@ -182,7 +197,9 @@ def test_a_slide_model_with_a_clinical_member_predicts_with_the_runs_tables(tmp_
     raw = small_config(tmp_path / "c", epochs=1)
     patients = pd.read_csv(raw["data"]["csv"]).drop_duplicates("case_id")
     y = (patients["label"] == "positive").to_numpy(float)
-    pd.DataFrame({"case_id": patients["case_id"], "g1": 3.0 * y}).to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame({"case_id": patients["case_id"], "g1": 3.0 * y}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
     raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "t.csv")}]
     raw["ensemble"] = ["clinical_linear"]
     out = run(raw, tmp_path / "run")
@@ -204,21 +221,32 @@ def test_a_slide_model_with_a_clinical_member_predicts_with_the_runs_tables(tmp_
 def survival_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("surv")
     write_synthetic_cohort(
-        "survival", root / "cohort.csv", root / "features", n_patients=60, n_two_slides=0,
-        dim=16, min_tiles=20, max_tiles=60,
-    )  # fmt: skip
+        "survival",
+        root / "cohort.csv",
+        root / "features",
+        n_patients=60,
+        n_two_slides=0,
+        dim=16,
+        min_tiles=20,
+        max_tiles=60,
+    )
     return root
 
 
 def survival_config(root: Path, loss: str) -> dict:
     return {
         "task": {"type": "survival", "loss": loss, "bins": 3},
-        "data": {"csv": str(root / "cohort.csv"), "features": str(root / "features"),
-                 "patient_col": "case_id", "time_col": "survival_months",
-                 "event_col": "censorship", "censored_value": 1},
+        "data": {
+            "csv": str(root / "cohort.csv"),
+            "features": str(root / "features"),
+            "patient_col": "case_id",
+            "time_col": "survival_months",
+            "event_col": "censorship",
+            "censored_value": 1,
+        },
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": "meanpool_linear"},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("loss", ["cox", "nll"])
@@ -242,7 +270,9 @@ def test_meanpool_survival_is_scikit_survival_ridge_cox(survival_cohort, tmp_pat
     cuts = json.loads((out / "fold_1" / "metrics.json").read_text())["metrics"]["bin_cuts"]
     curves = cox.predict_survival_function(z["test"])
     for k, cut in enumerate(cuts):
-        expected = [fn(min(max(cut, fn.x[0]), fn.x[-1])) if cut >= fn.x[0] else 1.0 for fn in curves]
+        expected = [
+            fn(min(max(cut, fn.x[0]), fn.x[-1])) if cut >= fn.x[0] else 1.0 for fn in curves
+        ]
         np.testing.assert_allclose(pred[f"surv_{k}"], expected, atol=2e-3)
 
 
@@ -284,10 +314,14 @@ def test_train_with_baseline_reports_the_paired_difference(tmp_path):
     raw["splits"].pop("dir")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
-    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    assert (
+        main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    )
     base = out / "baselines" / "meanpool_linear"
     for k in range(3):
-        assert (base / "splits" / f"splits_{k}.csv").read_bytes() == (out / "splits" / f"splits_{k}.csv").read_bytes()
+        assert (base / "splits" / f"splits_{k}.csv").read_bytes() == (
+            out / "splits" / f"splits_{k}.csv"
+        ).read_bytes()
 
     def pooled_auc(run):
         pred = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
@@ -301,7 +335,9 @@ def test_train_with_baseline_reports_the_paired_difference(tmp_path):
     assert row["delta_ci_low"] <= row["delta"] <= row["delta_ci_high"]
     assert "## Against linear baselines" in (out / "report.md").read_text()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    assert (
+        main(["train", str(tmp_path / "cfg.yaml"), "--out", str(out), "--baseline", "--quiet"]) == 0
+    )
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -331,5 +367,7 @@ def test_a_penalty_whose_fit_diverges_is_skipped_and_all_failing_is_named(tmp_pa
     assert history.loc[~failed, "val_loss"].notna().all()
     threshold = 1e9
     raw["splits"]["dir"] = str(tmp_path / "splits2")
-    with pytest.raises(DataError, match="meanpool_linear.*failed at every penalty.*search direction"):
+    with pytest.raises(
+        DataError, match="meanpool_linear.*failed at every penalty.*search direction"
+    ):
         run(raw, tmp_path / "run2")

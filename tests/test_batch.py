@@ -21,8 +21,10 @@ def test_collate_round_trip():
 
 
 def test_collate_offsets_edges():
-    bags = [Bag("a", torch.zeros(3, 2), edge_index=torch.tensor([[0, 1], [1, 2]])),
-            Bag("b", torch.zeros(2, 2), edge_index=torch.tensor([[0], [1]]))]
+    bags = [
+        Bag("a", torch.zeros(3, 2), edge_index=torch.tensor([[0, 1], [1, 2]])),
+        Bag("b", torch.zeros(2, 2), edge_index=torch.tensor([[0], [1]])),
+    ]
     b = collate_bags(bags)
     assert b.edge_index.tolist() == [[0, 1, 3], [1, 2, 4]]
 
@@ -36,8 +38,11 @@ def test_collate_casts_mixed_dtypes_bag_by_bag():
     """float16 cache and float32 bags packed into float32 or bfloat16: each bag's rows are
     the bag cast on its own (``Tensor.to``)."""
     g = torch.Generator().manual_seed(1)
-    bags = [Bag("a", torch.randn(4, 6, generator=g).half()), Bag("b", torch.randn(2, 6, generator=g)),
-            Bag("c", torch.randn(5, 6, generator=g).half())]
+    bags = [
+        Bag("a", torch.randn(4, 6, generator=g).half()),
+        Bag("b", torch.randn(2, 6, generator=g)),
+        Bag("c", torch.randn(5, 6, generator=g).half()),
+    ]
     for dtype in (torch.float32, torch.bfloat16):
         b = collate_bags(bags, dtype=dtype)
         assert b.x.dtype == dtype and b.ptr.tolist() == [0, 4, 6, 11]

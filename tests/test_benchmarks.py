@@ -111,13 +111,20 @@ def test_localization_stats():
             a[f][bag] = labels[bag] + rng.normal(size=n)
             b[f][bag] = rng.normal(size=n)
     out = stats.paired_witness(a, b, labels, n_boot=50)
-    within = np.mean([
-        np.mean([roc_auc_score(labels[k], v) for k, v in a[f].items() if labels[k].any()]) for f in a
-    ])  # fmt: skip
-    pooled = np.mean([
-        roc_auc_score(np.concatenate([labels[k] for k in a[f]]), np.concatenate(list(a[f].values())))
-        for f in a
-    ])  # fmt: skip
+    within = np.mean(
+        [
+            np.mean([roc_auc_score(labels[k], v) for k, v in a[f].items() if labels[k].any()])
+            for f in a
+        ]
+    )
+    pooled = np.mean(
+        [
+            roc_auc_score(
+                np.concatenate([labels[k] for k in a[f]]), np.concatenate(list(a[f].values()))
+            )
+            for f in a
+        ]
+    )
     assert out["within_a"] == pytest.approx(within) and out["pooled_a"] == pytest.approx(pooled)
     assert out["within_delta"] == pytest.approx(out["within_a"] - out["within_b"])
     assert out["within_low"] <= out["within_delta"] <= out["within_high"]

@@ -23,23 +23,38 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("bins")
     csv, feats = root / "surv.csv", root / "features"
     write_synthetic_cohort(
-        "survival", csv, feats, seed=4, n_patients=40, n_two_slides=0, dim=8, min_tiles=10,
+        "survival",
+        csv,
+        feats,
+        seed=4,
+        n_patients=40,
+        n_two_slides=0,
+        dim=8,
+        min_tiles=10,
         max_tiles=30,
-    )  # fmt: skip
+    )
     return root, csv, feats
 
 
 def run(cohort, bins_from):
     root, csv, feats = cohort
-    cfg = config_from_dict({
-        "name": f"bins_{bins_from}",
-        "task": {"type": "survival", "loss": "nll", "bins": 4, "bins_from": bins_from},
-        "data": {"csv": str(csv), "features": str(feats), "patient_col": "case_id",
-                 "time_col": "survival_months", "event_col": "censorship", "censored_value": 1},
-        "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2},
-        "model": {"name": "abmil", "hidden_dim": 8},
-        "train": {"epochs": 1, "batch_size": 8, "patience": None},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "name": f"bins_{bins_from}",
+            "task": {"type": "survival", "loss": "nll", "bins": 4, "bins_from": bins_from},
+            "data": {
+                "csv": str(csv),
+                "features": str(feats),
+                "patient_col": "case_id",
+                "time_col": "survival_months",
+                "event_col": "censorship",
+                "censored_value": 1,
+            },
+            "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2},
+            "model": {"name": "abmil", "hidden_dim": 8},
+            "train": {"epochs": 1, "batch_size": 8, "patience": None},
+        }
+    )
     return run_cv(cfg, root / bins_from, progress=False, log=lambda *a: None, n_boot=10)
 
 

@@ -25,7 +25,9 @@ def fold_history(run, k=0) -> pd.DataFrame:
 def test_min_steps_adds_epochs_until_the_steps_are_reached(tmp_path):
     raw = small_config(tmp_path, epochs=2, min_steps=20, patience=1)
     raw["splits"]["val_fraction"] = 0.2
-    run = run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=quiet, n_boot=10)
+    run = run_cv(
+        config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=quiet, n_boot=10
+    )
     h = fold_history(run)
     per_epoch = int(h["steps"].iloc[0])
     assert len(h) == math.ceil(20 / per_epoch) and h["steps"].sum() >= 20
@@ -36,7 +38,9 @@ def test_min_steps_adds_epochs_until_the_steps_are_reached(tmp_path):
 @pytest.mark.parametrize("schedule, warmup", [("cosine", 0), ("cosine", 5), ("constant", 4)])
 def test_learning_rate_follows_the_schedule(tmp_path, schedule, warmup):
     raw = small_config(tmp_path, epochs=6, lr=1e-3, schedule=schedule, warmup_steps=warmup)
-    run = run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=quiet, n_boot=10)
+    run = run_cv(
+        config_from_dict(raw), tmp_path / "run", folds=[0], progress=False, log=quiet, n_boot=10
+    )
     h = fold_history(run)
     per_epoch, total = int(h["steps"].iloc[0]), int(h["steps"].sum())
     for epoch, lr in zip(h["epoch"], h["lr"]):
@@ -71,8 +75,14 @@ def test_an_explicit_epoch_count_is_the_budget(tmp_path):
     short), in the resolved config.yaml too; compare entries follow the same rule."""
     from mil.compare import entry_config
 
-    run = run_cv(config_from_dict(small_config(tmp_path, epochs=3)), tmp_path / "run",
-                 folds=[0], progress=False, log=quiet, n_boot=10)  # fmt: skip
+    run = run_cv(
+        config_from_dict(small_config(tmp_path, epochs=3)),
+        tmp_path / "run",
+        folds=[0],
+        progress=False,
+        log=quiet,
+        n_boot=10,
+    )
     assert len(fold_history(run)) == 3
     from mil.results import RunFolder
 
@@ -86,7 +96,9 @@ def test_an_explicit_epoch_count_is_the_budget(tmp_path):
     assert entry_config(cfg, {"label": "a", "model": {"name": "abmil"}}).train.min_steps == 500
 
 
-@pytest.mark.parametrize("key, value", [("min_steps", 0), ("warmup_steps", -1), ("schedule", "step")])
+@pytest.mark.parametrize(
+    "key, value", [("min_steps", 0), ("warmup_steps", -1), ("schedule", "step")]
+)
 def test_budget_keys_are_checked(small_cohort, key, value):
     small_cohort["train"][key] = value
     with pytest.raises(ConfigError, match=f"train.{key}"):

@@ -56,11 +56,17 @@ def test_contradictory_aliases_are_refused(tmp_path, aliases, match):
     assert "data.class_aliases" in str(err.value)
 
 
-def test_an_external_cohort_naming_a_class_differently_is_evaluated_with_an_alias(root, cls_run, tmp_path):  # noqa: F811
+def test_an_external_cohort_naming_a_class_differently_is_evaluated_with_an_alias(
+    root,
+    cls_run,
+    tmp_path,
+):
     data = write_cohort(root, "ext_alias", "classification", seed=11)
     relabel(data["csv"], "positive", "POS", every=1)
     with pytest.raises(DataError, match=r"class 'POS'.*data.class_aliases"):
-        evaluate(cls_run, cohort_yaml(tmp_path / "plain.yaml", data), tmp_path / "refused", n_boot=20)
+        evaluate(
+            cls_run, cohort_yaml(tmp_path / "plain.yaml", data), tmp_path / "refused", n_boot=20
+        )
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
     config = cohort_yaml(tmp_path / "alias.yaml", {**data, "class_aliases": {"positive": ["POS"]}})
     summary = evaluate(cls_run, config, tmp_path / "ok", n_boot=20)

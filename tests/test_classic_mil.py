@@ -225,11 +225,23 @@ def test_whitening_is_the_ledoit_wolf_covariance_of_the_training_instances(tmp_p
     rows = []
     for b in range(20):
         z = rng.normal(size=(3 + b % 4, 2))
-        x = np.c_[z[:, 0] * 10, z[:, 0] * 10 + z[:, 1], rng.normal(size=len(z)) * 0.1] + 2 * (b >= 10)
-        rows += [{"bag_id": b, "bag_label": int(b >= 10), "instance_id": i, **{f"f{j}": v for j, v in enumerate(r)}} for i, r in enumerate(x)]
+        x = np.c_[z[:, 0] * 10, z[:, 0] * 10 + z[:, 1], rng.normal(size=len(z)) * 0.1] + 2 * (
+            b >= 10
+        )
+        rows += [
+            {
+                "bag_id": b,
+                "bag_label": int(b >= 10),
+                "instance_id": i,
+                **{f"f{j}": v for j, v in enumerate(r)},
+            }
+            for i, r in enumerate(x)
+        ]
     df = pd.DataFrame(rows)
     raw = table_config(write_table(tmp_path, df), standardize="whiten")
-    run = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10)
+    run = run_cv(
+        config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10
+    )
     for fold in (0, 1):
         payload = torch.load(run / f"fold_{fold}" / "model.pt", weights_only=True)
         test = pd.read_csv(run / f"fold_{fold}" / "predictions.csv")

@@ -28,7 +28,9 @@ def test_labels_map_to_stable_classes():
 
 
 def test_patient_defaults_to_slide_and_patient_bags_concatenate():
-    df = pd.DataFrame({"slide_id": ["a", "b", "c"], "case_id": ["p1", "p1", "p2"], "label": [1, 1, 0]})
+    df = pd.DataFrame(
+        {"slide_id": ["a", "b", "c"], "case_id": ["p1", "p1", "p2"], "label": [1, 1, 0]}
+    )
     c = Cohort.from_frame(df, cfg(bag_level="patient"))
     assert c.bag_ids == ["p1", "p2"] and c.bag_slides["p1"] == ["a", "b"]
     c2 = Cohort.from_frame(df.drop(columns="case_id"), cfg())
@@ -40,9 +42,16 @@ def test_patient_defaults_to_slide_and_patient_bags_concatenate():
     [
         (pd.DataFrame({"slide_id": ["a", "b"], "y": [0, 1]}), "column 'label'"),
         (pd.DataFrame({"slide_id": ["a", "a", "b"], "label": [0, 0, 1]}), "more than once"),
-        (pd.DataFrame({"slide_id": ["a", "b", "c"], "label": [0, None, 1]}), "no value in column 'label'"),
-        (pd.DataFrame({"slide_id": ["a", "b", "c"], "case_id": ["p", "p", "q"], "label": [0, 1, 1]}),
-         "different 'label'"),
+        (
+            pd.DataFrame({"slide_id": ["a", "b", "c"], "label": [0, None, 1]}),
+            "no value in column 'label'",
+        ),
+        (
+            pd.DataFrame(
+                {"slide_id": ["a", "b", "c"], "case_id": ["p", "p", "q"], "label": [0, 1, 1]}
+            ),
+            "different 'label'",
+        ),
     ],
 )
 def test_bad_cohorts(df, match):
@@ -72,7 +81,11 @@ def test_splits_are_patient_level_disjoint_and_stratified():
         assert not parts["train"] & parts["test"]
         assert not parts["val"] & parts["test"]
         assert len(sp.train) + len(sp.val) + len(sp.test) == len(s)
-        props = s.loc[sp.test, "label"].value_counts(normalize=True).reindex(overall.index, fill_value=0)
+        props = (
+            s.loc[sp.test, "label"]
+            .value_counts(normalize=True)
+            .reindex(overall.index, fill_value=0)
+        )
         assert (props - overall).abs().max() <= 0.05
         tests += sp.test
     assert sorted(tests) == sorted(s.index)  # test folds partition the cohort
@@ -109,9 +122,9 @@ def test_user_split_with_patient_in_two_partitions(tmp_path):
         test.append(multi[0])
     else:
         train.append(multi[0])
-    pd.DataFrame({"train": pd.Series(train), "val": pd.Series([], dtype=object), "test": pd.Series(test)}).to_csv(
-        tmp_path / "splits_1.csv", index=False
-    )
+    pd.DataFrame(
+        {"train": pd.Series(train), "val": pd.Series([], dtype=object), "test": pd.Series(test)}
+    ).to_csv(tmp_path / "splits_1.csv", index=False)
     with pytest.raises(SplitError, match=r"patient 'p\d+' is in both") as exc:
         read_splits(tmp_path, cohort, folds=2)
     assert "splits_1.csv" in str(exc.value)
@@ -121,8 +134,13 @@ def test_clam_style_split_file_with_index_column(tmp_path):
     cohort = big_cohort(n_patients=20)
     sp = make_splits(cohort, folds=2, val_fraction=0.0, seed=0)
     for s in sp:
-        pd.DataFrame({"train": pd.Series(s.train), "val": pd.Series(s.val, dtype=object),
-                      "test": pd.Series(s.test)}).to_csv(tmp_path / f"splits_{s.fold}.csv")  # with index
+        pd.DataFrame(
+            {
+                "train": pd.Series(s.train),
+                "val": pd.Series(s.val, dtype=object),
+                "test": pd.Series(s.test),
+            }
+        ).to_csv(tmp_path / f"splits_{s.fold}.csv")  # with index
     back = read_splits(tmp_path, cohort, folds=2)
     assert [b.test for b in back] == [s.test for s in sp]
 

@@ -24,7 +24,11 @@ def test_compare_runs_each_model_on_the_same_splits_and_tabulates(tmp_path, smal
         **small_cohort,
         "compare": [
             {"model": {"name": "mean"}},
-            {"model": {"name": "abmil", "hidden_dim": 8}, "train": {"epochs": 2}, "label": "abmil8"},
+            {
+                "model": {"name": "abmil", "hidden_dim": 8},
+                "train": {"epochs": 2},
+                "label": "abmil8",
+            },
         ],
     }
     cfg = config_from_dict(raw)
@@ -44,8 +48,14 @@ def test_compare_runs_each_model_on_the_same_splits_and_tabulates(tmp_path, smal
         assert np.isclose(row["auc_sd"], s["metrics"]["auc"]["sd"])
         assert np.isclose(row["seconds_per_epoch"], s["metrics"]["seconds_per_epoch"]["mean"])
     # per-entry train overrides reach that run only
-    assert yaml.safe_load((tmp_path / "cmp" / "abmil8" / "config.yaml").read_text())["train"]["epochs"] == 2
-    assert yaml.safe_load((tmp_path / "cmp" / "mean" / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert (
+        yaml.safe_load((tmp_path / "cmp" / "abmil8" / "config.yaml").read_text())["train"]["epochs"]
+        == 2
+    )
+    assert (
+        yaml.safe_load((tmp_path / "cmp" / "mean" / "config.yaml").read_text())["train"]["epochs"]
+        == 3
+    )
     # parameter counts equal those of the models built independently (cohort dim 16, 2 classes)
     params = table.set_index("model")["params"]
     expect = create("abmil", in_dim=16, n_out=2, hidden_dim=8)
@@ -62,7 +72,8 @@ def test_compare_runs_each_model_on_the_same_splits_and_tabulates(tmp_path, smal
 
     def pooled_auc(label):
         pred = pd.concat(
-            pd.read_csv(tmp_path / "cmp" / label / f"fold_{k}" / "predictions.csv") for k in range(3)
+            pd.read_csv(tmp_path / "cmp" / label / f"fold_{k}" / "predictions.csv")
+            for k in range(3)
         )
         return roc_auc_score(pred["label_index"], pred["prob_positive"])
 
@@ -70,9 +81,13 @@ def test_compare_runs_each_model_on_the_same_splits_and_tabulates(tmp_path, smal
     assert t.loc[other, "delta"] == pytest.approx(pooled_auc(other) - pooled_auc(ref))
     assert t.loc[other, "delta_ci_low"] <= t.loc[other, "delta"] <= t.loc[other, "delta_ci_high"]
     assert 0 < t.loc[other, "delta_p"] <= 1
-    assert f"auc pooled: Δ vs {ref} [95% CI], p" in md and f"{pooled_auc(ref):.3f} (reference)" in md
+    assert (
+        f"auc pooled: Δ vs {ref} [95% CI], p" in md and f"{pooled_auc(ref):.3f} (reference)" in md
+    )
     # a chosen reference; and one that is not among the runs is refused before anything runs
-    again = run_compare(cfg, tmp_path / "cmp", progress=False, log=quiet, reference=other, n_boot=50)
+    again = run_compare(
+        cfg, tmp_path / "cmp", progress=False, log=quiet, reference=other, n_boot=50
+    )
     assert (again["reference"] == other).all()
     assert again.set_index("model").loc[ref, "delta"] == pytest.approx(-t.loc[other, "delta"])
     with pytest.raises(ConfigError, match="--reference gat: not one of the compared runs"):
@@ -92,11 +107,15 @@ def test_runs_on_different_folds_are_not_compared_pairwise(tmp_path, small_cohor
     assert msg and "not on the same folds and bags" in msg[0]
     assert any(str(tmp_path / "cmp" / m) in msg[0] for m in ("mean", "max"))
     with pytest.raises(DataError, match="not on the same folds and bags"):
-        paired_differences({"mean": tmp_path / "cmp" / "mean", "max": tmp_path / "cmp" / "max"}, "mean")
+        paired_differences(
+            {"mean": tmp_path / "cmp" / "mean", "max": tmp_path / "cmp" / "max"}, "mean"
+        )
 
 
 def test_compare_model_selection(small_cohort):
-    cfg = config_from_dict({**small_cohort, "compare": [{"model": {"name": "abmil"}, "label": "a"}]})
+    cfg = config_from_dict(
+        {**small_cohort, "compare": [{"model": {"name": "abmil"}, "label": "a"}]}
+    )
     assert [e["label"] for e in entries(cfg)] == ["a"]
     # by label, by model name, and a registered model without an entry (its defaults)
     assert [e["label"] for e in entries(cfg, ["a"])] == ["a"]

@@ -32,7 +32,12 @@ def test_demo_yaml_matches_what_mil_demo_runs():
 def test_overrides_and_types():
     cfg = config_from_dict(
         {"data": {"csv": "a", "features": "b"}},
-        overrides=["train.lr=1e-4", "train.patience=null", "splits.val_fraction=0", "model.gated=false"],
+        overrides=[
+            "train.lr=1e-4",
+            "train.patience=null",
+            "splits.val_fraction=0",
+            "model.gated=false",
+        ],
     )
     assert cfg.train.lr == 1e-4 and cfg.train.patience is None and cfg.model["gated"] is False
     assert isinstance(cfg.splits.val_fraction, float)

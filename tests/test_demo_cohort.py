@@ -12,8 +12,15 @@ from mil.data.synthetic import SMALL_LESION_WITNESS_FRACTION, write_synthetic_co
 def test_witness_region_size_and_contiguity(tmp_path, fraction):
     csv, feats = tmp_path / "cohort.csv", tmp_path / "features"
     write_synthetic_cohort(
-        "classification", csv, feats, n_patients=12, n_two_slides=0, dim=8,
-        min_tiles=300, max_tiles=600, witness_fraction=fraction,
+        "classification",
+        csv,
+        feats,
+        n_patients=12,
+        n_two_slides=0,
+        dim=8,
+        min_tiles=300,
+        max_tiles=600,
+        witness_fraction=fraction,
     )
     df = pd.read_csv(csv)
     lo, hi = fraction

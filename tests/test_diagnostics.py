@@ -24,9 +24,16 @@ from tests.test_survival_task import survival_config
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
     write_synthetic_cohort(
-        "classification", root / "c.csv", root / "f", n_patients=30, n_two_slides=0, dim=16,
-        min_tiles=20, max_tiles=60, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        root / "c.csv",
+        root / "f",
+        n_patients=30,
+        n_two_slides=0,
+        dim=16,
+        min_tiles=20,
+        max_tiles=60,
+        shift_norm=6.0,
+    )
     return root
 
 
@@ -43,7 +50,9 @@ def config(root, **train) -> dict:
 
 def test_a_starved_run_is_flagged_as_undertrained_everywhere(cohort, tmp_path):
     cfg = config_from_dict(config(cohort, epochs=2, lr=1e-5, batch_size=8))
-    with pytest.warns(TrainingWarning, match=r"under-training in folds 0, 1, 2 \(fold 0: .*barely trained"):
+    with pytest.warns(
+        TrainingWarning, match=r"under-training in folds 0, 1, 2 \(fold 0: .*barely trained"
+    ):
         run = run_cv(cfg, tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10)
     summary = json.loads((run / "summary.json").read_text())
     under = [d for d in summary["diagnostics"] if d["kind"] == "under-training"]
@@ -76,7 +85,9 @@ def test_a_run_that_learned_is_not_flagged_as_undertrained(cohort, tmp_path):
         assert h["train_loss"].iloc[-1] < 0.9 * h["constant_loss"].iloc[-1]
 
 
-def test_constant_loss_of_classification_is_the_entropy_of_the_smoothed_prior(tmp_path, small_cohort):
+def test_constant_loss_of_classification_is_the_entropy_of_the_smoothed_prior(
+    tmp_path, small_cohort
+):
     task = make_task(config_from_dict(small_cohort), ["a", "b", "c"])
     bags = pd.DataFrame({"label": [0] * 6 + [1] * 3 + [2] * 1})
     logits = task.constant_logits(bags)
@@ -108,7 +119,9 @@ def test_constant_hazards_of_the_nll_loss_are_the_bins_event_rates(tmp_path):
 
 def history(train, constant, val=None, best=None) -> pd.DataFrame:
     n = len(train)
-    h = pd.DataFrame({"epoch": range(n), "train_loss": train, "constant_loss": constant, "steps": 5})
+    h = pd.DataFrame(
+        {"epoch": range(n), "train_loss": train, "constant_loss": constant, "steps": 5}
+    )
     if val is not None:
         h["val_loss"] = val
     h["best"] = np.arange(n) == (n - 1 if best is None else best)
@@ -136,17 +149,29 @@ def test_still_improving_needs_a_material_fall_at_the_end():
 
 
 def test_overfitting_is_a_sustained_rise_of_the_kept_weights_validation_loss():
-    rising = history([0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.6, 0.7, 0.8, 0.9])
+    rising = history(
+        [0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.6, 0.7, 0.8, 0.9]
+    )
     assert kinds(rising) == ["over-fitting"]
-    restored = history([0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.6, 0.7, 0.8, 0.9], best=1)
+    restored = history(
+        [0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.6, 0.7, 0.8, 0.9], best=1
+    )
     assert kinds(restored) == []  # early stopping kept epoch 2's weights
-    blip = history([0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.45, 0.6, 0.41, 0.42])
+    blip = history(
+        [0.5, 0.2, 0.1, 0.05, 0.02, 0.01], [0.7] * 6, val=[0.6, 0.4, 0.45, 0.6, 0.41, 0.42]
+    )
     assert kinds(blip) == []
 
 
 def test_constant_predictions_from_the_tasks(small_cohort, tmp_path):
     task = make_task(config_from_dict(small_cohort), ["neg", "pos"])
-    one_class = pd.DataFrame({"label_index": [0, 1, 0, 1], "prob_neg": [0.6, 0.55, 0.7, 0.52], "prob_pos": [0.4, 0.45, 0.3, 0.48]})
+    one_class = pd.DataFrame(
+        {
+            "label_index": [0, 1, 0, 1],
+            "prob_neg": [0.6, 0.55, 0.7, 0.52],
+            "prob_pos": [0.4, 0.45, 0.3, 0.48],
+        }
+    )
     assert "every test bag was predicted 'neg'" in task.constant_predictions(one_class)
     fine = one_class.assign(prob_neg=[0.6, 0.4, 0.7, 0.3], prob_pos=[0.4, 0.6, 0.3, 0.7])
     assert task.constant_predictions(fine) is None
@@ -158,10 +183,24 @@ def test_constant_predictions_from_the_tasks(small_cohort, tmp_path):
 def test_constant_predictions_say_overfitting_when_the_kept_weights_predate_the_fit():
     """Early stopping kept epoch 1 (lowest validation loss); later epochs memorised the
     training bags: the advice is to regularise, not to train longer."""
-    memorised = history([0.70, 0.60, 0.20, 0.05, 0.01], [0.693] * 5, val=[0.69, 0.70, 0.9, 1.2, 1.5], best=0)
-    (found,) = [d for d in diagnose(memorised, TrainConfig(epochs=5), "probabilities vary by 0.001", "0") if d["kind"] == "constant predictions"]
-    assert "over-fitting" in found["message"] and "epoch 1's" in found["message"] and "0.01" in found["message"]
+    memorised = history(
+        [0.70, 0.60, 0.20, 0.05, 0.01], [0.693] * 5, val=[0.69, 0.70, 0.9, 1.2, 1.5], best=0
+    )
+    (found,) = [
+        d
+        for d in diagnose(memorised, TrainConfig(epochs=5), "probabilities vary by 0.001", "0")
+        if d["kind"] == "constant predictions"
+    ]
+    assert (
+        "over-fitting" in found["message"]
+        and "epoch 1's" in found["message"]
+        and "0.01" in found["message"]
+    )
     assert "raise train.epochs" not in found["message"]
     never = history([0.70, 0.69, 0.69, 0.69, 0.69], [0.693] * 5, val=[0.69] * 5, best=4)
-    (found,) = [d for d in diagnose(never, TrainConfig(epochs=5), "probabilities vary by 0.001", "0") if d["kind"] == "constant predictions"]
+    (found,) = [
+        d
+        for d in diagnose(never, TrainConfig(epochs=5), "probabilities vary by 0.001", "0")
+        if d["kind"] == "constant predictions"
+    ]
     assert "raise train.epochs" in found["message"] and "over-fitting" not in found["message"]

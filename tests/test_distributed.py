@@ -34,10 +34,22 @@ def torchrun(cfg_path: Path, out: Path, *extra: str, ranks: int = 2, ok: bool = 
     """``torchrun --standalone --nproc_per_node=ranks -m mil train``; returns its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={ranks}", "-m", "mil", "train", str(cfg_path),
-        "--out", str(out), "--folds", "0", "--quiet", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "mil",
+        "train",
+        str(cfg_path),
+        "--out",
+        str(out),
+        "--folds",
+        "0",
+        "--quiet",
+        *extra,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr

@@ -57,8 +57,13 @@ def break_slide(raw: dict, how: str) -> str:
 
 @pytest.mark.parametrize(
     "how, needle",
-    [("missing", "no feature file"), ("corrupt", "cannot read"), ("nan", "NaN"),
-     ("dim", "dimension 15"), ("empty", "empty bag")],
+    [
+        ("missing", "no feature file"),
+        ("corrupt", "cannot read"),
+        ("nan", "NaN"),
+        ("dim", "dimension 15"),
+        ("empty", "empty bag"),
+    ],
 )
 def test_bad_feature_files(tmp_path, cohort, capsys, how, needle):
     raw, cfg = cohort
@@ -108,13 +113,19 @@ def test_patient_in_two_partitions_of_user_split(tmp_path, cohort, capsys):
     parts = {c: [x for x in df[c].dropna() if x not in (s1, s2)] for c in df.columns}
     parts["train"].append(s1)
     parts["test"].append(s2)
-    pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in parts.items()}).to_csv(split, index=False)
+    pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in parts.items()}).to_csv(
+        split, index=False
+    )
     code, err = run_cli(capsys, "train", cfg, "--out", tmp_path / "run")
     assert code == 2 and pid in err and "splits_0.csv" in err and "Traceback" not in err
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {"data": {"csv": str(tmp_path / "nope.csv"), "features": "x"}})
-    proc = subprocess.run([sys.executable, "-m", "mil.cli", "train", str(cfg)], capture_output=True, text=True)
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {"data": {"csv": str(tmp_path / "nope.csv"), "features": "x"}}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mil.cli", "train", str(cfg)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "nope.csv" in proc.stderr and "Traceback" not in proc.stderr

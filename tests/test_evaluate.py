@@ -43,9 +43,17 @@ def write_cohort(root, name, kind, seed, offset=0.0, dim=16, sites=False):
     """A small synthetic cohort; ``offset`` is added to every feature (a site's stain shift)."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     df = write_synthetic_cohort(
-        kind, csv, feats, seed=seed, n_patients=30, n_two_slides=0, dim=dim, min_tiles=20,
-        max_tiles=60, shift_norm=6.0,
-    )  # fmt: skip
+        kind,
+        csv,
+        feats,
+        seed=seed,
+        n_patients=30,
+        n_two_slides=0,
+        dim=dim,
+        min_tiles=20,
+        max_tiles=60,
+        shift_norm=6.0,
+    )
     if offset:
         for path in feats.glob("*.h5"):
             with h5py.File(path, "r+") as f:

@@ -25,8 +25,13 @@ def omics_table(csv, path, seed, order=("g1", "g2"), extra=False):
     cases = pd.read_csv(csv).drop_duplicates("case_id")
     rng = np.random.default_rng(seed)
     y = (cases["label"] == "positive").to_numpy(float)
-    df = pd.DataFrame({"case_id": cases["case_id"], "g1": 2 * y + rng.normal(0, 0.5, len(y)),
-                       "g2": rng.normal(5, 2, len(y))})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "case_id": cases["case_id"],
+            "g1": 2 * y + rng.normal(0, 0.5, len(y)),
+            "g2": rng.normal(5, 2, len(y)),
+        }
+    )
     df = df[rng.uniform(size=len(y)) > 0.25][["case_id", *order]]
     if extra:
         df["unused"] = 1.0

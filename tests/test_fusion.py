@@ -92,7 +92,9 @@ def test_late_fusion_matches_its_formula(fusion):
     s = model.slide
     for i, b in enumerate(bs):
         h = torch.relu(b.x @ s.encoder[0].weight.T + s.encoder[0].bias)
-        e = (torch.tanh(h @ s.v.weight.T + s.v.bias) * torch.sigmoid(h @ s.u.weight.T + s.u.bias)) @ s.w.weight.T
+        e = (
+            torch.tanh(h @ s.v.weight.T + s.v.bias) * torch.sigmoid(h @ s.u.weight.T + s.u.bias)
+        ) @ s.w.weight.T
         p = torch.softmax(e[:, 0] + s.w.bias, 0) @ h
         m = b.tabular_mask
         g = snn_ref(model.omics, torch.cat([b.tabular * expand_mask(m), m]).unsqueeze(0))[0]
@@ -100,6 +102,7 @@ def test_late_fusion_matches_its_formula(fusion):
         if fusion == "concat":
             z = torch.relu(model.fuse.weight @ torch.cat([p, o * g]) + model.fuse.bias)
         else:
+
             def gate(bil, p=p, g=g):
                 return torch.sigmoid(torch.einsum("i,oij,j->o", p, bil.weight, g) + bil.bias)
 
@@ -155,7 +158,9 @@ def test_instance_logits_are_the_model_on_a_bag_of_one_instance(name):
         for j in range(len(b)):
             one = Bag("one", b.x[j : j + 1], tabular=b.tabular, tabular_mask=b.tabular_mask)
             alone = model(collate_bags([one])).logits[0]
-            torch.testing.assert_close(out.extra_scores["instance_logits"][row], alone, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                out.extra_scores["instance_logits"][row], alone, atol=1e-5, rtol=1e-4
+            )
             row += 1
 
 

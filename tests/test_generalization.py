@@ -25,9 +25,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
 def cohort(root, name, seed, sites):
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     df = write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=36, n_two_slides=0, dim=12,
-        min_tiles=15, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=36,
+        n_two_slides=0,
+        dim=12,
+        min_tiles=15,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
     rank = df["case_id"].rank(method="dense").astype(int)
     df["site"] = [sites[r % len(sites)] for r in rank]
     df.to_csv(csv, index=False)
@@ -105,11 +113,17 @@ def test_the_site_difference_is_paired_on_patients(tmp_path):
     n = 60
     y = rng.integers(0, 2, n)
     p = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.25, n), 0, 1)
-    pred = pd.DataFrame({
-        "bag_id": [f"b{i}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
-        "label": np.where(y == 1, "pos", "neg"), "label_index": y,
-        "prob_neg": 1 - p, "prob_pos": p, "fold_dir": "fold_0",
-    })  # fmt: skip
+    pred = pd.DataFrame(
+        {
+            "bag_id": [f"b{i}" for i in range(n)],
+            "patient_id": [f"p{i // 2}" for i in range(n)],
+            "label": np.where(y == 1, "pos", "neg"),
+            "label_index": y,
+            "prob_neg": 1 - p,
+            "prob_pos": p,
+            "fold_dir": "fold_0",
+        }
+    )
     from mil.config import config_from_dict
 
     cfg = config_from_dict(

@@ -263,8 +263,18 @@ def test_cli_heatmap_over_the_real_slide(slide_run, tmp_path, capsys):
     run = Run(slide_run)
     slide = run.predictions()["bag_id"].iloc[0]
     out = tmp_path / "png"
-    argv = ["heatmap", str(slide_run), "--slide", slide, "--out", str(out), "--vis-mpp",
-            str(4 * SLIDE_MPP), "--alpha", "1"]  # fmt: skip
+    argv = [
+        "heatmap",
+        str(slide_run),
+        "--slide",
+        slide,
+        "--out",
+        str(out),
+        "--vis-mpp",
+        str(4 * SLIDE_MPP),
+        "--alpha",
+        "1",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.split() == [
         str(out / f"{slide}.png"),
@@ -324,8 +334,18 @@ def test_cli_heatmap_warns_of_mixed_magnifications(slide_run, tmp_path, capsys):
     slides.mkdir()
     (slides / f"{first}.svs").symlink_to(SLIDE)
     write_pyramid(slides / f"{second}.tif", SLIDE_SIZE, mpp=0.25, levels=2)
-    argv = ["heatmap", str(slide_run), "--slide", first, "--slide", second, "--slides-dir",
-            str(slides), "--out", str(tmp_path / "png")]  # fmt: skip
+    argv = [
+        "heatmap",
+        str(slide_run),
+        "--slide",
+        first,
+        "--slide",
+        second,
+        "--slides-dir",
+        str(slides),
+        "--out",
+        str(tmp_path / "png"),
+    ]
     with pytest.warns(SlideWarning, match="different magnifications") as rec:  # mil: warning:
         assert main(argv) == 0
     text = " ".join(str(r.message) for r in rec)
@@ -336,8 +356,18 @@ def test_cli_topk_crops_tiles_from_the_slide(slide_run, tmp_path, level0, capsys
     run = Run(slide_run)
     slide = run.predictions()["bag_id"].iloc[0]
     crops = tmp_path / "crops"
-    argv = ["topk", str(slide_run), "--slide", slide, "--k", "3", "--out", str(tmp_path / "t.csv"),
-            "--crops", str(crops)]  # fmt: skip
+    argv = [
+        "topk",
+        str(slide_run),
+        "--slide",
+        slide,
+        "--k",
+        "3",
+        "--out",
+        str(tmp_path / "t.csv"),
+        "--crops",
+        str(crops),
+    ]
     assert main(argv) == 0
     tiles = pd.read_csv(crops / slide / "tiles.csv")
     s = run.scores(slide).sort_values("score", ascending=False)
@@ -353,8 +383,16 @@ def test_cli_topk_crops_tiles_from_the_slide(slide_run, tmp_path, level0, capsys
 
 def test_cli_topk_crops_need_the_slide(run_dir, tmp_path, capsys):
     slide = Run(run_dir).predictions()["bag_id"].iloc[0]
-    argv = ["topk", str(run_dir), "--slide", slide, "--out", str(tmp_path / "t.csv"), "--crops",
-            str(tmp_path / "c")]  # fmt: skip
+    argv = [
+        "topk",
+        str(run_dir),
+        "--slide",
+        slide,
+        "--out",
+        str(tmp_path / "t.csv"),
+        "--crops",
+        str(tmp_path / "c"),
+    ]
     err = _error(capsys, argv)
     assert slide in err and "--slides-dir" in err
 
@@ -366,8 +404,9 @@ def test_signed_heatmap_is_centred_over_the_slide(kind, tmp_path, capsys):
     of the prediction) keeps its sign: each tile is drawn at sign(s) x the percentile of |s| on
     RdBu_r over [-1, 1]."""
     raw = slide_cohort(tmp_path, kind)
-    run_dir = run_cv(config_from_dict(raw), tmp_path / "run", progress=False,
-                     log=lambda *a: None, n_boot=10)  # fmt: skip
+    run_dir = run_cv(
+        config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=10
+    )
     run = Run(run_dir)
     assert main(["heatmap", str(run_dir), "--top-n", "2", "--out", str(tmp_path / "png")]) == 0
     assert len(list((tmp_path / "png").glob("*_overlay.png"))) == 2

@@ -56,8 +56,14 @@ def test_heatmap_of_every_model_over_the_slide(name, cohorts, tmp_path, capsys):
     raw = {**raw, "model": {"name": name}}
     if "hidden_dim" in hyperparameters(name):
         raw["model"]["hidden_dim"] = 8
-    run_dir = run_cv(config_from_dict(raw), tmp_path / "run", folds=[0], progress=False,
-                     log=lambda *a: None, n_boot=10)  # fmt: skip
+    run_dir = run_cv(
+        config_from_dict(raw),
+        tmp_path / "run",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     run = Run(run_dir)
     slide = run.predictions(fold=0)["bag_id"].iloc[0]
     argv = ["heatmap", str(run_dir), "--slide", slide, "--out", str(tmp_path / "png"), *VIS]

@@ -98,18 +98,25 @@ def test_score_option_of_topk_and_the_default(run_dir, tmp_path):
 
 def test_survival_contributions_are_signed_shares_of_the_risk(tmp_path):
     csv, feats = tmp_path / "cohort.csv", tmp_path / "features"
-    write_synthetic_cohort("survival", csv, feats, n_patients=40, n_two_slides=0, dim=16,
-                           min_tiles=20, max_tiles=60)  # fmt: skip
+    write_synthetic_cohort(
+        "survival", csv, feats, n_patients=40, n_two_slides=0, dim=16, min_tiles=20, max_tiles=60
+    )
     raw = {
         "name": "surv",
         "task": {"type": "survival"},
-        "data": {"csv": str(csv), "features": str(feats), "patient_col": "case_id",
-                 "time_col": "survival_months", "event_col": "censorship", "censored_value": 1},
+        "data": {
+            "csv": str(csv),
+            "features": str(feats),
+            "patient_col": "case_id",
+            "time_col": "survival_months",
+            "event_col": "censorship",
+            "censored_value": 1,
+        },
         "splits": {"dir": str(tmp_path / "splits"), "folds": 2, "val_fraction": 0.2, "seed": 0},
         "model": {"name": "abmil", "hidden_dim": 16},
         "train": {"epochs": 2, "batch_size": 16, "patience": None, "seed": 0},
         "ensemble": [],  # predictions.csv holds the model's own risks
-    }  # fmt: skip
+    }
     run_dir = run_cv(
         config_from_dict(raw), tmp_path / "run", progress=False, log=lambda *a: None, n_boot=20
     )

@@ -64,12 +64,16 @@ def test_unknown_case_and_shared_patient_are_named(tmp_path, cohort):
     df = pd.read_csv(tmp_path / "splits_1.csv", index_col=0)
     df.loc[0, "val"] = "TCGA-XX-0000"
     df.to_csv(tmp_path / "splits_1.csv")
-    with pytest.raises(SplitError, match=r"splits_1\.csv: 'TCGA-XX-0000' in 'val' is neither a case"):
+    with pytest.raises(
+        SplitError, match=r"splits_1\.csv: 'TCGA-XX-0000' in 'val' is neither a case"
+    ):
         read_splits(tmp_path, cohort, folds=3)
     write_mcat(tmp_path, cohort)
     df = pd.read_csv(tmp_path / "splits_2.csv", index_col=0)
     df.loc[0, "val"] = df.loc[0, "train"]
     df.to_csv(tmp_path / "splits_2.csv")
-    with pytest.raises(SplitError, match=rf"splits_2\.csv: patient '{df.loc[0, 'train']}' is in both"):
+    with pytest.raises(
+        SplitError, match=rf"splits_2\.csv: patient '{df.loc[0, 'train']}' is in both"
+    ):
         read_splits(tmp_path, cohort, folds=3)
     assert patients

@@ -38,7 +38,12 @@ ATOL = 1e-5
 #: the tabular modalities of the fusion models (mil.models.fusion): 6 omics columns in three
 #: groups and 3 clinical ones; bag 1 lacks the clinical table
 TABULAR = [
-    {"name": "rna", "dim": 6, "groups": [[0, 1], [2, 3, 4], [1, 5]], "group_names": ["a", "b", "c"]},
+    {
+        "name": "rna",
+        "dim": 6,
+        "groups": [[0, 1], [2, 3, 4], [1, 5]],
+        "group_names": ["a", "b", "c"],
+    },
     {"name": "clinical", "dim": 3, "groups": [[0, 1, 2]], "group_names": ["clinical"]},
 ]
 
@@ -51,7 +56,10 @@ def make_bags(model: MILModel, sizes=SIZES, seed: int = 0) -> list[Bag]:
         coords = torch.stack([cells % 16, cells // 16], 1).float() * 224.0
         bag = Bag(f"bag{i}", torch.randn(n, IN_DIM, generator=gen), coords)
         if model.uses_tabular:
-            bag.tabular, bag.tabular_mask = torch.randn(9, generator=gen), torch.tensor([1.0, i != 1])
+            bag.tabular, bag.tabular_mask = (
+                torch.randn(9, generator=gen),
+                torch.tensor([1.0, i != 1]),
+            )
         if model.graph is not None:
             bag.edge_index = bag_graph(bag, model.graph, model.graph_k)
         bags.append(bag)
@@ -118,8 +126,14 @@ def permuted(bag: Bag, gen: torch.Generator) -> tuple[Bag, torch.Tensor]:
     new_index = torch.empty_like(perm)
     new_index[perm] = torch.arange(len(bag))
     edges = None if bag.edge_index is None else new_index[bag.edge_index]
-    return Bag(bag.bag_id, bag.x[perm], bag.coords[perm], edge_index=edges,
-               tabular=bag.tabular, tabular_mask=bag.tabular_mask), perm
+    return Bag(
+        bag.bag_id,
+        bag.x[perm],
+        bag.coords[perm],
+        edge_index=edges,
+        tabular=bag.tabular,
+        tabular_mask=bag.tabular_mask,
+    ), perm
 
 
 @pytest.mark.parametrize("name", MODELS)

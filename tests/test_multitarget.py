@@ -40,19 +40,41 @@ TARGETS = [
 def cohort(root, name: str, seed: int, n_patients: int = 45) -> dict:
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     write_synthetic_cohort(
-        "multitarget", csv, feats, seed=seed, n_patients=n_patients, n_two_slides=6, dim=12,
-        min_tiles=15, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
-    return {"csv": str(csv), "features": str(feats), "patient_col": "case_id", "bag_level": "patient"}
+        "multitarget",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n_patients,
+        n_two_slides=6,
+        dim=12,
+        min_tiles=15,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
+    return {
+        "csv": str(csv),
+        "features": str(feats),
+        "patient_col": "case_id",
+        "bag_level": "patient",
+    }
 
 
 def config(root, data: dict, **task) -> dict:
     return {
-        "name": "mt", "task": {"type": "multitarget", "targets": TARGETS, **task}, "data": data,
+        "name": "mt",
+        "task": {"type": "multitarget", "targets": TARGETS, **task},
+        "data": data,
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.25, "seed": 0},
         "model": {"name": "abmil_additive", "hidden_dim": 16},
-        "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "patience": None, "seed": 0, "threads": 1},
-    }  # fmt: skip
+        "train": {
+            "epochs": 4,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "patience": None,
+            "seed": 0,
+            "threads": 1,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +88,19 @@ def study(tmp_path_factory):
 
 
 def _task(weights: str = "equal") -> MultiTargetTask:
-    cfg = config_from_dict({"data": {"csv": "x.csv", "features": "f"}, "task": {"type": "multitarget", "targets": TARGETS, "weights": weights}})
+    cfg = config_from_dict(
+        {
+            "data": {"csv": "x.csv", "features": "f"},
+            "task": {"type": "multitarget", "targets": TARGETS, "weights": weights},
+        }
+    )
     return make_task(cfg, ["msi/MSS", "msi/MSI", "grade/1", "grade/2", "grade/3"])
 
 
 def _bags(rng, n: int = 12) -> pd.DataFrame:
-    bags = pd.DataFrame({"bag_id": [f"B{i}" for i in range(n)], "patient_id": [f"P{i}" for i in range(n)]})
+    bags = pd.DataFrame(
+        {"bag_id": [f"B{i}" for i in range(n)], "patient_id": [f"P{i}" for i in range(n)]}
+    )
     bags["msi.label"] = rng.integers(0, 2, n).astype(float)
     bags["tmb.target"] = rng.uniform(5, 25, n)
     bags["grade.label"] = rng.integers(0, 3, n).astype(float)
@@ -86,7 +115,10 @@ def test_the_loss_is_each_targets_own_on_its_labelled_bags():
     for weights in ("equal", "uncertainty"):
         task = _task(weights)
         assert task.n_out == 4 and [str(task.blocks[n]) for n in ("msi", "tmb", "grade")] == [
-            "slice(0, 2, None)", "slice(2, 3, None)", "slice(3, 4, None)"]  # fmt: skip
+            "slice(0, 2, None)",
+            "slice(2, 3, None)",
+            "slice(3, 4, None)",
+        ]
         task.fit_fold(bags)
         logits = torch.tensor(rng.normal(size=(len(bags), 4)))
         losses = []
@@ -119,7 +151,11 @@ def test_masked_labels_change_nothing():
         for k, v in poisoned.items():
             if k.startswith(f"{name}/") and k != f"{name}/mask":
                 n = int(masked.sum())
-                v[masked] = torch.randint(1, 3, (n,)) if v.dtype == torch.long else torch.full((n,), 1e6, dtype=v.dtype)
+                v[masked] = (
+                    torch.randint(1, 3, (n,))
+                    if v.dtype == torch.long
+                    else torch.full((n,), 1e6, dtype=v.dtype)
+                )
     grads = []
     for targets in (clean, poisoned):
         logits.grad = None
@@ -136,7 +172,14 @@ def test_a_run_with_masked_labels_poisoned_trains_the_same_model(tmp_path, monke
     data = cohort(tmp_path, "c", 5, n_patients=30)
     raw = config(tmp_path, data)
     raw["train"].update(epochs=2, faithfulness=False)
-    clean = run_cv(config_from_dict(raw), tmp_path / "clean", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    clean = run_cv(
+        config_from_dict(raw),
+        tmp_path / "clean",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     original = MultiTargetTask.targets
     rng = np.random.default_rng(7)
 
@@ -146,11 +189,20 @@ def test_a_run_with_masked_labels_poisoned_trains_the_same_model(tmp_path, monke
             masked = ~out[f"{name}/mask"]
             for k, v in out.items():
                 if k.startswith(f"{name}/") and k != f"{name}/mask" and masked.any():
-                    v[masked] = torch.as_tensor(rng.integers(0, 2, int(masked.sum())) * 1e3).to(v.dtype)
+                    v[masked] = torch.as_tensor(rng.integers(0, 2, int(masked.sum())) * 1e3).to(
+                        v.dtype
+                    )
         return out
 
     monkeypatch.setattr(MultiTargetTask, "targets", poisoned)
-    bad = run_cv(config_from_dict(raw), tmp_path / "bad", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    bad = run_cv(
+        config_from_dict(raw),
+        tmp_path / "bad",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     a = read_checkpoint(Run(clean).folder.fold_file(0, MODEL))
     b = read_checkpoint(Run(bad).folder.fold_file(0, MODEL))
     assert a["task_state"] == b["task_state"]
@@ -162,19 +214,29 @@ def test_each_targets_metrics_are_a_single_target_evaluation(study):
     _, run_dir = study
     run = Run(run_dir)
     raw = pd.read_csv(run.config.data.csv)
-    assert raw[["msi_status", "tmb", "grade"]].isna().mean().between(0.15, 0.45).all()  # ~30% missing
+    assert (
+        raw[["msi_status", "tmb", "grade"]].isna().mean().between(0.15, 0.45).all()
+    )  # ~30% missing
     for fold in run.folds:
         pred = run.predictions(fold)
         m = run.metrics(fold)["metrics"]
         msi = pred[pred["msi/label_index"].notna()]
-        assert m["msi/auc"] == pytest.approx(roc_auc_score(msi["msi/label_index"].astype(int), msi["msi/prob_MSI"]))
+        assert m["msi/auc"] == pytest.approx(
+            roc_auc_score(msi["msi/label_index"].astype(int), msi["msi/prob_MSI"])
+        )
         tmb = pred[pred["tmb/target"].notna()]
         assert m["tmb/r2"] == pytest.approx(r2_score(tmb["tmb/target"], tmb["tmb/prediction"]))
         g = pred[pred["grade/label_index"].notna()]
         p = g["grade/pred"].astype(int) - 1
         assert m["grade/qwk"] == pytest.approx(
-            cohen_kappa_score(g["grade/label_index"].astype(int), p, weights="quadratic", labels=[0, 1, 2]), nan_ok=True)
-        assert m["mean_headline"] == pytest.approx(np.mean([m["msi/auc"], m["tmb/r2"], m["grade/qwk"]]), nan_ok=True)
+            cohen_kappa_score(
+                g["grade/label_index"].astype(int), p, weights="quadratic", labels=[0, 1, 2]
+            ),
+            nan_ok=True,
+        )
+        assert m["mean_headline"] == pytest.approx(
+            np.mean([m["msi/auc"], m["tmb/r2"], m["grade/qwk"]]), nan_ok=True
+        )
         # every bag is predicted, labelled or not
         assert pred["msi/prob_MSI"].notna().all() and pred["tmb/prediction"].notna().all()
     summary = run.folder.summary()
@@ -209,7 +271,22 @@ def test_predict_evaluate_and_refit(study, tmp_path):
     ext.write_text(yaml.safe_dump({"data": cohort(tmp_path, "external", 12, n_patients=20)}))
     for extra in ([], ["--refit"]):
         out = tmp_path / f"eval{len(extra)}"
-        assert main(["evaluate", str(run_dir), str(ext), "--out", str(out), "--n-boot", "20", "--quiet", *extra]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(run_dir),
+                    str(ext),
+                    "--out",
+                    str(out),
+                    "--n-boot",
+                    "20",
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         ev = pd.read_csv(out / "predictions.csv")
         assert len(ev) == 20 and ev["tmb/prediction"].notna().all()
         metrics = yaml.safe_load((out / "summary.json").read_text())["metrics"]
@@ -224,12 +301,20 @@ def test_targets_are_checked(tmp_path):
     bad = [
         ({"targets": None}, "task.targets must list the targets"),
         ({"targets": [{"label_col": "a"}]}, r"task.targets\[0\].name must be given"),
-        ({"targets": [{"name": "a", "label_col": "a", "type": "survival"}]}, r"task.targets\[0\].type = 'survival'"),
-        ({"targets": [{"name": "a", "label_col": "a", "type": "regression", "loss": "cox"}]},
-         r"task.targets\[0\].loss = 'cox'; expected one of"),
-        ({"targets": [{"name": "a", "label_col": "a"}, {"name": "a", "label_col": "b"}]}, "used by another target"),
+        (
+            {"targets": [{"name": "a", "label_col": "a", "type": "survival"}]},
+            r"task.targets\[0\].type = 'survival'",
+        ),
+        (
+            {"targets": [{"name": "a", "label_col": "a", "type": "regression", "loss": "cox"}]},
+            r"task.targets\[0\].loss = 'cox'; expected one of",
+        ),
+        (
+            {"targets": [{"name": "a", "label_col": "a"}, {"name": "a", "label_col": "b"}]},
+            "used by another target",
+        ),
         ({"targets": [{"name": "a/b", "label_col": "a"}]}, "letters, digits"),
-    ]  # fmt: skip
+    ]
     for task, needle in bad:
         with pytest.raises(ConfigError, match=needle):
             config_from_dict({**base, "task": {"type": "multitarget", **task}})

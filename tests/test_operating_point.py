@@ -78,15 +78,21 @@ def runs(tmp_path_factory):
     """A run, and the same run with fold 0's test labels flipped (same split files)."""
     base = tmp_path_factory.mktemp("op")
     raw = small_config(base, epochs=4)
-    clean = run_cv(config_from_dict(raw), base / "clean", progress=False, log=lambda *a: None, n_boot=50)
+    clean = run_cv(
+        config_from_dict(raw), base / "clean", progress=False, log=lambda *a: None, n_boot=50
+    )
     cohort = pd.read_csv(raw["data"]["csv"])
     test0 = set(pd.read_csv(clean / "splits" / "splits_0.csv")["test"].dropna())
     flip = cohort["slide_id"].isin(test0)
-    cohort.loc[flip, "label"] = cohort.loc[flip, "label"].map({"positive": "negative", "negative": "positive"})
+    cohort.loc[flip, "label"] = cohort.loc[flip, "label"].map(
+        {"positive": "negative", "negative": "positive"}
+    )
     cohort.to_csv(base / "poisoned.csv", index=False)
     raw["data"]["csv"] = str(base / "poisoned.csv")
     raw["splits"]["dir"] = str(clean / "splits")
-    poisoned = run_cv(config_from_dict(raw), base / "poisoned", progress=False, log=lambda *a: None, n_boot=50)
+    poisoned = run_cv(
+        config_from_dict(raw), base / "poisoned", progress=False, log=lambda *a: None, n_boot=50
+    )
     return clean, poisoned
 
 
@@ -108,21 +114,35 @@ def test_each_fold_applies_its_validation_threshold_to_its_test_bags(runs):
     summary = json.loads((clean / "summary.json").read_text())
     for m in ("sensitivity", "specificity", "auprc", "brier"):
         assert len(summary["metrics"][m]["ci95_pooled"]) == 2
-    assert (clean / "calibration.png").is_file() and "calibration.png" in (clean / "report.md").read_text()
+    assert (clean / "calibration.png").is_file() and "calibration.png" in (
+        clean / "report.md"
+    ).read_text()
     # the test labels of fold 0 are flipped: its threshold stays, its test sensitivity moves
     a = json.loads((clean / "fold_0" / "metrics.json").read_text())["metrics"]
     b = json.loads((poisoned / "fold_0" / "metrics.json").read_text())["metrics"]
     assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-9)
-    assert b["sensitivity"] != pytest.approx(a["sensitivity"]) or b["specificity"] != pytest.approx(a["specificity"])
+    assert b["sensitivity"] != pytest.approx(a["sensitivity"]) or b["specificity"] != pytest.approx(
+        a["specificity"]
+    )
 
 
-def test_mil_evaluate_applies_the_median_of_the_fold_thresholds(cls_run, external_cls, root, tmp_path):  # noqa: F811
+def test_mil_evaluate_applies_the_median_of_the_fold_thresholds(
+    cls_run,
+    external_cls,
+    root,
+    tmp_path,
+):
     """An external cohort gets the ensemble's threshold unchanged: the median of the folds'
     validation thresholds, never one chosen on the external labels."""
     from mil.evaluate import evaluate
 
-    summary = evaluate(cls_run, cohort_yaml(tmp_path / "ext.yaml", external_cls), tmp_path / "ev", n_boot=20)
-    folds = [json.loads((cls_run / f"fold_{k}" / "metrics.json").read_text())["metrics"]["threshold"] for k in range(3)]
+    summary = evaluate(
+        cls_run, cohort_yaml(tmp_path / "ext.yaml", external_cls), tmp_path / "ev", n_boot=20
+    )
+    folds = [
+        json.loads((cls_run / f"fold_{k}" / "metrics.json").read_text())["metrics"]["threshold"]
+        for k in range(3)
+    ]
     t = float(np.median(folds))
     pred = pd.read_csv(tmp_path / "ev" / "predictions.csv")
     positive = pred["prob_positive"] >= t

@@ -43,20 +43,42 @@ def cohort(root, name: str, seed: int, n_patients: int = 48) -> dict:
     """A small synthetic graded cohort (grades 1-4 from the planted share, with noise)."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     write_synthetic_cohort(
-        "ordinal", csv, feats, seed=seed, n_patients=n_patients, n_two_slides=6, dim=12,
-        min_tiles=15, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
-    return {"csv": str(csv), "features": str(feats), "patient_col": "case_id",
-            "label_col": "grade", "bag_level": "patient"}  # fmt: skip
+        "ordinal",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n_patients,
+        n_two_slides=6,
+        dim=12,
+        min_tiles=15,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
+    return {
+        "csv": str(csv),
+        "features": str(feats),
+        "patient_col": "case_id",
+        "label_col": "grade",
+        "bag_level": "patient",
+    }
 
 
 def config(root, data: dict, **task) -> dict:
     return {
-        "name": "ord", "task": {"type": "ordinal", **task}, "data": data,
+        "name": "ord",
+        "task": {"type": "ordinal", **task},
+        "data": data,
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.25, "seed": 0},
         "model": {"name": "abmil_additive", "hidden_dim": 16},
-        "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "patience": None, "seed": 0, "threads": 1},
-    }  # fmt: skip
+        "train": {
+            "epochs": 8,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "patience": None,
+            "seed": 0,
+            "threads": 1,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +165,9 @@ def test_qwk_equals_scikit_learns():
         assert quadratic_weighted_kappa(y, pred, k) == pytest.approx(ref, abs=1e-12)
     # every grade present: the same as scikit-learn's default labels
     y, pred = np.array([0, 1, 2, 3, 2, 1]), np.array([0, 2, 2, 3, 1, 1])
-    assert quadratic_weighted_kappa(y, pred, 4) == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert quadratic_weighted_kappa(y, pred, 4) == pytest.approx(
+        cohen_kappa_score(y, pred, weights="quadratic")
+    )
     assert np.isnan(quadratic_weighted_kappa(np.zeros(4, int), np.zeros(4, int), 3))  # undefined
     # the other metrics of the predicted grade and the probabilities
     prob = rng.dirichlet(np.ones(4), 60)
@@ -153,7 +177,9 @@ def test_qwk_equals_scikit_learns():
     assert m["mae"] == pytest.approx(np.abs(p - y).mean())
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
     assert m["auc"] == pytest.approx(classification_auc(y, prob))
-    assert m["qwk"] == pytest.approx(cohen_kappa_score(y, p, weights="quadratic", labels=np.arange(4)))
+    assert m["qwk"] == pytest.approx(
+        cohen_kappa_score(y, p, weights="quadratic", labels=np.arange(4))
+    )
 
 
 # ---- a run ----------------------------------------------------------------------------------
@@ -168,7 +194,9 @@ def test_a_runs_metrics_are_those_of_its_predictions(study):
         m = run.metrics(fold)["metrics"]
         y = pred["label_index"].to_numpy()
         p = pred["pred"].map(lambda v: run.classes.index(str(v))).to_numpy()
-        assert m["qwk"] == pytest.approx(cohen_kappa_score(y, p, weights="quadratic", labels=np.arange(4)))
+        assert m["qwk"] == pytest.approx(
+            cohen_kappa_score(y, p, weights="quadratic", labels=np.arange(4))
+        )
         assert m["mae"] == pytest.approx(np.abs(p - y).mean())
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
         assert m["confusion_matrix"] == confusion_matrix(y, p, labels=np.arange(4)).tolist()
@@ -192,7 +220,9 @@ def test_thresholds_come_from_the_training_fold_and_folds_hold_every_grade(study
     coh = Cohort.from_config(run.config)
     for k, split in enumerate(read_splits(run.folder.splits_dir, coh, 3)):
         state = read_checkpoint(run.folder.fold_file(k, MODEL))["task_state"]
-        train = coh.bags.set_index("bag_id").loc[coh.bags_of_slides(split.train), "label"].to_numpy(int)
+        train = (
+            coh.bags.set_index("bag_id").loc[coh.bags_of_slides(split.train), "label"].to_numpy(int)
+        )
         counts = np.bincount(train, minlength=4) + 0.5
         cum = np.cumsum(counts)[:3] / counts.sum()
         np.testing.assert_allclose(state["thresholds"], np.log(cum / (1 - cum)))
@@ -216,10 +246,29 @@ def test_predict_evaluate_refit_and_heatmap(study, tmp_path):
     ext.write_text(yaml.safe_dump({"data": cohort(tmp_path, "external", 11, n_patients=20)}))
     for extra in ([], ["--refit"]):
         out = tmp_path / f"eval{len(extra)}"
-        assert main(["evaluate", str(run_dir), str(ext), "--out", str(out), "--n-boot", "20", "--quiet", *extra]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(run_dir),
+                    str(ext),
+                    "--out",
+                    str(out),
+                    "--n-boot",
+                    "20",
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         ev = pd.read_csv(out / "predictions.csv")
         assert len(ev) == 20 and np.allclose(ev[[f"prob_{g}" for g in range(1, 5)]].sum(1), 1.0)
-        assert set(yaml.safe_load((out / "summary.json").read_text())["metrics"]) >= {"qwk", "mae", "auc"}
+        assert set(yaml.safe_load((out / "summary.json").read_text())["metrics"]) >= {
+            "qwk",
+            "mae",
+            "auc",
+        }
     # heatmaps: the tile's signed share of the score; --top-n ranks by the score
     top = run.top_slides(1)
     oof = run.predictions().sort_values(["score", "bag_id"], ascending=[False, True])
@@ -236,7 +285,14 @@ def test_the_baseline_is_the_linear_cumulative_link_model(tmp_path):
     raw = config(tmp_path, data)
     raw["data"]["standardize"] = False
     raw["model"] = {"name": "meanpool_linear"}
-    run_dir = run_cv(config_from_dict(raw), tmp_path / "lin", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    run_dir = run_cv(
+        config_from_dict(raw),
+        tmp_path / "lin",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     run = Run(run_dir)
     cfg = run.config
     coh = Cohort.from_config(cfg)
@@ -248,7 +304,12 @@ def test_the_baseline_is_the_linear_cumulative_link_model(tmp_path):
     bag_slides, store = bags_of(coh.bag_slides, index, cfg.data.features)
 
     def pooled(bags):
-        return np.stack([np.concatenate([store.get(s)[0] for s in bag_slides[b]]).astype(float).mean(0) for b in bags])
+        return np.stack(
+            [
+                np.concatenate([store.get(s)[0] for s in bag_slides[b]]).astype(float).mean(0)
+                for b in bags
+            ]
+        )
 
     train = coh.bags_of_slides(sp.train)
     test = run.predictions(0)["bag_id"].tolist()
@@ -291,7 +352,11 @@ def test_options_are_checked():
     cfg = config_from_dict({**base, "task": {"type": "ordinal"}})
     task = make_task(cfg, ["1", "2", "3"])
     assert task.n_out == 1 and task.headline() == "qwk"
-    assert cfg.to_dict()["task"] == {"type": "ordinal", "thresholds": "marginal", "decision": "median"}
+    assert cfg.to_dict()["task"] == {
+        "type": "ordinal",
+        "thresholds": "marginal",
+        "decision": "median",
+    }
 
 
 def test_ordinal_vs_nominal_benchmark_smoke(tmp_path):
@@ -306,20 +371,26 @@ def test_ordinal_vs_nominal_benchmark_smoke(tmp_path):
     row = ordinal_vs_nominal.main(["--out", str(tmp_path), "--smoke"]).iloc[0]
     runs = {k: tmp_path / "runs" / f"{k}_seed0" for k in ("ordinal", "classification")}
     preds = {
-        k: pd.concat(pd.read_csv(p).assign(fold_dir=p.parent.name) for p in sorted(d.glob("fold_*/predictions.csv")))
-        .sort_values(["fold_dir", "bag_id"], ignore_index=True)
+        k: pd.concat(
+            pd.read_csv(p).assign(fold_dir=p.parent.name)
+            for p in sorted(d.glob("fold_*/predictions.csv"))
+        ).sort_values(["fold_dir", "bag_id"], ignore_index=True)
         for k, d in runs.items()
-    }  # fmt: skip
+    }
     assert preds["ordinal"]["bag_id"].tolist() == preds["classification"]["bag_id"].tolist()
     for key, kind in (("ordinal", "ordinal"), ("nominal", "classification")):
         p = preds[kind]
         y, grade = p["label_index"].to_numpy(), p["pred"].astype(int).to_numpy() - 1
         prob = p[[f"prob_{g}" for g in range(1, 5)]].to_numpy()
-        assert row[f"{key}_qwk"] == pytest.approx(cohen_kappa_score(y, grade, weights="quadratic", labels=np.arange(4)))
+        assert row[f"{key}_qwk"] == pytest.approx(
+            cohen_kappa_score(y, grade, weights="quadratic", labels=np.arange(4))
+        )
         assert row[f"{key}_mae"] == pytest.approx(np.abs(grade - y).mean())
         assert row[f"{key}_auc"] == pytest.approx(classification_auc(y, prob))
         assert row[f"{key}_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, grade))
     for metric in ("qwk", "mae", "auc", "balanced_accuracy"):
-        assert row[f"delta_{metric}"] == pytest.approx(row[f"ordinal_{metric}"] - row[f"nominal_{metric}"])
+        assert row[f"delta_{metric}"] == pytest.approx(
+            row[f"ordinal_{metric}"] - row[f"nominal_{metric}"]
+        )
         lo, hi = row[f"delta_{metric}_ci"]
         assert lo <= hi

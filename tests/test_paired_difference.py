@@ -27,7 +27,9 @@ def delong_paired(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, f
 def planted(n: int, strong: float, weak: float, seed: int = 0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    common = rng.normal(size=n)  # shared noise: the two predictors are correlated, as two models are
+    common = rng.normal(
+        size=n
+    )  # shared noise: the two predictors are correlated, as two models are
     a = strong * y + common + 0.5 * rng.normal(size=n)
     b = weak * y + common + 0.5 * rng.normal(size=n)
     return y, a, b
@@ -60,7 +62,9 @@ def test_swapping_the_predictors_mirrors_the_result():
     ab = paired_difference(auc_difference(y, a, b), len(y), n_boot=300, seed=0)
     ba = paired_difference(auc_difference(y, b, a), len(y), n_boot=300, seed=0)
     assert ba["delta"] == pytest.approx(-ab["delta"])
-    assert ba["ci_low"] == pytest.approx(-ab["ci_high"]) and ba["ci_high"] == pytest.approx(-ab["ci_low"])
+    assert ba["ci_low"] == pytest.approx(-ab["ci_high"]) and ba["ci_high"] == pytest.approx(
+        -ab["ci_low"]
+    )
     assert ba["p"] == pytest.approx(ab["p"])
 
 
@@ -105,11 +109,21 @@ def test_the_resampled_auc_alone_is_sklearns(classes, small_cohort):
     prob = rng.dirichlet(np.ones(len(classes)), 60)
     prob[np.arange(60), y] += 0.3
     prob /= prob.sum(1, keepdims=True)
-    pred = pd.DataFrame({"label_index": y, **{f"prob_{c}": prob[:, k] for k, c in enumerate(classes)}})
-    expected = (roc_auc_score(y, prob[:, 1]) if len(classes) == 2
-                else roc_auc_score(y, prob, multi_class="ovr", average="macro"))  # fmt: skip
+    pred = pd.DataFrame(
+        {"label_index": y, **{f"prob_{c}": prob[:, k] for k, c in enumerate(classes)}}
+    )
+    expected = (
+        roc_auc_score(y, prob[:, 1])
+        if len(classes) == 2
+        else roc_auc_score(y, prob, multi_class="ovr", average="macro")
+    )
     assert task.metric_value(pred, "auc") == pytest.approx(expected)
     assert task.metric_value(pred, "auc") == task.pooled_metrics(pred)["auc"]
     drop = pred[pred["label_index"] != 0]  # a resample without the first class
-    assert task.metric_value(drop, "auc") == pytest.approx(task.pooled_metrics(drop)["auc"], nan_ok=True)
-    assert task.metric_value(pred, "balanced_accuracy") == task.pooled_metrics(pred)["balanced_accuracy"]
+    assert task.metric_value(drop, "auc") == pytest.approx(
+        task.pooled_metrics(drop)["auc"], nan_ok=True
+    )
+    assert (
+        task.metric_value(pred, "balanced_accuracy")
+        == task.pooled_metrics(pred)["balanced_accuracy"]
+    )

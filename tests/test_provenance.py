@@ -32,9 +32,17 @@ def cohort(root: Path, name: str = "cohort", seed: int = 0) -> dict:
     """A small synthetic classification cohort (20 patients, 20-40 tiles of 16 dims)."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=20, n_two_slides=0, dim=16,
-        min_tiles=20, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=20,
+        n_two_slides=0,
+        dim=16,
+        min_tiles=20,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
     return {
         "name": name,
         "task": {"type": "classification"},
@@ -107,38 +115,65 @@ def test_trident_attributes(tmp_path):
     # TRIDENT: no encoder attribute (the folder says it), geometry on coords; `name` is the slide
     path = write_h5(
         tmp_path / "job/20x_256px_0px_overlap/features_uni_v1/s1.h5",
-        coord_attrs={"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
-                     "target_magnification": 20, "overlap": 0, "name": "s1"},
-    )  # fmt: skip
+        coord_attrs={
+            "patch_size": 256,
+            "patch_size_level0": 512,
+            "level0_magnification": 40,
+            "target_magnification": 20,
+            "overlap": 0,
+            "name": "s1",
+        },
+    )
     assert both_ways(path) == {
-        "encoder": "uni_v1", "magnification": "20", "tile size (px)": "256", "dtype": "float16",
-    }  # fmt: skip
+        "encoder": "uni_v1",
+        "magnification": "20",
+        "tile size (px)": "256",
+        "dtype": "float16",
+    }
 
 
 def test_stamp_attributes(tmp_path):
     path = write_h5(
-        tmp_path / "stamp/s1.h5", dataset="feats",
-        root_attrs={"extractor": "ctranspath", "unit": "um", "tile_size_um": 256.0,
-                    "tile_size_px": 224, "stamp_version": "2.2.0", "feat_type": "tile"},
-    )  # fmt: skip
+        tmp_path / "stamp/s1.h5",
+        dataset="feats",
+        root_attrs={
+            "extractor": "ctranspath",
+            "unit": "um",
+            "tile_size_um": 256.0,
+            "tile_size_px": 224,
+            "stamp_version": "2.2.0",
+            "feat_type": "tile",
+        },
+    )
     assert both_ways(path) == {
-        "encoder": "ctranspath", "mpp": "1.1", "tile size (px)": "224",
-        "tile size (µm)": "256", "dtype": "float16",
-    }  # fmt: skip  # 256 µm / 224 px = 1.14 µm per pixel
+        "encoder": "ctranspath",
+        "mpp": "1.1",
+        "tile size (px)": "224",
+        "tile size (µm)": "256",
+        "dtype": "float16",
+    }  # 256 µm / 224 px = 1.14 µm per pixel
     old = write_h5(tmp_path / "stamp/old.h5", dataset="feats", root_attrs={"tile_size": 256.0})
     assert both_ways(old) == {"tile size (µm)": "256", "dtype": "float16"}  # before STAMP 2.1
 
 
 def test_our_attributes_and_missing_ones(tmp_path):
     ours = write_h5(
-        tmp_path / "ours/s1.h5", dtype=np.float32,
-        root_attrs={"encoder": b"uni", "magnification": 40.0, "patch_size_level0": 512,
-                    "mpp": 0.2513},
-    )  # fmt: skip
+        tmp_path / "ours/s1.h5",
+        dtype=np.float32,
+        root_attrs={
+            "encoder": b"uni",
+            "magnification": 40.0,
+            "patch_size_level0": 512,
+            "mpp": 0.2513,
+        },
+    )
     assert both_ways(ours) == {
-        "encoder": "uni", "magnification": "40", "mpp": "0.25",
-        "tile size (px at level 0)": "512", "dtype": "float32",
-    }  # fmt: skip
+        "encoder": "uni",
+        "magnification": "40",
+        "mpp": "0.25",
+        "tile size (px at level 0)": "512",
+        "dtype": "float32",
+    }
     clam = write_h5(tmp_path / "clam/h5_files/s1.h5", dtype=np.float32)
     assert both_ways(clam) == {"dtype": "float32"}  # nothing recorded: unknown, not an error
     assert read_provenance(tmp_path / "nowhere.h5").fields == {}

@@ -16,7 +16,9 @@ FEATS = RNG.normal(size=(37, 12)).astype(np.float16).astype(np.float32)
 COORDS = (RNG.integers(0, 50, size=(37, 2)) * 256).astype(np.int32)
 
 
-def write_h5(path: Path, dataset="features", feats=FEATS, coords=COORDS, root_attrs=None, coord_attrs=None):
+def write_h5(
+    path: Path, dataset="features", feats=FEATS, coords=COORDS, root_attrs=None, coord_attrs=None
+):
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.create_dataset(dataset, data=feats)
@@ -34,20 +36,33 @@ def test_all_layouts_read_to_same_arrays(tmp_path):
     (tmp_path / "clam/pt_files").mkdir(parents=True)
     torch.save(torch.from_numpy(FEATS), tmp_path / "clam/pt_files/s1.pt")
     # TRIDENT: features_<encoder>/, float16 features, coords attrs
-    write_h5(tmp_path / "trident/features_uni_v1/s1.h5", feats=FEATS.astype(np.float16),
-             coord_attrs={"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
-                          "target_magnification": 20})
+    write_h5(
+        tmp_path / "trident/features_uni_v1/s1.h5",
+        feats=FEATS.astype(np.float16),
+        coord_attrs={
+            "patch_size": 256,
+            "patch_size_level0": 512,
+            "level0_magnification": 40,
+            "target_magnification": 20,
+        },
+    )
     # STAMP: feats float16 + coords in micrometres
     mpp = 0.5
-    write_h5(tmp_path / "stamp/s1.h5", dataset="feats", feats=FEATS.astype(np.float16),
-             coords=(COORDS * mpp).astype(np.float32),
-             root_attrs={"unit": "um", "tile_size_um": 256 * mpp, "tile_size_px": 224})
+    write_h5(
+        tmp_path / "stamp/s1.h5",
+        dataset="feats",
+        feats=FEATS.astype(np.float16),
+        coords=(COORDS * mpp).astype(np.float32),
+        root_attrs={"unit": "um", "tile_size_um": 256 * mpp, "tile_size_px": 224},
+    )
     # ours
     write_h5(tmp_path / "ours/s1.h5", root_attrs={"patch_size_level0": 256, "encoder": "x"})
     # .pt dict and .npy
     (tmp_path / "ptdict").mkdir()
-    torch.save({"features": torch.from_numpy(FEATS), "coords": torch.from_numpy(COORDS)},
-               tmp_path / "ptdict/s1.pt")
+    torch.save(
+        {"features": torch.from_numpy(FEATS), "coords": torch.from_numpy(COORDS)},
+        tmp_path / "ptdict/s1.pt",
+    )
     (tmp_path / "npy").mkdir()
     np.save(tmp_path / "npy/s1.npy", FEATS)
 
@@ -93,7 +108,10 @@ def test_trident_several_encoders_is_an_error(tmp_path):
         (lambda p: write_h5(p, feats=np.full((4, 3), np.nan, np.float32), coords=None), "NaN"),
         (lambda p: write_h5(p, feats=np.zeros((0, 3), np.float32), coords=None), "empty bag"),
         (lambda p: write_h5(p, dataset="other"), "no 'features'"),
-        (lambda p: write_h5(p, feats=np.zeros((4, 3), np.float32), coords=np.zeros((5, 2))), "coords"),
+        (
+            lambda p: write_h5(p, feats=np.zeros((4, 3), np.float32), coords=np.zeros((5, 2))),
+            "coords",
+        ),
     ],
 )
 def test_bad_files_name_the_file(tmp_path, make, match):

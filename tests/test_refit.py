@@ -37,9 +37,17 @@ def quiet(*a):
 def cohort(root, name, seed):
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=30, n_two_slides=0, dim=12,
-        min_tiles=15, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=30,
+        n_two_slides=0,
+        dim=12,
+        min_tiles=15,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
     return {"csv": str(csv), "features": str(feats), "patient_col": "case_id"}
 
 
@@ -68,10 +76,12 @@ def data(root):
 def early_run(root, data):
     """An early-stopped ABMIL run with a cosine schedule, refit by the CLI."""
     raw = config(
-        root, {**data, "standardize": True}, {"name": "abmil", "hidden_dim": 16},
+        root,
+        {**data, "standardize": True},
+        {"name": "abmil", "hidden_dim": 16},
         {"epochs": 12, "patience": 3, "min_steps": None, "schedule": "cosine", "lr": 1e-3},
         "early",
-    )  # fmt: skip
+    )
     path = root / "early.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = root / "run_early"
@@ -182,8 +192,13 @@ def test_refit_of_a_fusion_model_scales_the_tables_on_every_patient(small_cohort
     cases = pd.read_csv(raw["data"]["csv"]).drop_duplicates("case_id")
     rng = np.random.default_rng(1)
     y = (cases["label"] == "positive").to_numpy(float)
-    omics = pd.DataFrame({"case_id": cases["case_id"], "g1": 2 * y + rng.normal(0, 0.5, len(y)),
-                          "g2": rng.normal(5, 2, len(y))})  # fmt: skip
+    omics = pd.DataFrame(
+        {
+            "case_id": cases["case_id"],
+            "g1": 2 * y + rng.normal(0, 0.5, len(y)),
+            "g2": rng.normal(5, 2, len(y)),
+        }
+    )
     omics = omics[rng.uniform(size=len(y)) > 0.2]
     omics.to_csv(tmp_path / "omics.csv", index=False)
     raw["data"]["tabular"] = [{"name": "omics", "csv": str(tmp_path / "omics.csv")}]

@@ -38,23 +38,46 @@ def cohort(root, name: str, seed: int, sites=("A", "B", "C"), n_patients: int = 
     """A small synthetic regression cohort (target: planted share in percent plus noise)."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     df = write_synthetic_cohort(
-        "regression", csv, feats, seed=seed, n_patients=n_patients, n_two_slides=6, dim=12,
-        min_tiles=15, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
+        "regression",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n_patients,
+        n_two_slides=6,
+        dim=12,
+        min_tiles=15,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
     rank = df["case_id"].rank(method="dense").astype(int)
     df["site"] = [sites[r % len(sites)] for r in rank]
     df.to_csv(csv, index=False)
-    return {"csv": str(csv), "features": str(feats), "patient_col": "case_id",
-            "label_col": "planted_percent", "bag_level": "patient", "site_col": "site"}  # fmt: skip
+    return {
+        "csv": str(csv),
+        "features": str(feats),
+        "patient_col": "case_id",
+        "label_col": "planted_percent",
+        "bag_level": "patient",
+        "site_col": "site",
+    }
 
 
 def config(root, data: dict, **task) -> dict:
     return {
-        "name": "reg", "task": {"type": "regression", **task}, "data": data,
+        "name": "reg",
+        "task": {"type": "regression", **task},
+        "data": data,
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.25, "seed": 0},
         "model": {"name": "abmil_additive", "hidden_dim": 16},
-        "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "patience": None, "seed": 0, "threads": 1},
-    }  # fmt: skip
+        "train": {
+            "epochs": 6,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "patience": None,
+            "seed": 0,
+            "threads": 1,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +88,9 @@ def study(tmp_path_factory):
     raw = config(root, cohort(root, "internal", 2), cutoff=15.0)
     (root / "reg.yaml").write_text(yaml.safe_dump(raw))
     ext = root / "hospital_x.yaml"
-    ext.write_text(yaml.safe_dump({"data": cohort(root, "external", 9, sites=("X",), n_patients=20)}))
+    ext.write_text(
+        yaml.safe_dump({"data": cohort(root, "external", 9, sites=("X",), n_patients=20)})
+    )
     out = root / "out"
     argv = ["generalize", str(root / "reg.yaml"), "--external", str(ext), "--out", str(out)]
     assert main([*argv, "--n-boot", "50", "--refit", "--quiet"]) == 0
@@ -106,7 +131,11 @@ def test_a_runs_summary_holds_the_metrics_of_its_predictions(study):
         lo, hi = entry["ci95_pooled"]
         assert lo <= hi
     pooled = regression_metrics(oof["target"], oof["prediction"], 15.0)
-    assert summary["metrics"]["r2"]["ci95_pooled"][0] <= pooled["r2"] <= summary["metrics"]["r2"]["ci95_pooled"][1]
+    assert (
+        summary["metrics"]["r2"]["ci95_pooled"][0]
+        <= pooled["r2"]
+        <= summary["metrics"]["r2"]["ci95_pooled"][1]
+    )
     report = (run_dir / "report.md").read_text()
     assert "regression of planted_percent" in report and "pred_vs_true.png" in report
     assert "residuals.png" in report and (run_dir / "residuals.png").is_file()  # by site
@@ -122,7 +151,9 @@ def test_predictions_come_back_on_the_original_scale(study):
     coh = Cohort.from_config(cfg)
     split = read_splits(run.folder.splits_dir, coh, 3)[0]
     state = read_checkpoint(run.folder.fold_file(0, MODEL))["task_state"]
-    train = coh.bags.set_index("bag_id").loc[coh.bags_of_slides(split.train), "target"].to_numpy(float)
+    train = (
+        coh.bags.set_index("bag_id").loc[coh.bags_of_slides(split.train), "target"].to_numpy(float)
+    )
     assert state["target_scaling"] == "standard"
     assert state["center"] == pytest.approx(train.mean())
     assert state["scale"] == pytest.approx(train.std())
@@ -136,7 +167,9 @@ def test_predictions_come_back_on_the_original_scale(study):
     for part in [fm, *fm.members]:  # each member's output through its own saved scaler, averaged
         s = part.payload["task_state"]
         assert (s["center"], s["scale"]) == (state["center"], state["scale"])
-        values.append(part.forward(bag_slides, store).logits[:, 0].numpy() * s["scale"] + s["center"])
+        values.append(
+            part.forward(bag_slides, store).logits[:, 0].numpy() * s["scale"] + s["center"]
+        )
     by_hand = np.mean(values, axis=0)
     np.testing.assert_allclose(saved["prediction"].head(3), by_hand, rtol=1e-4)
     again = run.predict(bags, folds=[0])  # Run.predict: the same path
@@ -165,18 +198,34 @@ def test_the_scaler_ignores_the_test_fold(tmp_path):
     data = cohort(tmp_path, "c", 4)
     raw = config(tmp_path, data)
     raw["train"]["faithfulness"] = False
-    clean = run_cv(config_from_dict(raw), tmp_path / "clean", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    clean = run_cv(
+        config_from_dict(raw),
+        tmp_path / "clean",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     coh = Cohort.from_config(config_from_dict(raw))
     test = read_splits(tmp_path / "splits", coh, 3)[0].test
     df = pd.read_csv(data["csv"])
     df.loc[df["slide_id"].isin(test), "planted_percent"] = 1e6
     df.to_csv(data["csv"], index=False)
-    poisoned = run_cv(config_from_dict(raw), tmp_path / "poisoned", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    poisoned = run_cv(
+        config_from_dict(raw),
+        tmp_path / "poisoned",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     a = read_checkpoint(Run(clean).folder.fold_file(0, MODEL))
     b = read_checkpoint(Run(poisoned).folder.fold_file(0, MODEL))
     assert a["task_state"] == b["task_state"]
     for k in a["state_dict"]:
-        np.testing.assert_allclose(a["state_dict"][k].numpy(), b["state_dict"][k].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            a["state_dict"][k].numpy(), b["state_dict"][k].numpy(), rtol=1e-5, atol=1e-6
+        )
     pa, pb = Run(clean).predictions(0), Run(poisoned).predictions(0)
     np.testing.assert_allclose(pa["prediction"], pb["prediction"], rtol=1e-5)
     assert (pb["target"] == 1e6).all() and not (pa["target"] == 1e6).any()
@@ -245,7 +294,12 @@ def test_task_options_are_checked():
 
     assert task.default_ensemble(get_model("abmil")) == ["meanpool_linear", "bow_linear"]
     assert task.default_ensemble(get_model("meanpool_linear")) == []
-    assert cfg.to_dict()["task"] == {"type": "regression", "loss": "mse", "target_scaling": "standard", "cutoff": None}
+    assert cfg.to_dict()["task"] == {
+        "type": "regression",
+        "loss": "mse",
+        "target_scaling": "standard",
+        "cutoff": None,
+    }
 
 
 def test_heatmaps_draw_the_signed_contribution(study, tmp_path):
@@ -269,10 +323,14 @@ def test_generalize_and_evaluate_score_on_the_original_scale(study):
     r2 = table[table["metric"] == "r2"].set_index("setting")
     assert list(r2.index) == ["internal CV", "site-preserved CV", "external"]
     ext = pd.read_csv(out / "abmil_additive" / "external" / "hospital_x" / "predictions.csv")
-    assert r2.loc["external", "value"] == pytest.approx(r2_score(ext["target"], ext["prediction"]), abs=1e-12)
+    assert r2.loc["external", "value"] == pytest.approx(
+        r2_score(ext["target"], ext["prediction"]), abs=1e-12
+    )
     truth = pd.read_csv(root / "external.csv").groupby("case_id")["planted_percent"].first()
     assert np.allclose(ext.set_index("patient_id").loc[truth.index, "target"], truth)
-    summary = json.loads((out / "abmil_additive" / "external" / "hospital_x" / "summary.json").read_text())
+    summary = json.loads(
+        (out / "abmil_additive" / "external" / "hospital_x" / "summary.json").read_text()
+    )
     assert set(summary["metrics"]) >= {"r2", "pearson_r", "spearman_r", "mae", "rmse", "auc"}
     assert (run_dir / "refit" / "model.pt").is_file()
 
@@ -284,7 +342,14 @@ def test_baseline_is_ridge_regression_on_pooled_bags(tmp_path):
     raw = config(tmp_path, data)
     raw["data"]["standardize"] = False
     raw["model"] = {"name": "meanpool_linear"}
-    run_dir = run_cv(config_from_dict(raw), tmp_path / "ridge", folds=[0], progress=False, log=lambda *a: None, n_boot=10)
+    run_dir = run_cv(
+        config_from_dict(raw),
+        tmp_path / "ridge",
+        folds=[0],
+        progress=False,
+        log=lambda *a: None,
+        n_boot=10,
+    )
     run = Run(run_dir)
     cfg = run.config
     coh = Cohort.from_config(cfg)
@@ -295,7 +360,12 @@ def test_baseline_is_ridge_regression_on_pooled_bags(tmp_path):
     bag_slides, store = bags_of(coh.bag_slides, index, cfg.data.features)
 
     def pooled(bags):
-        return np.stack([np.concatenate([store.get(s)[0] for s in bag_slides[b]]).astype(float).mean(0) for b in bags])
+        return np.stack(
+            [
+                np.concatenate([store.get(s)[0] for s in bag_slides[b]]).astype(float).mean(0)
+                for b in bags
+            ]
+        )
 
     train = coh.bags_of_slides(sp.train)
     test = run.predictions(0)["bag_id"].tolist()
@@ -322,11 +392,17 @@ def test_regression_targets_benchmark_smoke(tmp_path):
     run_dir = tmp_path / "runs" / "demo_regression"
 
     def pooled(pattern):
-        return pd.concat(pd.read_csv(p) for p in sorted(run_dir.glob(pattern))).sort_values("bag_id")
+        return pd.concat(pd.read_csv(p) for p in sorted(run_dir.glob(pattern))).sort_values(
+            "bag_id"
+        )
 
     average = pooled("fold_*/predictions.csv")
     assert row["r2"] == pytest.approx(r2_score(average["target"], average["prediction"]))
-    members = {"model": "abmil_additive", "meanpool_linear": "meanpool_linear", "bow_linear": "bow_linear"}
+    members = {
+        "model": "abmil_additive",
+        "meanpool_linear": "meanpool_linear",
+        "bow_linear": "bow_linear",
+    }
     preds = {key: pooled(f"fold_*/members/{name}/predictions.csv") for key, name in members.items()}
     for key, p in preds.items():
         assert row[f"{key}_r2"] == pytest.approx(r2_score(p["target"], p["prediction"]))
@@ -334,5 +410,7 @@ def test_regression_targets_benchmark_smoke(tmp_path):
     # the default average is the mean of the three members' predictions
     mean = np.mean([p["prediction"].to_numpy() for p in preds.values()], axis=0)
     np.testing.assert_allclose(average["prediction"], mean, rtol=1e-6)
-    pair = (preds["model"]["prediction"].to_numpy() + preds["bow_linear"]["prediction"].to_numpy()) / 2
+    pair = (
+        preds["model"]["prediction"].to_numpy() + preds["bow_linear"]["prediction"].to_numpy()
+    ) / 2
     assert row["model+bow_linear_r2"] == pytest.approx(r2_score(preds["model"]["target"], pair))

@@ -595,7 +595,15 @@ def test_a_finished_run_rerun_writes_nothing(finished, tmp_path):
     after = snapshot()
     assert (run / "summary.json").is_file()
     changed = {p.name for p in after if after[p] != before.get(p)}
-    summary_files = {"summary.json", "summary.csv", "report.md", "roc.png", "roc.csv", "calibration.png", "calibration.csv"}
+    summary_files = {
+        "summary.json",
+        "summary.csv",
+        "report.md",
+        "roc.png",
+        "roc.csv",
+        "calibration.png",
+        "calibration.csv",
+    }
     assert changed <= summary_files
 
 

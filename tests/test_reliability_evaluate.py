@@ -59,9 +59,17 @@ def cohort(root, name, kind="classification", seed=0, n=18):
     """A small synthetic cohort (D = 8) and its ``data:`` section."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     write_synthetic_cohort(
-        kind, csv, feats, seed=seed, n_patients=n, n_two_slides=2, dim=8, min_tiles=10,
-        max_tiles=30, shift_norm=6.0,
-    )  # fmt: skip
+        kind,
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n,
+        n_two_slides=2,
+        dim=8,
+        min_tiles=10,
+        max_tiles=30,
+        shift_norm=6.0,
+    )
     data = {"csv": str(csv), "features": str(feats), "patient_col": "case_id"}
     return {**data, **SURVIVAL_DATA} if kind == "survival" else data
 
@@ -79,7 +87,7 @@ def train(root, name, data, kind="classification", **splits):
                 "val_fraction": 0.2,
                 "seed": 0,
                 **splits,
-            },  # fmt: skip
+            },
             "model": {"name": "abmil", "hidden_dim": 8},
             "train": {
                 "epochs": 2,
@@ -88,7 +96,7 @@ def train(root, name, data, kind="classification", **splits):
                 "seed": 0,
                 "threads": 1,
                 "faithfulness": False,
-            },  # fmt: skip
+            },
         }
     )
     return cfg, run_cv(cfg, root / name, progress=False, log=quiet, n_boot=10)
@@ -206,8 +214,9 @@ def test_a_file_an_earlier_evaluation_wrote_is_removed(run, root, tmp_path):
     df = pd.read_csv(data["csv"])
     df["site"] = np.where(np.arange(len(df)) % 2, "A", "B")
     df.to_csv(tmp_path / "sites.csv", index=False)
-    sites = cohort_yaml(tmp_path / "sites.yaml", {**data, "csv": str(tmp_path / "sites.csv"),
-                                                  "site_col": "site"})  # fmt: skip
+    sites = cohort_yaml(
+        tmp_path / "sites.yaml", {**data, "csv": str(tmp_path / "sites.csv"), "site_col": "site"}
+    )
     out = tmp_path / "ev"
     evaluate(run, sites, out, n_boot=10)
     assert (out / "subgroups.csv").is_file()
@@ -385,7 +394,9 @@ def test_slide_embeddings_for_a_tile_run_are_refused(run, root, tmp_path):
         evaluate(run, config, tmp_path / "ev", n_boot=10, any_encoder=True)
     # and the reverse: a run of embeddings given tile features
     run_cfg = config_from_dict({"task": {"type": "classification"}, "data": emb})
-    tiles = config_from_dict({"task": {"type": "classification"}, "data": cohort(root, "ext", seed=7)})  # fmt: skip
+    tiles = config_from_dict(
+        {"task": {"type": "classification"}, "data": cohort(root, "ext", seed=7)}
+    )
     with pytest.raises(DataError, match=r"holds tile features .* trained on slide/patient"):
         check_feature_kind(run_cfg, tiles, allowed=False)
 
@@ -416,16 +427,18 @@ def test_a_survival_cohort_with_few_events_is_warned(root, tmp_path):
     df["censorship"] = 1
     df.loc[0, "censorship"] = 0  # SV5: one event
     df.to_csv(tmp_path / "one_event.csv", index=False)
-    config = cohort_yaml(tmp_path / "sv.yaml", {**data, "csv": str(tmp_path / "one_event.csv")},
-                         "survival")  # fmt: skip
+    config = cohort_yaml(
+        tmp_path / "sv.yaml", {**data, "csv": str(tmp_path / "one_event.csv")}, "survival"
+    )
     with pytest.warns(MilWarning, match=r"has 1 event among \d+ patients; its C-index"):
         evaluate(surv, config, tmp_path / "ev", n_boot=10)
     full = pd.read_csv(data["csv"]).groupby("case_id")["censorship"].min()
     assert (full == 0).sum() >= MIN_EVENTS  # the whole cohort has enough events: no warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        evaluate(surv, cohort_yaml(tmp_path / "full.yaml", data, "survival"), tmp_path / "ev2",
-                 n_boot=10)  # fmt: skip
+        evaluate(
+            surv, cohort_yaml(tmp_path / "full.yaml", data, "survival"), tmp_path / "ev2", n_boot=10
+        )
     assert not [w for w in caught if "C-index and confidence interval" in str(w.message)]
 
 

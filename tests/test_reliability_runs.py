@@ -53,9 +53,17 @@ def cohort(root: Path, name: str, seed: int, n: int = 24, dim: int = 16) -> dict
     and a ``hospital`` column that names a single site; returns its ``data:`` section."""
     csv, feats = root / f"{name}.csv", root / f"{name}_features"
     df = write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=n, n_two_slides=4, dim=dim,
-        min_tiles=10, max_tiles=40, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=n,
+        n_two_slides=4,
+        dim=dim,
+        min_tiles=10,
+        max_tiles=40,
+        shift_norm=6.0,
+    )
     rank = df["case_id"].rank(method="dense").astype(int)
     df["site"] = [f"S{r % 3}" for r in rank]
     df["hospital"] = "H1"
@@ -77,12 +85,20 @@ def study(tmp_path_factory):
         "data": cohort(root, "base", 0),
         "splits": {"folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": "abmil", "hidden_dim": 8},
-        "train": {"epochs": 2, "batch_size": 8, "patience": None, "threads": 1,
-                  "faithfulness": False},
-    }  # fmt: skip
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "patience": None,
+            "threads": 1,
+            "faithfulness": False,
+        },
+    }
     ext = cohort(root, "ext", 5, n=10)
     return SimpleNamespace(
-        root=root, raw=raw, cfg=dump(root / "cfg.yaml", raw), ext=dump(root / "ext.yaml", {"data": ext})
+        root=root,
+        raw=raw,
+        cfg=dump(root / "cfg.yaml", raw),
+        ext=dump(root / "ext.yaml", {"data": ext}),
     )
 
 
@@ -151,7 +167,11 @@ def test_refit_names_a_damaged_fold_history_and_how_to_train_the_fold_again(
 @pytest.mark.parametrize("damage", ["truncated model", "record not an object", "pickled model"])
 def test_a_damaged_refit_is_made_again_as_it_was(finished, study, tmp_path, capsys, damage):
     run = copy_run(finished, tmp_path)
-    model, record, marker = run / "refit" / "model.pt", run / "refit" / "refit.json", tmp_path / "ran"
+    model, record, marker = (
+        run / "refit" / "model.pt",
+        run / "refit" / "refit.json",
+        tmp_path / "ran",
+    )
     if damage == "truncated model":
         model.write_bytes(model.read_bytes()[:100])
     elif damage == "record not an object":
@@ -181,8 +201,9 @@ def test_refit_with_some_folds_is_refused_before_anything_trains(study, tmp_path
 # ---- generalize -----------------------------------------------------------------------------
 
 
-def external_variant(study, tmp_path: Path, name: str, encoder: str | None = None,
-                     drop: int = 0) -> Path:  # fmt: skip
+def external_variant(
+    study, tmp_path: Path, name: str, encoder: str | None = None, drop: int = 0
+) -> Path:
     """A copy of the external cohort whose files name ``encoder``, or with ``drop`` files gone."""
     data = yaml.safe_load(study.ext.read_text())["data"]
     feats = tmp_path / f"{name}_features"
@@ -198,10 +219,15 @@ def external_variant(study, tmp_path: Path, name: str, encoder: str | None = Non
 
 def bad_generalize_input(study, tmp_path: Path, case: str) -> tuple[Path, list[Path], str]:
     """(config, externals, what the error says) of one input generalize refuses."""
-    sites = dump(tmp_path / "sites.yaml", {**study.raw, "data": {**study.raw["data"], "site_col": "site"}})
+    sites = dump(
+        tmp_path / "sites.yaml", {**study.raw, "data": {**study.raw["data"], "site_col": "site"}}
+    )
     ext = yaml.safe_load(study.ext.read_text())
     if case == "one site":
-        cfg = dump(tmp_path / "one.yaml", {**study.raw, "data": {**study.raw["data"], "site_col": "hospital"}})
+        cfg = dump(
+            tmp_path / "one.yaml",
+            {**study.raw, "data": {**study.raw["data"], "site_col": "hospital"}},
+        )
         return cfg, [study.ext], "needs at least 3 sites .* has 1: H1. Drop data.site_col"
     if case == "another task":
         bad = dump(tmp_path / "surv.yaml", {"task": {"type": "survival"}, **ext})
@@ -228,9 +254,17 @@ def bad_generalize_input(study, tmp_path: Path, case: str) -> tuple[Path, list[P
 
 @pytest.mark.parametrize(
     "case",
-    ["one site", "another task", "no label column", "malformed yaml", "python tag",
-     "another encoder", "missing feature file", "another dimension"],
-)  # fmt: skip
+    [
+        "one site",
+        "another task",
+        "no label column",
+        "malformed yaml",
+        "python tag",
+        "another encoder",
+        "missing feature file",
+        "another dimension",
+    ],
+)
 def test_generalize_refuses_before_anything_trains(study, tmp_path, capsys, case):
     cfg, externals, said = bad_generalize_input(study, tmp_path, case)
     out = tmp_path / "gen"
@@ -247,7 +281,15 @@ def test_generalize_refuses_before_anything_trains(study, tmp_path, capsys, case
 def test_generalize_any_encoder_evaluates_another_encoder_with_a_warning(study, tmp_path):
     other = external_variant(study, tmp_path, "uni", encoder="uni_v1")
     out = tmp_path / "gen"
-    argv = ["generalize", str(study.cfg), "--external", str(study.ext), str(other), "--out", str(out)]
+    argv = [
+        "generalize",
+        str(study.cfg),
+        "--external",
+        str(study.ext),
+        str(other),
+        "--out",
+        str(out),
+    ]
     with pytest.warns(MilWarning, match="provenance differs .* in encoder"):
         assert main([*argv, "--any-encoder", "--quiet", "--n-boot", "20"]) == 0
     table = pd.read_csv(out / "generalization.csv")
@@ -286,7 +328,9 @@ def test_plain_compare_labels_are_kept_as_they_are(study):
 
 def history(train: list[float], constant: float = 0.683) -> pd.DataFrame:
     n = len(train)
-    h = pd.DataFrame({"epoch": range(n), "train_loss": train, "constant_loss": constant, "steps": 2})
+    h = pd.DataFrame(
+        {"epoch": range(n), "train_loss": train, "constant_loss": constant, "steps": 2}
+    )
     h["best"] = [i == n - 1 for i in range(n)]
     return h
 
@@ -297,14 +341,21 @@ def findings(h: pd.DataFrame, lr: float = 1.0, reason: str | None = None) -> dic
 
 
 def test_a_diverging_finite_loss_is_divergence_not_under_training():
-    probe = findings(history([3.03e9, 1.7e25]), lr=1e6, reason="every test bag was predicted 'positive'")
+    probe = findings(
+        history([3.03e9, 1.7e25]), lr=1e6, reason="every test bag was predicted 'positive'"
+    )
     assert set(probe) == {"divergence", "constant predictions"}
-    assert "training diverged" in probe["divergence"] and "Lower train.lr (now 1e+06)" in probe["divergence"]
+    assert (
+        "training diverged" in probe["divergence"]
+        and "Lower train.lr (now 1e+06)" in probe["divergence"]
+    )
     assert "train.grad_clip" in probe["divergence"] and "4.44e+09 times" in probe["divergence"]
     assert "raise" not in probe["constant predictions"].lower()
     # a loss that grows past the constant one's, though not tenfold
     grew = findings(history([0.5, 0.9, 1.6]))
-    assert list(grew) == ["divergence"] and "rising from 0.5 in epoch 1 to 1.6" in grew["divergence"]
+    assert (
+        list(grew) == ["divergence"] and "rising from 0.5 in epoch 1 to 1.6" in grew["divergence"]
+    )
     # still under-training, and a run that learned: unchanged
     assert list(findings(history([0.70, 0.69, 0.68, 0.67]))) == ["under-training"]
     assert findings(history([0.70, 0.60, 0.50, 0.40])) == {}
@@ -357,14 +408,19 @@ def test_library_warnings_print_as_one_mil_warning_line_each():
 
 def test_pickled_pt_files_are_refused_without_torchs_unsafe_advice(tmp_path):
     marker = tmp_path / "ran"
-    for name, obj in [("slide.pt", {"features": torch.zeros(3, 4), "x": Payload(marker)}),
-                      ("model.pt", {"state_dict": Payload(marker)})]:  # fmt: skip
+    for name, obj in [
+        ("slide.pt", {"features": torch.zeros(3, 4), "x": Payload(marker)}),
+        ("model.pt", {"state_dict": Payload(marker)}),
+    ]:
         torch.save(obj, tmp_path / name)
     for read, name in [(read_features, "slide.pt"), (read_checkpoint, "model.pt")]:
         with pytest.raises(DataError) as err:
             read(tmp_path / name)
         message = str(err.value)
-        assert f"{tmp_path / name}: cannot read it: it holds Python objects other than tensors" in message
+        assert (
+            f"{tmp_path / name}: cannot read it: it holds Python objects other than tensors"
+            in message
+        )
         assert "(posix.system)" in message
         assert "for safety" in message
         assert "weights_only" not in message and "Re-running" not in message

@@ -61,14 +61,24 @@ def mm_config(root: Path, tables: list[dict], model: str = "late_fusion") -> dic
         "name": "mm",
         "task": {"type": "survival", "loss": "cox"},
         "data": {
-            "csv": str(root / "cohort.csv"), "features": str(root / "features"),
-            "patient_col": "case_id", "time_col": "survival_months", "event_col": "censorship",
-            "censored_value": 1, "tabular": tables,
+            "csv": str(root / "cohort.csv"),
+            "features": str(root / "features"),
+            "patient_col": "case_id",
+            "time_col": "survival_months",
+            "event_col": "censorship",
+            "censored_value": 1,
+            "tabular": tables,
         },
         "splits": {"folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": model},
-        "train": {"epochs": 2, "batch_size": 8, "patience": None, "threads": 1, "faithfulness": False},
-    }  # fmt: skip
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "patience": None,
+            "threads": 1,
+            "faithfulness": False,
+        },
+    }
 
 
 def damaged_tables(
@@ -142,9 +152,16 @@ def test_a_categorical_name_that_is_no_column_is_refused_also_without_columns(tm
 
 @pytest.mark.parametrize(
     "text, level",
-    [("4", "4"), ("4.0", "4"), (" 4.00 ", "4"), ("+4.", "4"), ("4.5", "4.5"), ("IV", "IV"),
-     ("12345678901234567890.0", "12345678901234567890")],
-)  # fmt: skip
+    [
+        ("4", "4"),
+        ("4.0", "4"),
+        (" 4.00 ", "4"),
+        ("+4.", "4"),
+        ("4.5", "4.5"),
+        ("IV", "IV"),
+        ("12345678901234567890.0", "12345678901234567890"),
+    ],
+)
 def test_level_names_read_integral_numbers_as_integers(text, level):
     assert level_name(text) == level
 
@@ -155,8 +172,10 @@ def test_numeric_codes_give_the_same_levels_with_or_without_a_blank_cell(tmp_pat
     codes = [1, 4, 2, 4, 3]
     blank = pd.DataFrame({"case_id": list("abcde") + ["f"], "stage": [*codes, None]})
     full = pd.DataFrame({"case_id": list("abcde"), "stage": codes})
-    specs = [TabularSpec("clin", write(tmp_path / f"{n}.csv", t), categorical=("stage",))
-             for n, t in (("blank", blank), ("full", full))]  # fmt: skip
+    specs = [
+        TabularSpec("clin", write(tmp_path / f"{n}.csv", t), categorical=("stage",))
+        for n, t in (("blank", blank), ("full", full))
+    ]
     assert (
         "4.0" in (tmp_path / "blank.csv").read_text()
         and "4.0" not in (tmp_path / "full.csv").read_text()
@@ -202,9 +221,15 @@ def test_an_unseen_external_level_is_read_as_missing_with_a_warning(tmp_path):
     )
     layout = run.layout()
     assert layout[0]["features"] == ["stage=1", "stage=2", "stage=3", "stage=missing", "age"]
-    expected = np.array([
-        [0, 1, 0, 0, 55], [0, 0, 0, 1, 65], [1, 0, 0, 0, 75], [0, 0, 0, 1, 85],
-    ], dtype=float)  # fmt: skip
+    expected = np.array(
+        [
+            [0, 1, 0, 0, 55],
+            [0, 0, 0, 1, 65],
+            [1, 0, 0, 0, 75],
+            [0, 0, 0, 1, 85],
+        ],
+        dtype=float,
+    )
     with pytest.warns(
         MilWarning,
         match=r"ext: table 'clin', column 'stage': 2 patient\(s\) \(e\.g\. q\) have a level the run's models never saw \('5'\); they are read as stage=missing",
@@ -224,8 +249,16 @@ def test_an_unseen_external_level_is_read_as_missing_with_a_warning(tmp_path):
 
 def test_signature_genes_the_table_lacks_are_counted(tmp_path):
     """M4: 1 of the 5 genes (TUM9) has no column; the groups keep the others."""
-    table = pd.DataFrame({"case_id": ["a"], "TUM1_rnaseq": [1.0], "TUM1_cnv": [0.0], "TUM2_rnaseq": [2.0],
-                          "ONC1_rnaseq": [3.0], "ONC2_rnaseq": [4.0]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "case_id": ["a"],
+            "TUM1_rnaseq": [1.0],
+            "TUM1_cnv": [0.0],
+            "TUM2_rnaseq": [2.0],
+            "ONC1_rnaseq": [3.0],
+            "ONC2_rnaseq": [4.0],
+        }
+    )
     sig = pd.DataFrame({"tumor": ["TUM1", "TUM9", "TUM2"], "onc": ["ONC1", "ONC2", None]})
     spec = TabularSpec(
         "rna", write(tmp_path / "rna.csv", table), groups=write(tmp_path / "sig.csv", sig)
@@ -236,7 +269,9 @@ def test_signature_genes_the_table_lacks_are_counted(tmp_path):
     ):
         mod = join_modality(spec, ["a"])
     assert [[mod.features[i] for i in g] for g in mod.groups] == [
-        ["TUM1_rnaseq", "TUM1_cnv", "TUM2_rnaseq"], ["ONC1_rnaseq", "ONC2_rnaseq"]]  # fmt: skip
+        ["TUM1_rnaseq", "TUM1_cnv", "TUM2_rnaseq"],
+        ["ONC1_rnaseq", "ONC2_rnaseq"],
+    ]
 
 
 @pytest.mark.parametrize("cell, shown", [(None, "a blank cell"), (2, "2"), ("x", "'x'")])
@@ -324,8 +359,16 @@ def test_zero_width_features_are_refused_naming_the_file(tmp_path, shape, suffix
 def embeddings(tmp_path_factory) -> Path:
     """A cohort of slide embeddings ``[D]`` (CSV and a TRIDENT ``slide_features_`` folder)."""
     root = tmp_path_factory.mktemp("emb")
-    df = write_synthetic_cohort("classification", root / "cohort.csv", root / "tiles", n_patients=24,
-                                n_two_slides=0, dim=8, min_tiles=5, max_tiles=10)  # fmt: skip
+    df = write_synthetic_cohort(
+        "classification",
+        root / "cohort.csv",
+        root / "tiles",
+        n_patients=24,
+        n_two_slides=0,
+        dim=8,
+        min_tiles=5,
+        max_tiles=10,
+    )
     rng = np.random.default_rng(0)
     (root / "slide_features_titan").mkdir()
     for sid in df["slide_id"]:
@@ -336,12 +379,23 @@ def embeddings(tmp_path_factory) -> Path:
 
 def emb_config(root: Path, features: Path) -> dict:
     return {
-        "name": "emb", "task": {"type": "classification"},
-        "data": {"csv": str(root / "cohort.csv"), "features": str(features), "patient_col": "case_id"},
+        "name": "emb",
+        "task": {"type": "classification"},
+        "data": {
+            "csv": str(root / "cohort.csv"),
+            "features": str(features),
+            "patient_col": "case_id",
+        },
         "splits": {"folds": 2, "val_fraction": 0.2, "seed": 0},
         "model": {"name": "linear"},
-        "train": {"epochs": 2, "batch_size": 8, "patience": None, "threads": 1, "faithfulness": False},
-    }  # fmt: skip
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "patience": None,
+            "threads": 1,
+            "faithfulness": False,
+        },
+    }
 
 
 def odd_file(embeddings: Path, tmp_path: Path, array: np.ndarray | None) -> tuple[Path, Path]:
@@ -438,16 +492,44 @@ def _other_ids(df):  # M7
 
 
 DAMAGED = {
-    "M1-duplicate-ids": dict(edit=_dup, match=r"clinical\.csv: patient MM000 has rows with different values"),
-    "M2-junk-value": dict(edit=_junk, match=r"clinical\.csv: column 'age' \(modality clinical\) is not numeric: 'n/a\?'"),
-    "M5-no-id-column": dict(edit=lambda df: df.rename(columns={"case_id": "patient"}), match=r"clinical\.csv: no column 'case_id'"),
-    "M6-inf": dict(edit=_inf, match=r"clinical\.csv: column 'age' \(modality clinical\) holds a value that is not finite: inf"),
-    "M7-no-overlap": dict(edit=_other_ids, match=r"clinical\.csv: no patient of the cohort is in column 'case_id'"),
-    "M8-required": dict(table="rna", required=True, match=r"rna\.csv: patient MM\d+ \(\d+ in all\) is not in column 'case_id' \(modality rna is required\)"),
-    "M4b-unknown-family": dict(table="rna", groups="bogus", match=r"sig\.csv: group 'bogus' has none of its columns in .*rna\.csv"),
-    "M4e-composition-cell": dict(table="rna", groups="composition", match=r"comp\.csv: a composition matrix .* column 'pathB' holds a blank cell"),
-    "T4-only-id-column": dict(edit=lambda df: df[["case_id"]], match=r"clinical\.csv: the table of modality clinical has no feature columns"),
-}  # fmt: skip
+    "M1-duplicate-ids": dict(
+        edit=_dup, match=r"clinical\.csv: patient MM000 has rows with different values"
+    ),
+    "M2-junk-value": dict(
+        edit=_junk,
+        match=r"clinical\.csv: column 'age' \(modality clinical\) is not numeric: 'n/a\?'",
+    ),
+    "M5-no-id-column": dict(
+        edit=lambda df: df.rename(columns={"case_id": "patient"}),
+        match=r"clinical\.csv: no column 'case_id'",
+    ),
+    "M6-inf": dict(
+        edit=_inf,
+        match=r"clinical\.csv: column 'age' \(modality clinical\) holds a value that is not finite: inf",
+    ),
+    "M7-no-overlap": dict(
+        edit=_other_ids, match=r"clinical\.csv: no patient of the cohort is in column 'case_id'"
+    ),
+    "M8-required": dict(
+        table="rna",
+        required=True,
+        match=r"rna\.csv: patient MM\d+ \(\d+ in all\) is not in column 'case_id' \(modality rna is required\)",
+    ),
+    "M4b-unknown-family": dict(
+        table="rna",
+        groups="bogus",
+        match=r"sig\.csv: group 'bogus' has none of its columns in .*rna\.csv",
+    ),
+    "M4e-composition-cell": dict(
+        table="rna",
+        groups="composition",
+        match=r"comp\.csv: a composition matrix .* column 'pathB' holds a blank cell",
+    ),
+    "T4-only-id-column": dict(
+        edit=lambda df: df[["case_id"]],
+        match=r"clinical\.csv: the table of modality clinical has no feature columns",
+    ),
+}
 
 
 def _groups_file(kind: str, root: Path, out: Path) -> str:
@@ -455,8 +537,14 @@ def _groups_file(kind: str, root: Path, out: Path) -> str:
         return write(out / "sig.csv", pd.DataFrame({"tumor": ["TUM1"], "bogus": ["XXX1"]}))
     feats = [c for c in pd.read_csv(root / "rna.csv").columns if c != "case_id"]
     half = len(feats) // 2
-    comp = pd.DataFrame({"feature": feats, "pathA": [1] * half + [0] * (len(feats) - half),
-                         "pathB": [0] * half + [1] * (len(feats) - half)}, dtype=object)  # fmt: skip
+    comp = pd.DataFrame(
+        {
+            "feature": feats,
+            "pathA": [1] * half + [0] * (len(feats) - half),
+            "pathB": [0] * half + [1] * (len(feats) - half),
+        },
+        dtype=object,
+    )
     comp.loc[len(feats) - 1, "pathB"] = None
     return write(out / "comp.csv", comp)
 

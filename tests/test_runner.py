@@ -43,14 +43,19 @@ def test_run_writes_contract_and_metrics_match_sklearn(tmp_path, small_cohort):
         model, meta = load_model(d / "model.pt")
         assert meta["classes"] == ["negative", "positive"]
     s = json.loads((run / "summary.json").read_text())
-    aucs = [json.loads((run / f"fold_{k}" / "metrics.json").read_text())["metrics"]["auc"] for k in range(3)]
+    aucs = [
+        json.loads((run / f"fold_{k}" / "metrics.json").read_text())["metrics"]["auc"]
+        for k in range(3)
+    ]
     assert s["metrics"]["auc"]["folds"] == aucs
     assert np.isclose(s["metrics"]["auc"]["mean"], np.mean(aucs))
     assert np.isclose(s["metrics"]["auc"]["sd"], np.std(aucs, ddof=1))
     lo, hi = s["metrics"]["auc"]["ci95_pooled"]
     assert 0 <= lo <= hi <= 1
     table = pd.read_csv(run / "summary.csv")
-    assert table["fold"].tolist()[:3] == ["0", "1", "2"] or table["fold"].astype(str).tolist()[:3] == ["0", "1", "2"]
+    assert table["fold"].tolist()[:3] == ["0", "1", "2"] or table["fold"].astype(str).tolist()[
+        :3
+    ] == ["0", "1", "2"]
 
 
 def test_resume_skips_finished_folds_and_summarize_rebuilds(tmp_path, small_cohort):
@@ -112,7 +117,10 @@ def test_runs_are_repeatable(tmp_path, small_cohort):
     pb = pd.read_csv(b / "fold_1" / "predictions.csv")
     pd.testing.assert_frame_equal(pa, pb)
     ma, mb = (json.loads((r / "fold_1" / "metrics.json").read_text())["metrics"] for r in (a, b))
-    assert {k for k in ma if k.startswith(("deletion_", "insertion_"))} >= {"deletion_main", "deletion_random"}
+    assert {k for k in ma if k.startswith(("deletion_", "insertion_"))} >= {
+        "deletion_main",
+        "deletion_random",
+    }
     assert not [k for k in mb if k.startswith(("deletion_", "insertion_"))]
     assert (ma["auc"], ma["witness_auc"]) == (mb["auc"], mb["witness_auc"])
 
@@ -138,11 +146,15 @@ def test_early_stopping_restores_best_checkpoint(tmp_path, small_cohort):
     from mil.data.transforms import Standardizer
 
     norm = Standardizer.from_state(meta["standardize"])  # the fold's own (default) whitening
-    data = BagDataset(cohort.bag_slides, FeatureStore.from_dir(cfg.data.features)).with_transform(norm.apply)
+    data = BagDataset(cohort.bag_slides, FeatureStore.from_dir(cfg.data.features)).with_transform(
+        norm.apply
+    )
     task = make_task(cfg, cohort.classes)
     task.setup_fold(val)
     fwd = predict(model, data, val["bag_id"].tolist(), 8192, torch.device("cpu"))
-    assert np.isclose(float(task.loss(fwd.logits, task.targets(val))), best["val_loss"].iloc[0], atol=1e-5)
+    assert np.isclose(
+        float(task.loss(fwd.logits, task.targets(val))), best["val_loss"].iloc[0], atol=1e-5
+    )
 
 
 def test_best_from_epoch_skips_early_checkpoints(tmp_path, small_cohort):
@@ -179,7 +191,9 @@ def test_patient_level_bags(tmp_path, small_cohort):
         for bag in pred["bag_id"]:
             if bag in two:
                 g = f[bag]
-                assert len(g.attrs["slides"]) == 2 and g["scores"].shape[0] == g.attrs["slide_ptr"][-1]
+                assert (
+                    len(g.attrs["slides"]) == 2 and g["scores"].shape[0] == g.attrs["slide_ptr"][-1]
+                )
 
 
 def test_witness_auc_equals_sklearn_on_saved_scores(tmp_path, small_cohort):

@@ -73,7 +73,14 @@ def test_grid_is_the_cartesian_product_in_a_fixed_order(tmp_path):
 def test_each_fold_selects_the_lowest_validation_loss_and_reports_its_test_fold(searched):
     root, cfg, out = searched
     table = pd.read_csv(out / "search.csv", dtype={"fold": str})
-    assert list(table.columns) == ["fold", "point", "train.lr", "model.hidden_dim", "val_loss", "selected"]
+    assert list(table.columns) == [
+        "fold",
+        "point",
+        "train.lr",
+        "model.hidden_dim",
+        "val_loss",
+        "selected",
+    ]
     chosen = []
     for k in ("0", "1", "2"):
         ref = reference_losses(out, k)
@@ -99,7 +106,9 @@ def test_each_fold_selects_the_lowest_validation_loss_and_reports_its_test_fold(
     summary = Run(out).folder.summary()
     assert summary["folds"] == ["0", "1", "2"]
     aucs = [
-        pd.read_json(out / "search" / b / f"fold_{k}" / "metrics.json", typ="series")["metrics"]["auc"]
+        pd.read_json(out / "search" / b / f"fold_{k}" / "metrics.json", typ="series")["metrics"][
+            "auc"
+        ]
         for k, b in enumerate(chosen)
     ]
     assert np.allclose(summary["metrics"]["auc"]["folds"], aucs)
@@ -209,7 +218,9 @@ def test_bad_search_keys_name_the_key_and_the_file(tmp_path, search, key):
 
 
 def test_the_preprocessing_can_be_searched(tmp_path):
-    cfg = config_from_dict({**small_config(tmp_path), "search": {"data.standardize": [False, True, "whiten"]}})
+    cfg = config_from_dict(
+        {**small_config(tmp_path), "search": {"data.standardize": [False, True, "whiten"]}}
+    )
     points = [point_config(cfg, p) for p in search_grid(cfg)]
     assert [p.data.standardize for p in points] == [False, True, "whiten"]
     assert all(p.data.csv == cfg.data.csv and not p.search for p in points)

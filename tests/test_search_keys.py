@@ -34,7 +34,9 @@ def kept_losses(out, fold: str) -> dict[str, float]:
     found = {}
     for d in sorted((out / "search").iterdir()):
         h = pd.read_csv(d / f"fold_{fold}" / "history.csv")
-        best = h[h["best"].astype(bool)] if "best" in h and h["best"].astype(bool).any() else h.tail(1)
+        best = (
+            h[h["best"].astype(bool)] if "best" in h and h["best"].astype(bool).any() else h.tail(1)
+        )
         found[d.name] = float(best["val_loss"].iloc[0])
     return found
 
@@ -50,10 +52,19 @@ def standardize_search(tmp_path_factory):
     return cfg, out
 
 
-def test_a_search_over_the_preprocessing_trains_every_point_and_selects_per_fold(standardize_search):
+def test_a_search_over_the_preprocessing_trains_every_point_and_selects_per_fold(
+    standardize_search,
+):
     cfg, out = standardize_search
     table = pd.read_csv(out / "search.csv", dtype={"fold": str})
-    assert list(table.columns) == ["fold", "point", "data.standardize", "train.lr", "val_loss", "selected"]
+    assert list(table.columns) == [
+        "fold",
+        "point",
+        "data.standardize",
+        "train.lr",
+        "val_loss",
+        "selected",
+    ]
     points = sorted(p.name for p in (out / "search").iterdir())
     assert len(points) == 4
     for k in ("0", "1", "2"):
@@ -97,13 +108,19 @@ def test_the_average_of_the_points_is_scored_beside_the_selection(standardize_se
             for d in sorted((out / "search").iterdir())
         ]
         by_hand = pd.concat(probs, axis=1).mean(axis=1)
-        saved = pd.read_csv(out / "search_average" / f"fold_{k}" / "predictions.csv").set_index("bag_id")
+        saved = pd.read_csv(out / "search_average" / f"fold_{k}" / "predictions.csv").set_index(
+            "bag_id"
+        )
         assert np.allclose(saved.loc[by_hand.index, "prob_positive"], by_hand, atol=1e-12)
         y = saved.loc[by_hand.index, "label_index"]
         record = json.loads((out / "search_average" / f"fold_{k}" / "metrics.json").read_text())
         assert record["metrics"]["auc"] == pytest.approx(roc_auc_score(y, by_hand))
         avg_rows.append(pd.DataFrame({"y": y, "p": by_hand}))
-        sel = pd.read_csv(out / f"fold_{k}" / "predictions.csv").set_index("bag_id").loc[by_hand.index]
+        sel = (
+            pd.read_csv(out / f"fold_{k}" / "predictions.csv")
+            .set_index("bag_id")
+            .loc[by_hand.index]
+        )
         sel_rows.append(pd.DataFrame({"y": sel["label_index"], "p": sel["prob_positive"]}))
     avg, sel = pd.concat(avg_rows), pd.concat(sel_rows)
     assert summary["average"]["value"] == pytest.approx(roc_auc_score(avg["y"], avg["p"]))
@@ -136,7 +153,9 @@ def test_survival_points_are_averaged_on_standardised_risks(tmp_path):
             train = pd.read_csv(d / f"fold_{k}" / "predictions_train.csv")["risk"]
             z.append((test["risk"] - train.mean()) / train.std(ddof=1))
         by_hand = pd.concat(z, axis=1).mean(axis=1)
-        saved = pd.read_csv(out / "search_average" / f"fold_{k}" / "predictions.csv").set_index("bag_id")
+        saved = pd.read_csv(out / "search_average" / f"fold_{k}" / "predictions.csv").set_index(
+            "bag_id"
+        )
         assert np.allclose(saved.loc[by_hand.index, "risk"], by_hand, atol=1e-10)
         event = saved.loc[by_hand.index, "event"].astype(bool)
         time = saved.loc[by_hand.index, "time"]
@@ -200,8 +219,14 @@ def test_every_searchable_key_runs_end_to_end(tiny, key):
     assert len(table) == 2 and table["selected"].sum() == 1
     for point, value in zip(sorted((out / "search").iterdir()), VALUES[key]):
         saved = RunFolder(point).read_config()  # the value reached the point's run
-        got = saved.model_name if key == "model.name" else (
-            saved.model.get(sub) if section == "model" else getattr(getattr(saved, section), sub)
+        got = (
+            saved.model_name
+            if key == "model.name"
+            else (
+                saved.model.get(sub)
+                if section == "model"
+                else getattr(getattr(saved, section), sub)
+            )
         )
         assert got == value
         assert RunFolder(point).fold_state("0") == "done"
@@ -228,11 +253,16 @@ def test_a_model_without_hyper_parameters_says_so(tmp_path):
 def test_a_large_grid_is_warned_about_before_it_trains(tmp_path, monkeypatch):
     from mil.train import search
 
-    raw = {**small_config(tmp_path), "search": {"train.lr": [1e-3, 1e-2], "model.hidden_dim": [8, 16]}}
+    raw = {
+        **small_config(tmp_path),
+        "search": {"train.lr": [1e-3, 1e-2], "model.hidden_dim": [8, 16]},
+    }
     monkeypatch.setattr(search, "LARGE_GRID", 3)
     monkeypatch.setattr(search, "run_cv", lambda *a, **k: None)  # no training: the warning only
     monkeypatch.setattr(search, "select_folds", lambda *a, **k: [])
-    with pytest.warns(UserWarning, match="4 points, each trained on every outer fold \\(12 fold trainings\\)"):
+    with pytest.warns(
+        UserWarning, match="4 points, each trained on every outer fold \\(12 fold trainings\\)"
+    ):
         run_search(config_from_dict(raw), tmp_path / "o", progress=False, log=quiet)
 
 

@@ -38,9 +38,15 @@ def test_the_fold_prediction_is_the_mean_of_its_replicas(seeded):
     for k in ("0", "1"):
         fold = out / f"fold_{k}"
         members = json.loads((fold / "members.json").read_text())["members"]
-        assert [r["name"] for r in members[0]["replicas"]] == ["abmil_seed0", "abmil_seed1", "abmil_seed2"]
+        assert [r["name"] for r in members[0]["replicas"]] == [
+            "abmil_seed0",
+            "abmil_seed1",
+            "abmil_seed2",
+        ]
         probs = [
-            pd.read_csv(fold / "members" / f"abmil_seed{j}" / "predictions.csv").set_index("bag_id")["prob_positive"]
+            pd.read_csv(fold / "members" / f"abmil_seed{j}" / "predictions.csv").set_index(
+                "bag_id"
+            )["prob_positive"]
             for j in range(3)
         ]
         assert not np.allclose(probs[0], probs[1])  # the seeds made different models
@@ -56,7 +62,9 @@ def test_instance_scores_are_the_mean_of_the_replicas(seeded):
     run = Run(out)
     slide = run.predictions("0")["bag_id"].iloc[0]
     slides, store = bags_of([slide], run._feature_index)
-    paths = [out / "fold_0" / "model.pt"] + [out / "fold_0" / "members" / f"abmil_seed{j}" / "model.pt" for j in (1, 2)]
+    paths = [out / "fold_0" / "model.pt"] + [
+        out / "fold_0" / "members" / f"abmil_seed{j}" / "model.pt" for j in (1, 2)
+    ]
     each = []
     for j, path in enumerate(paths):
         model = FoldModel(path, run.config, "0")
@@ -75,7 +83,9 @@ def test_predict_and_the_refit_use_the_replicas(seeded):
     run = Run(out)
     saved = run.predictions("1")
     again = run.predict(saved["bag_id"].tolist(), folds=["1"], per_fold=True).set_index("bag_id")
-    assert np.allclose(again.loc[saved["bag_id"], "prob_positive"], saved["prob_positive"], atol=1e-9)
+    assert np.allclose(
+        again.loc[saved["bag_id"], "prob_positive"], saved["prob_positive"], atol=1e-9
+    )
     refit(cfg, out, progress=False, log=quiet)
     replicas = json.loads((out / "refit" / "members.json").read_text())["members"][0]["replicas"]
     assert len(replicas) == 3
@@ -103,7 +113,10 @@ def test_survival_replicas_then_the_linear_member(tmp_path):
     reps = [z(f"abmil_seed{j}") for j in (0, 1)]
     model_test = pd.concat([r[0] for r in reps], axis=1).mean(axis=1)
     train_z = [
-        (pd.read_csv(fold / "members" / f"abmil_seed{j}" / "predictions_train.csv")["risk"] - r[1].mean())
+        (
+            pd.read_csv(fold / "members" / f"abmil_seed{j}" / "predictions_train.csv")["risk"]
+            - r[1].mean()
+        )
         / r[1].std(ddof=1)
         for j, r in enumerate(reps)
     ]

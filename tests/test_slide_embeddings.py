@@ -36,8 +36,14 @@ def write_embedding(path: Path, vector: np.ndarray, n_tiles: int = 0, dataset: s
         f.create_dataset(dataset, data=vector)
         if n_tiles:
             c = f.create_dataset("coords", data=np.arange(2 * n_tiles).reshape(n_tiles, 2) * 256)
-            c.attrs.update({"patch_size": 256, "patch_size_level0": 512,
-                            "level0_magnification": 40, "target_magnification": 20})  # fmt: skip
+            c.attrs.update(
+                {
+                    "patch_size": 256,
+                    "patch_size_level0": 512,
+                    "level0_magnification": 40,
+                    "target_magnification": 20,
+                }
+            )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +58,11 @@ def cohort(tmp_path_factory) -> Path:
     rows = []
     for i in range(N_SLIDES):
         sid = f"TCGA-{i:02d}-slide"
-        write_embedding(job / f"slide_features_{ENCODER}" / f"{sid}.h5", x[i].astype(np.float16),
-                        n_tiles=int(rng.integers(5, 40)))  # fmt: skip
+        write_embedding(
+            job / f"slide_features_{ENCODER}" / f"{sid}.h5",
+            x[i].astype(np.float16),
+            n_tiles=int(rng.integers(5, 40)),
+        )
         rows.append(
             {"slide_id": sid, "case_id": f"P{i:02d}", "label": ["negative", "positive"][y[i]]}
         )
@@ -66,14 +75,17 @@ def config(root: Path, model: str) -> dict:
     return {
         "name": model,
         "task": {"type": "classification"},
-        "data": {"csv": str(root / "cohort.csv"), "features": str(root / "20x_256px_0px_overlap"),
-                 "patient_col": "case_id"},
+        "data": {
+            "csv": str(root / "cohort.csv"),
+            "features": str(root / "20x_256px_0px_overlap"),
+            "patient_col": "case_id",
+        },
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": model},
         # the default budget (500 steps at lr 1e-3) takes ~40 s here (AUC 0.95); 150 larger
         # steps train linear in a few seconds (closed-form models ignore train:)
         "train": {"epochs": 30, "lr": 1e-2, "batch_size": 8, "seed": 0},
-    }  # fmt: skip
+    }
 
 
 def run(raw: dict, out: Path) -> Path:
@@ -170,9 +182,11 @@ def test_one_vector_reads_as_a_bag_of_one(tmp_path, write):
 
 @pytest.mark.parametrize(
     "vector, match",
-    [(np.zeros(0, np.float32), "empty slide embedding"),
-     (np.array([1.0, np.nan, 2.0], np.float32), "NaN")],
-)  # fmt: skip
+    [
+        (np.zeros(0, np.float32), "empty slide embedding"),
+        (np.array([1.0, np.nan, 2.0], np.float32), "NaN"),
+    ],
+)
 def test_bad_embeddings_name_the_file(tmp_path, vector, match):
     path = tmp_path / "bad.h5"
     write_embedding(path, vector)

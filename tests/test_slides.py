@@ -192,8 +192,14 @@ def test_signed_rank_by_hand():
 def test_tissue_mask_keeps_colours_on_tissue(slide):
     coords, scores = _on_tissue(30)
     glass = np.array([[1920.0, 0.0], [0.0, 2816.0]])  # tiles of bare glass
-    ov = render_overlay(slide, np.vstack([coords, glass]), np.r_[scores, 9.0, 9.0], TILE,
-                        vis_mpp=4 * SLIDE_MPP, tissue=True)  # fmt: skip
+    ov = render_overlay(
+        slide,
+        np.vstack([coords, glass]),
+        np.r_[scores, 9.0, 9.0],
+        TILE,
+        vis_mpp=4 * SLIDE_MPP,
+        tissue=True,
+    )
     assert ov.tissue is not None and not ov.tissue[:32, 480:512].any()
     assert not ov.tissue[704:736, :32].any() and np.isfinite(ov.values[704:736, :32]).all()
     off = ~ov.tissue
@@ -221,8 +227,12 @@ def test_tile_size_that_disagrees_warns_naming_the_slide(slide):
         check_placement(tile_geometry("S-gap", coords, {"patch_size_level0": 64}, slide), slide)
     assert "S-gap" in str(rec[0].message)
     # TRIDENT: 256 px at 20x on a 20x scan is 256 px at level 0, not the 512 recorded
-    trident = {"coords.patch_size": 256, "coords.target_magnification": 20,
-               "coords.patch_size_level0": 512, "coords.level0_magnification": 40}  # fmt: skip
+    trident = {
+        "coords.patch_size": 256,
+        "coords.target_magnification": 20,
+        "coords.patch_size_level0": 512,
+        "coords.level0_magnification": 40,
+    }
     geom = tile_geometry("S-40x", coords * 4, trident, slide)
     geom.coords = coords  # inside the slide: only the sizes disagree
     with pytest.warns(SlideWarning) as rec:

@@ -57,9 +57,11 @@ def test_subgroup_metrics_equal_sklearn_on_pooled_predictions(tmp_path):
     # predictions carry each bag's site and subgroup, as in the cohort CSV
     assert (pred["site"].to_numpy() == cohort.loc[pred["bag_id"], "site"].to_numpy()).all()
     table = pd.read_csv(run / "subgroups.csv", dtype={"value": str})
-    expected = [("all", "all")] + [("site", s) for s in "ABC"] + [
-        ("sex", v) for v in ("F", "M", "missing")
-    ]
+    expected = (
+        [("all", "all")]
+        + [("site", s) for s in "ABC"]
+        + [("sex", v) for v in ("F", "M", "missing")]
+    )
     assert list(zip(table["column"], table["value"])) == expected
     for _, row in table.iterrows():
         if row["column"] == "all":
@@ -175,9 +177,7 @@ def test_report_states_the_protocol_and_the_summary_numbers(tmp_path):
     text = write_report(run).read_text()
     summary = json.loads((run / "summary.json").read_text())
     methods = text.split("## Methods")[1].split("##")[0]
-    n_bags = sum(
-        len(pd.read_csv(run / f"fold_{k}" / "predictions.csv")) for k in range(3)
-    )
+    n_bags = sum(len(pd.read_csv(run / f"fold_{k}" / "predictions.csv")) for k in range(3))
     assert f"{n_bags} slides from 30 patients" in methods
     assert "3-fold cross-validation with site-preserved folds" in methods and "`site`" in methods
     assert "fixed 3 epochs" in methods and "standardised" in methods
@@ -216,16 +216,30 @@ def test_site_preserved_folds_expose_a_planted_site_confound(tmp_path):
             x = (rng.normal(size=(30, 16)) + offset).astype(np.float32)
             coords = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 256
             write_slide(feats / f"{sid}.h5", x, coords, np.zeros(30, np.int8))
-            rows.append({"case_id": sid, "slide_id": sid, "site": f"site{site}",
-                         "label": "positive" if pos else "negative"})
+            rows.append(
+                {
+                    "case_id": sid,
+                    "slide_id": sid,
+                    "site": f"site{site}",
+                    "label": "positive" if pos else "negative",
+                }
+            )
     pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
     aucs = {}
     for by_site in (False, True):
         raw = {
             "name": "confound",
-            "data": {"csv": str(tmp_path / "cohort.csv"), "features": str(feats), "site_col": "site"},
-            "splits": {"dir": str(tmp_path / f"splits_{by_site}"), "folds": 4, "val_fraction": 0.0,
-                       "by_site": by_site},
+            "data": {
+                "csv": str(tmp_path / "cohort.csv"),
+                "features": str(feats),
+                "site_col": "site",
+            },
+            "splits": {
+                "dir": str(tmp_path / f"splits_{by_site}"),
+                "folds": 4,
+                "val_fraction": 0.0,
+                "by_site": by_site,
+            },
             "model": {"name": "abmil", "hidden_dim": 16},
             "train": {"epochs": 20, "batch_size": 8, "lr": 3e-3, "patience": None, "seed": 0},
         }
@@ -282,10 +296,16 @@ def site_predictions(rng, informative: dict[str, float], n: int = 40) -> pd.Data
         score = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + shift * y)))
         for i in range(n):
             rows.append(
-                {"bag_id": f"{site}{i}", "patient_id": f"{site}{i}", "label_index": int(y[i]),
-                 "label": ["negative", "positive"][y[i]], "prob_negative": 1 - score[i],
-                 "prob_positive": score[i], "site": site}
-            )  # fmt: skip
+                {
+                    "bag_id": f"{site}{i}",
+                    "patient_id": f"{site}{i}",
+                    "label_index": int(y[i]),
+                    "label": ["negative", "positive"][y[i]],
+                    "prob_negative": 1 - score[i],
+                    "prob_positive": score[i],
+                    "site": site,
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -50,19 +50,30 @@ def test_the_defaults_resolve_per_task_and_model(tmp_path):
     raw = survival_config(tmp_path)
     raw["model"] = {"name": "abmil"}
     cfg = config_from_dict(raw)
-    assert cfg.ensemble == "auto" and cfg.members == ["meanpool_linear"] and cfg.train.stop_on == "auto"
+    assert (
+        cfg.ensemble == "auto"
+        and cfg.members == ["meanpool_linear"]
+        and cfg.train.stop_on == "auto"
+    )
     assert make_task(cfg, []).stop_criterion(cfg.train.stop_on) == ("val_c_index", 1)
     assert config_from_dict({**raw, "ensemble": []}).members == []
-    assert config_from_dict({**raw, "model": {"name": "bow_linear"}}).members == []  # baselines run alone
-    fusion = config_from_dict({**raw, "model": {"name": "survpath"}, "data": {**raw["data"], "tabular": []}})
+    assert (
+        config_from_dict({**raw, "model": {"name": "bow_linear"}}).members == []
+    )  # baselines run alone
+    fusion = config_from_dict(
+        {**raw, "model": {"name": "survpath"}, "data": {**raw["data"], "tabular": []}}
+    )
     assert fusion.members == []
     # "auto" stays in the saved config: a compare entry or a baseline resolves it for its own model
     assert "ensemble: auto" in dump_config(cfg)
     classification = config_from_dict({"data": {"csv": "a", "features": "b"}})
     assert classification.members == []
     assert make_task(classification, ["a", "b"]).stop_criterion("auto") == ("val_loss", -1)
-    for bad in ({"ensemble": ["abmil"]}, {"ensemble": ["meanpool_linear", "meanpool_linear"]},
-                {"train": {**raw["train"], "stop_on": "ibs"}}):  # fmt: skip
+    for bad in (
+        {"ensemble": ["abmil"]},
+        {"ensemble": ["meanpool_linear", "meanpool_linear"]},
+        {"train": {**raw["train"], "stop_on": "ibs"}},
+    ):
         with pytest.raises(ConfigError):
             config_from_dict({**raw, **bad})
 
@@ -85,10 +96,12 @@ def test_the_kept_epoch_has_the_highest_validation_c_index(survival_run):
 
         slides, store = bags_of(fwd_bags, run._feature_index)
         risk = model.forward(slides, store).logits[:, 0].numpy()
-        frame = pd.DataFrame({
-            "time": cohort.loc[patients, "survival_months"].to_numpy(float),
-            "event": 1 - cohort.loc[patients, "censorship"].to_numpy(int),
-        })  # fmt: skip
+        frame = pd.DataFrame(
+            {
+                "time": cohort.loc[patients, "survival_months"].to_numpy(float),
+                "event": 1 - cohort.loc[patients, "censorship"].to_numpy(int),
+            }
+        )
         assert h["val_c_index"].iloc[kept] == pytest.approx(c_index(frame, risk), abs=1e-9)
         assert c_index(frame, 3.7 * risk) == pytest.approx(c_index(frame, risk))  # scale-free
 
@@ -103,7 +116,9 @@ def test_each_fold_averages_the_model_and_meanpool_linear_by_hand(survival_run):
         for m in members:
             own = pd.read_csv(fold / "members" / m["name"] / "predictions.csv").set_index("bag_id")
             train = pd.read_csv(fold / "members" / m["name"] / "predictions_train.csv")["risk"]
-            assert m["scale"] == pytest.approx({"risk_mean": train.mean(), "risk_sd": train.std(ddof=1)})
+            assert m["scale"] == pytest.approx(
+                {"risk_mean": train.mean(), "risk_sd": train.std(ddof=1)}
+            )
             z.append((own["risk"] - train.mean()) / train.std(ddof=1))
         saved = pd.read_csv(fold / "predictions.csv").set_index("bag_id")
         by_hand = pd.concat(z, axis=1).mean(axis=1).loc[saved.index]
@@ -130,13 +145,21 @@ def test_predict_refit_and_evaluate_use_the_same_average(survival_run, tmp_path)
     from mil.train.refit import refit
 
     refit(cfg, out, progress=False, log=quiet)
-    assert json.loads((out / "refit" / "members.json").read_text())["members"][1]["name"] == "meanpool_linear"
-    penalty = json.loads((out / "refit" / "refit.json").read_text())["member_penalty"]["meanpool_linear"]
+    assert (
+        json.loads((out / "refit" / "members.json").read_text())["members"][1]["name"]
+        == "meanpool_linear"
+    )
+    penalty = json.loads((out / "refit" / "refit.json").read_text())["member_penalty"][
+        "meanpool_linear"
+    ]
     chosen = [
-        float(pd.read_csv(out / f"fold_{k}" / "members" / "meanpool_linear" / "history.csv")
-              .query("best")["alpha"].iloc[0])
+        float(
+            pd.read_csv(out / f"fold_{k}" / "members" / "meanpool_linear" / "history.csv")
+            .query("best")["alpha"]
+            .iloc[0]
+        )
         for k in range(3)
-    ]  # fmt: skip
+    ]
     assert penalty == pytest.approx(np.exp(np.median(np.log(chosen))))
     cohort = tmp_path / "ext.yaml"
     cohort.write_text(yaml.safe_dump({"data": raw["data"]}))
@@ -153,7 +176,9 @@ def test_ensemble_empty_is_the_model_alone(tmp_path):
     raw = {**survival_config(tmp_path, faithfulness=False), "ensemble": []}
     raw["train"]["epochs"] = 3
     out = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, log=quiet, n_boot=10)
-    assert not (out / "fold_0" / "members.json").exists() and not (out / "fold_0" / "members").exists()
+    assert (
+        not (out / "fold_0" / "members.json").exists() and not (out / "fold_0" / "members").exists()
+    )
     assert "ensemble" not in json.loads((out / "summary.json").read_text())
 
 
@@ -162,11 +187,17 @@ def test_ensemble_empty_is_the_model_alone(tmp_path):
 
 def history(val_c: list[float], kept: int, steps: int = 20) -> pd.DataFrame:
     n = len(val_c)
-    return pd.DataFrame({
-        "epoch": range(n), "train_loss": np.linspace(3.0, 2.0, n), "constant_loss": 3.2,
-        "steps": steps, "val_loss": np.linspace(3.0, 4.0, n), "val_c_index": val_c,
-        "best": [e == kept for e in range(n)],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "epoch": range(n),
+            "train_loss": np.linspace(3.0, 2.0, n),
+            "constant_loss": 3.2,
+            "steps": steps,
+            "val_loss": np.linspace(3.0, 4.0, n),
+            "val_c_index": val_c,
+            "best": [e == kept for e in range(n)],
+        }
+    )
 
 
 def test_a_warm_up_epoch_kept_against_the_metric_is_named():
@@ -175,14 +206,19 @@ def test_a_warm_up_epoch_kept_against_the_metric_is_named():
     planted = history([0.60, 0.62, 0.55, 0.71, 0.70, 0.69], kept=1)  # epoch 2 ends at step 40 < 50
     found = {f["kind"]: f["message"] for f in diagnose(planted, cfg, None, "0", 6, "c_index", stop)}
     assert "warm-up epoch kept" in found
-    assert "epoch 2, inside the 50-step" in found["warm-up epoch kept"] and "0.710" in found["warm-up epoch kept"]
+    assert (
+        "epoch 2, inside the 50-step" in found["warm-up epoch kept"]
+        and "0.710" in found["warm-up epoch kept"]
+    )
     close = history([0.60, 0.705, 0.55, 0.71, 0.70, 0.69], kept=1)  # within 0.01 of the best
     assert not diagnose(close, cfg, None, "0", 6, "c_index", stop)
     late = history([0.60, 0.62, 0.55, 0.65, 0.75, 0.69], kept=3)  # after the warm-up, 0.10 below
     kinds = [f["kind"] for f in diagnose(late, cfg, None, "0", 6, "c_index", stop)]
     assert kinds == ["kept below best"]
     fixed = TrainConfig(warmup_steps=50, patience=None)  # fixed epochs keep the last, as asked
-    assert not diagnose(history([0.60, 0.62, 0.55, 0.65, 0.75, 0.69], kept=5), fixed, None, "0", 6, "c_index", stop)
+    assert not diagnose(
+        history([0.60, 0.62, 0.55, 0.65, 0.75, 0.69], kept=5), fixed, None, "0", 6, "c_index", stop
+    )
     # the survival default keeps the best validation C: nothing to say
     best = history([0.60, 0.62, 0.55, 0.71, 0.70, 0.69], kept=3)
     assert not diagnose(best, TrainConfig(), None, "0", 6, "c_index", ("val_c_index", 1))

@@ -27,12 +27,21 @@ def write(path: Path, frame: pd.DataFrame) -> str:
 
 
 def test_signature_genes_join_their_group_with_every_suffix(tmp_path):
-    table = pd.DataFrame({
-        "case_id": ["a", "b"], "TP53_mut": [1, 0], "TP53_cnv": [-1, 2], "TP53_rnaseq": [0.5, 1.5],
-        "EGFR_rnaseq": [3.0, 4.0], "KRAS_cnv": [0, 1], "MYC_rnaseq": [1.0, 1.0],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "case_id": ["a", "b"],
+            "TP53_mut": [1, 0],
+            "TP53_cnv": [-1, 2],
+            "TP53_rnaseq": [0.5, 1.5],
+            "EGFR_rnaseq": [3.0, 4.0],
+            "KRAS_cnv": [0, 1],
+            "MYC_rnaseq": [1.0, 1.0],
+        }
+    )
     sig = pd.DataFrame({"Tumor Suppressor": ["TP53", None], "Oncogenes": ["EGFR", "KRAS"]})
-    spec = TabularSpec("rna", write(tmp_path / "rna.csv", table), groups=write(tmp_path / "sig.csv", sig))
+    spec = TabularSpec(
+        "rna", write(tmp_path / "rna.csv", table), groups=write(tmp_path / "sig.csv", sig)
+    )
     mod = join_modality(spec, ["a", "b", "c"])
     named = [[mod.features[i] for i in g] for g in mod.groups]
     assert mod.group_names == ["Tumor Suppressor", "Oncogenes"]
@@ -45,14 +54,20 @@ def test_signature_genes_join_their_group_with_every_suffix(tmp_path):
 def test_composition_matrix_groups_may_overlap(tmp_path):
     table = pd.DataFrame({"case_id": ["a"], "g1": [1.0], "g2": [2.0], "g3": [3.0]})
     comp = pd.DataFrame({"feature": ["g1", "g2", "g3"], "p1": [1, 1, 0], "p2": [0, 1, 1]})
-    spec = TabularSpec("rna", write(tmp_path / "rna.csv", table), groups=write(tmp_path / "c.csv", comp))
+    spec = TabularSpec(
+        "rna", write(tmp_path / "rna.csv", table), groups=write(tmp_path / "c.csv", comp)
+    )
     mod = join_modality(spec, ["a"])
     assert mod.group_names == ["p1", "p2"] and mod.groups == [[0, 1], [1, 2]]
 
 
 def test_categorical_one_hot_with_a_missing_level(tmp_path):
-    table = pd.DataFrame({"pid": ["a", "b", "c"], "stage": ["II", None, "I"], "age": [50, 60, np.nan]})
-    spec = TabularSpec("clin", write(tmp_path / "c.csv", table), id_col="pid", categorical=("stage",))
+    table = pd.DataFrame(
+        {"pid": ["a", "b", "c"], "stage": ["II", None, "I"], "age": [50, 60, np.nan]}
+    )
+    spec = TabularSpec(
+        "clin", write(tmp_path / "c.csv", table), id_col="pid", categorical=("stage",)
+    )
     mod = join_modality(spec, ["a", "b", "c"])
     assert mod.features == ["stage=I", "stage=II", "stage=missing", "age"]
     np.testing.assert_array_equal(mod.values[:, :3], [[0, 1, 0], [0, 0, 1], [1, 0, 0]])
@@ -62,7 +77,10 @@ def test_categorical_one_hot_with_a_missing_level(tmp_path):
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("non_numeric", r"t\.csv: column 'stage' \(modality m\) is not numeric: 'II' for patient a"),
+        (
+            "non_numeric",
+            r"t\.csv: column 'stage' \(modality m\) is not numeric: 'II' for patient a",
+        ),
         ("empty_group", r"sig\.csv: group 'fam' has none of its columns in .*t\.csv"),
         ("required", r"t\.csv: patient c \(1 in all\) is not in column 'case_id'"),
         ("no_patient", r"t\.csv: no patient of the cohort is in column 'case_id'"),
@@ -103,7 +121,9 @@ def test_config_entries_are_checked():
 @pytest.fixture(scope="module")
 def cohort_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mm")
-    write_multimodal_cohort(root, n_patients=36, genes_per_family=2, dim=8, min_tiles=10, max_tiles=20)
+    write_multimodal_cohort(
+        root, n_patients=36, genes_per_family=2, dim=8, min_tiles=10, max_tiles=20
+    )
     return root
 
 
@@ -112,14 +132,20 @@ def mm_config(root: Path, model: str = "snn", **data) -> dict:
         "name": "mm",
         "task": {"type": "survival"},
         "data": {
-            "csv": str(root / "cohort.csv"), "features": str(root / "features"),
-            "patient_col": "case_id", "time_col": "survival_months", "event_col": "censorship",
-            "censored_value": 1, "standardize": False, "tabular": multimodal_tabular(root), **data,
+            "csv": str(root / "cohort.csv"),
+            "features": str(root / "features"),
+            "patient_col": "case_id",
+            "time_col": "survival_months",
+            "event_col": "censorship",
+            "censored_value": 1,
+            "standardize": False,
+            "tabular": multimodal_tabular(root),
+            **data,
         },
         "splits": {"dir": str(root / "splits"), "folds": 3, "val_fraction": 0.2, "seed": 0},
         "model": {"name": model, "hidden_dim": [8] if model == "snn" else 8},
         "train": {"epochs": 1, "batch_size": 8, "patience": None, "seed": 0},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("scaling", ["standard", "minmax"])
@@ -158,7 +184,9 @@ def test_poisoned_test_values_leave_the_saved_scaler_unchanged(cohort_root, tmp_
     from mil.train.runner import run_cv
 
     raw = mm_config(cohort_root)
-    run_cv(config_from_dict(raw), tmp_path / "clean", folds=[0], progress=False, log=lambda *a: None)
+    run_cv(
+        config_from_dict(raw), tmp_path / "clean", folds=[0], progress=False, log=lambda *a: None
+    )
     test_ids = set(pd.read_csv(tmp_path / "clean" / "splits" / "splits_0.csv")["test"].dropna())
     test_patients = {s.rsplit("-", 1)[0] for s in test_ids}
     poisoned = tmp_path / "poisoned"
@@ -170,7 +198,9 @@ def test_poisoned_test_values_leave_the_saved_scaler_unchanged(cohort_root, tmp_
         num = [c for c in df.columns if c != "case_id" and pd.api.types.is_numeric_dtype(df[c])]
         df.loc[hit, num] = 1e6
         t["csv"] = write(poisoned / Path(t["csv"]).name, df)
-    run_cv(config_from_dict(raw), tmp_path / "dirty", folds=[0], progress=False, log=lambda *a: None)
+    run_cv(
+        config_from_dict(raw), tmp_path / "dirty", folds=[0], progress=False, log=lambda *a: None
+    )
     clean = read_checkpoint(tmp_path / "clean" / "fold_0" / "model.pt")["standardize"]["tabular"]
     dirty = read_checkpoint(tmp_path / "dirty" / "fold_0" / "model.pt")["standardize"]["tabular"]
     assert clean.keys() == {"center", "scale"}
@@ -217,7 +247,14 @@ def test_ablation_reports_each_availability_pattern(cohort_root, tmp_path):
     }
     dirs = {k: tmp_path / k for k in entries}
     for k, e in entries.items():
-        run_cv(entry_config(cfg, e), dirs[k], folds=[0, 1], progress=False, log=lambda *a: None, n_boot=20)
+        run_cv(
+            entry_config(cfg, e),
+            dirs[k],
+            folds=[0, 1],
+            progress=False,
+            log=lambda *a: None,
+            n_boot=20,
+        )
     table = pattern_differences(dirs, "slides", n_boot=20)
     pat = table.set_index(["modalities", "model"])
     assert pat.loc[("slides+clinical", "rna"), "value"] == pytest.approx(0.5)

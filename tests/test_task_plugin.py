@@ -61,7 +61,9 @@ class BinaryLogitTask(Task):
         return pd.DataFrame({f"prob_{self.classes[-1]}": p})
 
     def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        out = pd.DataFrame({"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values})
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
         out["label_index"] = bags["label"].to_numpy(int)
         return pd.concat([out, self.outputs(logits)], axis=1)
 
@@ -76,8 +78,14 @@ class BinaryLogitTask(Task):
 
     def pooled_ci(self, pred, n_boot=1000, seed=0):
         y = pred["label_index"].to_numpy(int)
-        return bootstrap_ci(_scores, y, self._p(pred), n_boot=n_boot, seed=seed,
-                            groups=pred["patient_id"].to_numpy())  # fmt: skip
+        return bootstrap_ci(
+            _scores,
+            y,
+            self._p(pred),
+            n_boot=n_boot,
+            seed=seed,
+            groups=pred["patient_id"].to_numpy(),
+        )
 
     def score_column(self) -> str:
         return f"prob_{self.classes[-1]}"
@@ -102,7 +110,9 @@ def test_a_registered_task_runs_through_runner_summary_report_and_run(tmp_path):
         pred = run.predictions(fold)
         m = run.metrics(fold)["metrics"]
         assert np.isclose(m["auc"], skm.roc_auc_score(pred["label_index"], pred["prob_positive"]))
-        assert np.isclose(m["brier"], skm.brier_score_loss(pred["label_index"], pred["prob_positive"]))
+        assert np.isclose(
+            m["brier"], skm.brier_score_loss(pred["label_index"], pred["prob_positive"])
+        )
     summary = run.folder.summary()
     assert summary["task"] == "binary_logit" and set(summary["metrics"]) >= {"auc", "brier"}
     lo, hi = summary["metrics"]["auc"]["ci95_pooled"]
@@ -192,7 +202,9 @@ class PoissonCountTask(Task):
         return pd.DataFrame({"rate": rate})
 
     def predictions(self, bags, logits):
-        out = pd.DataFrame({"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values})
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
         out["count"] = bags["count"].to_numpy(float)
         return pd.concat([out, self.outputs(logits)], axis=1)
 
@@ -203,8 +215,14 @@ class PoissonCountTask(Task):
         return self.metrics(pred)
 
     def pooled_ci(self, pred, n_boot=1000, seed=0):
-        return bootstrap_ci(_count_scores, pred["count"].to_numpy(float), pred["rate"].to_numpy(float),
-                            n_boot=n_boot, seed=seed, groups=pred["patient_id"].to_numpy())  # fmt: skip
+        return bootstrap_ci(
+            _count_scores,
+            pred["count"].to_numpy(float),
+            pred["rate"].to_numpy(float),
+            n_boot=n_boot,
+            seed=seed,
+            groups=pred["patient_id"].to_numpy(),
+        )
 
     def fit_linear(self, z, bags, penalty, seed):
         from sklearn.linear_model import PoissonRegressor
@@ -226,9 +244,17 @@ def _count_cohort(root: Path, seed: int) -> dict:
     """A small synthetic cohort with ``n_witness``: each slide's number of planted tiles / 4."""
     csv, feats = root / "cohort.csv", root / "features"
     df = write_synthetic_cohort(
-        "classification", csv, feats, seed=seed, n_patients=24, n_two_slides=4, dim=16,
-        min_tiles=20, max_tiles=60, shift_norm=6.0,
-    )  # fmt: skip
+        "classification",
+        csv,
+        feats,
+        seed=seed,
+        n_patients=24,
+        n_two_slides=4,
+        dim=16,
+        min_tiles=20,
+        max_tiles=60,
+        shift_norm=6.0,
+    )
     counts = []
     for sid in df["slide_id"]:
         with h5py.File(feats / f"{sid}.h5", "r") as f:
@@ -245,18 +271,23 @@ def test_a_task_with_a_new_kind_of_target_runs_through_train_evaluate_heatmap_an
 
     data = _count_cohort(tmp_path / "own", seed=3)
     raw = {
-        "name": "counts", "task": {"type": "poisson_count", "count_col": "n_witness"}, "data": data,
+        "name": "counts",
+        "task": {"type": "poisson_count", "count_col": "n_witness"},
+        "data": data,
         "splits": {"dir": str(tmp_path / "splits"), "folds": 3, "val_fraction": 0.2},
         "model": {"name": "abmil_additive", "hidden_dim": 16},
         "train": {"epochs": 2, "batch_size": 8, "threads": 1},
-    }  # fmt: skip
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
     argv = ["train", str(tmp_path / "cfg.yaml"), "--out", str(run_dir), "--quiet"]
     assert main([*argv, "--baseline", "meanpool_linear", "--refit"]) == 0
     run = Run(run_dir)
     summary = run.folder.summary()
-    assert summary["task"] == "poisson_count" and set(summary["metrics"]) >= {"spearman_r", "deviance"}
+    assert summary["task"] == "poisson_count" and set(summary["metrics"]) >= {
+        "spearman_r",
+        "deviance",
+    }
     pred = run.predictions()
     assert set(pred["count"]) == set(pd.read_csv(data["csv"])["n_witness"].astype(float))
     # the fold metrics are the task's, against scikit-learn / scipy on the saved predictions
@@ -281,11 +312,28 @@ def test_a_task_with_a_new_kind_of_target_runs_through_train_evaluate_heatmap_an
     ext.write_text(yaml.safe_dump({"data": _count_cohort(tmp_path / "ext", seed=11)}))
     for extra in ([], ["--refit"]):
         out = tmp_path / f"eval{len(extra)}"
-        assert main(["evaluate", str(run_dir), str(ext), "--out", str(out), "--n-boot", "20", "--quiet", *extra]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(run_dir),
+                    str(ext),
+                    "--out",
+                    str(out),
+                    "--n-boot",
+                    "20",
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         ev = pd.read_csv(out / "predictions.csv")
         assert len(ev) == 28 and (ev["rate"] > 0).all()
     # the task's options are typed and checked like a config section
     with pytest.raises(ConfigError, match="task.max_rate must be positive"):
         config_from_dict({**raw, "task": {"type": "poisson_count", "max_rate": -1}})
-    with pytest.raises(ConfigError, match=r"unknown key 'task.count_column' for task 'poisson_count'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'task.count_column' for task 'poisson_count'"
+    ):
         config_from_dict({**raw, "task": {"type": "poisson_count", "count_column": "n"}})

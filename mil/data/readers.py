@@ -226,9 +226,10 @@ def index_feature_dir(root: str | Path) -> tuple[dict[str, Path], str]:
             index.update(_flat_index(root / "h5_files"))
         return index, f"CLAM layout in {root} ({len(index)} slides)"
     trident = sorted(
-        p for p in root.iterdir()
+        p
+        for p in root.iterdir()
         if p.is_dir() and p.name.startswith(("features_", "slide_features_"))
-    )  # fmt: skip
+    )
     if trident and not any(p.suffix in FEATURE_SUFFIXES for p in root.iterdir() if p.is_file()):
         if len(trident) > 1:
             names = ", ".join(p.name for p in trident)

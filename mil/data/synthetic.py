@@ -159,7 +159,9 @@ def write_synthetic_cohort(
         from mil.data.synthetic_targets import multitarget_patients, ordinal_patients
 
         make = ordinal_patients if kind == "ordinal" else multitarget_patients
-        rows = make(rng, features, patients, prototypes, (1.5 if kind == "ordinal" else 1.0) * shift, tiles)
+        rows = make(
+            rng, features, patients, prototypes, (1.5 if kind == "ordinal" else 1.0) * shift, tiles
+        )
     else:
         raise ValueError(f"unknown synthetic cohort kind {kind!r}")
     df = pd.DataFrame(rows)
@@ -172,9 +174,7 @@ def _survival_patients(rng, features, patients, prototypes, shift, tiles) -> lis
     classification witnesses (``shift`` is 1.5 times theirs): the hazard follows their
     *fraction*, which a model can only measure if tiles are separable."""
     n_patients = len(patients)
-    frac = np.where(
-        rng.uniform(size=n_patients) < 1 / 3, 0.0, rng.uniform(0.02, 0.25, n_patients)
-    )
+    frac = np.where(rng.uniform(size=n_patients) < 1 / 3, 0.0, rng.uniform(0.02, 0.25, n_patients))
     eta = 1.6 * (frac - frac.mean()) / frac.std()
     t_event = rng.exponential(24.0 * np.exp(-eta))
     t_cens = rng.uniform(12.0, 120.0, n_patients)
@@ -208,10 +208,14 @@ def _regression_patients(rng, features, patients, prototypes, shift, tiles) -> l
     for i, (pid, n_slides) in enumerate(patients):
         sids = _write_slides(rng, features, pid, n_slides, frac[i], prototypes, shift, tiles)
         rows += [
-            {"case_id": pid, "slide_id": sid, "planted_percent": round(float(target[i]), 3),
-             "true_percent": round(100.0 * float(frac[i]), 3)}
+            {
+                "case_id": pid,
+                "slide_id": sid,
+                "planted_percent": round(float(target[i]), 3),
+                "true_percent": round(100.0 * float(frac[i]), 3),
+            }
             for sid in sids
-        ]  # fmt: skip
+        ]
     return rows
 
 
@@ -326,9 +330,15 @@ def patient_demo(name: str, task: dict, root: Path, cohort: Path, kind: str, **d
     return {
         "name": name,
         "task": task,
-        "data": {"csv": str(cohort / "cohort.csv"), "features": str(cohort / "features"),
-                 "slide_col": "slide_id", "patient_col": "case_id", **data,
-                 "bag_level": "patient", "synthetic": kind},
+        "data": {
+            "csv": str(cohort / "cohort.csv"),
+            "features": str(cohort / "features"),
+            "slide_col": "slide_id",
+            "patient_col": "case_id",
+            **data,
+            "bag_level": "patient",
+            "synthetic": kind,
+        },
         "splits": {"dir": str(root / "data_splits" / name), "folds": 5, "seed": 0},
     }
 
@@ -336,4 +346,6 @@ def patient_demo(name: str, task: dict, root: Path, cohort: Path, kind: str, **d
 def _regression_demo(root: Path, cohort: Path) -> dict:
     """The regression demo: the defaults (model, training) on patient bags."""
     task = {"type": "regression", "loss": "mse", "target_scaling": "standard", "cutoff": 15}
-    return patient_demo("demo_regression", task, root, cohort, "regression", label_col="planted_percent")
+    return patient_demo(
+        "demo_regression", task, root, cohort, "regression", label_col="planted_percent"
+    )

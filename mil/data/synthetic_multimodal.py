@@ -18,7 +18,14 @@ import pandas as pd
 from mil.data.synthetic import synthetic_slide, write_slide
 from mil.io import write_csv
 
-FAMILIES = ("tumor_suppressor", "oncogene", "kinase", "differentiation", "transcription", "cytokine")
+FAMILIES = (
+    "tumor_suppressor",
+    "oncogene",
+    "kinase",
+    "differentiation",
+    "transcription",
+    "cytokine",
+)
 #: the gene families whose activity drives the hazard (the others are noise)
 RISK_FAMILIES = ("oncogene", "kinase")
 
@@ -70,13 +77,17 @@ def write_multimodal_cohort(
         n = int(rng.integers(min_tiles, max_tiles + 1))
         f, c, lab = synthetic_slide(rng, n, prototypes, shift, float(frac[i]))
         write_slide(feats_dir / f"{pid}-S1.h5", f, c, lab)
-        rows.append({
-            "case_id": pid, "slide_id": f"{pid}-S1",
-            "survival_months": round(float(min(t_event[i], t_cens[i])), 3),
-            "censorship": int(t_cens[i] < t_event[i]), "true_risk": float(eta[i]),
-            "true_slide_risk": float(slide_weight * slide_risk[i]),
-            "true_omics_risk": float(omics_weight * omics_risk[i]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "case_id": pid,
+                "slide_id": f"{pid}-S1",
+                "survival_months": round(float(min(t_event[i], t_cens[i])), 3),
+                "censorship": int(t_cens[i] < t_event[i]),
+                "true_risk": float(eta[i]),
+                "true_slide_risk": float(slide_weight * slide_risk[i]),
+                "true_omics_risk": float(omics_weight * omics_risk[i]),
+            }
+        )
     cohort = pd.DataFrame(rows)
     write_csv(Path(csv) if csv else root / "cohort.csv", cohort)
     _write_omics(root, rng, pids, u, genes_per_family, missing_omics)
@@ -85,7 +96,11 @@ def write_multimodal_cohort(
 
 
 def _write_omics(
-    root: Path, rng: np.random.Generator, pids: list[str], u: np.ndarray, per_family: int,
+    root: Path,
+    rng: np.random.Generator,
+    pids: list[str],
+    u: np.ndarray,
+    per_family: int,
     missing: float,
 ) -> None:
     """``rna.csv`` (without the patients that lack omics) and ``signatures.csv``."""
@@ -112,10 +127,14 @@ def _write_clinical(root: Path, rng: np.random.Generator, pids: list[str]) -> No
     n = len(pids)
     stage = rng.choice(["I", "II", "III", "IV"], n).astype(object)
     stage[rng.uniform(size=n) < 0.1] = None
-    clinical = pd.DataFrame({
-        "case_id": pids, "age": np.round(rng.normal(62, 10, n), 1), "stage": stage,
-        "sex": rng.choice(["female", "male"], n),
-    })  # fmt: skip
+    clinical = pd.DataFrame(
+        {
+            "case_id": pids,
+            "age": np.round(rng.normal(62, 10, n), 1),
+            "stage": stage,
+            "sex": rng.choice(["female", "male"], n),
+        }
+    )
     write_csv(root / "clinical.csv", clinical)
 
 
@@ -123,8 +142,16 @@ def multimodal_tabular(root: str | Path) -> list[dict]:
     """The ``data.tabular`` entries of the cohort under ``root``."""
     root = Path(root)
     return [
-        {"name": "rna", "csv": str(root / "rna.csv"), "id_col": "case_id",
-         "groups": str(root / "signatures.csv")},
-        {"name": "clinical", "csv": str(root / "clinical.csv"), "id_col": "case_id",
-         "categorical": ["stage", "sex"]},
-    ]  # fmt: skip
+        {
+            "name": "rna",
+            "csv": str(root / "rna.csv"),
+            "id_col": "case_id",
+            "groups": str(root / "signatures.csv"),
+        },
+        {
+            "name": "clinical",
+            "csv": str(root / "clinical.csv"),
+            "id_col": "case_id",
+            "categorical": ["stage", "sex"],
+        },
+    ]

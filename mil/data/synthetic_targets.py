@@ -23,7 +23,12 @@ def ordinal_patients(rng, features, patients, prototypes, shift, tiles) -> list[
     for i, (pid, n_slides) in enumerate(patients):
         sids = _s._write_slides(rng, features, pid, n_slides, 0.3 * u[i], prototypes, shift, tiles)
         rows += [
-            {"case_id": pid, "slide_id": sid, "grade": int(grade[i]), "true_severity": round(float(u[i]), 4)}
+            {
+                "case_id": pid,
+                "slide_id": sid,
+                "grade": int(grade[i]),
+                "true_severity": round(float(u[i]), 4),
+            }
             for sid in sids
         ]
     return rows
@@ -49,19 +54,26 @@ def multitarget_patients(rng, features, patients, prototypes, shift, tiles) -> l
         for s in range(n_slides):
             sid = f"{pid}-S{s + 1}"
             m = int(rng.integers(tiles[0], tiles[1] + 1))
-            feats, coords, label = _s.synthetic_slide(rng, m, prototypes, shift, rng.uniform(0.08, 0.2) if msi[i] else 0.0)
+            feats, coords, label = _s.synthetic_slide(
+                rng, m, prototypes, shift, rng.uniform(0.08, 0.2) if msi[i] else 0.0
+            )
             k = int(round(share[i] * m))
             if k:
-                near = np.argsort(((coords - coords[rng.integers(m)]) ** 2).sum(1), kind="stable")[:k]
+                near = np.argsort(((coords - coords[rng.integers(m)]) ** 2).sum(1), kind="stable")[
+                    :k
+                ]
                 feats[near] += second.astype(np.float32)
             _s.write_slide(features / f"{sid}.h5", feats, coords, label)
-            rows.append({
-                "case_id": pid, "slide_id": sid,
-                "msi_status": None if empty[i, 0] else ("MSI" if msi[i] else "MSS"),
-                "tmb": None if empty[i, 1] else round(float(tmb[i]), 3),
-                "grade": None if empty[i, 2] else int(grade[i]),
-                "true_share": round(float(share[i]), 4),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "case_id": pid,
+                    "slide_id": sid,
+                    "msi_status": None if empty[i, 0] else ("MSI" if msi[i] else "MSS"),
+                    "tmb": None if empty[i, 1] else round(float(tmb[i]), 3),
+                    "grade": None if empty[i, 2] else int(grade[i]),
+                    "true_share": round(float(share[i]), 4),
+                }
+            )
     return rows
 
 

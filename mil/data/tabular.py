@@ -29,10 +29,21 @@ from mil.data.tabular_read import (
 from mil.errors import DataError, MilWarning
 
 __all__ = [
-    "MISSING_LEVEL", "Modality", "TabularScaler", "TabularSpec", "TabularTable", "attach_tabular",
-    "check_availability_col", "encode", "join_modality", "join_tabular", "level_name",
-    "parse_tabular", "read_groups", "read_table",
-]  # fmt: skip
+    "MISSING_LEVEL",
+    "Modality",
+    "TabularScaler",
+    "TabularSpec",
+    "TabularTable",
+    "attach_tabular",
+    "check_availability_col",
+    "encode",
+    "join_modality",
+    "join_tabular",
+    "level_name",
+    "parse_tabular",
+    "read_groups",
+    "read_table",
+]
 
 
 @dataclass
@@ -67,11 +78,16 @@ class TabularTable:
         """What a fusion model needs to know of the values ``[F]`` (modalities concatenated in
         this order): each modality's name, width and groups (positions within it)."""
         return [
-            {"name": m.name, "dim": len(m.features), "groups": [list(g) for g in m.groups],
-             "group_names": list(m.group_names), "features": list(m.features),
-             "scaled": [bool(v) for v in m.scaled]}
+            {
+                "name": m.name,
+                "dim": len(m.features),
+                "groups": [list(g) for g in m.groups],
+                "group_names": list(m.group_names),
+                "features": list(m.features),
+                "scaled": [bool(v) for v in m.scaled],
+            }
             for m in self.modalities
-        ]  # fmt: skip
+        ]
 
     def aligned(self, layout: list[dict[str, Any]], where: str) -> TabularTable:
         """This (external) cohort's tables laid out as a run's models read theirs (``layout``,
@@ -90,20 +106,32 @@ class TabularTable:
                 warnings.warn(
                     f"{where}: the run's models read the table {name!r}, which this cohort's "
                     f"data.tabular does not list; every patient is treated as missing it",
-                    MilWarning, stacklevel=3,
-                )  # fmt: skip
+                    MilWarning,
+                    stacklevel=3,
+                )
                 values = np.full((len(self.patients), dim), np.nan)
                 present = np.zeros(len(self.patients), bool)
             elif spec.get("features") is None:
                 if len(m.features) != dim:
-                    raise DataError(f"{where}: table {name!r} has {len(m.features)} columns, the run's models read {dim}")
+                    raise DataError(
+                        f"{where}: table {name!r} has {len(m.features)} columns, the run's models read {dim}"
+                    )
                 values, present = m.values, m.present
             else:
                 values, present = _columns_of(m, spec, where, self.patients), m.present
             scaled = np.array(spec.get("scaled", [True] * dim), bool)
             feats = spec.get("features") or [f"{name}_{i}" for i in range(dim)]
-            out.append(Modality(name, list(feats), values, present, scaled,
-                                [list(g) for g in spec["groups"]], list(spec["group_names"])))  # fmt: skip
+            out.append(
+                Modality(
+                    name,
+                    list(feats),
+                    values,
+                    present,
+                    scaled,
+                    [list(g) for g in spec["groups"]],
+                    list(spec["group_names"]),
+                )
+            )
         return TabularTable(self.patients, self.bag_patient, out)
 
     def patterns(self) -> dict[str, str]:
@@ -206,16 +234,24 @@ def _columns_of(m: Modality, spec: dict[str, Any], where: str, patients: list[st
     return values
 
 
-def _unseen_as_missing(m: Modality, var: str, pos: dict[str, int], keys: list[str], values: np.ndarray,
-                       where: str, patients: list[str]) -> None:  # fmt: skip
+def _unseen_as_missing(
+    m: Modality,
+    var: str,
+    pos: dict[str, int],
+    keys: list[str],
+    values: np.ndarray,
+    where: str,
+    patients: list[str],
+) -> None:
     """Patients of ``m`` whose level of ``var`` is none of the run's (``keys``) get the run's
     ``var=missing`` in ``values``: the one state of the variable its models know for 'no
     known level' (all-zero one-hots never occurred in training)."""
     run, variables = set(keys), [var]
     hits = {
-        k: m.values[:, i] == 1 for k, i in pos.items()
+        k: m.values[:, i] == 1
+        for k, i in pos.items()
         if not m.scaled[i] and k not in run and _level_key(k, variables, var=True) == var
-    }  # fmt: skip
+    }
     hits = {k: h for k, h in hits.items() if h.any()}
     if not hits:
         return
@@ -226,8 +262,9 @@ def _unseen_as_missing(m: Modality, var: str, pos: dict[str, int], keys: list[st
         f"{where}: table {m.name!r}, column {var!r}: {int(hit.sum())} patient(s) (e.g. "
         f"{patients[int(np.argmax(hit))]}) have a level the run's models never saw ({levels}); "
         f"they are read as {var}={MISSING_LEVEL}, as a blank cell would be",
-        MilWarning, stacklevel=5,
-    )  # fmt: skip
+        MilWarning,
+        stacklevel=5,
+    )
 
 
 def _level_key(feature: str, variables: list[str], var: bool = False) -> str | None:
@@ -258,7 +295,9 @@ def join_modality(spec: TabularSpec, patients: list[str]) -> Modality:
     _warn_partial_overlap(spec, patients, present, enc.index)
     values = enc.reindex(patients).to_numpy(float)
     groups, names = read_groups(spec, list(enc.columns))
-    return Modality(spec.name, list(enc.columns), values, present, numeric, groups, names, spec.scaling)
+    return Modality(
+        spec.name, list(enc.columns), values, present, numeric, groups, names, spec.scaling
+    )
 
 
 def _warn_partial_overlap(
@@ -274,8 +313,9 @@ def _warn_partial_overlap(
         f"{spec.csv}: {len(lost)} of {len(patients)} patients of the cohort (e.g. {lost[0]!r}) have no "
         f"row in column {spec.id_col!r} and are treated as missing modality {spec.name}, while "
         f"{len(stray)} of its rows (e.g. {stray[0]!r}) match no patient; check how the ids are spelt",
-        MilWarning, stacklevel=3,
-    )  # fmt: skip
+        MilWarning,
+        stacklevel=3,
+    )
 
 
 def join_tabular(specs: list[TabularSpec], bags: pd.DataFrame) -> TabularTable:

@@ -64,8 +64,9 @@ def _warn_unmatched(
     warnings.warn(
         f"{path}: {len(missing)} of {len(every)} {what} and are left out of their groups "
         f"({per}{'; …' if len(lost) > 4 else ''})",
-        MilWarning, stacklevel=4,
-    )  # fmt: skip
+        MilWarning,
+        stacklevel=4,
+    )
 
 
 def is_composition(g: pd.DataFrame) -> bool:

@@ -87,12 +87,18 @@ def parse_tabular(raw: list[dict[str, Any]], source: str) -> list[TabularSpec]:
         if not isinstance(item.get("required", False), bool):
             raise ConfigError(f"{source}: {key}.required must be true or false")
         cols = item.get("columns")
-        specs.append(TabularSpec(
-            name=name, csv=str(item["csv"]), id_col=str(item.get("id_col", "case_id")),
-            columns=None if cols is None else tuple(cols), categorical=tuple(item.get("categorical") or ()),
-            groups=item.get("groups"), scaling=item.get("scaling", "standard"),
-            required=bool(item.get("required", False)),
-        ))  # fmt: skip
+        specs.append(
+            TabularSpec(
+                name=name,
+                csv=str(item["csv"]),
+                id_col=str(item.get("id_col", "case_id")),
+                columns=None if cols is None else tuple(cols),
+                categorical=tuple(item.get("categorical") or ()),
+                groups=item.get("groups"),
+                scaling=item.get("scaling", "standard"),
+                required=bool(item.get("required", False)),
+            )
+        )
     return specs
 
 
@@ -169,8 +175,9 @@ def encode(df: pd.DataFrame, spec: TabularSpec) -> tuple[pd.DataFrame, np.ndarra
             warnings.warn(
                 f"{spec.csv}: column {col!r} (modality {spec.name}) has no value in any row, so it "
                 f"is missing for every patient; leave it out of data.tabular {spec.name}.columns",
-                MilWarning, stacklevel=3,
-            )  # fmt: skip
+                MilWarning,
+                stacklevel=3,
+            )
         if col in spec.categorical:
             text = raw.map(
                 lambda v: MISSING_LEVEL if pd.isna(v) else level_name(v) or MISSING_LEVEL
@@ -188,10 +195,18 @@ def encode(df: pd.DataFrame, spec: TabularSpec) -> tuple[pd.DataFrame, np.ndarra
 def _numeric(raw: pd.Series, col: str, spec: TabularSpec) -> pd.Series:
     num = pd.to_numeric(raw, errors="coerce").astype(float)
     for bad, what, fix in (
-        (num.isna() & raw.notna(), "is not numeric", f"list it under data.tabular {spec.name}.categorical, or leave it out of columns"),
+        (
+            num.isna() & raw.notna(),
+            "is not numeric",
+            f"list it under data.tabular {spec.name}.categorical, or leave it out of columns",
+        ),
         # beyond float32's range a value is infinite once the model reads it
-        (num.abs() > FLOAT32_MAX, "holds a value that is not finite", "replace it by a number, or leave the cell blank (a missing value)"),
-    ):  # fmt: skip
+        (
+            num.abs() > FLOAT32_MAX,
+            "holds a value that is not finite",
+            "replace it by a number, or leave the cell blank (a missing value)",
+        ),
+    ):
         if bad.any():
             pid = raw.index[bad.to_numpy()][0]
             value = raw.loc[pid].item() if isinstance(raw.loc[pid], np.generic) else raw.loc[pid]

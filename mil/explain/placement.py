@@ -77,10 +77,13 @@ def tile_geometry(
     c = np.asarray(coords, dtype=np.float64)
     size = tile_size_from_attrs(attrs)
     source = next(
-        (k for k in ("patch_size_level0", "coords.patch_size_level0", "tile_size_um", "tile_size")
-         if attrs.get(k) is not None),
+        (
+            k
+            for k in ("patch_size_level0", "coords.patch_size_level0", "tile_size_um", "tile_size")
+            if attrs.get(k) is not None
+        ),
         "patch_size_level0",
-    )  # fmt: skip
+    )
     if _micrometres(attrs):
         mpp = slide.mpp if slide is not None else None
         if mpp is None:

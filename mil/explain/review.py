@@ -110,9 +110,20 @@ class ReviewMixin:
         return fig
 
     def _heatmap(
-        self, slide_id, kind="default", cls=None, fold=None, normalize=None, smooth=0.0,
-        top_k=16, cmap=None, wsi=None, ax=None, title=None, **draw,
-    ):  # fmt: skip
+        self,
+        slide_id,
+        kind="default",
+        cls=None,
+        fold=None,
+        normalize=None,
+        smooth=0.0,
+        top_k=16,
+        cmap=None,
+        wsi=None,
+        ax=None,
+        title=None,
+        **draw,
+    ):
         """:meth:`heatmap`'s Figure, and the :class:`Overlay` it drew (None without ``wsi``)."""
         from mil.explain.heatmap import plot_heatmap, signed_kind
         from mil.explain.overlay import plot_overlay
@@ -127,9 +138,17 @@ class ReviewMixin:
                     f"{', '.join(sorted(draw))}: options of a drawing over the slide (wsi=)"
                 )
             fig = plot_heatmap(
-                s[["x", "y"]].to_numpy(), s["score"].to_numpy(), s.attrs["tile_size"], normalize,
-                smooth, top_k, cmap, title, ax, signed=signed,
-            )  # fmt: skip
+                s[["x", "y"]].to_numpy(),
+                s["score"].to_numpy(),
+                s.attrs["tile_size"],
+                normalize,
+                smooth,
+                top_k,
+                cmap,
+                title,
+                ax,
+                signed=signed,
+            )
             return fig, None
         caption = draw.pop("caption", True)
         ov, geom = self._overlay(s, wsi, normalize, signed, smooth, cmap, draw)
@@ -172,8 +191,14 @@ class ReviewMixin:
         from mil.explain.heatmap import signed_kind
 
         s = self._drawable_scores(slide_id, kind, cls, fold)
-        draw = dict(vis_level=vis_level, vis_mpp=vis_mpp, max_size=max_size, alpha=alpha,
-                    tissue=tissue, backend=backend)  # fmt: skip
+        draw = dict(
+            vis_level=vis_level,
+            vis_mpp=vis_mpp,
+            max_size=max_size,
+            alpha=alpha,
+            tissue=tissue,
+            backend=backend,
+        )
         return self._overlay(
             s, wsi, normalize or "rank", signed_kind(s.attrs["kind"]), smooth, cmap, draw
         )[0]
@@ -186,9 +211,16 @@ class ReviewMixin:
         with open_slide(wsi, draw.pop("backend", "auto")) as slide:
             geom = self._placed(s, slide)
             ov = render_overlay(
-                slide, geom.coords, s["score"].to_numpy(), geom.tile_size, normalize, signed,
-                smooth=smooth, cmap=cmap, **draw,
-            )  # fmt: skip
+                slide,
+                geom.coords,
+                s["score"].to_numpy(),
+                geom.tile_size,
+                normalize,
+                signed,
+                smooth=smooth,
+                cmap=cmap,
+                **draw,
+            )
         ov.source = geom.source
         return ov, geom
 

@@ -20,9 +20,20 @@ from mil.errors import DataError, MilWarning
 
 #: file endings tried for ``<slides_dir>/<slide_id><ending>`` (lower case; matched case-blind)
 SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi", ".scn", ".mrxs", ".vms",
-    ".vmu", ".bif", ".svslide", ".qptiff",
-)  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ome.tif",
+    ".ome.tiff",
+    ".ndpi",
+    ".scn",
+    ".mrxs",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".qptiff",
+)
 BACKENDS = ("auto", "tiffslide", "openslide")
 #: the largest level image (pixels) read whole to draw a slide: 8,192 x 8,192
 MAX_READ_PIXELS = 8192 * 8192

@@ -80,7 +80,9 @@ def _brier(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(((prob - onehot) ** 2).sum(1).mean())
 
 
-def operating_threshold(y_true: np.ndarray, p_pos: np.ndarray, sensitivity: float | None = None) -> float | None:
+def operating_threshold(
+    y_true: np.ndarray, p_pos: np.ndarray, sensitivity: float | None = None
+) -> float | None:
     """The decision threshold on ``p_pos`` chosen on (validation) predictions: the cut with the
     largest Youden's J (sensitivity + specificity - 1) over scikit-learn's ROC thresholds, or,
     with ``sensitivity``, the highest cut whose sensitivity reaches it. The threshold is put
@@ -92,7 +94,11 @@ def operating_threshold(y_true: np.ndarray, p_pos: np.ndarray, sensitivity: floa
     if len(np.unique(y_true)) < 2:
         return None
     fpr, tpr, thr = skm.roc_curve(y_true, p_pos, drop_intermediate=False)
-    k = int(np.argmax(tpr - fpr)) if sensitivity is None else int(np.flatnonzero(tpr >= sensitivity)[0])
+    k = (
+        int(np.argmax(tpr - fpr))
+        if sensitivity is None
+        else int(np.flatnonzero(tpr >= sensitivity)[0])
+    )
     cut = min(float(thr[k]), 1.0)  # scikit-learn's first threshold is inf (nothing positive)
     below = p_pos[p_pos < cut]
     return (cut + float(below.max())) / 2 if len(below) else cut

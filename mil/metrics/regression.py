@@ -9,7 +9,9 @@ import warnings
 import numpy as np
 
 
-def regression_metrics(y: np.ndarray, p: np.ndarray, cutoff: float | None = None) -> dict[str, float]:
+def regression_metrics(
+    y: np.ndarray, p: np.ndarray, cutoff: float | None = None
+) -> dict[str, float]:
     """``r2``, ``pearson_r``, ``spearman_r``, ``mae``, ``rmse`` of predictions ``p`` of targets
     ``y`` (NaN where undefined: fewer than two bags, a constant target or prediction); with
     ``cutoff`` also ``auc``, the ROC AUC of ``p`` for ``y >= cutoff`` (NaN without both sides)."""

@@ -309,11 +309,13 @@ def risk_groups(pred: pd.DataFrame, train_pred: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-
 def risk_scale(train_pred: pd.DataFrame) -> dict[str, float]:
     """The mean and sd of a training fold's predicted risks (``risk_mean``, ``risk_sd``)."""
     ref = train_pred["risk"].to_numpy(float)
-    return {"risk_mean": float(ref.mean()), "risk_sd": float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0}
+    return {
+        "risk_mean": float(ref.mean()),
+        "risk_sd": float(np.std(ref, ddof=1)) if len(ref) > 1 else 0.0,
+    }
 
 
 def standardized_risk(pred: pd.DataFrame, risk_mean: float, risk_sd: float) -> pd.DataFrame:

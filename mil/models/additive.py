@@ -46,9 +46,11 @@ class AdditiveABMIL(MILModel):
         self.encoder, h = mlp_encoder(in_dim, hidden_dim, dropout)
         self.attention = AttentionScorer(h, attn_dim or h, gated, dropout)
         self.psi = nn.Sequential(
-            nn.Linear(h, head_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(h, head_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(head_dim, n_out, bias=False),
-        )  # fmt: skip
+        )
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def logit_offset(self) -> Tensor:

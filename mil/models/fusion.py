@@ -145,7 +145,9 @@ class LateFusion(TabularModel):
             with torch.no_grad():
                 idx = batch.batch
                 extra["instance_logits"] = self.head(self._fuse(h, g[idx], o[idx])).float()
-        return MILOutput(logits=self.head(self.drop(z)), embedding=z, scores=e.detach(), extra_scores=extra)
+        return MILOutput(
+            logits=self.head(self.drop(z)), embedding=z, scores=e.detach(), extra_scores=extra
+        )
 
     def _fuse(self, p: Tensor, g: Tensor, o: Tensor) -> Tensor:
         if self.fusion == "concat":
@@ -194,7 +196,10 @@ class MCAT(TabularModel):
         self.tokens = GroupTokens(self, hidden_dim, dropout)
         self.encoder, _ = mlp_encoder(in_dim, hidden_dim, dropout)
         self.q, self.k, self.v = (nn.Linear(hidden_dim, hidden_dim) for _ in range(3))
-        self.pool_path, self.pool_omics = TokenPool(hidden_dim, dropout), TokenPool(hidden_dim, dropout)
+        self.pool_path, self.pool_omics = (
+            TokenPool(hidden_dim, dropout),
+            TokenPool(hidden_dim, dropout),
+        )
         self.fuse = nn.Linear(2 * hidden_dim, hidden_dim)
         self.head = nn.Linear(hidden_dim, n_out)
 
@@ -209,11 +214,15 @@ class MCAT(TabularModel):
         go = self.pool_omics(g, mk)
         z = torch.relu(self.fuse(torch.cat([self.pool_path(hh), go], 1)))
         extra = {}
-        if not self.training:  # a bag of instance i alone: every group attends to it, so p = W_v h_i
+        if (
+            not self.training
+        ):  # a bag of instance i alone: every group attends to it, so p = W_v h_i
             with torch.no_grad():
                 zi = torch.relu(self.fuse(torch.cat([vh, go[batch.batch]], 1)))
                 extra["instance_logits"] = self.head(zi).float()
-        return MILOutput(logits=self.head(z), embedding=z, scores=s.mean(1).detach(), extra_scores=extra)
+        return MILOutput(
+            logits=self.head(z), embedding=z, scores=s.mean(1).detach(), extra_scores=extra
+        )
 
 
 @register("survpath")
@@ -286,4 +295,6 @@ class SurvPath(TabularModel):
                 ).unsqueeze(-1)
                 zi = torch.relu(self.fuse(self.norm(torch.cat([gi.mean(1), h_out], 1))))
                 extra["instance_logits"] = self.head(zi).float()
-        return MILOutput(logits=self.head(z), embedding=z, scores=s_gh.mean(1).detach(), extra_scores=extra)
+        return MILOutput(
+            logits=self.head(z), embedding=z, scores=s_gh.mean(1).detach(), extra_scores=extra
+        )

@@ -46,7 +46,9 @@ class TabularModel(MILModel):
         chosen = names if modalities is None else list(modalities)
         unknown = [m for m in chosen if m not in names]
         if unknown:
-            raise ValueError(f"modalities: {unknown[0]!r} is not a tabular modality (data.tabular has {names})")
+            raise ValueError(
+                f"modalities: {unknown[0]!r} is not a tabular modality (data.tabular has {names})"
+            )
         self.n_features = sum(int(m["dim"]) for m in layout)
         self.n_modalities = len(layout)
         self.modality_dropout = float(modality_dropout)
@@ -56,7 +58,9 @@ class TabularModel(MILModel):
         mods = [names.index(m) for m in chosen]
         cols = [c for j in mods for c in range(offsets[j], offsets[j + 1])]
         self.groups = [
-            (torch.tensor([offsets[j] + c for c in g]), j) for j in mods for g in layout[j]["groups"]
+            (torch.tensor([offsets[j] + c for c in g]), j)
+            for j in mods
+            for g in layout[j]["groups"]
         ]
         self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.register_buffer("mods", torch.tensor(mods, dtype=torch.long), persistent=False)
@@ -72,7 +76,9 @@ class TabularModel(MILModel):
         (or dropped in training), and the availability mask."""
         b, dev = batch.num_bags, batch.x.device
         if batch.tabular is None:  # no tables (e.g. an external cohort): every modality missing
-            return torch.zeros(b, self.n_features, device=dev), torch.zeros(b, self.n_modalities, device=dev)
+            return torch.zeros(b, self.n_features, device=dev), torch.zeros(
+                b, self.n_modalities, device=dev
+            )
         t, m = batch.tabular.float(), batch.tabular_mask.float()
         if self.training and self.modality_dropout > 0:
             m = m * (torch.rand_like(m) >= self.modality_dropout)
@@ -82,7 +88,9 @@ class TabularModel(MILModel):
         return [t[:, getattr(self, f"group{i}")] for i in range(len(self.groups))]
 
 
-def group_tokens(model: TabularModel, encoders: nn.ModuleList, missing: Tensor, t: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+def group_tokens(
+    model: TabularModel, encoders: nn.ModuleList, missing: Tensor, t: Tensor, m: Tensor
+) -> tuple[Tensor, Tensor]:
     """``G [B, K, d]``: ``G_k = m_k SNN_k(t_{G_k}) + (1 - m_k) e_k`` (``e_k`` learned), and the
     group availability ``[B, K]``."""
     mk = m[:, model.group_mod] if model.groups else m.new_zeros(m.shape[0], 0)
@@ -102,7 +110,8 @@ def bag_logits(keys: Tensor, queries: Tensor, batch: Tensor) -> Tensor:
 def pooled(v: Tensor, a: Tensor, batch: Tensor, num_bags: int) -> Tensor:
     """``[B, K, d]``: ``sum_{i in b} a_ik v_i`` for weights ``a [N, K]``."""
     return torch.stack(
-        [segment_weighted_sum(v, a[:, c].contiguous(), batch, num_bags) for c in range(a.shape[1])], 1
+        [segment_weighted_sum(v, a[:, c].contiguous(), batch, num_bags) for c in range(a.shape[1])],
+        1,
     )
 
 
@@ -130,7 +139,11 @@ class SlidePath(nn.Module):
     def __init__(self, in_dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.encoder, _ = mlp_encoder(in_dim, hidden, dropout)
-        self.v, self.u, self.w = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)
+        self.v, self.u, self.w = (
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, 1),
+        )
 
     def forward(self, batch: BagBatch) -> tuple[Tensor, Tensor, Tensor]:
         h = self.encoder(batch.x)

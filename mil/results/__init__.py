@@ -194,11 +194,11 @@ class RunFolder:
     def all_predictions(self) -> pd.DataFrame:
         """Out-of-fold predictions of every finished fold (all repeats), with a ``fold_dir``
         column (``fold_3``, ``fold_r1_3``, ...) naming the fold that made each row."""
-        parts = [
-            self.predictions(f).assign(fold_dir=self.fold_dir(f).name) for f in self.records()
-        ]
+        parts = [self.predictions(f).assign(fold_dir=self.fold_dir(f).name) for f in self.records()]
         if not parts:
-            raise DataError(f"{self.path}: no finished folds (fold_*/metrics.json) with predictions")
+            raise DataError(
+                f"{self.path}: no finished folds (fold_*/metrics.json) with predictions"
+            )
         return pd.concat(parts, ignore_index=True)
 
     def first_repeat_tables(self, name: str) -> dict[str, pd.DataFrame]:
@@ -240,7 +240,9 @@ def _parse_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def config_splits(cfg: Config, run_dir: str | Path, cohort, force: bool = False) -> tuple[list, Path]:
+def config_splits(
+    cfg: Config, run_dir: str | Path, cohort, force: bool = False
+) -> tuple[list, Path]:
     """The folds a run of ``cfg`` in ``run_dir`` uses, and their folder: the config's
     ``splits.dir``, else the run's own ``splits/``; read there, or made there when absent
     (:func:`mil.splits.load_or_make_splits`, never overwritten unless ``force``)."""
@@ -249,9 +251,16 @@ def config_splits(cfg: Config, run_dir: str | Path, cohort, force: bool = False)
     s = cfg.splits
     folder = Path(s.dir) if s.dir else RunFolder(run_dir).splits_dir
     splits, _ = load_or_make_splits(
-        folder, cohort, s.folds, s.val_fraction, s.seed, s.repeats, force=force,
-        assignment=s.assignment, site_col=cfg.data.site_col if s.by_site else None,
-    )  # fmt: skip
+        folder,
+        cohort,
+        s.folds,
+        s.val_fraction,
+        s.seed,
+        s.repeats,
+        force=force,
+        assignment=s.assignment,
+        site_col=cfg.data.site_col if s.by_site else None,
+    )
     return splits, folder
 
 

@@ -45,6 +45,7 @@ def read_members(fold_dir: str | Path) -> list[dict[str, Any]] | None:
     fix = f"delete {Path(fold_dir) / 'metrics.json'} and re-run `mil train` to train the fold again"
     record = read_json(path, "ensemble record", fix)
     members = record.get("members") if isinstance(record, dict) else None
+
     def ok(m: Any) -> bool:
         return isinstance(m, dict) and {"name", "model", "scale"} <= set(m)
 
@@ -63,9 +64,12 @@ def members_summary(run_dir: str | Path, task: Task, n_boot: int) -> dict[str, A
     folds = [f for f in run.records() if read_members(run.fold_dir(f))]
     if not folds:
         return None
+
     def names_of(fold: str) -> list[str]:  # every member, each seed replica after its model
         entries = read_members(run.fold_dir(fold)) or []
-        return [n for e in entries for n in [e["name"], *(r["name"] for r in e.get("replicas", []))]]
+        return [
+            n for e in entries for n in [e["name"], *(r["name"] for r in e.get("replicas", []))]
+        ]
 
     names = names_of(folds[0])
     folds = [f for f in folds if names_of(f) == names]
@@ -84,13 +88,20 @@ def members_summary(run_dir: str | Path, task: Task, n_boot: int) -> dict[str, A
 
     average = pooled(lambda f: run.fold_file(f, PREDICTIONS))
     out: dict[str, Any] = {"metric": metric, "folds": folds, "members": {}}
-    out["average"] = {"value": task.metric_value(average, metric), "ci95_pooled": task.pooled_ci(average, n_boot=n_boot).get(metric)}
+    out["average"] = {
+        "value": task.metric_value(average, metric),
+        "ci95_pooled": task.pooled_ci(average, n_boot=n_boot).get(metric),
+    }
     for name in names:
         own = pooled(lambda f, n=name: member_dir(run.fold_dir(f), n) / PREDICTIONS)
         d = paired_metric_difference(
-            task, average, own, metric, n_boot=n_boot,
+            task,
+            average,
+            own,
+            metric,
+            n_boot=n_boot,
             names=("the averaged predictions", f"member {name}'s"),
-        )  # fmt: skip
+        )
         out["members"][name] = {
             "value": d["reference_value"],
             "ci95_pooled": task.pooled_ci(own, n_boot=n_boot).get(metric),

@@ -100,10 +100,10 @@ def read_scores(
 ) -> tuple[np.ndarray, str, np.ndarray | None, str, str]:
     """One bag's scores of ``kind`` (column ``cls``) in the group ``entry`` of a scores file.
 
-    ``fallback_cls``: the column of a class kind of more than two columns read without
-    ``cls`` (e.g. the bag's predicted class); ``score_order``: the task's kinds ``"default"`` reads, first the one the file has
-(:attr:`mil.tasks.Task.score_order`). Returns (values, label of the kind, coords
-    or None, bag id, model name).
+        ``fallback_cls``: the column of a class kind of more than two columns read without
+        ``cls`` (e.g. the bag's predicted class); ``score_order``: the task's kinds ``"default"`` reads, first the one the file has
+    (:attr:`mil.tasks.Task.score_order`). Returns (values, label of the kind, coords
+        or None, bag id, model name).
     """
     group = entry[0]
     with open_scores(path, fold) as f:

@@ -90,7 +90,11 @@ def describe(split: Split, cohort: Cohort) -> pd.DataFrame:
 
 
 def read_splits(
-    directory: str | Path, cohort: Cohort, folds: int, repeats: int = 1, val_fraction: float = 0.0,
+    directory: str | Path,
+    cohort: Cohort,
+    folds: int,
+    repeats: int = 1,
+    val_fraction: float = 0.0,
     seed: int = 0,
 ) -> list[Split]:
     """Read split CSVs, checking every id is known and no patient spans two partitions.
@@ -160,7 +164,9 @@ def read_test_as_val(
             elif v in by_patient:
                 ids += by_patient[v]
             elif v:
-                raise SplitError(f"{path}: {v!r} in '{col}' is neither a case nor a slide of the cohort CSV")
+                raise SplitError(
+                    f"{path}: {v!r} in '{col}' is neither a case nor a slide of the cohort CSV"
+                )
         parts[col] = list(dict.fromkeys(ids))
     patient = dict(zip(slides["slide_id"], slides["patient_id"]))
     both = {patient[s] for s in parts["train"]} & {patient[s] for s in parts["val"]}
@@ -172,7 +178,9 @@ def read_test_as_val(
     groups = slides["patient_id"].to_numpy()
     tr, val = inner_validation(train, strata_options(cohort), groups, val_fraction, seed, where)
     ids = slides["slide_id"].to_numpy()
-    return Split(sp.fold, ids[np.sort(tr)].tolist(), ids[np.sort(val)].tolist(), parts["val"], sp.repeat)
+    return Split(
+        sp.fold, ids[np.sort(tr)].tolist(), ids[np.sort(val)].tolist(), parts["val"], sp.repeat
+    )
 
 
 def load_or_make_splits(

@@ -242,7 +242,11 @@ class Task:
 
     def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
         """:meth:`outputs` rows averaged within groups of column ``by`` (a fold ensemble)."""
-        cols = [c for c in rows.columns if c not in (by, "fold") and pd.api.types.is_numeric_dtype(rows[c])]
+        cols = [
+            c
+            for c in rows.columns
+            if c not in (by, "fold") and pd.api.types.is_numeric_dtype(rows[c])
+        ]
         return rows.groupby(by, sort=False)[cols].mean().reset_index()
 
     def output_columns(self) -> list[str]:
@@ -366,7 +370,9 @@ class Task:
     #: that model in the report's words (``ridge regression (scikit-learn)``)
     linear_words = ""
 
-    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
         """The penalised linear model of the task on standardised bag vectors ``z [B, D]``
         (scikit-learn / scikit-survival), whose head outputs :meth:`loss` reads."""
         raise NotImplementedError

@@ -62,7 +62,16 @@ class ClassificationTask(Task):
     saved_defaults = {"loss": "cox"}  # survival's default, in every saved config
 
     headline_metrics = ("auc", "balanced_accuracy")
-    report_metrics = ("auc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1", "brier")
+    report_metrics = (
+        "auc",
+        "auprc",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "f1",
+        "brier",
+    )
     outcome_columns = ("label_index",)
     figure_captions = {
         "roc.png": "Out-of-fold ROC curves (thin: folds; bold: pooled).",
@@ -124,7 +133,10 @@ class ClassificationTask(Task):
         return None
 
     def state(self) -> dict[str, Any]:
-        return {"class_weights": None if self.weight is None else self.weight.tolist(), "threshold": self.threshold}
+        return {
+            "class_weights": None if self.weight is None else self.weight.tolist(),
+            "threshold": self.threshold,
+        }
 
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
         return {"label": as_tensor(bags["label"].to_numpy(int), torch.long)}
@@ -214,12 +226,18 @@ class ClassificationTask(Task):
             warnings.simplefilter("ignore")
             return classification_auc(pred["label_index"].to_numpy(int), self._prob(pred))
 
-    def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
         y, p, positive = pred["label_index"].to_numpy(int), self._prob(pred), self._positive(pred)
         groups = pred["patient_id"].to_numpy()
         if positive is None:
-            return bootstrap_ci(classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=groups)
-        return bootstrap_ci(_with_threshold_metrics, y, p, positive, n_boot=n_boot, seed=seed, groups=groups)
+            return bootstrap_ci(
+                classification_metrics, y, p, n_boot=n_boot, seed=seed, groups=groups
+            )
+        return bootstrap_ci(
+            _with_threshold_metrics, y, p, positive, n_boot=n_boot, seed=seed, groups=groups
+        )
 
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
         y = pred["label_index"].to_numpy(int)
@@ -265,7 +283,9 @@ class ClassificationTask(Task):
     linear_penalty = ("C", C_GRID)
     linear_words = "logistic regression (scikit-learn)"
 
-    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
         """An L2 logistic regression with the fold's class weights."""
         weight = None if self.weight is None else self.weight.numpy()
         return logistic_head(z, bags["label"].to_numpy(int), penalty, weight, seed)
@@ -299,7 +319,10 @@ class ClassificationTask(Task):
         from sklearn.calibration import calibration_curve
 
         pooled = pd.concat(list(preds.values()), ignore_index=True)
-        y, p = pooled["label_index"].to_numpy(int), pooled[f"prob_{self.classes[1]}"].to_numpy(float)
+        y, p = (
+            pooled["label_index"].to_numpy(int),
+            pooled[f"prob_{self.classes[1]}"].to_numpy(float),
+        )
         if len(np.unique(y)) < 2:
             return {}
         bins = int(min(10, max(2, len(y) // 10)))
@@ -307,7 +330,10 @@ class ClassificationTask(Task):
         table = pd.DataFrame({"mean_predicted": mean, "fraction_positive": frac})
         brier = float(np.mean((p - y) ** 2))
         title = f"{self.run.name}: calibration, {len(y)} out-of-fold predictions"
-        return {"calibration.csv": table, "calibration.png": calibration_figure(table, brier, title)}
+        return {
+            "calibration.csv": table,
+            "calibration.png": calibration_figure(table, brier, title),
+        }
 
     def positive_bags(self, pred: pd.DataFrame) -> np.ndarray:
         return pred["label_index"].to_numpy(int) > 0

@@ -28,9 +28,11 @@ def logistic_head(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence notes at the weakest penalties
         lr = LogisticRegression(
-            C=C, max_iter=5000, random_state=seed,
+            C=C,
+            max_iter=5000,
+            random_state=seed,
             class_weight=None if weight is None else dict(enumerate(np.asarray(weight).tolist())),
-        ).fit(z, y)  # fmt: skip
+        ).fit(z, y)
     w, b = lr.coef_, lr.intercept_
     if len(lr.classes_) == 2:
         w, b = np.vstack([np.zeros_like(w), w]), np.array([0.0, b[0]])

@@ -65,7 +65,9 @@ class MultiTargetTask(Task):
     def target_reader(cls, options: MultiTargetOptions) -> MultiTargets:
         return MultiTargets(options.specs)
 
-    def __init__(self, options: MultiTargetOptions, classes: list[str], run: TaskRun | None = None) -> None:
+    def __init__(
+        self, options: MultiTargetOptions, classes: list[str], run: TaskRun | None = None
+    ) -> None:
         super().__init__(options, classes, run)
         self.specs = self.options.specs
         self.reader = MultiTargets(self.specs)
@@ -73,14 +75,21 @@ class MultiTargetTask(Task):
         self.blocks: dict[str, slice] = {}
         start = 0
         for s in self.specs:
-            sub_run = dataclasses.replace(self.run, columns={c: s.label_col for c in self.reader.readers[s.name].columns})
+            sub_run = dataclasses.replace(
+                self.run, columns={c: s.label_col for c in self.reader.readers[s.name].columns}
+            )
             sub = s.task_class(s.options, classes_of(self.classes, s.name), sub_run)
             self.subs[s.name] = sub
             self.blocks[s.name] = slice(start, start + sub.n_out)
             start += sub.n_out
         self._n_out = start
-        self.report_metrics = ("mean_headline", *(f"{s.name}/{m}" for s in self.specs for m in self.subs[s.name].report_metrics))
-        self.outcome_columns = tuple(f"{s.name}/{c}" for s in self.specs for c in self.subs[s.name].outcome_columns)
+        self.report_metrics = (
+            "mean_headline",
+            *(f"{s.name}/{m}" for s in self.specs for m in self.subs[s.name].report_metrics),
+        )
+        self.outcome_columns = tuple(
+            f"{s.name}/{c}" for s in self.specs for c in self.subs[s.name].outcome_columns
+        )
 
     @property
     def n_out(self) -> int:
@@ -91,7 +100,11 @@ class MultiTargetTask(Task):
         out = []
         for s in self.specs:
             n = self.blocks[s.name].stop - self.blocks[s.name].start
-            names = self.subs[s.name].classes if s.type == "classification" else ["score" if s.type == "ordinal" else "prediction"]
+            names = (
+                self.subs[s.name].classes
+                if s.type == "classification"
+                else ["score" if s.type == "ordinal" else "prediction"]
+            )
             out += [f"{s.name}/{names[j]}" for j in range(n)]
         return out
 
@@ -136,7 +149,12 @@ class MultiTargetTask(Task):
         out = {}
         for s in self.specs:
             out[f"{s.name}/mask"] = as_tensor(self._have(bags, s.name), torch.bool)
-            out.update({f"{s.name}/{k}": v for k, v in self.subs[s.name].targets(self._filled(bags, s.name)).items()})
+            out.update(
+                {
+                    f"{s.name}/{k}": v
+                    for k, v in self.subs[s.name].targets(self._filled(bags, s.name)).items()
+                }
+            )
         return out
 
     def target_losses(self, logits: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -148,7 +166,11 @@ class MultiTargetTask(Task):
             if not bool(mask.any()):
                 continue
             prefix = f"{s.name}/"
-            mine = {k[len(prefix) :]: v.to(logits.device)[mask] for k, v in targets.items() if k.startswith(prefix) and k != f"{s.name}/mask"}
+            mine = {
+                k[len(prefix) :]: v.to(logits.device)[mask]
+                for k, v in targets.items()
+                if k.startswith(prefix) and k != f"{s.name}/mask"
+            }
             out[s.name] = self.subs[s.name].loss(logits[mask][:, self.blocks[s.name]], mine)
         return out
 
@@ -174,7 +196,10 @@ class MultiTargetTask(Task):
 
     def outputs(self, logits: np.ndarray) -> pd.DataFrame:
         logits = np.asarray(logits, float)
-        parts = [self.subs[s.name].outputs(logits[:, self.blocks[s.name]]).add_prefix(f"{s.name}/") for s in self.specs]
+        parts = [
+            self.subs[s.name].outputs(logits[:, self.blocks[s.name]]).add_prefix(f"{s.name}/")
+            for s in self.specs
+        ]
         return pd.concat(parts, axis=1)
 
     def output_columns(self) -> list[str]:
@@ -184,7 +209,9 @@ class MultiTargetTask(Task):
         """``bag_id, patient_id`` and each target's prediction columns, ``<name>/``-prefixed;
         its outcome columns are empty where the label is missing."""
         logits = np.asarray(logits, float)
-        out = pd.DataFrame({"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values})
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
         for s in self.specs:
             sub = self.subs[s.name]
             sub.fold_name = self.fold_name
@@ -202,7 +229,9 @@ class MultiTargetTask(Task):
         """One target's predictions under its own task's column names (``labelled``: only the
         bags with its label), as a single-target run of that task would have written them."""
         prefix = f"{name}/"
-        keep = [c for c in pred.columns if not c.startswith(tuple(f"{s.name}/" for s in self.specs))]
+        keep = [
+            c for c in pred.columns if not c.startswith(tuple(f"{s.name}/" for s in self.specs))
+        ]
         own = {c: c[len(prefix) :] for c in pred.columns if c.startswith(prefix)}
         out = pred[keep + list(own)].rename(columns=own)
         if labelled:
@@ -221,7 +250,10 @@ class MultiTargetTask(Task):
         return out
 
     def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
-        parts = {s.name: self.subs[s.name].mean_outputs(self.part(rows, s.name, labelled=False), by) for s in self.specs}
+        parts = {
+            s.name: self.subs[s.name].mean_outputs(self.part(rows, s.name, labelled=False), by)
+            for s in self.specs
+        }
         base = parts[self.specs[0].name][[by]]
         return self._merge(base, parts)
 
@@ -232,7 +264,9 @@ class MultiTargetTask(Task):
         parts = {}
         for s in self.specs:
             sub_scales = None if scales is None else [sc.get(s.name, {}) for sc in scales]
-            parts[s.name] = self.subs[s.name].average_predictions([self.part(m, s.name, labelled=False) for m in members], sub_scales)
+            parts[s.name] = self.subs[s.name].average_predictions(
+                [self.part(m, s.name, labelled=False) for m in members], sub_scales
+            )
         first = members[0]
         out = first.copy()
         for name, p in parts.items():
@@ -244,7 +278,10 @@ class MultiTargetTask(Task):
     def output_scale(self, train_pred: pd.DataFrame | None) -> dict[str, Any]:
         if train_pred is None:
             return {}
-        return {s.name: self.subs[s.name].output_scale(self.part(train_pred, s.name)) for s in self.specs}
+        return {
+            s.name: self.subs[s.name].output_scale(self.part(train_pred, s.name))
+            for s in self.specs
+        }
 
     def metrics(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -256,29 +293,54 @@ class MultiTargetTask(Task):
         return out
 
     def _mean_headline(self, values: dict[str, Any]) -> float:
-        heads = [values.get(f"{s.name}/{self.subs[s.name].headline()}", float("nan")) for s in self.specs]
+        heads = [
+            values.get(f"{s.name}/{self.subs[s.name].headline()}", float("nan")) for s in self.specs
+        ]
         return float(np.mean(heads))
 
     def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
         out = {}
         for s in self.specs:
-            out.update({f"{s.name}/{k}": v for k, v in self.subs[s.name].pooled_metrics(self.part(pred, s.name)).items()})
+            out.update(
+                {
+                    f"{s.name}/{k}": v
+                    for k, v in self.subs[s.name].pooled_metrics(self.part(pred, s.name)).items()
+                }
+            )
         out["mean_headline"] = self._mean_headline(out)
         return out
 
     def metric_value(self, pred: pd.DataFrame, name: str) -> float:
         if name == "mean_headline":
-            return float(np.mean([self.subs[s.name].metric_value(self.part(pred, s.name), self.subs[s.name].headline()) for s in self.specs]))
+            return float(
+                np.mean(
+                    [
+                        self.subs[s.name].metric_value(
+                            self.part(pred, s.name), self.subs[s.name].headline()
+                        )
+                        for s in self.specs
+                    ]
+                )
+            )
         target, _, metric = name.partition("/")
         if target not in self.subs:
             return float("nan")
         return self.subs[target].metric_value(self.part(pred, target), metric)
 
-    def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
         """Each target's CIs, resampling whole patients among the bags with its label."""
         out = {}
         for s in self.specs:
-            out.update({f"{s.name}/{k}": v for k, v in self.subs[s.name].pooled_ci(self.part(pred, s.name), n_boot, seed).items()})
+            out.update(
+                {
+                    f"{s.name}/{k}": v
+                    for k, v in self.subs[s.name]
+                    .pooled_ci(self.part(pred, s.name), n_boot, seed)
+                    .items()
+                }
+            )
         return out
 
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
@@ -291,7 +353,11 @@ class MultiTargetTask(Task):
 
     def outcome_strata(self, pred: pd.DataFrame) -> np.ndarray:
         cols = [pred[c].astype(str).to_numpy() for c in self.outcome_columns if c in pred]
-        return pd.MultiIndex.from_arrays(cols).factorize()[0] if cols else np.zeros(len(pred), dtype=int)
+        return (
+            pd.MultiIndex.from_arrays(cols).factorize()[0]
+            if cols
+            else np.zeros(len(pred), dtype=int)
+        )
 
     def score_column(self) -> str | None:
         first = self.specs[0].name
@@ -301,7 +367,9 @@ class MultiTargetTask(Task):
     def describe(self, row: pd.Series) -> str:
         words = []
         for s in self.specs:
-            part = pd.Series({k[len(s.name) + 1 :]: v for k, v in row.items() if str(k).startswith(f"{s.name}/")})
+            part = pd.Series(
+                {k[len(s.name) + 1 :]: v for k, v in row.items() if str(k).startswith(f"{s.name}/")}
+            )
             if len(part):
                 words.append(f"{s.name}: {self.subs[s.name].describe(part)}")
         return "; ".join(w for w in words if not w.endswith(": "))
@@ -319,7 +387,9 @@ class MultiTargetTask(Task):
             "equal": "the sum of the targets' losses",
             "uncertainty": "the geometric mean of the targets' losses (Kendall et al.'s uncertainty weights at their optimum: each target's gradient divided by its loss)",
         }[self.options.weights]
-        per = " ".join(f"Target {s.name} ({s.label_col}): {self.subs[s.name].methods()}" for s in self.specs)
+        per = " ".join(
+            f"Target {s.name} ({s.label_col}): {self.subs[s.name].methods()}" for s in self.specs
+        )
         return (
             f"One bag embedding and one head per target; the loss is {weights}, each target's loss "
             "over the bags with its label only (an empty cell adds no loss and no metric). "

@@ -62,7 +62,9 @@ class MultiTargetOptions:
         for i, entry in enumerate(self.targets or []):
             where = f"task.targets[{i}]"
             if not isinstance(entry, dict):
-                raise ValueError(f"{where} must be a mapping with name and label_col, found {entry!r}")
+                raise ValueError(
+                    f"{where} must be a mapping with name and label_col, found {entry!r}"
+                )
             for key in ("name", "label_col"):
                 if not isinstance(entry.get(key), str) or not entry[key].strip():
                     raise ValueError(f"{where}.{key} must be given (a column or word)")
@@ -70,7 +72,9 @@ class MultiTargetOptions:
             if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
                 raise ValueError(f"{where}.name = {name!r}: use letters, digits, - and _ only")
             if name in names or col in cols:
-                raise ValueError(f"{where}: name {name!r} or label_col {col!r} is used by another target")
+                raise ValueError(
+                    f"{where}: name {name!r} or label_col {col!r} is used by another target"
+                )
             names.add(name), cols.add(col)
             kind = entry.get("type", "classification")
             if kind not in TARGET_TYPES:
@@ -83,7 +87,11 @@ class MultiTargetOptions:
                 options = build_section(get(kind).Options, rest, f"{where}.", "task")
             except ConfigError as exc:
                 raise ValueError(str(exc).removeprefix("task: ")) from None
-            specs.append(TargetSpec(name, col, kind, None if classes is None else tuple(map(str, classes)), options))
+            specs.append(
+                TargetSpec(
+                    name, col, kind, None if classes is None else tuple(map(str, classes)), options
+                )
+            )
         return specs
 
 
@@ -114,7 +122,10 @@ class MultiTargets(Targets):
     def data_of(self, spec: TargetSpec, data: Any) -> Any:
         """``data`` as the target's own task reads it: its column and classes."""
         return dataclasses.replace(
-            data, label_col=spec.label_col, classes=None if spec.classes is None else list(spec.classes), class_aliases={}
+            data,
+            label_col=spec.label_col,
+            classes=None if spec.classes is None else list(spec.classes),
+            class_aliases={},
         )
 
     def source_columns(self, data: Any) -> dict[str, str]:
@@ -149,11 +160,21 @@ class MultiTargets(Targets):
             y = np.full(len(slides), -1, dtype=int)  # a missing label: a stratum of its own
             options = self.readers[s.name].strata(self.view(slides, s))
             # the coarsest of the target's own strata (class, grade; a regression's halves)
-            y[have] = [o for o in options if o[0] != "none"][-1][1] if len(options) > 1 else options[0][1]
+            y[have] = (
+                [o for o in options if o[0] != "none"][-1][1] if len(options) > 1 else options[0][1]
+            )
             per.append((s.name, y))
-        joint = pd.MultiIndex.from_arrays([y for _, y in per]).factorize()[0] if len(per) > 1 else per[0][1]
+        joint = (
+            pd.MultiIndex.from_arrays([y for _, y in per]).factorize()[0]
+            if len(per) > 1
+            else per[0][1]
+        )
         names = " x ".join(n for n, _ in per)
-        return [(f"all targets ({names})", np.asarray(joint)), *per[:1], ("none", np.zeros(len(slides), dtype=int))]
+        return [
+            (f"all targets ({names})", np.asarray(joint)),
+            *per[:1],
+            ("none", np.zeros(len(slides), dtype=int)),
+        ]
 
     def counts(self, part: pd.DataFrame, classes: list[str]) -> pd.Series:
         out = {}
@@ -170,23 +191,35 @@ class MultiTargets(Targets):
             if s.label_col not in df.columns:
                 continue
             rows = df[_present(df[s.label_col])]
-            found += [(f"{s.name}: {w}", what) for w, what in self.readers[s.name].check(rows, self.data_of(s, data), folds)]
+            found += [
+                (f"{s.name}: {w}", what)
+                for w, what in self.readers[s.name].check(rows, self.data_of(s, data), folds)
+            ]
             missing = len(df) - len(rows)
             if missing:
-                found.append((s.name, f"{missing} of {len(df)} slides have no {s.label_col!r} (no loss, no metric for them)"))
+                found.append(
+                    (
+                        s.name,
+                        f"{missing} of {len(df)} slides have no {s.label_col!r} (no loss, no metric for them)",
+                    )
+                )
         return found
 
     def overview(self, df: pd.DataFrame, data: Any) -> str | None:
         lines = []
         for s in self.specs:
             if s.label_col in df.columns:
-                line = self.readers[s.name].overview(df[_present(df[s.label_col])], self.data_of(s, data))
+                line = self.readers[s.name].overview(
+                    df[_present(df[s.label_col])], self.data_of(s, data)
+                )
                 lines.append(f"{s.name} ({s.type}): {line}")
         return "; ".join(lines) or None
 
 
 def _no_labels(source: str, spec: TargetSpec) -> DataError:
-    return DataError(f"{source}: column {spec.label_col!r} (target {spec.name!r}) has no value in any row")
+    return DataError(
+        f"{source}: column {spec.label_col!r} (target {spec.name!r}) has no value in any row"
+    )
 
 
 def classes_of(classes: list[str], name: str) -> list[str]:

@@ -109,13 +109,17 @@ class OrdinalTask(Task):
     # heatmaps: the tile's signed share of the shared score
     score_order = (SURVIVAL_SCORE_KIND, "attention_x_logit", DEFAULT_SCORE_KIND)
     linear_penalty = ("C", C_GRID)
-    linear_words = "an L2-penalised linear cumulative-link model on the fold's thresholds (scipy L-BFGS)"
+    linear_words = (
+        "an L2-penalised linear cumulative-link model on the fold's thresholds (scipy L-BFGS)"
+    )
 
     @classmethod
     def target_reader(cls, options: OrdinalOptions) -> GradeTargets:
         return GradeTargets()
 
-    def __init__(self, options: OrdinalOptions, classes: list[str], run: TaskRun | None = None) -> None:
+    def __init__(
+        self, options: OrdinalOptions, classes: list[str], run: TaskRun | None = None
+    ) -> None:
         super().__init__(options, classes, run)
         #: before a fold's state (fit_fold, load_fold_state): equally spaced
         self.thresholds = equal_thresholds(max(len(self.classes), 2))
@@ -166,9 +170,13 @@ class OrdinalTask(Task):
 
         y = torch.as_tensor(train_bags["label"].to_numpy(int))
         best = minimize_scalar(
-            lambda s: float(self.loss(torch.full((len(y), 1), float(s), dtype=torch.float64), {"label": y})),
-            bounds=(-50.0, 50.0), method="bounded", options={"xatol": 1e-8},
-        )  # fmt: skip
+            lambda s: float(
+                self.loss(torch.full((len(y), 1), float(s), dtype=torch.float64), {"label": y})
+            ),
+            bounds=(-50.0, 50.0),
+            method="bounded",
+            options={"xatol": 1e-8},
+        )
         return np.array([best.x])
 
     def constant_predictions(self, pred: pd.DataFrame) -> str | None:
@@ -195,7 +203,9 @@ class OrdinalTask(Task):
 
     def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
         """``bag_id, patient_id, label, label_index, score, prob_<grade>..., pred``."""
-        out = pd.DataFrame({"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values})
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
         out["label"] = [self.classes[i] for i in bags["label"]]
         out["label_index"] = bags["label"].to_numpy(int)
         values = self.outputs(logits)
@@ -260,12 +270,16 @@ class OrdinalTask(Task):
         y, _, p = self._arrays(pred)
         return quadratic_weighted_kappa(y, p, self.k)
 
-    def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
         """Bootstrap 95% CIs resampling whole patients."""
         groups = pred["patient_id"].astype(str).to_numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return bootstrap_ci(ordinal_metrics, *self._arrays(pred), n_boot=n_boot, seed=seed, groups=groups)
+            return bootstrap_ci(
+                ordinal_metrics, *self._arrays(pred), n_boot=n_boot, seed=seed, groups=groups
+            )
 
     def counts(self, pred: pd.DataFrame) -> dict[str, int]:
         y = pred["label_index"].to_numpy(int)
@@ -282,7 +296,11 @@ class OrdinalTask(Task):
         return "score"
 
     def describe(self, row: pd.Series) -> str:
-        return f"grade {row['label']}, predicted {row['pred']} (score {row['score']:.2f})" if "score" in row else ""
+        return (
+            f"grade {row['label']}, predicted {row['pred']} (score {row['score']:.2f})"
+            if "score" in row
+            else ""
+        )
 
     def thin_outcome(self, pred: pd.DataFrame) -> str | None:
         grades = sorted(pred["label"].dropna().astype(str).unique()) if "label" in pred else []
@@ -295,7 +313,9 @@ class OrdinalTask(Task):
 
     # ---- the closed-form baseline ----------------------------------------------------------------
 
-    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
         r"""The cumulative-link model :math:`s = w\cdot z + b` on the fold's thresholds: CORAL's
         loss summed over the bags plus :math:`\lVert w\rVert^2 / 2C` (the penalty of
         scikit-learn's logistic regression), minimised by scipy's L-BFGS (the loss is convex)."""
@@ -333,12 +353,19 @@ class OrdinalTask(Task):
         pooled = pd.concat(list(preds.values()), ignore_index=True)
         from sklearn.metrics import confusion_matrix
 
-        cm = confusion_matrix(pooled["label_index"], self._pred_index(pooled), labels=np.arange(self.k))
+        cm = confusion_matrix(
+            pooled["label_index"], self._pred_index(pooled), labels=np.arange(self.k)
+        )
         table = pd.DataFrame(cm, columns=[f"pred_{c}" for c in self.classes])
         table.insert(0, "grade", self.classes)
-        qwk = quadratic_weighted_kappa(pooled["label_index"].to_numpy(int), self._pred_index(pooled), self.k)
+        qwk = quadratic_weighted_kappa(
+            pooled["label_index"].to_numpy(int), self._pred_index(pooled), self.k
+        )
         title = f"{self.run.name}: {len(pooled)} out-of-fold predictions, pooled kappa {qwk:.3f}"
-        return {}, {"confusion.csv": table, "confusion.png": confusion_figure(cm, self.classes, title)}
+        return {}, {
+            "confusion.csv": table,
+            "confusion.png": confusion_figure(cm, self.classes, title),
+        }
 
     def title(self) -> str:
         return f"ordinal grading of {self.run.columns.get('label', 'the label')} ({self.run.bag_level} bags)"

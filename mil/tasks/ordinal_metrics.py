@@ -92,8 +92,15 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
     ax.imshow(cm, cmap="Blues")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks(range(k), classes)
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted grade")

@@ -169,7 +169,9 @@ class RegressionTask(Task):
     def target_reader(cls, options: RegressionOptions) -> NumericTargets:
         return NumericTargets(positive=options.target_scaling == "log")
 
-    def __init__(self, options: RegressionOptions, classes: list[str], run: TaskRun | None = None) -> None:
+    def __init__(
+        self, options: RegressionOptions, classes: list[str], run: TaskRun | None = None
+    ) -> None:
         super().__init__(options, [], run)
         #: before a fold's state (fit_fold, load_fold_state) the head's outputs are read as they are
         self.scaler = TargetScaler()
@@ -180,17 +182,29 @@ class RegressionTask(Task):
 
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
         """The target scaler, from the training bags' targets only."""
-        self.scaler = TargetScaler.fit(self.options.target_scaling, train_bags["target"].to_numpy(float))
+        self.scaler = TargetScaler.fit(
+            self.options.target_scaling, train_bags["target"].to_numpy(float)
+        )
 
     def state(self) -> dict[str, Any]:
-        return {"target_scaling": self.scaler.kind, "center": self.scaler.center, "scale": self.scaler.scale}
+        return {
+            "target_scaling": self.scaler.kind,
+            "center": self.scaler.center,
+            "scale": self.scaler.scale,
+        }
 
     def load_fold_state(self, state: dict[str, Any]) -> None:
         if "center" in state:
-            self.scaler = TargetScaler(state["target_scaling"], float(state["center"]), float(state["scale"]))
+            self.scaler = TargetScaler(
+                state["target_scaling"], float(state["center"]), float(state["scale"])
+            )
 
     def targets(self, bags: pd.DataFrame) -> dict[str, Tensor]:
-        return {"target": as_tensor(self.scaler.transform(bags["target"].to_numpy(float)), torch.float32)}
+        return {
+            "target": as_tensor(
+                self.scaler.transform(bags["target"].to_numpy(float)), torch.float32
+            )
+        }
 
     def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
         y = targets["target"].to(logits.device, logits.dtype)
@@ -220,7 +234,9 @@ class RegressionTask(Task):
 
     def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
         """``bag_id, patient_id, fold, target, prediction``."""
-        out = pd.DataFrame({"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values})
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
         out["fold"] = self.fold_name
         out["target"] = bags["target"].to_numpy(float)
         out["prediction"] = self.outputs(logits)["prediction"].to_numpy()
@@ -246,7 +262,9 @@ class RegressionTask(Task):
     def pooled_metrics(self, pred: pd.DataFrame) -> dict[str, float]:
         return self._metrics(pred["target"].to_numpy(float), pred["prediction"].to_numpy(float))
 
-    def pooled_ci(self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    def pooled_ci(
+        self, pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
         """Bootstrap 95% CIs resampling whole patients."""
         y, p = pred["target"].to_numpy(float), pred["prediction"].to_numpy(float)
         groups = pred["patient_id"].astype(str).to_numpy()
@@ -263,7 +281,11 @@ class RegressionTask(Task):
         return "prediction"
 
     def describe(self, row: pd.Series) -> str:
-        return f"target {row['target']:.3g}, predicted {row['prediction']:.3g}" if "prediction" in row else ""
+        return (
+            f"target {row['target']:.3g}, predicted {row['prediction']:.3g}"
+            if "prediction" in row
+            else ""
+        )
 
     def thin_outcome(self, pred: pd.DataFrame) -> str | None:
         if pred["target"].nunique() >= MIN_DISTINCT:
@@ -275,7 +297,9 @@ class RegressionTask(Task):
 
     # ---- the closed-form baseline and instance scores ------------------------------------------
 
-    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
         """Ridge regression (scikit-learn) of the scaled target."""
         from sklearn.linear_model import Ridge
 
@@ -310,8 +334,16 @@ class RegressionTask(Task):
             "log": "log-transformed and standardised with the training fold's mean and sd",
             "none": "as it is",
         }[o.target_scaling]
-        loss = {"mse": "mean squared error", "huber": "Huber loss (delta 1)", "l1": "mean absolute error"}[o.loss]
-        cut = f"; ROC AUC of the prediction for target >= {o.cutoff:g}" if o.cutoff is not None else ""
+        loss = {
+            "mse": "mean squared error",
+            "huber": "Huber loss (delta 1)",
+            "l1": "mean absolute error",
+        }[o.loss]
+        cut = (
+            f"; ROC AUC of the prediction for target >= {o.cutoff:g}"
+            if o.cutoff is not None
+            else ""
+        )
         return (
             f"Loss: {loss} on the target {scaling} (the scaler fitted on each training fold only, "
             "predictions mapped back to the original scale). Metrics: R², mean absolute error and "
@@ -325,7 +357,9 @@ def _scatter(pooled: pd.DataFrame, title: str, label: str):
     fig = Figure(figsize=(4.8, 4.6), dpi=120)
     ax = fig.subplots()
     for i, (fold, g) in enumerate(pooled.groupby("fold", sort=False)):
-        ax.scatter(g["target"], g["prediction"], s=12, alpha=0.7, color=f"C{i % 10}", label=f"fold {fold}")
+        ax.scatter(
+            g["target"], g["prediction"], s=12, alpha=0.7, color=f"C{i % 10}", label=f"fold {fold}"
+        )
     lo = float(np.nanmin(pooled[["target", "prediction"]].to_numpy()))
     hi = float(np.nanmax(pooled[["target", "prediction"]].to_numpy()))
     ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
@@ -345,7 +379,9 @@ def _residuals(pooled: pd.DataFrame, groups: list[str], title: str):
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
     for ax, col in zip(axes, groups):
         parts = residuals_by_group(pooled["target"], pooled["prediction"], pooled[col].to_numpy())
-        ax.boxplot(list(parts.values()), tick_labels=[f"{k}\n(n={len(v)})" for k, v in parts.items()])
+        ax.boxplot(
+            list(parts.values()), tick_labels=[f"{k}\n(n={len(v)})" for k, v in parts.items()]
+        )
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(col)
         ax.set_ylabel("prediction - target")

@@ -93,7 +93,9 @@ class SurvivalTask(SurvivalMetrics, Task):
     def target_reader(cls, options: SurvivalOptions) -> SurvivalTargets:
         return SurvivalTargets()
 
-    def __init__(self, options: SurvivalOptions, classes: list[str], run: TaskRun | None = None) -> None:
+    def __init__(
+        self, options: SurvivalOptions, classes: list[str], run: TaskRun | None = None
+    ) -> None:
         super().__init__(options, [], run)
         self.loss_name = self.options.loss
         self.ties = self.options.ties
@@ -291,11 +293,15 @@ class SurvivalTask(SurvivalMetrics, Task):
         v = np.asarray(values, dtype=np.float64)
         return v.mean(1, keepdims=True) if logit_kind(kind, v) and v.shape[1] > 1 else v
 
-    def fit_linear(self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int) -> LinearHead:
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
         """A ridge Cox model (the task's ties); for ``nll`` its risk becomes bin hazards
         through the Breslow baseline of the training bags."""
         cuts = None if self.n_out == 1 else np.asarray(self.state()["bin_cuts"], float)
-        return cox_head(z, bags["time"].to_numpy(float), bags["event"].to_numpy(int), penalty, self.ties, cuts)
+        return cox_head(
+            z, bags["time"].to_numpy(float), bags["event"].to_numpy(int), penalty, self.ties, cuts
+        )
 
     def fold_artifacts(self, pred: pd.DataFrame, train_pred: pd.DataFrame | None) -> Artifacts:
         """``risk_groups.csv`` and ``km.png``: test bags cut at the training fold's median risk."""

@@ -144,12 +144,14 @@ class SurvivalTargets(Targets):
     def check(self, df: pd.DataFrame, data: Any, folds: int) -> list[tuple[str, str]]:
         if "censor" not in data.event_col.lower() or data.censored_value:
             return []
-        return [(
-            data.event_col,
-            f"the event column is named {data.event_col!r} but data.censored_value is "
-            f"{'not set' if data.censored_value is None else data.censored_value}: its 1s are read "
-            f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
-        )]  # fmt: skip
+        return [
+            (
+                data.event_col,
+                f"the event column is named {data.event_col!r} but data.censored_value is "
+                f"{'not set' if data.censored_value is None else data.censored_value}: its 1s are read "
+                f"as events. If 1 means censored (CLAM, Patch-GCN), set data.censored_value: 1",
+            )
+        ]
 
 
 def _events(df: pd.DataFrame, slide_ids: pd.Series, data: Any, source: str) -> np.ndarray:

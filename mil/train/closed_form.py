@@ -91,9 +91,14 @@ def fit_closed_form(
         else:
             val_loss = fitter.inner_loss(z_tr, train, penalty)
         rows.append(
-            {"epoch": i, fitter.penalty_name: penalty, "train_loss": fitter.loss(head, z_tr, train),
-             "val_loss": val_loss, "steps": 0}
-        )  # fmt: skip
+            {
+                "epoch": i,
+                fitter.penalty_name: penalty,
+                "train_loss": fitter.loss(head, z_tr, train),
+                "val_loss": val_loss,
+                "steps": 0,
+            }
+        )
         if np.isfinite(val_loss) and (best is None or val_loss < rows[best]["val_loss"]):
             best = i
     if not fitted:

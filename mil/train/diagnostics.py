@@ -164,7 +164,9 @@ def _still_improving(
     if not np.isfinite(val).all() or val[-1] > val.min():
         return None
     before = val[-1 - LOOKBACK]
-    if not before - val[-1] > STILL_FALLING * (val.max() - val.min()):  # a flat curve is not improving
+    if not before - val[-1] > STILL_FALLING * (
+        val.max() - val.min()
+    ):  # a flat curve is not improving
         return None
     name = column.removeprefix("val_")
     return (

@@ -214,7 +214,10 @@ def check_feature_kind(run_cfg: Config, cfg: Config, allowed: bool) -> None:
         return
     if kinds[0] == kinds[1]:
         return
-    word = {True: "slide/patient embeddings (one vector [D] per file)", False: "tile features ([N, D])"}  # fmt: skip
+    word = {
+        True: "slide/patient embeddings (one vector [D] per file)",
+        False: "tile features ([N, D])",
+    }
     message = (
         f"{ext}: the external cohort holds {word[kinds[1]]}, but the run's models were trained "
         f"on {word[kinds[0]]} (e.g. {train}); such a model predicts the other kind without "

@@ -30,8 +30,11 @@ def write_external_report(path: Path, summary: dict[str, Any], cfg: Config, task
         ok = ci and None not in ci[:2] and np.isfinite(ci[0])
         lines.append(f"| {k} | {v:.3f} | {f'{ci[0]:.3f} – {ci[1]:.3f}' if ok else ''} |")
     if "logrank_p" in metrics and np.isfinite(json_float(metrics["logrank_p"]["value"])):
-        lines += ["", "Log-rank test of high- vs low-risk external bags (cut at the median risk the "
-                  f"ensemble gives the run's own bags): p = {json_float(metrics['logrank_p']['value']):.2g}."]  # fmt: skip
+        lines += [
+            "",
+            "Log-rank test of high- vs low-risk external bags (cut at the median risk the "
+            f"ensemble gives the run's own bags): p = {json_float(metrics['logrank_p']['value']):.2g}.",
+        ]
     lines += ["", "## Generalization gap", "", *_gap_section(summary), ""]
     figures = [f for f in task.figure_captions if f in summary.get("files", [])]
     if figures:

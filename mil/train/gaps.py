@@ -38,10 +38,15 @@ def generalization_gap(
     point_ext = score_ext(np.arange(len(external)))
     point_int = score_int(np.arange(len(internal)))
     diffs = unpaired_difference(
-        score_ext, len(external), score_int, len(internal), n_boot=n_boot, seed=seed,
+        score_ext,
+        len(external),
+        score_int,
+        len(internal),
+        n_boot=n_boot,
+        seed=seed,
         groups_a=external["patient_id"].astype(str).to_numpy(),
         groups_b=internal["patient_id"].astype(str).to_numpy(),
-    )  # fmt: skip
+    )
     return {
         k: {
             "internal": point_int[k],

@@ -91,9 +91,14 @@ class FoldModel:
             data = data.with_transform(norm)
         train = self.cfg.train
         out = predict(
-            self.model, data, list(bag_slides), train.max_instances, self.device, keep_scores,
+            self.model,
+            data,
+            list(bag_slides),
+            train.max_instances,
+            self.device,
+            keep_scores,
             precision=train.precision,
-        )  # fmt: skip
+        )
         if keep_scores and self.replicas:  # train.seeds: the replicas' averaged instance scores
             others = [r.forward(bag_slides, store, True, tabular) for r in self.replicas]
             out = average_forwards([out, *others])

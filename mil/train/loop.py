@@ -279,9 +279,14 @@ def _validate(
 ) -> dict[str, float]:
     """Validation loss and metrics (``val_<metric>``) of one epoch."""
     fwd = predict(
-        model, data, val["bag_id"].tolist(), cfg.max_instances, device,
-        precision=cfg.precision, dist=dist,
-    )  # fmt: skip
+        model,
+        data,
+        val["bag_id"].tolist(),
+        cfg.max_instances,
+        device,
+        precision=cfg.precision,
+        dist=dist,
+    )
     if not torch.isfinite(fwd.logits).all():
         raise diverged(desc, epoch, "the model's validation outputs are NaN or infinite", cfg)
     out = {"val_loss": float(task.loss(fwd.logits, val_targets))}
@@ -372,7 +377,9 @@ def fit(
             "lr": opt.param_groups[0]["lr"],  # after the epoch's last step
         }
         if val_targets is not None:
-            row.update(_validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch))
+            row.update(
+                _validate(model, task, data, val, val_targets, cfg, device, dist, desc, epoch)
+            )
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_loss", "val_loss")})
         if early and epoch >= cfg.best_from_epoch:

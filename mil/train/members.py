@@ -117,7 +117,9 @@ def refit_members(
         out = [Member(name, None, average(task, reps)[1], None, replicas=reps)]
     for member in exp.cfg.members:
         model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), member=member)
-        history = fit_closed_form(model, task, data, bags, None, exp.cfg.train, (penalties[member],))
+        history = fit_closed_form(
+            model, task, data, bags, None, exp.cfg.train, (penalties[member],)
+        )
         model = model.to(device)
         train_pred = _rows(model, data, task, bags, limit, device) if want else None
         out.append(Member(member, None, train_pred, None, model=model, norm=norm, history=history))
@@ -157,13 +159,19 @@ def write_members(fold_dir: Path, exp: Experiment, task: Task, members: list[Mem
 def _write_member(fold_dir: Path, exp: Experiment, task: Task, m: Member) -> dict[str, Any]:
     folder = member_dir(fold_dir, m.name)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in ((PREDICTIONS, m.pred), (PREDICTIONS_TRAIN, m.train_pred), (PREDICTIONS_VAL, m.val_pred)):
+    for name, frame in (
+        (PREDICTIONS, m.pred),
+        (PREDICTIONS_TRAIN, m.train_pred),
+        (PREDICTIONS_VAL, m.val_pred),
+    ):
         if frame is not None:
             write_csv(folder / name, frame)
     model_file = MODEL  # the fold's own model.pt
     if m.model is not None:
         write_csv(folder / HISTORY, m.history)
         arch, hparams = m.arch or (m.name, {})
-        save_model(folder / MODEL, exp.checkpoint(task, arch, hparams, m.model.state_dict(), m.norm))
+        save_model(
+            folder / MODEL, exp.checkpoint(task, arch, hparams, m.model.state_dict(), m.norm)
+        )
         model_file = str((folder / MODEL).relative_to(fold_dir))
     return {"name": m.name, "model": model_file, "scale": m.scale(task)}

@@ -113,6 +113,22 @@ def chosen_budget(exp: Experiment, run: RunFolder) -> dict[str, Any]:
     return out
 
 
+def _fit_all(model, task, data, bags, train_cfg, device, progress, desc: str, choice: dict):
+    """A gradient model trained on every bag for the budget the folds chose."""
+    return fit(
+        model.to(device),
+        task,
+        data,
+        bags,
+        None,
+        train_cfg,
+        device,
+        progress=progress,
+        desc=desc,
+        stop_after=choice["epochs"],
+    )
+
+
 def refit(
     cfg: Config,
     run_dir: str | Path,
@@ -142,10 +158,9 @@ def refit(
         train_cfg = dataclasses.replace(
             cfg.train, epochs=choice["budget_epochs"], min_steps=None, patience=None
         )
-        history, state = fit(
-            model.to(device), task, data, bags, None, train_cfg, device,
-            progress=progress, desc="refit", stop_after=choice["epochs"],
-        )  # fmt: skip
+        history, state = _fit_all(
+            model, task, data, bags, train_cfg, device, progress, "refit", choice
+        )
     else:
         history = fit_closed_form(model, task, data, bags, None, cfg.train, (choice["penalty"],))
         state = model.state_dict()
@@ -155,10 +170,11 @@ def refit(
             seed = cfg.train.seed + REPLICA_SEED * j
             torch.manual_seed(seed + 104729)
             rep, rep_norm, rep_data = fold_setup(exp, task, bags["bag_id"].tolist())
-            rep_history, _ = fit(
-                rep.to(device), task, rep_data, bags, None, dataclasses.replace(train_cfg, seed=seed),
-                device, progress=progress, desc=f"refit seed {j}", stop_after=choice["epochs"],
-            )  # fmt: skip
+            rep_cfg = dataclasses.replace(train_cfg, seed=seed)
+            desc = f"refit seed {j}"
+            rep_history, _ = _fit_all(
+                rep, task, rep_data, bags, rep_cfg, device, progress, desc, choice
+            )
             replicas.append((rep, rep_norm, rep_data, rep_history))
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)

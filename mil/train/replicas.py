@@ -52,22 +52,40 @@ def train_replica(
     if dist.enabled:
         torch.manual_seed(seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
     history, _ = fit(
-        model, task, data, train, val, dataclasses.replace(cfg.train, seed=seed), device,
-        progress=exp.progress, desc=f"fold {split.name} seed {j}", dist=dist,
-    )  # fmt: skip
+        model,
+        task,
+        data,
+        train,
+        val,
+        dataclasses.replace(cfg.train, seed=seed),
+        device,
+        progress=exp.progress,
+        desc=f"fold {split.name} seed {j}",
+        dist=dist,
+    )
 
     def infer(frame: pd.DataFrame, scores: bool = False) -> Forward:
         ids = frame["bag_id"].tolist()
         return predict(
-            model, data, ids, cfg.train.max_instances, device, keep_scores=scores,
-            precision=cfg.train.precision, dist=dist,
-        )  # fmt: skip
+            model,
+            data,
+            ids,
+            cfg.train.max_instances,
+            device,
+            keep_scores=scores,
+            precision=cfg.train.precision,
+            dist=dist,
+        )
 
     fwd = infer(test, scores=True)
     pred = task.predictions(test, fwd.logits.numpy())
     for col in exp.cohort.group_cols:
         pred[col] = test[col].to_numpy()
-    train_pred = task.predictions(train, infer(train).logits.numpy()) if task.needs_train_predictions else None
+    train_pred = (
+        task.predictions(train, infer(train).logits.numpy())
+        if task.needs_train_predictions
+        else None
+    )
     val_pred = None
     if task.needs_val_predictions and val is not None and len(val):
         val_pred = task.predictions(val, infer(val).logits.numpy())

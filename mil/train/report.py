@@ -48,7 +48,12 @@ def write_report(run_dir: str | Path) -> Path:
     if summary.get("diagnostics"):
         lines += ["## Training diagnostics", "", *_diagnostics(summary), ""]
     if run.file(BASELINES).is_file():
-        lines += ["## Against linear baselines", "", *_baselines(run.file(BASELINES), cfg, task), ""]
+        lines += [
+            "## Against linear baselines",
+            "",
+            *_baselines(run.file(BASELINES), cfg, task),
+            "",
+        ]
     if summary.get("subgroups"):
         lines += ["## Sites and subgroups", "", *subgroup_lines(summary, task), ""]
     lines += ["## Per fold", "", *_per_fold(records, task), ""]
@@ -74,14 +79,17 @@ PREPROCESSING = {
 }
 
 
-def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
-    s, t, d = cfg.splits, cfg.train, cfg.data
-    n_bags, n_patients, n_boot = summary["n_bags"], summary["n_patients"], summary["n_boot"]
+def _design_words(cfg: Config, task: Task, summary: dict[str, Any]) -> list[str]:
+    """The cohort and the cross-validation design, in words."""
+    s, d = cfg.splits, cfg.data
+    n_bags, n_patients = summary["n_bags"], summary["n_patients"]
     if d.instances:
         parts = [f"{n_bags} bags of instances (table {Path(d.instances).name}) were analysed."]
     else:
         if d.bag_level == "slide":
-            parts = [f"Bags of tile features of {n_bags} slides from {n_patients} patients were analysed."]
+            parts = [
+                f"Bags of tile features of {n_bags} slides from {n_patients} patients were analysed."
+            ]
         else:
             parts = [
                 f"Bags of tile features of {n_patients} patients (each patient's slides "
@@ -100,6 +108,13 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
     if s.repeats > 1:
         cv += f", repeated {s.repeats} times"
     parts.append(cv + ".")
+    return parts
+
+
+def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
+    s, t, d = cfg.splits, cfg.train, cfg.data
+    n_boot = summary["n_boot"]
+    parts = _design_words(cfg, task, summary)
     if s.val_fraction > 0 and t.patience is not None:
         parts.append(
             f"In each fold, {s.val_fraction:.0%} of the training patients formed an inner validation set "
@@ -117,7 +132,10 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
             "with the penalty chosen by the validation loss."
         )
     elif "data.standardize" in cfg.search:  # the folds may have chosen differently
-        options = ["raw features" if not v else f"features {PREPROCESSING[v]}" for v in cfg.search["data.standardize"]]
+        options = [
+            "raw features" if not v else f"features {PREPROCESSING[v]}"
+            for v in cfg.search["data.standardize"]
+        ]
         parts.append(
             f"The feature preprocessing was chosen in each fold by the hyper-parameter search "
             f"(below) among {', '.join(options)}."
@@ -129,7 +147,11 @@ def _methods(cfg: Config, task: Task, summary: dict[str, Any]) -> str:
         parts.append(
             f"Aggregator: `{cfg.model_name}`{f' ({hp})' if hp else ''}. Optimiser: {t.optimizer} "
             f"(learning rate {t.lr:g}, weight decay {t.weight_decay:g}), {_batch_words(t)} per step"
-            + (f", {t.subsample} random tiles per bag per step (full bags at test)" if t.subsample else "")
+            + (
+                f", {t.subsample} random tiles per bag per step (full bags at test)"
+                if t.subsample
+                else ""
+            )
             + "."
         )
         if t.min_steps or t.schedule != "constant" or t.warmup_steps:
@@ -198,7 +220,12 @@ def ordered_metrics(keys, task: Task) -> list[str]:
 def _results(summary: dict[str, Any], task: Task) -> list[str]:
     metrics = summary["metrics"]
     repeats = any("sem_over_repeats" in m for m in metrics.values())
-    head = ["metric", "mean ± sd over folds", *(["mean ± SEM over repeats"] if repeats else []), "95% CI (pooled bootstrap)"]
+    head = [
+        "metric",
+        "mean ± sd over folds",
+        *(["mean ± SEM over repeats"] if repeats else []),
+        "95% CI (pooled bootstrap)",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in ordered_metrics(metrics, task):
         if k in ("train_seconds", "seconds_per_epoch") or k.endswith(("_p", "_tau")):
@@ -212,7 +239,9 @@ def _results(summary: dict[str, Any], task: Task) -> list[str]:
                 if "repeat_means" in m
                 else ""
             )
-        cells.append(f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci[:2] and np.isfinite(ci[0]) else "")
+        cells.append(
+            f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci[:2] and np.isfinite(ci[0]) else ""
+        )
         rows.append("| " + " | ".join(cells) + " |")
     out = rows
     if isinstance(summary.get("auc_pooled"), float):
@@ -233,8 +262,13 @@ def _results(summary: dict[str, Any], task: Task) -> list[str]:
         else:
             text = "undefined in every fold" + (f"; {pooled_s}" if pooled_s else "")
         out += ["", f"Log-rank test of high- vs low-risk test patients: {text}."]
-    if "seconds_per_epoch" in metrics and np.isfinite(json_float(metrics["seconds_per_epoch"]["mean"])):
-        out += ["", f"Training took {json_float(metrics['seconds_per_epoch']['mean']):.2f} s per epoch on average."]
+    if "seconds_per_epoch" in metrics and np.isfinite(
+        json_float(metrics["seconds_per_epoch"]["mean"])
+    ):
+        out += [
+            "",
+            f"Training took {json_float(metrics['seconds_per_epoch']['mean']):.2f} s per epoch on average.",
+        ]
     return out
 
 
@@ -248,7 +282,9 @@ def subgroup_lines(
     rows = summary["subgroups"]
     count_keys = [k for k in rows[0] if k.startswith("n_") and k not in ("n_bags", "n_patients")]
     metric_keys = [
-        k for k in ordered_metrics(rows[0], task) if f"{k}_ci_low" in rows[0] and not k.startswith("n_")
+        k
+        for k in ordered_metrics(rows[0], task)
+        if f"{k}_ci_low" in rows[0] and not k.startswith("n_")
     ]
     head = ["group", "bags", "patients", *count_keys, *metric_keys]
     out = [
@@ -264,13 +300,19 @@ def subgroup_lines(
         for k in metric_keys:
             v, lo, hi = r.get(k), r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
             cells.append(
-                "" if v is None else f"{v:.3f}" + (f" ({lo:.3f} – {hi:.3f})" if lo is not None else "")
+                ""
+                if v is None
+                else f"{v:.3f}" + (f" ({lo:.3f} – {hi:.3f})" if lo is not None else "")
             )
         out.append("| " + " | ".join(cells) + " |")
     tests = [t for t in summary.get("subgroup_tests", []) if t["p"] is not None]
     if tests:
-        out += ["", "Differences between groups (permutation test of the range of the "
-                "groups' metric; group labels shuffled among patients within outcome strata):", ""]
+        out += [
+            "",
+            "Differences between groups (permutation test of the range of the "
+            "groups' metric; group labels shuffled among patients within outcome strata):",
+            "",
+        ]
         out += [
             f"- {t['column']}: {t['metric']} differs by up to {t['range']:.3f} across "
             f"{t['groups']} groups, p = {t['p']:.3g} ({t['n_perm']} permutations)"
@@ -281,12 +323,20 @@ def subgroup_lines(
 
 def _per_fold(records: list[dict], task: Task) -> list[str]:
     lead = task.report_metrics
-    keys = [k for k in ordered_metrics(records[0]["metrics"], task) if k in lead or k == "witness_auc"]
+    keys = [
+        k for k in ordered_metrics(records[0]["metrics"], task) if k in lead or k == "witness_auc"
+    ]
     head = ["fold", "train", "val", "test", "epochs", *keys]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
-        cells = [str(r["fold"]), str(r["n_train"]), str(r["n_val"]), str(r["n_test"]), str(m.get("epochs", ""))]
+        cells = [
+            str(r["fold"]),
+            str(r["n_train"]),
+            str(r["n_val"]),
+            str(r["n_test"]),
+            str(m.get("epochs", "")),
+        ]
         cells += [
             f"{m[k]:.3f}" if isinstance(m.get(k), float) and np.isfinite(m[k]) else "" for k in keys
         ]
@@ -343,7 +393,9 @@ def _batch_words(t) -> str:
 def _budget_words(t) -> str:
     words = []
     if t.min_steps:
-        words.append(f"at least {t.min_steps} optimizer steps per fold (more epochs where a fold needed them)")
+        words.append(
+            f"at least {t.min_steps} optimizer steps per fold (more epochs where a fold needed them)"
+        )
     if t.warmup_steps:
         words.append(f"a linear learning-rate warm-up over {t.warmup_steps} steps")
     if t.schedule == "cosine":

@@ -24,9 +24,7 @@ from mil.config import Config
 from mil.data.dataset import BagDataset
 from mil.data.transforms import Standardizer, feature_stats
 from mil.errors import ConfigError, DataError, MilWarning, TrainingWarning
-from mil.explain.faithfulness import fold_faithfulness
 from mil.io import remove_orphan_temps, run_lock, write_csv, write_json
-from mil.metrics.instances import task_scores, witness_auc, witness_metrics
 from mil.results import (
     HISTORY,
     METRICS,
@@ -49,10 +47,11 @@ from mil.train.closed_form import fit_closed_form
 from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup, usable_cores
 from mil.train.experiment import Experiment
-from mil.train.loop import Forward, diverged, fit, predict
+from mil.train.loop import Forward, fit, predict
 from mil.train.members import Member, average, fit_members, write_members
 from mil.train.optim import training_budget
 from mil.train.replicas import average_forwards, replica_name, train_replica
+from mil.train.scoring import fold_predictions, instance_metrics
 from mil.train.summary import summarize
 
 # names other modules and notebooks import from here
@@ -252,55 +251,134 @@ def _train_and_test(
     if dist.enabled:  # the same initial weights on every rank, then its own dropout draws
         torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
     t0 = time.perf_counter()
-    if model.trained_by_gradient:
-        history, state = fit(
-            model, task, data, train, val, cfg.train, device,
-            progress=exp.progress, desc=f"fold {split.name}", dist=dist,
-        )  # fmt: skip
-    else:  # the linear baselines: a closed-form fit, the penalty chosen on the validation bags
-        history = fit_closed_form(model, task, data, train, val, cfg.train)
-        model, state = model.to(device), model.state_dict()
+    model, history, state = _fit_fold(exp, task, split, model, data, train, val, device, dist)
     train_seconds = time.perf_counter() - t0
     infer = partial(
-        predict, model, data, max_instances=cfg.train.max_instances, device=device,
-        precision=cfg.train.precision, dist=dist,
-    )  # fmt: skip
-    val_pred, fwd, pred, train_pred = _predict(exp, task, split, infer, history, train, val, test)
+        predict,
+        model,
+        data,
+        max_instances=cfg.train.max_instances,
+        device=device,
+        precision=cfg.train.precision,
+        dist=dist,
+    )
+    val_pred, fwd, pred, train_pred = fold_predictions(
+        exp, task, split, infer, history, train, val, test
+    )
     model_member = Member(cfg.model_name, pred, train_pred, val_pred)
     if cfg.train.seeds > 1:  # seed replicas of the model: outputs and instance scores averaged
-        model_member, fwd = _replicas(exp, task, split, model_member, fwd, (train, val, test), device, dist)
-        pred, train_pred, val_pred = model_member.pred, model_member.train_pred, model_member.val_pred
+        model_member, fwd = _replicas(
+            exp, task, split, model_member, fwd, (train, val, test), device, dist
+        )
+        pred, train_pred, val_pred = (
+            model_member.pred,
+            model_member.train_pred,
+            model_member.val_pred,
+        )
     members = [model_member] if cfg.train.seeds > 1 else []
     if cfg.members:  # linear models beside the model, averaged with it
         members = [model_member, *fit_members(exp, task, train, val, test, device)]
         pred, train_pred, val_pred = average(task, members)
     metrics = task.metrics(pred, train_pred)
-    metrics.update(_instance_metrics(exp, task, model, data, test, fwd, pred, device))
+    metrics.update(instance_metrics(exp, task, model, data, test, fwd, pred, device))
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
     metrics["steps"] = int(history["steps"].sum())
-    epochs = training_budget(task, train, cfg.train).epochs
-    headline = task.headline() if task.stop_on != "loss" else None  # a ranking criterion's task
-    findings = diagnose(
-        history, cfg.train, task.constant_predictions(pred), split.name, epochs,
-        headline=headline, stop=task.stop_criterion(cfg.train.stop_on),
-    )  # fmt: skip
-    if not model.trained_by_gradient:  # no training curve to read: only constant predictions
-        findings = [
-            {**f, "message": f"{task.constant_predictions(pred)}, so thresholded metrics sit at "
-             "chance whatever the ranking; history.csv lists the penalty grid and its validation loss"}
-            for f in findings if f["kind"] == "constant predictions"
-        ]  # fmt: skip
+    findings = _findings(exp, task, split, train, history, pred, model.trained_by_gradient)
     return FoldResult(
-        history, state, norm, data, test, fwd, pred, train_pred, metrics, findings, val_pred, members
+        history,
+        state,
+        norm,
+        data,
+        test,
+        fwd,
+        pred,
+        train_pred,
+        metrics,
+        findings,
+        val_pred,
+        members,
     )
 
 
+def _fit_fold(
+    exp: Experiment,
+    task: Task,
+    split: Split,
+    model,
+    data: BagDataset,
+    train: pd.DataFrame,
+    val: pd.DataFrame | None,
+    device: torch.device,
+    dist: Dist,
+):
+    """The fold's model fitted: by gradient (early stopping on ``val``) or in closed form."""
+    cfg = exp.cfg
+    if model.trained_by_gradient:
+        history, state = fit(
+            model,
+            task,
+            data,
+            train,
+            val,
+            cfg.train,
+            device,
+            progress=exp.progress,
+            desc=f"fold {split.name}",
+            dist=dist,
+        )
+    else:  # the linear baselines: a closed-form fit, the penalty chosen on the validation bags
+        history = fit_closed_form(model, task, data, train, val, cfg.train)
+        model, state = model.to(device), model.state_dict()
+    return model, history, state
+
+
+def _findings(
+    exp: Experiment,
+    task: Task,
+    split: Split,
+    train: pd.DataFrame,
+    history: pd.DataFrame,
+    pred: pd.DataFrame,
+    by_gradient: bool,
+) -> list[dict[str, Any]]:
+    """The fold's training diagnostics (:func:`mil.train.diagnostics.diagnose`)."""
+    cfg = exp.cfg
+    epochs = training_budget(task, train, cfg.train).epochs
+    headline = task.headline() if task.stop_on != "loss" else None  # a ranking criterion's task
+    findings = diagnose(
+        history,
+        cfg.train,
+        task.constant_predictions(pred),
+        split.name,
+        epochs,
+        headline=headline,
+        stop=task.stop_criterion(cfg.train.stop_on),
+    )
+    if not by_gradient:  # no training curve to read: only constant predictions
+        findings = [
+            {
+                **f,
+                "message": f"{task.constant_predictions(pred)}, so thresholded metrics sit at "
+                "chance whatever the ranking; history.csv lists the penalty grid and its validation loss",
+            }
+            for f in findings
+            if f["kind"] == "constant predictions"
+        ]
+    return findings
+
+
 def _replicas(
-    exp: Experiment, task: Task, split: Split, first: Member, fwd: Forward,
-    bags: tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame], device: torch.device, dist: Dist,
-) -> tuple[Member, Forward]:  # fmt: skip
+    exp: Experiment,
+    task: Task,
+    split: Split,
+    first: Member,
+    fwd: Forward,
+    bags: tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame],
+    device: torch.device,
+    dist: Dist,
+) -> tuple[Member, Forward]:
     """The model as the average of ``train.seeds`` replicas (the fold's model first), and
     their averaged instance scores."""
     parts = dict(zip(("train", "val", "test"), bags))
@@ -312,53 +390,6 @@ def _replicas(
         forwards.append(f)
     model = Member(first.name, *average(task, reps), replicas=reps)
     return model, average_forwards(forwards)
-
-
-def _predict(
-    exp: Experiment, task: Task, split: Split, infer, history: pd.DataFrame,
-    train: pd.DataFrame, val: pd.DataFrame | None, test: pd.DataFrame,
-) -> tuple[pd.DataFrame | None, Forward, pd.DataFrame, pd.DataFrame | None]:  # fmt: skip
-    """The fold model's validation (for the operating point), test (with instance scores and
-    the group columns) and training predictions (where the task needs them)."""
-    val_pred = None
-    if task.needs_val_predictions and val is not None and len(val):  # the operating point
-        val_pred = task.predictions(val, infer(val["bag_id"].tolist()).logits.numpy())
-        task.fit_operating_point(val_pred)
-    fwd = infer(test["bag_id"].tolist(), keep_scores=True)
-    if not torch.isfinite(fwd.logits).all():
-        epoch = int(history["epoch"].max())
-        what = "the model's test outputs are NaN or infinite"
-        raise diverged(f"fold {split.name}", epoch, what, exp.cfg.train)
-    pred = task.predictions(test, fwd.logits.numpy())
-    for col in exp.cohort.group_cols:  # site and subgroup columns, for subgroup metrics
-        pred[col] = test[col].to_numpy()
-    train_pred = None
-    if task.needs_train_predictions:
-        train_pred = task.predictions(train, infer(train["bag_id"].tolist()).logits.numpy())
-    return val_pred, fwd, pred, train_pred
-
-
-def _instance_metrics(
-    exp: Experiment, task: Task, model, data: BagDataset, test: pd.DataFrame, fwd: Forward,
-    pred: pd.DataFrame, device: torch.device,
-) -> dict[str, Any]:  # fmt: skip
-    """Witness metrics of the model's instance scores (where instances are labelled) and the
-    deletion/insertion curves of its test bags: the model's, whatever the ensemble."""
-    cfg, out = exp.cfg, {}
-    witness = witness_auc(
-        pred["bag_id"].tolist(), fwd.scores, task.positive_bags(pred), exp.data.instance_labels
-    )
-    if witness is not None:
-        out["witness_auc"] = witness
-    # score kinds as the task reads them (class evidence, share of the risk): attention.h5 holds these
-    fwd.extra_scores = task_scores(fwd.extra_scores, task.instance_view)
-    out.update(witness_metrics(
-        pred["bag_id"].tolist(), fwd.extra_scores, task.positive_bags(pred), exp.data.instance_labels,
-    ))  # fmt: skip
-    if cfg.train.faithfulness:  # deletion/insertion of the top-scored instances
-        test_bags = [data[b] for b in test["bag_id"]]
-        out.update(fold_faithfulness(model, test_bags, fwd, task, cfg.train, device))
-    return out
 
 
 def _write_fold(
@@ -383,10 +414,16 @@ def _write_fold(
         write_csv(fold_dir / PREDICTIONS_VAL, r.val_pred)
     test_bags = [r.data[b] for b in r.test["bag_id"]]
     write_scores(
-        fold_dir / SCORES, test_bags, r.forward.scores, r.forward.extra_scores,
-        model=cfg.model_name, fold=split.name,
-    )  # fmt: skip
-    save_model(fold_dir / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, r.state, r.norm))
+        fold_dir / SCORES,
+        test_bags,
+        r.forward.scores,
+        r.forward.extra_scores,
+        model=cfg.model_name,
+        fold=split.name,
+    )
+    save_model(
+        fold_dir / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, r.state, r.norm)
+    )
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
     record = {"fold": split.name, "repeat": split.repeat, **sizes}
     if r.members:  # their files, and each one's own headline metric on this fold

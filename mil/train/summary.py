@@ -162,9 +162,9 @@ def subgroup_results(
     permutation p of each column) and the summary's ``subgroup_tests`` and ``subgroups``."""
     table_sub = subgroup_metrics(task, pred, group_cols, n_boot=n_boot)
     tests = [group_difference_test(task, pred, col, n_perm=n_boot) for col in group_cols]
-    table_sub["p_difference"] = table_sub["column"].map(
-        {t["column"]: t["p"] for t in tests}
-    ).astype(float)
+    table_sub["p_difference"] = (
+        table_sub["column"].map({t["column"]: t["p"] for t in tests}).astype(float)
+    )
     rows = [
         {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
         for r in table_sub.to_dict("records")
@@ -235,9 +235,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += [f"    {line}" for line in summarize_findings(summary["diagnostics"])]
     if summary.get("subgroups"):
         metric = (headline_metrics(summary["task"]) or ("auc",))[0]
-        lines.append(
-            f"  subgroups (pooled out-of-fold {metric}, 95% bootstrap CI; subgroups.csv):"
-        )
+        lines.append(f"  subgroups (pooled out-of-fold {metric}, 95% bootstrap CI; subgroups.csv):")
         for r in summary["subgroups"]:
             v, lo, hi = r.get(metric), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
             est = "undefined" if v is None else f"{v:.3f}"
@@ -248,7 +246,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         for t in summary.get("subgroup_tests", []):
             if t["p"] is None:
-                lines.append(f"    {t['column']}: fewer than two groups define {t['metric']}; not tested")
+                lines.append(
+                    f"    {t['column']}: fewer than two groups define {t['metric']}; not tested"
+                )
             else:
                 lines.append(
                     f"    {t['column']}: groups differ in {t['metric']} by up to {t['range']:.3f}, "
