@@ -232,61 +232,16 @@ def faithfulness_table(out: Path, names: list[str], models: list[str]) -> pd.Dat
 
 def deletion_insertion(folder: Path) -> dict[str, float]:
     """Deletion / insertion areas (``mil.explain.faithfulness``) of a finished run's folds, mean
-    over folds: each fold's saved model (:class:`mil.train.inference.FoldModel`, which applies
-    the fold's own preprocessing) re-predicts its test bags, whole and with their top-scored
-    instances removed or kept, for its main score and the kinds of :data:`CLASS_KINDS` (each
-    read at the bag's predicted class). A graph model's graph is built afresh on the
-    instances kept."""
-    from mil.data.dataset import BagDataset
-    from mil.data.readers import index_feature_dir
-    from mil.explain.faithfulness import faithfulness, predicted_columns
-    from mil.metrics.instances import task_scores
-    from mil.results import MODEL
+    over folds: each fold's saved model re-predicts its test bags
+    (:meth:`mil.Run.faithfulness`, through ``mil.train.scoring.score_fold``: the fold's own
+    preprocessing applied), whole and with their top-scored instances removed or kept, for its
+    main score and the kinds of :data:`CLASS_KINDS` (each read at the bag's predicted class).
+    A graph model's graph is built afresh on the instances kept."""
     from mil.run import Run
-    from mil.train.inference import FoldModel, bags_of
 
     run = Run(folder)
-    task = run.task
-    index = index_feature_dir(run.config.data.features)[0]
-    per_fold = []
-    for fold in run.folds:
-        fm = FoldModel(run.folder.fold_file(fold, MODEL), run.config, fold)
-        ids = run.predictions(fold)["bag_id"].astype(str).tolist()
-        bag_slides, store = bags_of(ids, index, run.config.data.features)
-        fwd = fm.forward(bag_slides, store, keep_scores=True)
-        extra = task_scores(fwd.extra_scores, task.instance_view)  # as attention.h5 holds them
-        kinds = {} if fwd.scores is None else {"main": fwd.scores}
-        kinds.update({k: extra[k] for k in CLASS_KINDS if k in extra})
-        logits = fwd.logits.numpy()
-        columns = {k: predicted_columns(v, logits, task) for k, v in kinds.items()}
-        raw = BagDataset(bag_slides, store)  # the features as read: the fold model preprocesses
-        bags = [raw[b] for b in bag_slides]
-        per_fold.append(faithfulness(_predictor(fm), bags, columns, task, full_logits=logits))
+    per_fold = [run.faithfulness(fold, kinds=CLASS_KINDS) for fold in run.folds]
     return {k: _mean(f.get(k) for f in per_fold) for k in per_fold[0]} if per_fold else {}
-
-
-def _predictor(fm):
-    """A fold model as :data:`mil.explain.faithfulness.Predict`: bags (raw features) in, logits
-    ``[n, n_out]`` out, through :meth:`FoldModel.forward` (the fold's preprocessing)."""
-    from mil.data.dataset import FeatureStore
-
-    class InMemory(FeatureStore):
-        """The bags to predict as a feature store: one 'slide' per bag, nothing read from disk."""
-
-        def __init__(self, bags: dict) -> None:
-            super().__init__({})
-            self.bags = bags
-
-        def get(self, slide_id: str):
-            bag = self.bags[slide_id]
-            return bag.x, bag.coords, {}
-
-    def predict(batch: list) -> np.ndarray:
-        ids = [f"variant_{i}" for i in range(len(batch))]  # the variants share their bag's id
-        store = InMemory(dict(zip(ids, batch)))
-        return fm.forward({i: [i] for i in ids}, store).logits.numpy()
-
-    return predict
 
 
 def _mean(values) -> float:

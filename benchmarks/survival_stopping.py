@@ -139,9 +139,9 @@ def traced(fold_dir_of):
         context["data"] = data
         return model, norm, data
 
-    def train_and_test(exp, task, split, train, val, test, device, dist):
+    def train_and_test(exp, task, split, train, val, test, device, dist, *more, **options):
         context.update(train=train, test=test, risks=[], split=split)
-        out = original_tt(exp, task, split, train, val, test, device, dist)
+        out = original_tt(exp, task, split, train, val, test, device, dist, *more, **options)
         path = fold_dir_of(split.name) / "epoch_risks.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(

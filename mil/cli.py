@@ -80,12 +80,14 @@ def _baseline_names(text: str | None) -> list[str]:
 def _train_baselines(cfg, run_dir: Path, names: list[str], progress: bool, folds) -> None:
     """``mil train --baseline``: the linear baselines on the run's folds, and the paired test."""
     from mil.compare import run_baselines
+    from mil.reporting import p_phrase, value_ci
 
     table = run_baselines(cfg, run_dir, names, folds=folds, progress=progress)
     for r in table.itertuples():
+        d = value_ci(r.delta, (r.delta_ci_low, r.delta_ci_high), signed=True)
         print(
-            f"{cfg.model_name} - {r.baseline}: {r.metric} {r.delta:+.3f} (95% CI "
-            f"{r.delta_ci_low:+.3f} to {r.delta_ci_high:+.3f}, p = {r.delta_p:.3f})"
+            f"{cfg.model_name} - {r.baseline}: {r.metric} difference [95% CI] {d}, "
+            f"{p_phrase(r.delta_p)}"
         )
 
 

@@ -35,6 +35,16 @@ from mil.data.cohort import AVAILABILITY_COL
 from mil.errors import ConfigError, DataError
 from mil.io import json_float, safe_filename, write_csv, write_text
 from mil.models import available
+from mil.reporting import (
+    MISSING,
+    TIMINGS,
+    finite,
+    mean_sd,
+    metric_label,
+    number,
+    p_phrase,
+    value_ci,
+)
 from mil.results import BASELINE_RUNS, BASELINES, MODEL, RunFolder
 from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
@@ -137,30 +147,43 @@ def run_compare(
             log(f"== {label} ==")
         run_cv(sub, out / label, folds=folds, progress=progress, log=log)
     run_dirs = {label: out / label for label, _ in runs}
-    table = comparison_table(run_dirs)
     if dist.main and len(runs) > 1:
-        metric = get_task(cfg.task.type).headline()
-        if reference is None:
-            best = table[f"{metric}_mean"].astype(float).fillna(-np.inf).to_numpy().argmax()
-            reference = str(table["model"].iloc[best])
-        try:
-            diffs = paired_differences(run_dirs, reference, n_boot=n_boot)
-        except DataError as err:  # e.g. runs finished on different folds: keep the table
-            log(f"pairwise differences left out: {err}")
-        else:
-            table = table.merge(
-                diffs.drop(columns=["metric"]).rename(columns={"value": f"{metric}_pooled"}),
-                on="model",
-                how="left",
-            )
+        table = paired_comparison(run_dirs, reference, n_boot=n_boot, log=log)
+    else:
+        table = comparison_table(run_dirs)
     patterns = None
     if dist.main and "delta" in table.columns and cfg.data.tabular:
+        reference = str(table["reference"].iloc[0])
         write_csv(out / PATTERNS_CSV, patterns := pattern_differences(run_dirs, reference, n_boot))
     if dist.main:
         write_csv(out / "comparison.csv", table)
         md = format_comparison(table, cfg) + ("" if patterns is None else format_patterns(patterns))
         write_text(out / "comparison.md", md + "\n")
     return table
+
+
+def paired_comparison(
+    run_dirs: dict[str, Path], reference: str | None = None, n_boot: int = 1000, log=print
+) -> pd.DataFrame:
+    """:func:`comparison_table` with each run's pooled headline metric (``<metric>_pooled``)
+    minus that of ``reference`` (a label; default: the best mean over folds) and its paired
+    CI and p (:func:`paired_differences`); without them where the runs cannot be paired
+    (e.g. finished on different folds: ``log`` says why)."""
+    table = comparison_table(run_dirs)
+    metric = get_task(str(table["task"].iloc[0])).headline()
+    if reference is None:
+        best = table[f"{metric}_mean"].astype(float).fillna(-np.inf).to_numpy().argmax()
+        reference = str(table["model"].iloc[best])
+    try:
+        diffs = paired_differences(run_dirs, reference, n_boot=n_boot)
+    except DataError as err:  # e.g. runs finished on different folds: keep the table
+        log(f"pairwise differences left out: {err}")
+        return table
+    return table.merge(
+        diffs.drop(columns=["metric"]).rename(columns={"value": f"{metric}_pooled"}),
+        on="model",
+        how="left",
+    )
 
 
 PATTERNS_CSV = "comparison_patterns.csv"  # with data.tabular: Δ per availability pattern
@@ -196,9 +219,9 @@ def format_patterns(patterns: pd.DataFrame) -> str:
     ]
     lines += [f"| modalities | patients | model | {metric} | Δ [95% CI] |", "|---|---|---|---|---|"]
     for r in patterns.to_dict("records"):
-        d = f"{r['delta']:+.3f} [{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}]"
+        d = value_ci(r["delta"], (r["delta_ci_low"], r["delta_ci_high"]), signed=True)
         lines.append(
-            f"| {r[AVAILABILITY_COL]} | {r['n_patients']} | {r['model']} | {r['value']:.3f} | "
+            f"| {r[AVAILABILITY_COL]} | {r['n_patients']} | {r['model']} | {number(r['value'])} | "
             f"{'reference' if r['model'] == ref else d} |"
         )
     return "\n".join(lines)
@@ -284,7 +307,7 @@ def comparison_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
         for k in [*headline_metrics(summary["task"]), "witness_auc"]:
             if k in m:
                 row[f"{k}_mean"], row[f"{k}_sd"] = json_float(m[k]["mean"]), json_float(m[k]["sd"])
-        for k in ("seconds_per_epoch", "train_seconds"):
+        for k in TIMINGS:
             if k in m:
                 row[k] = json_float(m[k]["mean"])
         rows.append(row)
@@ -347,7 +370,7 @@ def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
     """A markdown table of :func:`comparison_table`."""
     metrics = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
     head = ["model", "params"] + [f"{k} (mean ± sd)" for k in metrics]
-    head += ["s / epoch", "train s / fold", "folds"]
+    head += [*(metric_label(k) for k in TIMINGS), "folds"]
     lines = []
     if cfg is not None:
         lines.append(
@@ -356,14 +379,8 @@ def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
         )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def pm(r, k: str) -> str:
-        mean, sd = r.get(f"{k}_mean"), r.get(f"{k}_sd")
-        if mean is None or not np.isfinite(mean):
-            return "–"
-        return f"{mean:.3f} ± {sd:.3f}" if sd is not None and np.isfinite(sd) else f"{mean:.3f}"
-
-    def num(v, fmt: str) -> str:
-        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+    def params(v) -> str:
+        return MISSING if finite(v) is None else f"{int(v):,}"
 
     paired = "delta" in table.columns
     if paired:
@@ -372,30 +389,23 @@ def format_comparison(table: pd.DataFrame, cfg: Config | None = None) -> str:
         head.insert(2 + len(metrics), f"{metric} pooled: Δ vs {reference} [95% CI], p")
         lines[-2:] = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def signed(x: float) -> str:
-        return f"{round(x, 3) + 0.0:+.3f}"  # no "-0.000"
-
     def delta(r) -> str:
-        pooled = num(r.get(f"{metric}_pooled"), ".3f")
+        pooled = number(r.get(f"{metric}_pooled"))
         if r["model"] == reference:
             return f"{pooled} (reference)"
-        if r.get("delta") is None or not np.isfinite(r["delta"]):
+        if finite(r.get("delta")) is None:
             return pooled
-        p = r["delta_p"]
-        return (
-            f"{pooled}: {signed(r['delta'])} [{signed(r['delta_ci_low'])}, "
-            f"{signed(r['delta_ci_high'])}], "
-            f"p {'< 0.001' if p < 0.001 else format(p, '.2g')}"
-        )
+        d = value_ci(r["delta"], (r["delta_ci_low"], r["delta_ci_high"]), signed=True)
+        return f"{pooled}: {d}, {p_phrase(r['delta_p'])}"
 
     for r in table.to_dict("records"):
-        cells = [r["model"], num(r.get("params"), ",")]
-        cells += [pm(r, k) for k in metrics]
+        cells = [r["model"], params(r.get("params"))]
+        cells += [mean_sd(r.get(f"{k}_mean"), r.get(f"{k}_sd")) for k in metrics]
         if paired:
             cells.append(delta(r))
         cells += [
-            num(r.get("seconds_per_epoch"), ".2f"),
-            num(r.get("train_seconds"), ".0f"),
+            number(r.get("seconds_per_epoch"), 2),
+            number(r.get("train_seconds"), 0),
             str(r["folds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mil.config import Config, derive, read_yaml_mapping
@@ -29,7 +28,7 @@ from mil.data.provenance import compare_provenance
 from mil.data.sources import load_cohort
 from mil.data.tabular import TabularTable
 from mil.errors import ConfigError, MilError, MilWarning
-from mil.io import run_lock, write_csv, write_json
+from mil.io import run_lock, write_csv
 from mil.results import (
     MODEL,
     PREDICTIONS,
@@ -59,8 +58,9 @@ from mil.train.external_checks import (
 )
 from mil.train.external_report import predictor_words, write_external_report
 from mil.train.gaps import generalization_gap
-from mil.train.inference import FoldModel, ensemble
-from mil.train.summary import subgroup_results
+from mil.train.inference import FoldModel
+from mil.train.scoring import FoldEnsemble, FoldScores, Scoring, score_fold
+from mil.train.summary import subgroup_results, summary_record, value_entries, write_summary
 
 #: the fold name of the ensemble's predictions (one "fold": every bag scored by one predictor)
 ENSEMBLE = "ensemble"
@@ -119,12 +119,14 @@ def evaluate(
         cfg, run.path, classes, int(models[0].payload["in_dim"]), progress
     )
     provenance = _check_against_training(run, cfg, cohort_config, any_encoder)
-    pred = ensemble_predictions(task, models, cohort, store)
-    warn_thin_outcome(task, pred, cfg.data.csv or cfg.data.instances)
+    predictor = cohort_ensemble(models, cohort, store)
     with own_warnings_only():  # a library's warnings about a degenerate cohort or resample
-        reference = _reference(run, task, models)
+        reference = _reference(run, task, models)  # fits the task's fold state first
+        scored = score_fold(task, predictor, cohort.bags, Scoring(cohort.group_cols), reference)
+        pred = scored.pred
+        warn_thin_outcome(task, pred, cfg.data.csv or cfg.data.instances)
         summary, artifacts = _score(
-            run, cfg, task, list(records), pred, reference, internal, n_boot
+            run, cfg, task, list(records), scored, reference, internal, n_boot
         )
         subgroups = None
         if cohort.group_cols:
@@ -201,23 +203,10 @@ def cohort_config_of(run: Run, path: str | Path, classes: list[str] | None = Non
 # ---- predictions and scores -----------------------------------------------------------------
 
 
-def ensemble_predictions(
-    task: Task, models: list[FoldModel], cohort: Cohort, store: FeatureStore
-) -> pd.DataFrame:
-    """One row per bag of ``cohort``: the columns of a fold's ``predictions.csv``, holding the
-    fold ensemble's mean outputs (:func:`mil.train.inference.ensemble`), then ``n_folds``
-    and the cohort's site and subgroup columns."""
-    bags = cohort.bags
-    table = tables_for(models[0], cohort)
-    mean = ensemble(models, cohort.bag_slides, store, tabular=table)
-    mean = mean.set_index("bag_id").loc[bags["bag_id"]]
-    pred = task.predictions(bags, np.zeros((len(bags), task.n_out)))  # ids and outcomes
-    for col in mean.columns:
-        pred[col] = mean[col].to_numpy()
-    pred = task.with_operating_point(pred)  # binary: the class at the ensemble's threshold
-    for col in cohort.group_cols:
-        pred[col] = bags[col].to_numpy()
-    return pred
+def cohort_ensemble(models: list[FoldModel], cohort: Cohort, store: FeatureStore) -> FoldEnsemble:
+    """The fold ensemble on every bag of ``cohort`` (:class:`mil.train.scoring.FoldEnsemble`),
+    the cohort's tables laid out as the run's models read theirs."""
+    return FoldEnsemble(models, cohort.bag_slides, store, tabular=tables_for(models[0], cohort))
 
 
 def tables_for(model: FoldModel, cohort: Cohort) -> TabularTable | None:
@@ -255,7 +244,9 @@ def _reference(run: Run, task: Task, models: list[FoldModel]) -> pd.DataFrame | 
         )
         return None
     task.setup_fold(cohort.bags, ENSEMBLE)
-    return ensemble_predictions(task, models, cohort, store)
+    predictor = cohort_ensemble(models, cohort, store)
+    scoring = Scoring(cohort.group_cols, metrics=False)
+    return score_fold(task, predictor, cohort.bags, scoring).pred
 
 
 def _score(
@@ -263,25 +254,15 @@ def _score(
     cfg: Config,
     task: Task,
     folds: list[str],
-    pred: pd.DataFrame,
+    scored: FoldScores,
     reference: pd.DataFrame | None,
     internal: pd.DataFrame,
     n_boot: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``summary.json``'s content (without subgroups) and the task's figures and tables."""
-    found = task.metrics(pred, reference)
-    ci = task.pooled_ci(pred, n_boot=n_boot)
-    metrics: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    for k, v in found.items():
-        if v is None or isinstance(v, (int, float)):
-            metrics[k] = {
-                "value": float("nan") if v is None else float(v)
-            }  # one value, not a mean over folds
-            if k in ci:
-                metrics[k]["ci95_pooled"] = list(ci[k])
-        else:
-            details[k] = v
+    pred = scored.pred
+    metrics, details = value_entries(scored.metrics)  # one value each, not a mean over folds
+    summary = summary_record(cfg, task, pred, folds, n_boot, metrics)
     artifacts = dict(task.fold_artifacts(pred, reference))
     tables = {PREDICTIONS: pred}
     tables.update((k, v) for k, v in artifacts.items() if isinstance(v, pd.DataFrame))
@@ -289,26 +270,20 @@ def _score(
         lambda name: {ENSEMBLE: tables[name]} if name in tables else {}
     )
     artifacts.update(pooled)
-    summary: dict[str, Any] = {
-        "name": cfg.name,
-        "task": cfg.task.type,
-        "model": cfg.model_name,
-        "run": str(run.path),
-        "cohort": str(cfg.data.csv or cfg.data.instances),
-        "folds": folds,  # the ensemble's (a refit's budget came from them)
-        "n_boot": n_boot,
-        "n_bags": int(pred["bag_id"].nunique()),
-        "n_patients": int(pred["patient_id"].nunique()),
-        "metrics": metrics,
-        **details,
-        **extra,
-        "internal": {
-            "folds": list(dict.fromkeys(internal["fold_dir"].str.removeprefix("fold_"))),
-            "n_bags": int(internal["bag_id"].nunique()),
-            "n_patients": int(internal["patient_id"].nunique()),
-        },
-        "gap": generalization_gap(task, internal, pred, n_boot=n_boot),
-    }
+    summary.update(
+        {
+            "run": str(run.path),
+            "cohort": str(cfg.data.csv or cfg.data.instances),
+            **details,
+            **extra,
+            "internal": {
+                "folds": list(dict.fromkeys(internal["fold_dir"].str.removeprefix("fold_"))),
+                "n_bags": int(internal["bag_id"].nunique()),
+                "n_patients": int(internal["patient_id"].nunique()),
+            },
+            "gap": generalization_gap(task, internal, pred, n_boot=n_boot),
+        }
+    )
     return summary, artifacts
 
 
@@ -347,7 +322,7 @@ def _write(
     _remove_stale(out, written)
     summary["files"] = written
     write_external_report(out / REPORT, summary, cfg, task)
-    write_json(out / SUMMARY_JSON, summary)
+    write_summary(out, summary)
 
 
 #: what an evaluation's ``summary.json`` holds (one without these keys is someone else's)

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mil.compare import entries, entry_config
@@ -45,6 +44,7 @@ from mil.data.provenance import cohort_files, compare_provenance, read_provenanc
 from mil.data.sources import load_cohort, read_cohort
 from mil.errors import ConfigError, DataError
 from mil.io import json_float, read_json, write_csv, write_text
+from mil.reporting import p_value, value_ci
 from mil.results import SUMMARY_JSON, RunFolder
 from mil.splits.folds import site_column, site_groups
 from mil.train.gaps import paired_setting_difference
@@ -306,13 +306,10 @@ def format_generalization(
         ]
         for r in part.itertuples():
             where = r.setting if not r.cohort else f"external: {r.cohort}"
-            ci = f" [{r.ci_low:.3f}, {r.ci_high:.3f}]" if np.isfinite(r.ci_low) else ""
-            d = "" if not np.isfinite(r.delta) else f"{r.delta:+.3f}"
-            if d and np.isfinite(r.delta_ci_low):
-                d += f" [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}]"
-            p = f"{r.delta_p:.3g}" if np.isfinite(r.delta_p) else ""
+            value = value_ci(r.value, (r.ci_low, r.ci_high))
+            d = value_ci(r.delta, (r.delta_ci_low, r.delta_ci_high), signed=True)
             lines.append(
-                f"| {where} | {r.metric} | {r.n_patients} | {r.value:.3f}{ci} | {d} | {p} |"
+                f"| {where} | {r.metric} | {r.n_patients} | {value} | {d} | {p_value(r.delta_p)} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ class Run(ReviewMixin):
         run.heatmap("P007-S1", wsi="slides/P007-S1.svs")  # over the whole-slide image
         run.contact_sheet("P007-S1", wsi="slides/P007-S1.svs")  # top/bottom tiles at level 0
         run.predict(["new_slide.h5"])     # fold-ensemble probabilities for new feature files
+        run.faithfulness(0)               # deletion/insertion areas of fold 0's test bags
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -213,7 +214,9 @@ class Run(ReviewMixin):
         sets (:data:`mil.models.base.SCORE_KINDS`), e.g. ``"instance_logits"`` or
         CLAM's ``"attention"`` with one column per branch: pick one with ``cls``
         (class name or index; a class kind defaults to the positive class of a
-        binary task, or the bag's predicted class).
+        binary task, or the bag's predicted class). A multi-target run reads one target's
+        columns as its own task does with ``cls="<target>"`` or ``"<target>/<class>"``
+        (``mil heatmap --target``; a head output's index ``cls=j`` reads column ``j`` raw).
         """
         fold = self._scoring_fold(slide_id, fold)
         path = self._attention_file(fold, slide_id)
@@ -221,17 +224,33 @@ class Run(ReviewMixin):
         if slide_id not in index:
             raise MilError(f"slide {slide_id}: not found in fold {fold}'s attention file ({path})")
         _, slides, ptr = index[slide_id]
-        values, label, coords, bag_id, model = read_scores(
-            path,
-            fold,
-            index[slide_id],
-            slide_id,
-            kind,
-            cls,
-            self.classes,
-            self._predicted_class(fold, index[slide_id][0]),
-            self.task.score_order,
-        )
+        target = getattr(self.task, "score_target", lambda c: None)(cls)
+        if target is not None:  # "<target>[/<class>]" of a multi-target run
+            from mil.explain.heatmap import read_target_scores
+
+            sub = self.task.subs[target[0]]
+            values, label, coords, bag_id, model = read_target_scores(
+                path,
+                fold,
+                index[slide_id],
+                slide_id,
+                kind,
+                self.task,
+                *target,
+                self._predicted_class(fold, index[slide_id][0], sub.classes, f"{target[0]}/pred"),
+            )
+        else:
+            values, label, coords, bag_id, model = read_scores(
+                path,
+                fold,
+                index[slide_id],
+                slide_id,
+                kind,
+                cls,
+                self.classes,
+                self._predicted_class(fold, index[slide_id][0]),
+                self.task.score_order,
+            )
         df = scores_frame(values, coords, slides, ptr, slide_id)
         one_slide = slide_id if slide_id in slides or len(slides) == 1 else None
         df.attrs = {
@@ -245,13 +264,18 @@ class Run(ReviewMixin):
         }
         return df
 
-    def _predicted_class(self, fold: str, group: str) -> int | None:
-        """The predicted class index of a test bag (its scores group name), if the task has classes."""
-        pred = self.folder.predictions(fold, PREDICTIONS) if self.classes else None
-        if pred is None or "pred" not in pred:
+    def _predicted_class(
+        self, fold: str, group: str, classes: list[str] | None = None, column: str = "pred"
+    ) -> int | None:
+        """The predicted class index of a test bag (its scores group name), if the task (or the
+        target of ``classes`` and prediction ``column``) has classes."""
+        classes = self.classes if classes is None else classes
+        pred = self.folder.predictions(fold, PREDICTIONS) if classes else None
+        if pred is None or column not in pred:
             return None
-        hit = pred.loc[pred["bag_id"].astype(str).str.replace("/", "|") == group, "pred"]
-        return self.classes.index(str(hit.iloc[0])) if len(hit) else None
+        hit = pred.loc[pred["bag_id"].astype(str).str.replace("/", "|") == group, column]
+        found = str(hit.iloc[0]) if len(hit) else None
+        return classes.index(found) if found in classes else None
 
     def _scoring_fold(self, slide_id: str, fold: int | str | None) -> str:
         """The fold whose scores of ``slide_id`` are read: the one that tested it."""
@@ -280,6 +304,12 @@ class Run(ReviewMixin):
             return index_feature_dir(feats)[0]
         except MilError:
             return {}
+
+    @property
+    def feature_index(self) -> dict[str, Path]:
+        """Slide id -> feature file of the run's feature folder (``data.features``; empty
+        where it is missing)."""
+        return self._feature_index
 
     def tile_size(self, slide_id: str) -> float | None:
         """The tile size in the slide's feature-file attributes, or None (then inferred from coords)."""
@@ -341,11 +371,39 @@ class Run(ReviewMixin):
         ``folds=["refit"]`` predicts with the model refit on every bag
         (``mil train --refit``) alone.
         """
-        from mil.train.inference import bags_of, predict_with_tables
+        from mil.train.inference import bags_of
+        from mil.train.scoring import FoldEnsemble, score_fold
 
-        bag_slides, store = bags_of(bags, self._feature_index, self.config.data.features)
+        bag_slides, store = bags_of(bags, self.feature_index, self.config.data.features)
         models = self._fold_models(folds, device)
-        return predict_with_tables(models, bag_slides, store, per_fold, self.config)
+        ens = FoldEnsemble(models, bag_slides, store, run_config=self.config, per_fold=per_fold)
+        return score_fold(self.task, ens, list(bag_slides)).pred
+
+    def faithfulness(
+        self,
+        fold: int | str,
+        kinds: Sequence[str] | None = None,
+        device: str = "cpu",
+    ) -> dict[str, float]:
+        """Deletion/insertion areas (:mod:`mil.explain.faithfulness`) of a fold's test bags,
+        re-predicted by the fold's saved model (its preprocessing, without its members): whole,
+        without their top-scored instances and from those alone, for the model's main score
+        (``main``), each kind of ``kinds`` (default: the task's default heatmap kind) and a
+        random order, each read at the bag's predicted class; keys ``deletion_<kind>`` and
+        ``insertion_<kind>``, as a fold's ``metrics.json`` holds them."""
+        from mil.data.sources import read_cohort
+        from mil.train.inference import bags_of
+        from mil.train.scoring import FoldEnsemble, Scoring, score_fold
+
+        fold = fold_name(fold)
+        ids = self.predictions(fold)["bag_id"].astype(str).tolist()
+        slides = read_cohort(self.config).bag_slides
+        bag_slides, store = bags_of(
+            {b: slides[b] for b in ids}, self.feature_index, self.config.data.features
+        )
+        ens = FoldEnsemble([self._fold_model(fold, device)], bag_slides, store)
+        scoring = Scoring(faithfulness=True, faithfulness_kinds=kinds)
+        return score_fold(self.task, ens, ids, scoring).metrics
 
     def fold_scores(
         self,

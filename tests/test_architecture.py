@@ -17,6 +17,7 @@ LAYERS = {
     "mil.io": 0,
     "mil.registry": 0,
     "mil.schema": 1,
+    "mil.reporting": 1,
     "mil.data": 2,
     "mil.losses": 2,
     "mil.metrics": 2,
@@ -41,6 +42,8 @@ LAYERS = {
     "mil.train.inference": 9,
     "mil.train.runner": 9,
     "mil.train.scoring": 9,
+    "mil.train.ensemble": 9,
+    "mil.train.selection": 9,
     "mil.train.members": 9,
     "mil.train.replicas": 9,
     "mil.train.refit": 9,
@@ -93,6 +96,7 @@ def imports(tree: ast.Module) -> set[str]:
 #: packages all of whose modules share the package's layer; a module anywhere else (``train/``
 #: mixes layers 7 to 9) must be listed in LAYERS by its own name
 ONE_LAYER_PACKAGES = (
+    "mil.reporting",
     "mil.data",
     "mil.losses",
     "mil.metrics",
@@ -166,6 +170,29 @@ def test_modules_and_functions_are_short():
                 if n > MAX_FUNCTION_LINES and f"{name}.{node.name}" not in LONG_ALLOWED:
                     long.append(f"{name}.{node.name}: {n} lines")
     assert not long, "\n".join(long)
+
+
+def train_imports(tree: ast.Module) -> list[str]:
+    """The ``mil.train`` modules that ``tree`` imports, at its top or inside a function."""
+    return sorted(t for t in imports(tree) if t == "mil.train" or t.startswith("mil.train."))
+
+
+def test_explain_imports_nothing_of_train():
+    """Heatmaps, review lists and faithfulness curves know no training loop: a fold's model is
+    scored by mil.train.scoring, which calls mil.explain, never the reverse."""
+    found = {
+        name: train_imports(tree)
+        for name, tree in modules().items()
+        if name.startswith("mil.explain") and train_imports(tree)
+    }
+    assert not found, f"mil/explain/ modules importing mil.train: {found}"
+
+
+def test_the_explain_check_catches_an_import_inside_a_function():
+    tree = ast.parse("def predict():\n    from mil.train.loop import forward_bags\n")
+    assert train_imports(tree) == ["mil.train.loop"]
+    assert train_imports(ast.parse("import mil.train\n")) == ["mil.train"]
+    assert not train_imports(ast.parse("from mil.data.batch import Bag\n"))
 
 
 def test_the_layer_test_catches_an_upward_import(tmp_path):

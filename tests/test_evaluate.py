@@ -171,11 +171,13 @@ def test_gap_is_external_minus_the_runs_pooled_out_of_fold_auc(cls_eval, cls_run
     assert "## Generalization gap" in report
     line = re.search(
         r"auc: internal (\d\.\d{3}) \(pooled out-of-fold\), external (\d\.\d{3}); difference "
-        r"([+-]\d\.\d{3}) \(95% CI ([+-]\d\.\d{3}) to ([+-]\d\.\d{3})",
+        r"([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\] \(p [=<] ",
         report,
     )
     assert line is not None
     assert float(line[3]) == pytest.approx(gap["difference"], abs=1e-3)
+    assert float(line[4]) == pytest.approx(gap["ci95"][0], abs=1e-3)
+    assert float(line[5]) == pytest.approx(gap["ci95"][1], abs=1e-3)
 
 
 def test_folder_holds_the_runs_files_and_the_library_call_agrees(

@@ -13,6 +13,10 @@ probability of that class; survival, the risk, or the mean hazard logit of a
 discrete-time model; regression, the prediction). A score whose top instances carry the
 prediction makes the deletion curve fall fast (a low area) and the insertion
 curve rise fast (a high area); random orders give the reference.
+
+A fold's model (or a saved fold model) is measured by
+:func:`mil.train.scoring.fold_faithfulness`, through :func:`mil.train.scoring.score_fold`;
+nothing here knows the training loop.
 """
 
 from __future__ import annotations
@@ -138,40 +142,6 @@ def predicted_columns(values: Sequence, logits: np.ndarray, task: TaskLike) -> l
     return out
 
 
-def fold_faithfulness(
-    model,
-    bags: Sequence[Bag],
-    fwd,
-    task: TaskLike,
-    train,
-    device: torch.device,
-    extra: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """:func:`faithfulness` of a fold's test ``bags`` under its ``model`` (eval mode) for the
-    model's main score (``main``) and the default heatmap score (its kind's name; or the kinds
-    ``extra`` names), each read at the bag's predicted class. ``fwd``: the
-    :class:`~mil.train.loop.Forward` of ``bags`` (with scores); ``train``: the run's ``train``
-    section (compute chunk, precision)."""
-    from mil.train.loop import forward_bags
-
-    def predict(batch: list[Bag]) -> np.ndarray:
-        with torch.no_grad():
-            out = forward_bags(model, batch, train.max_instances, device, precision=train.precision)
-        return out.logits.cpu().numpy()
-
-    kinds = {} if fwd.scores is None else {"main": fwd.scores}
-    task = as_task(task)
-    if extra is None:
-        extra = [k for k in task.score_order if k in fwd.extra_scores][:1]
-    kinds.update({k: fwd.extra_scores[k] for k in extra if k in fwd.extra_scores})
-    if not kinds or not len(bags):
-        return {}
-    model.eval()
-    logits = fwd.logits.numpy()
-    columns = {k: predicted_columns(v, logits, task) for k, v in kinds.items()}
-    return faithfulness(predict, bags, columns, task, full_logits=logits)
-
-
 __all__ = [
     "FRACTIONS",
     "area",
@@ -179,7 +149,6 @@ __all__ = [
     "curves",
     "evidence",
     "faithfulness",
-    "fold_faithfulness",
     "predicted_columns",
     "subset",
 ]

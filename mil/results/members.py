@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mil.errors import DataError
 from mil.io import read_json
+from mil.reporting import p_value, value_ci
 from mil.results import PREDICTIONS, RunFolder
 from mil.tasks import Task
 from mil.tasks.paired import paired_metric_difference
@@ -54,6 +54,17 @@ def read_members(fold_dir: str | Path) -> list[dict[str, Any]] | None:
     ):
         raise DataError(f"{path}: not an ensemble record (a 'members' list); {fix}")
     return members
+
+
+def read_chosen(fold_dir: str | Path) -> list[str] | None:
+    """The members a fold predicts with (``members.json``'s ``chosen``, written where
+    ``select:`` chose); None: all of them."""
+    if read_members(fold_dir) is None:
+        return None
+    chosen = read_json(Path(fold_dir) / MEMBERS_JSON, "ensemble record").get("chosen")
+    if chosen is not None and not (isinstance(chosen, list) and chosen):
+        raise DataError(f"{Path(fold_dir) / MEMBERS_JSON}: 'chosen' is not a list of members")
+    return chosen
 
 
 def members_summary(run_dir: str | Path, task: Task, n_boot: int) -> dict[str, Any] | None:
@@ -118,14 +129,6 @@ def ensemble_lines(summary: dict[str, Any]) -> list[str]:
         return []
     m = entry["metric"]
 
-    def fmt(v: Any, ci: Any = None, signed: bool = False) -> str:
-        if v is None or not np.isfinite(v):
-            return "undefined"
-        s = f"{v:+.3f}" if signed else f"{v:.3f}"
-        if ci and None not in ci[:2]:
-            s += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-        return s
-
     lines = [
         "## Ensemble",
         "",
@@ -137,13 +140,59 @@ def ensemble_lines(summary: dict[str, Any]) -> list[str]:
         "",
         f"| predictor | {m} | average minus it | p |",
         "|---|---|---|---|",
-        f"| **average** | {fmt(entry['average']['value'], entry['average']['ci95_pooled'])} | | |",
+        f"| **average** | {value_ci(entry['average']['value'], entry['average']['ci95_pooled'])} | | |",
     ]
     for name, e in entry["members"].items():
         d = e["average_minus_member"]
-        p = "" if d["p"] is None or not np.isfinite(d["p"]) else f"{d['p']:.2g}"
         lines.append(
-            f"| `{name}` | {fmt(e['value'], e['ci95_pooled'])} | "
-            f"{fmt(d['delta'], [d['ci_low'], d['ci_high']], signed=True)} | {p} |"
+            f"| `{name}` | {value_ci(e['value'], e['ci95_pooled'])} | "
+            f"{value_ci(d['delta'], [d['ci_low'], d['ci_high']], signed=True)} | "
+            f"{p_value(d['p'])} |"
         )
+    return [*lines, ""]
+
+
+def selection_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """``summary.json``'s ``selection`` entry (``select.mode: inner``): how often each
+    candidate was chosen, and per fold the choice, the runner-up and every candidate's mean
+    inner score. None without selection."""
+    records = RunFolder(run_dir).records()
+    folds = {f: r["selection"] for f, r in records.items() if "selection" in r}
+    if not folds:
+        return None
+    first = next(iter(folds.values()))
+    counts: dict[str, int] = {}
+    for s in folds.values():
+        counts[s["chosen"]] = counts.get(s["chosen"], 0) + 1
+    return {
+        "metric": first["metric"],
+        "rule": first["rule"],
+        "chosen": counts,
+        "folds": {
+            f: {k: s[k] for k in ("chosen", "members", "runner_up", "inner_mean")}
+            for f, s in folds.items()
+        },
+    }
+
+
+def selection_lines(summary: dict[str, Any]) -> list[str]:
+    """``report.md``'s "Selection inside the training folds" section."""
+    entry = summary.get("selection")
+    if not entry:
+        return []
+    names = list(next(iter(entry["folds"].values()))["inner_mean"])
+    lines = [
+        "## Selection inside the training folds",
+        "",
+        f"Each fold chose what it predicts with by the mean inner-fold {entry['metric']} on its "
+        "own training bags (`select:`; the test fold took no part): `default` is the model "
+        "averaged with `ensemble:`, kept unless another candidate's mean gain exceeded one "
+        "standard error of its inner-fold differences. Heatmaps stay the model's own.",
+        "",
+        f"| fold | chosen | runner-up | {' | '.join(f'`{n}`' for n in names)} |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for fold, s in entry["folds"].items():
+        means = " | ".join(f"{s['inner_mean'].get(n, float('nan')):.3f}" for n in names)
+        lines.append(f"| {fold} | `{s['chosen']}` | `{s['runner_up']}` | {means} |")
     return [*lines, ""]

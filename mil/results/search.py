@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mil.errors import DataError
+from mil.reporting import MISSING, interval, p_phrase, value_ci
 from mil.results import HISTORY, RunFolder
 from mil.tasks import Task
 from mil.tasks.paired import paired_metric_difference
@@ -163,16 +164,12 @@ def average_words(search: dict[str, Any]) -> str:
     m, d = search["metric"], search["average_minus_selected"]
 
     def value(entry: dict[str, Any]) -> str:
-        v, ci = entry["value"], entry.get("ci95_pooled")
-        if v is None or not np.isfinite(v):
-            return "undefined"
-        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+        return value_ci(entry["value"], entry.get("ci95_pooled"))
 
-    diff = "undefined"
-    if d["delta"] is not None and np.isfinite(d["delta"]):
-        diff = f"{d['delta']:+.3f}"
-        if d["p"] is not None and np.isfinite(d["p"]):
-            diff += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['p']:.2g}"
+    ci = (d["ci_low"], d["ci_high"])
+    diff = value_ci(d["delta"], ci, signed=True)
+    if diff != MISSING and interval(ci):
+        diff += f", {p_phrase(d['p'])}"
     return (
         f"pooled out-of-fold {m} of the selected points {value(search['selected'])}, of the "
         f"average of all {len(search['points'])} points' predictions {value(search['average'])}; "

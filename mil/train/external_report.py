@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mil.config import Config
-from mil.io import atomic_path, json_float
+from mil.io import atomic_path
+from mil.reporting import MISSING, gets_ci, interval, number, p_phrase, p_value, value_ci
 from mil.tasks import Task
 from mil.train.report import PREPROCESSING, ordered_metrics, subgroup_lines
 
@@ -20,20 +19,20 @@ def write_external_report(path: Path, summary: dict[str, Any], cfg: Config, task
     cohort's ``data:``)."""
     lines = [f"# {cfg.name} on an external cohort: {task.title()} with `{cfg.model_name}`", ""]
     lines += ["## Methods", "", _external_methods(summary, cfg, task), ""]
-    lines += ["## Results", "", "| metric | external | 95% CI (patient bootstrap) |"]
-    lines.append("|---|---|---|")
+    lines += ["## Results", "", "| metric | external [95% CI, patient bootstrap] |"]
+    lines.append("|---|---|")
     metrics = summary["metrics"]
     for k in ordered_metrics(metrics, task):
-        if k.endswith(("_p", "_tau")):
-            continue
-        v, ci = json_float(metrics[k]["value"]), metrics[k].get("ci95_pooled")
-        ok = ci and None not in ci[:2] and np.isfinite(ci[0])
-        lines.append(f"| {k} | {v:.3f} | {f'{ci[0]:.3f} – {ci[1]:.3f}' if ok else ''} |")
-    if "logrank_p" in metrics and np.isfinite(json_float(metrics["logrank_p"]["value"])):
+        if gets_ci(k):  # not the p-values and time horizons
+            lines.append(
+                f"| {k} | {value_ci(metrics[k]['value'], metrics[k].get('ci95_pooled'))} |"
+            )
+    logrank = metrics.get("logrank_p", {}).get("value")
+    if number(logrank) != MISSING:
         lines += [
             "",
             "Log-rank test of high- vs low-risk external bags (cut at the median risk the "
-            f"ensemble gives the run's own bags): p = {json_float(metrics['logrank_p']['value']):.2g}.",
+            f"ensemble gives the run's own bags): {p_phrase(logrank)}.",
         ]
     lines += ["", "## Generalization gap", "", *_gap_section(summary), ""]
     figures = [f for f in task.figure_captions if f in summary.get("files", [])]
@@ -126,12 +125,9 @@ def _gap_section(summary: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for k, g in summary["gap"].items():
-        lo, hi = (json_float(v) for v in g["ci95"])
-        ci = f" [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else ""
-        p = json_float(g["p"])
         rows.append(
-            f"| {k} | {json_float(g['internal']):.3f} | {json_float(g['external']):.3f} | "
-            f"{json_float(g['difference']):+.3f}{ci} | {p:.3g} |"
+            f"| {k} | {number(g['internal'])} | {number(g['external'])} | "
+            f"{value_ci(g['difference'], g['ci95'], signed=True)} | {p_value(g['p'])} |"
         )
     return [*rows, "", *(f"- {line}" for line in gap_lines(summary))]
 
@@ -141,15 +137,11 @@ def gap_lines(summary: dict[str, Any]) -> list[str]:
     their difference with its 95% CI."""
     out = []
     for k, g in summary["gap"].items():
-        lo, hi = (json_float(v) for v in g["ci95"])
-        ci = (
-            f"95% CI {lo:+.3f} to {hi:+.3f}, p = {json_float(g['p']):.3g}"
-            if np.isfinite(lo)
-            else "no CI: no resample defined it"
-        )
+        tail = p_phrase(g["p"]) if interval(g["ci95"]) else "no CI: no resample defined it"
         out.append(
-            f"{k}: internal {json_float(g['internal']):.3f} (pooled out-of-fold), external "
-            f"{json_float(g['external']):.3f}; difference {json_float(g['difference']):+.3f} ({ci})"
+            f"{k}: internal {number(g['internal'])} (pooled out-of-fold), external "
+            f"{number(g['external'])}; difference "
+            f"{value_ci(g['difference'], g['ci95'], signed=True)} ({tail})"
         )
     return out
 
@@ -160,11 +152,9 @@ def format_evaluation(summary: dict[str, Any]) -> str:
         f"{summary['name']} on {summary['cohort']}: {summary['n_bags']} bags, "
         f"{summary['n_patients']} patients, {predictor_words(summary)}"
     ]
+    lines.append(f"  {'metric':<20} value [95% CI]")
     for k, m in summary["metrics"].items():
-        if k.endswith(("_p", "_tau")):
-            continue
-        ci = m.get("ci95_pooled")
-        ci_s = f"   95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and np.isfinite(ci[0]) else ""
-        lines.append(f"  {k:<20} {m['value']:>8.3f}{ci_s}")
+        if gets_ci(k):
+            lines.append(f"  {k:<20} {value_ci(m['value'], m.get('ci95_pooled'))}")
     lines += [f"  gap: {line}" for line in gap_lines(summary)]
     return "\n".join(lines)

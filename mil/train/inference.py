@@ -21,7 +21,7 @@ from mil.errors import MilError, MilWarning
 from mil.metrics.instances import LOGIT_KINDS
 from mil.results import REFIT
 from mil.results.checkpoint import load_model
-from mil.results.members import read_members
+from mil.results.members import read_chosen, read_members
 from mil.results.scores import DEFAULT
 from mil.tasks import Task, make_task
 from mil.train.loop import Forward, predict
@@ -54,8 +54,15 @@ class FoldModel:
         # the fold's ensemble (members.json): the model's seed replicas, its linear members,
         # and every one's scale
         entries = read_members(path.parent) or []
-        self.scales = [e["scale"] for e in entries]
-        self.members = [FoldModel(path.parent / e["model"], cfg, fold, device) for e in entries[1:]]
+        chosen = read_chosen(path.parent) or [e["name"] for e in entries]
+        #: whether the model's own outputs are part of the fold's (``select:`` may choose a
+        #: linear member alone)
+        self.model_chosen = not entries or entries[0]["name"] in chosen
+        kept = [e for e in entries if e["name"] in chosen]
+        self.scales = [e["scale"] for e in kept]
+        self.members = [
+            FoldModel(path.parent / e["model"], cfg, fold, device) for e in entries[1:] if e in kept
+        ]
         replicas = entries[0].get("replicas", []) if entries else []
         self.replica_scales = [r["scale"] for r in replicas]
         self.replicas = [
@@ -153,24 +160,25 @@ class FoldModel:
     ) -> pd.DataFrame:
         """``bag_id``, ``fold`` and the task's prediction columns of each bag (a fold with an
         ensemble: the average of its members' outputs, as its ``predictions.csv``)."""
+        parts = [self._model_outputs(bag_slides, store, tabular)] if self.model_chosen else []
+        parts += [m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members]
+        df = parts[0] if len(parts) == 1 else self.task.average_predictions(parts, self.scales)
+        df.insert(1, "fold", self.fold)
+        return df
+
+    def _model_outputs(
+        self, bag_slides: dict[str, list[str]], store: FeatureStore, tabular: TabularTable | None
+    ) -> pd.DataFrame:
+        """``bag_id`` and the model's prediction columns (with ``train.seeds``, the average of
+        its replicas')."""
         df = self.task.outputs(self.forward(bag_slides, store, tabular=tabular).logits.numpy())
         df.insert(0, "bag_id", list(bag_slides))
         if self.replicas:  # train.seeds: the replicas' average is the model's output
-            parts = [
-                df,
-                *(
-                    r.outputs(bag_slides, store, tabular).drop(columns="fold")
-                    for r in self.replicas
-                ),
+            parts = [df]
+            parts += [
+                r.outputs(bag_slides, store, tabular).drop(columns="fold") for r in self.replicas
             ]
             df = self.task.average_predictions(parts, self.replica_scales)
-        if self.members:
-            parts = [
-                df,
-                *(m.outputs(bag_slides, store, tabular).drop(columns="fold") for m in self.members),
-            ]
-            df = self.task.average_predictions(parts, self.scales)
-        df.insert(1, "fold", self.fold)
         return df
 
 

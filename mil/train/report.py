@@ -12,8 +12,9 @@ from mil.config import Config
 from mil.io import atomic_path, json_float
 from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS, SURVIVAL_SCORE_KIND
 from mil.models.registry import get as get_model
+from mil.reporting import MISSING, gets_ci, interval, mean_sd, number, p_phrase, p_value, value_ci
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
-from mil.results.members import ensemble_lines
+from mil.results.members import ensemble_lines, selection_lines
 from mil.results.search import search_section
 from mil.tasks import Task, make_task
 
@@ -35,6 +36,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Methods", "", _methods(cfg, task, summary), ""]
     lines += ["## Results", "", *_results(summary, task), ""]
     lines += ensemble_lines(summary)
+    lines += selection_lines(summary)
     lines += search_section(run.path)
     figures = [(f, t) for f, t in task.figure_captions.items() if run.file(f).is_file()]
     heatmaps = sorted(run.file(HEATMAPS).glob("*.png"))[:MAX_HEATMAPS]
@@ -186,6 +188,15 @@ def _ensemble_words(cfg: Config, task: Task) -> list[str]:
             f"fitted on the same training bags ({task.averaging_words()}, equal weights); the "
             "heatmaps show the model's own instance scores."
         )
+    if cfg.select.mode == "inner":
+        alone = ", ".join(f"`{m}`" for m in cfg.select.members)
+        out.append(
+            f"Each fold chose, on {cfg.select.folds} stratified patient-level inner folds of its "
+            f"own training bags (its test bags took no part), between the recipe above, the model alone "
+            f"or {alone} alone, by the inner {task.headline()}: the default was kept unless "
+            "another candidate's mean gain exceeded one standard error of its inner-fold "
+            "differences; each fold's choice is tabulated below."
+        )
     return out
 
 
@@ -228,47 +239,40 @@ def _results(summary: dict[str, Any], task: Task) -> list[str]:
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in ordered_metrics(metrics, task):
-        if k in ("train_seconds", "seconds_per_epoch") or k.endswith(("_p", "_tau")):
+        if not gets_ci(k):  # p-values, time horizons and timings: not a score
             continue
         m = metrics[k]
-        ci = m.get("ci95_pooled")
-        cells = [k, f"{json_float(m['mean']):.3f} ± {json_float(m['sd']):.3f}"]
+        cells = [k, mean_sd(m["mean"], m["sd"])]
         if repeats:
             cells.append(
-                f"{np.mean([json_float(v) for v in m['repeat_means']]):.3f} ± {json_float(m['sem_over_repeats']):.3f}"
+                mean_sd(np.mean([json_float(v) for v in m["repeat_means"]]), m["sem_over_repeats"])
                 if "repeat_means" in m
-                else ""
+                else MISSING
             )
-        cells.append(
-            f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci[:2] and np.isfinite(ci[0]) else ""
-        )
+        cells.append(interval(m.get("ci95_pooled")) or MISSING)
         rows.append("| " + " | ".join(cells) + " |")
     out = rows
     if isinstance(summary.get("auc_pooled"), float):
-        out += ["", f"Pooled out-of-fold AUC: {summary['auc_pooled']:.3f}."]
+        out += ["", f"Pooled out-of-fold AUC: {number(summary['auc_pooled'])}."]
     if "logrank_p" in metrics:
         ps = [v for v in metrics["logrank_p"]["folds"] if v is not None and np.isfinite(v)]
         pooled = summary.get("logrank_p_pooled")
         pooled_s = (
-            f"pooled over folds p = {pooled:.2g}"
+            f"pooled over folds {p_phrase(pooled)}"
             if pooled is not None and np.isfinite(pooled)
             else ""
         )
         if ps:
             text = (
-                f"median p = {np.median(ps):.2g} over folds (range {min(ps):.2g} – {max(ps):.2g})"
-                + (f"; {pooled_s}" if pooled_s else "")
+                f"median {p_phrase(np.median(ps))} over folds (range {p_value(min(ps))} to "
+                f"{p_value(max(ps))})" + (f"; {pooled_s}" if pooled_s else "")
             )
         else:
             text = "undefined in every fold" + (f"; {pooled_s}" if pooled_s else "")
         out += ["", f"Log-rank test of high- vs low-risk test patients: {text}."]
-    if "seconds_per_epoch" in metrics and np.isfinite(
-        json_float(metrics["seconds_per_epoch"]["mean"])
-    ):
-        out += [
-            "",
-            f"Training took {json_float(metrics['seconds_per_epoch']['mean']):.2f} s per epoch on average.",
-        ]
+    per_epoch = number(metrics.get("seconds_per_epoch", {}).get("mean"), 2)
+    if per_epoch != MISSING:
+        out += ["", f"Training took {per_epoch} s per epoch on average."]
     return out
 
 
@@ -288,7 +292,7 @@ def subgroup_lines(
     ]
     head = ["group", "bags", "patients", *count_keys, *metric_keys]
     out = [
-        f"{source}, with patient-bootstrap 95% CIs; empty where a group cannot define the "
+        f"{source}, with patient-bootstrap 95% CIs; {MISSING} where a group cannot define the "
         "metric (e.g. one class).",
         "",
         "| " + " | ".join(head) + " |",
@@ -298,12 +302,7 @@ def subgroup_lines(
         name = "all" if r["column"] == "all" else f"{r['column']} = {r['value']}"
         cells = [name, str(r["n_bags"]), str(r["n_patients"]), *(str(r[k]) for k in count_keys)]
         for k in metric_keys:
-            v, lo, hi = r.get(k), r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
-            cells.append(
-                ""
-                if v is None
-                else f"{v:.3f}" + (f" ({lo:.3f} – {hi:.3f})" if lo is not None else "")
-            )
+            cells.append(value_ci(r.get(k), (r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high"))))
         out.append("| " + " | ".join(cells) + " |")
     tests = [t for t in summary.get("subgroup_tests", []) if t["p"] is not None]
     if tests:
@@ -315,7 +314,7 @@ def subgroup_lines(
         ]
         out += [
             f"- {t['column']}: {t['metric']} differs by up to {t['range']:.3f} across "
-            f"{t['groups']} groups, p = {t['p']:.3g} ({t['n_perm']} permutations)"
+            f"{t['groups']} groups, {p_phrase(t['p'])} ({t['n_perm']} permutations)"
             for t in tests
         ]
     return out
@@ -337,9 +336,7 @@ def _per_fold(records: list[dict], task: Task) -> list[str]:
             str(r["n_test"]),
             str(m.get("epochs", "")),
         ]
-        cells += [
-            f"{m[k]:.3f}" if isinstance(m.get(k), float) and np.isfinite(m[k]) else "" for k in keys
-        ]
+        cells += [number(m.get(k)) for k in keys]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -364,8 +361,9 @@ def _baselines(path: Path, cfg: Config, task: Task) -> list[str]:
     ]
     for r in table.itertuples():
         lines.append(
-            f"| `{r.baseline}` | {r.metric} | {r.baseline_value:.3f} | {r.model_value:.3f} | "
-            f"{r.delta:+.3f} [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}] | {r.delta_p:.3f} |"
+            f"| `{r.baseline}` | {r.metric} | {number(r.baseline_value)} | {number(r.model_value)} | "
+            f"{value_ci(r.delta, (r.delta_ci_low, r.delta_ci_high), signed=True)} | "
+            f"{p_value(r.delta_p)} |"
         )
     lines += [
         "",

@@ -8,7 +8,6 @@ atomically, so an interrupted run resumes from the folds whose
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -46,12 +45,13 @@ from mil.tasks import Task
 from mil.train.closed_form import fit_closed_form
 from mil.train.diagnostics import diagnose, summarize_findings
 from mil.train.distributed import SINGLE, Dist, setup, usable_cores
+from mil.train.ensemble import fold_ensemble
 from mil.train.experiment import Experiment
-from mil.train.loop import Forward, fit, predict
-from mil.train.members import Member, average, fit_members, write_members
+from mil.train.loop import Forward, fit
+from mil.train.members import Member, write_members
 from mil.train.optim import training_budget
-from mil.train.replicas import average_forwards, replica_name, train_replica
-from mil.train.scoring import fold_predictions, instance_metrics
+from mil.train.scoring import ModelPredictor, fold_predictions, fold_scoring, score_fold
+from mil.train.selection import Selection, select_inner
 from mil.train.summary import summarize
 
 # names other modules and notebooks import from here
@@ -162,7 +162,7 @@ def _fold_or_skip(
             MilWarning,
             stacklevel=3,
         )
-    metrics = run_fold(exp, split, fold_dir, device, dist)
+    metrics = run_fold(exp, split, fold_dir, device, dist, log)
     shown = ", ".join(f"{m}={v:.3f}" for m, v in metrics.items() if isinstance(v, float))
     log(f"fold {split.name}: {shown}")
 
@@ -207,24 +207,47 @@ class FoldResult:
     findings: list[dict[str, Any]]
     val_pred: pd.DataFrame | None = None
     members: list[Member] = field(default_factory=list)  # the ensemble, the model first
+    selection: Selection | None = None  # select.mode: inner's choice
 
 
 def run_fold(
-    exp: Experiment, split: Split, fold_dir: Path, device: torch.device, dist: Dist = SINGLE
+    exp: Experiment,
+    split: Split,
+    fold_dir: Path,
+    device: torch.device,
+    dist: Dist = SINGLE,
+    log=_quiet,
 ) -> dict[str, Any]:
     """Train and test one fold; write its folder (rank 0 only under torchrun)."""
+    selection = None
+    if exp.cfg.select.mode == "inner":  # chosen on inner folds of the training bags only
+        inner = partial(_inner_fold, exp, device=device, dist=dist)
+        selection = select_inner(exp, split, inner, log=log)
+    task, train, val, test, fit_val = _fold_parts(exp, split)
+    result = _train_and_test(exp, task, split, train, fit_val, test, device, dist, selection)
+    if dist.main:
+        sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
+        _write_fold(fold_dir, exp, task, split, result, sizes)
+    return result.metrics
+
+
+def _fold_parts(exp: Experiment, split: Split):
+    """The fold's task (set up on its training bags), its partitions, and the validation bags
+    early stopping reads (None where the task finds them useless: survival without events)."""
     train, val, test = (exp.fold_bags(split, p) for p in ("train", "val", "test"))
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"fold {split.name}: empty training or test partition in {exp.split_dir}")
     task = exp.task()
     task.setup_fold(train, fold_name=split.name)
-    # a task may find the validation bags useless for early stopping (survival: no events)
     fit_val = val if len(val) and task.validation_usable(val) else None
-    result = _train_and_test(exp, task, split, train, fit_val, test, device, dist)
-    if dist.main:
-        sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
-        _write_fold(fold_dir, exp, task, split, result, sizes)
-    return result.metrics
+    return task, train, val, test, fit_val
+
+
+def _inner_fold(exp: Experiment, split: Split, device: torch.device, dist: Dist):
+    """One inner fold of the selection: its task and every member's predictions."""
+    task, train, _, test, fit_val = _fold_parts(exp, split)
+    result = _train_and_test(exp, task, split, train, fit_val, test, device, dist, inner=True)
+    return task, result.members
 
 
 def fold_setup(
@@ -243,7 +266,10 @@ def _train_and_test(
     test: pd.DataFrame,
     device: torch.device,
     dist: Dist,
+    selection: Selection | None = None,
+    inner: bool = False,
 ) -> FoldResult:
+    """``inner``: a selection's inner fold (every member kept, no instance metrics)."""
     cfg = exp.cfg
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     model, norm, data = fold_setup(exp, task, train["bag_id"].tolist())
@@ -253,34 +279,26 @@ def _train_and_test(
     t0 = time.perf_counter()
     model, history, state = _fit_fold(exp, task, split, model, data, train, val, device, dist)
     train_seconds = time.perf_counter() - t0
-    infer = partial(
-        predict,
-        model,
-        data,
-        max_instances=cfg.train.max_instances,
-        device=device,
-        precision=cfg.train.precision,
-        dist=dist,
-    )
+    predictor = ModelPredictor(model, data, cfg.train, device, dist)
     val_pred, fwd, pred, train_pred = fold_predictions(
-        exp, task, split, infer, history, train, val, test
+        exp, task, split, predictor, history, train, val, test
     )
+    # the fold's ensemble: one place (seed replicas, linear members, a selection's choice)
     model_member = Member(cfg.model_name, pred, train_pred, val_pred)
-    if cfg.train.seeds > 1:  # seed replicas of the model: outputs and instance scores averaged
-        model_member, fwd = _replicas(
-            exp, task, split, model_member, fwd, (train, val, test), device, dist
-        )
-        pred, train_pred, val_pred = (
-            model_member.pred,
-            model_member.train_pred,
-            model_member.val_pred,
-        )
-    members = [model_member] if cfg.train.seeds > 1 else []
-    if cfg.members:  # linear models beside the model, averaged with it
-        members = [model_member, *fit_members(exp, task, train, val, test, device)]
-        pred, train_pred, val_pred = average(task, members)
-    metrics = task.metrics(pred, train_pred)
-    metrics.update(instance_metrics(exp, task, model, data, test, fwd, pred, device))
+    members, (pred, train_pred, val_pred), fwd = fold_ensemble(
+        exp, task, split, model_member, fwd, (train, val, test), device, dist, selection
+    )
+    # the fold's (averaged) predictions scored; instance scores and faithfulness: the model's
+    scored = score_fold(
+        task,
+        predictor,
+        test,
+        fold_scoring(exp, instance=not inner),
+        reference=train_pred,
+        pred=pred,
+        forward=fwd,
+    )
+    metrics = scored.metrics
     metrics["train_seconds"] = train_seconds
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
@@ -299,6 +317,7 @@ def _train_and_test(
         findings,
         val_pred,
         members,
+        selection,
     )
 
 
@@ -369,29 +388,6 @@ def _findings(
     return findings
 
 
-def _replicas(
-    exp: Experiment,
-    task: Task,
-    split: Split,
-    first: Member,
-    fwd: Forward,
-    bags: tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame],
-    device: torch.device,
-    dist: Dist,
-) -> tuple[Member, Forward]:
-    """The model as the average of ``train.seeds`` replicas (the fold's model first), and
-    their averaged instance scores."""
-    parts = dict(zip(("train", "val", "test"), bags))
-    reps = [dataclasses.replace(first, name=replica_name(first.name, 0))]
-    forwards = [fwd]
-    for j in range(1, exp.cfg.train.seeds):
-        member, f = train_replica(exp, task, split, j, parts, device, dist)
-        reps.append(member)
-        forwards.append(f)
-    model = Member(first.name, *average(task, reps), replicas=reps)
-    return model, average_forwards(forwards)
-
-
 def _write_fold(
     fold_dir: Path,
     exp: Experiment,
@@ -427,7 +423,10 @@ def _write_fold(
     write_artifacts(fold_dir, task.fold_artifacts(r.pred, r.train_pred))
     record = {"fold": split.name, "repeat": split.repeat, **sizes}
     if r.members:  # their files, and each one's own headline metric on this fold
-        write_members(fold_dir, exp, task, r.members)
+        chosen = None if r.selection is None else r.selection.members
+        write_members(fold_dir, exp, task, r.members, chosen)
         record["members"] = {m.name: task.metric_value(m.pred, task.headline()) for m in r.members}
+    if r.selection is not None:
+        record["selection"] = r.selection.record()
     record.update(classes=task.classes, task=task.name, metrics=r.metrics, diagnostics=r.findings)
     write_json(fold_dir / METRICS, record)

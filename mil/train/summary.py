@@ -12,6 +12,19 @@ from mil.data.sources import read_cohort
 from mil.errors import DataError
 from mil.io import json_float, write_csv, write_json
 from mil.metrics.subgroups import group_difference_test, subgroup_metrics
+from mil.reporting import (
+    MISSING,
+    gets_ci,
+    interval,
+    is_horizon,
+    is_p_value,
+    is_timing,
+    kind,
+    mean_sd,
+    p_phrase,
+    p_value,
+    value_ci,
+)
 from mil.results import (
     PREDICTIONS,
     SUBGROUPS,
@@ -20,13 +33,14 @@ from mil.results import (
     RunFolder,
     write_artifacts,
 )
-from mil.results.members import members_summary
+from mil.results.members import members_summary, selection_summary
 from mil.results.search import average_summary, average_words
 from mil.tasks import Task, headline_metrics, make_task
 from mil.train.diagnostics import summarize_findings
 from mil.train.report import write_report
 
 __all__ = [
+    "fold_metric_entries",
     "format_summary",
     "group_difference_test",
     "join_group_columns",
@@ -35,6 +49,9 @@ __all__ = [
     "subgroup_metrics",
     "subgroup_results",
     "summarize",
+    "summary_record",
+    "value_entries",
+    "write_summary",
 ]
 
 
@@ -65,22 +82,11 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     run = RunFolder(run_dir)
     cfg, records = _finished(run, "summarise")
     task = make_task(cfg, next(iter(records.values())).get("classes", []))
-    table, metrics = _fold_metrics(list(records.values()))
-    pooled = run.all_predictions()
-    for k, (lo, hi) in task.pooled_ci(pooled, n_boot=n_boot).items():
-        if k in metrics:
-            metrics[k]["ci95_pooled"] = [lo, hi]
-    summary = {
-        "name": cfg.name,
-        "task": cfg.task.type,
-        "model": cfg.model_name,
-        "folds": [r["fold"] for r in records.values()],
-        "n_folds_expected": cfg.splits.folds * cfg.splits.repeats,
-        "n_boot": n_boot,
-        "n_bags": int(pooled["bag_id"].nunique()),  # tested bags (each once per repeat)
-        "n_patients": int(pooled["patient_id"].nunique()),
-        "metrics": metrics,
-    }
+    table, metrics = fold_metric_entries(list(records.values()))
+    pooled = run.all_predictions()  # tested bags (each once per repeat)
+    folds = [r["fold"] for r in records.values()]
+    summary = summary_record(cfg, task, pooled, folds, n_boot, metrics)
+    summary["n_folds_expected"] = cfg.splits.folds * cfg.splits.repeats
     # folds that may not have trained well (mil.train.diagnostics)
     summary["diagnostics"] = [f for r in records.values() for f in r.get("diagnostics", [])]
     # task-specific run-level results (survival: pooled KM curves and log-rank p)
@@ -93,6 +99,9 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
     ensemble = members_summary(run.path, task, n_boot)  # each member against the average
     if ensemble is not None:
         summary["ensemble"] = ensemble
+    selection = selection_summary(run.path)  # select.mode: inner: what each fold chose
+    if selection is not None:
+        summary["selection"] = selection
     group_cols = list(dict.fromkeys([c for c in [cfg.data.site_col, *cfg.data.subgroup_cols] if c]))
     if group_cols:
         summary.update(_subgroups(run, task, cfg, group_cols, n_boot))
@@ -103,12 +112,57 @@ def summarize(run_dir: str | Path, n_boot: int = 1000) -> dict[str, Any]:
         ]
     )
     write_csv(run.file(SUMMARY_CSV), pd.concat([table, agg], ignore_index=True))
-    write_json(run.file(SUMMARY_JSON), summary)
+    write_summary(run.path, summary)
     write_report(run.path)
     return summary
 
 
-def _fold_metrics(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def summary_record(
+    cfg, task: Task, pred: pd.DataFrame, folds: list[str], n_boot: int, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The head of ``summary.json``, one meaning per key for a run and an evaluation:
+    ``name``, ``task``, ``model`` (the run's), ``folds`` (those whose models predicted),
+    ``n_boot``, ``n_bags`` and ``n_patients`` (of ``pred``: a run's out-of-fold rows, each
+    bag once per repeat; an evaluation's cohort) and ``metrics``: per metric either a run's
+    ``mean``, ``sd`` and ``folds`` (:func:`fold_metric_entries`) or one predictor's ``value``
+    on one cohort (:func:`value_entries`), never both, with ``ci95_pooled``, the pooled
+    bootstrap CI of ``pred`` (:meth:`mil.tasks.Task.pooled_ci`), where the task has one."""
+    for k, (lo, hi) in task.pooled_ci(pred, n_boot=n_boot).items():
+        if k in metrics:
+            metrics[k]["ci95_pooled"] = [lo, hi]
+    return {
+        "name": cfg.name,
+        "task": cfg.task.type,
+        "model": cfg.model_name,
+        "folds": list(folds),
+        "n_boot": n_boot,
+        "n_bags": int(pred["bag_id"].nunique()),
+        "n_patients": int(pred["patient_id"].nunique()),
+        "metrics": metrics,
+    }
+
+
+def value_entries(found: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One predictor's metrics on one cohort as ``summary.json``'s entries (``value``, NaN
+    where undefined; not a mean over folds), and its non-scalar results (a confusion matrix)."""
+    metrics: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for k, v in found.items():
+        if v is None or isinstance(v, (int, float)):
+            metrics[k] = {"value": float("nan") if v is None else float(v)}
+        else:
+            details[k] = v
+    return metrics, details
+
+
+def write_summary(folder: str | Path, summary: dict[str, Any]) -> None:
+    """``summary.json`` of a run folder or an evaluation folder (atomic, strict JSON)."""
+    write_json(Path(folder) / SUMMARY_JSON, summary)
+
+
+def fold_metric_entries(
+    records: list[dict[str, Any]],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-fold table of every scalar metric, and per metric its mean, sd and fold values
     (means per repeat with repeated cross-validation)."""
     # a metric a fold could not define is NaN, written as null (strict JSON)
@@ -117,9 +171,9 @@ def _fold_metrics(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str
             k
             for r in records
             for k, v in r["metrics"].items()
-            if (v is None or isinstance(v, (int, float))) and k not in ("epochs", "steps")
+            if (v is None or isinstance(v, (int, float))) and kind(k) != "count"
         },
-        key=lambda k: (k in ("train_seconds", "seconds_per_epoch"), k),
+        key=lambda k: (is_timing(k), k),
     )
     rows = []
     for r in records:
@@ -209,25 +263,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  {'metric':<20} {'mean ± sd':>17}   95% CI (pooled bootstrap)")
     for k, m in summary["metrics"].items():
         folds = np.array([v for v in m.get("folds", []) if v is not None], float)
-        lo_hi = f"[{folds.min():.3g}, {folds.max():.3g}]" if len(folds) else "[]"
-        if k.endswith("_p"):
-            med = f"{np.median(folds):.2g}" if len(folds) else "nan"
+        if is_p_value(k):
+            span = f"{p_value(folds.min())} to {p_value(folds.max())}" if len(folds) else MISSING
+            med = p_value(np.median(folds)) if len(folds) else MISSING
             pooled = summary.get(f"{k}_pooled")
-            tail = f"; pooled over folds {pooled:.2g}" if pooled is not None else ""
-            lines.append(f"  {k:<20} median {med} over folds, range {lo_hi}{tail}")
+            tail = f"; pooled over folds {p_value(pooled)}" if pooled is not None else ""
+            lines.append(f"  {k:<20} median {med} over folds, range {span}{tail}")
             continue
-        if k.endswith("_tau"):
-            lines.append(f"  {k:<20} per fold {lo_hi} (a time horizon, not a metric)")
+        if is_horizon(k):
+            span = f"{folds.min():.3g} to {folds.max():.3g}" if len(folds) else MISSING
+            lines.append(f"  {k:<20} per fold {span} (a time horizon, not a metric)")
             continue
-        ci = m.get("ci95_pooled")
-        ci_s = (
-            f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-            if ci and None not in ci[:2] and np.isfinite(ci[0])
-            else ""
-        )
-        lines.append(
-            f"  {k:<20} {json_float(m['mean']):>8.3f} ± {json_float(m['sd']):<6.3f}   {ci_s}"
-        )
+        ci_s = interval(m.get("ci95_pooled")) if gets_ci(k) else ""
+        lines.append(f"  {k:<20} {mean_sd(m['mean'], m['sd']):>17}   {ci_s}".rstrip())
     if summary.get("search"):
         lines.append(f"  search: {average_words(summary['search'])}")
     if summary.get("diagnostics"):
@@ -237,12 +285,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         metric = (headline_metrics(summary["task"]) or ("auc",))[0]
         lines.append(f"  subgroups (pooled out-of-fold {metric}, 95% bootstrap CI; subgroups.csv):")
         for r in summary["subgroups"]:
-            v, lo, hi = r.get(metric), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
-            est = "undefined" if v is None else f"{v:.3f}"
-            ci_s = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+            est = value_ci(r.get(metric), (r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")))
             name = "all" if r["column"] == "all" else f"{r['column']}={r['value']}"
             lines.append(
-                f"    {name:<24} {r['n_bags']:>5} bags {r['n_patients']:>5} patients   {est}{ci_s}"
+                f"    {name:<24} {r['n_bags']:>5} bags {r['n_patients']:>5} patients   {est}"
             )
         for t in summary.get("subgroup_tests", []):
             if t["p"] is None:
@@ -252,6 +298,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             else:
                 lines.append(
                     f"    {t['column']}: groups differ in {t['metric']} by up to {t['range']:.3f}, "
-                    f"permutation p = {t['p']:.3g} ({t['n_perm']} permutations)"
+                    f"permutation {p_phrase(t['p'])} ({t['n_perm']} permutations)"
                 )
     return "\n".join(lines)
