@@ -168,6 +168,16 @@ def _check_stopping_and_ensemble(cfg: Config) -> None:
             )
     if cfg.ensemble != "auto" and len(set(cfg.ensemble)) != len(cfg.ensemble):
         raise ConfigError(f"{cfg.source}: ensemble: {cfg.ensemble} names a model twice")
+    for name in cfg.select.members:
+        if name not in linear:
+            raise ConfigError(
+                f"{cfg.source}: select.members: {name!r} is not a linear model; expected some of {linear}"
+            )
+    if cfg.select.mode != "none" and not model.trained_by_gradient:
+        raise ConfigError(
+            f"{cfg.source}: select.mode: {cfg.select.mode} chooses between a trained model and "
+            f"linear ones; model {cfg.model_name!r} is itself linear (set select.mode: none)"
+        )
     if not model.trained_by_gradient:  # a linear model runs alone
         cfg.members = []
     else:

@@ -148,6 +148,16 @@ class TrainConfig:
 
 
 @dataclass
+class SelectConfig:
+    # "inner": per outer fold, the model alone, each linear model of `members` or the model
+    # averaged with `ensemble:`, chosen by inner K-fold CV on the fold's training bags
+    # (mil.train.selection); "none": the model averaged with `ensemble:`
+    mode: Literal["none", "inner"] = "none"
+    folds: int = 3  # inner folds
+    members: list[str] = field(default_factory=lambda: ["meanpool_linear", "bow_linear"])
+
+
+@dataclass
 class Config:
     name: str = "run"
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -160,6 +170,7 @@ class Config:
     # linear models fitted on each fold beside `model` and averaged with it; "auto": the
     # task's (survival: [meanpool_linear] for slide models; docs/benchmarks.md), [] for none
     ensemble: Literal["auto"] | list[str] = "auto"
+    select: SelectConfig = field(default_factory=SelectConfig)
     # `mil compare`: models to run through the same folds, each {model: {...}, train: {...}, label}
     compare: list[dict[str, Any]] = field(default_factory=list)
     # `mil train` hyper-parameter search (mil.train.search): train./model. key -> values to try
@@ -176,6 +187,8 @@ class Config:
         for key in ("compare", "search"):  # plain runs keep the config.yaml they always had
             if not out[key]:
                 out.pop(key)
+        if self.select.mode == "none":
+            out.pop("select")
         return out
 
     @property
@@ -381,6 +394,7 @@ def _value_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         ),
         (t.max_instances >= 1, "train.max_instances", "must be at least 1"),
         (t.seeds >= 1, "train.seeds", "must be at least 1 (models per fold)"),
+        (cfg.select.folds >= 2, "select.folds", "must be at least 2 (inner folds)"),
         (finite(d.cache_gb) and d.cache_gb >= 0, "data.cache_gb", "must be a finite number >= 0"),
     ]
     return rules + _conditional_rules(cfg)

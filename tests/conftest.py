@@ -48,3 +48,23 @@ def small_cohort(tmp_path: Path) -> dict:
 @pytest.fixture
 def small_cfg(small_cohort):
     return config_from_dict(small_cohort)
+
+
+def flipped_test_labels(raw: dict, clean_run: Path, out: Path) -> dict:
+    """``raw`` (a :func:`small_config`) on the split files of ``clean_run``, with the labels of
+    fold 0's test slides flipped in a copy of its cohort CSV at ``out``: a poisoning test's
+    second run, whose training bags are the clean run's own."""
+    import pandas as pd
+
+    cohort = pd.read_csv(raw["data"]["csv"])
+    test0 = set(pd.read_csv(clean_run / "splits" / "splits_0.csv")["test"].dropna())
+    flip = cohort["slide_id"].isin(test0)
+    cohort.loc[flip, "label"] = cohort.loc[flip, "label"].map(
+        {"positive": "negative", "negative": "positive"}
+    )
+    cohort.to_csv(out, index=False)
+    return {
+        **raw,
+        "data": {**raw["data"], "csv": str(out)},
+        "splits": {**raw["splits"], "dir": str(clean_run / "splits")},
+    }

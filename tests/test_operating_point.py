@@ -17,7 +17,7 @@ from mil.errors import ConfigError
 from mil.metrics import classification_metrics
 from mil.metrics.classification import operating_threshold
 from mil.train.runner import run_cv
-from tests.conftest import small_config
+from tests.conftest import flipped_test_labels, small_config
 from tests.test_evaluate import cls_run, cohort_yaml, external_cls, root  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
@@ -81,15 +81,7 @@ def runs(tmp_path_factory):
     clean = run_cv(
         config_from_dict(raw), base / "clean", progress=False, log=lambda *a: None, n_boot=50
     )
-    cohort = pd.read_csv(raw["data"]["csv"])
-    test0 = set(pd.read_csv(clean / "splits" / "splits_0.csv")["test"].dropna())
-    flip = cohort["slide_id"].isin(test0)
-    cohort.loc[flip, "label"] = cohort.loc[flip, "label"].map(
-        {"positive": "negative", "negative": "positive"}
-    )
-    cohort.to_csv(base / "poisoned.csv", index=False)
-    raw["data"]["csv"] = str(base / "poisoned.csv")
-    raw["splits"]["dir"] = str(clean / "splits")
+    raw = flipped_test_labels(raw, clean, base / "poisoned.csv")
     poisoned = run_cv(
         config_from_dict(raw), base / "poisoned", progress=False, log=lambda *a: None, n_boot=50
     )

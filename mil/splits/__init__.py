@@ -18,6 +18,7 @@ from mil.splits.files import (
 from mil.splits.folds import (
     PARTS,
     Split,
+    inner_splits,
     inner_validation,
     make_splits,
     site_column,
@@ -32,6 +33,7 @@ __all__ = [
     "Split",
     "check_site_preserved",
     "describe",
+    "inner_splits",
     "inner_validation",
     "load_or_make_splits",
     "make_splits",

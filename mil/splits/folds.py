@@ -24,9 +24,13 @@ class Split:
     val: list[str]
     test: list[str]
     repeat: int = 0
+    #: an inner fold's name (``0/inner1``); outer folds are named by fold and repeat
+    label: str | None = None
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         return f"{self.fold}" if self.repeat == 0 else f"r{self.repeat}_{self.fold}"
 
     def part(self, name: str) -> list[str]:
@@ -207,3 +211,35 @@ def inner_validation(
         n_inner, train, options, groups, seed, "training patients", key, where
     )[0]
     return np.setdiff1d(train, val), val
+
+
+def inner_splits(
+    cohort: Cohort, outer: Split, folds: int, val_fraction: float, seed: int
+) -> list[Split]:
+    """``folds`` stratified patient-level folds of ``outer``'s training and validation slides
+    (its test slides take no part), each with its own inner validation split: what
+    ``select.mode: inner`` chooses on (:mod:`mil.train.selection`)."""
+    s = cohort.slides
+    ids = s["slide_id"].to_numpy()
+    groups = s["patient_id"].to_numpy()
+    options = strata_options(cohort)
+    pos = np.flatnonzero(np.isin(ids, [*outer.train, *outer.val]))
+    where = f"fold {outer.name}"
+    key = "lower select.folds (fewer, larger inner folds)"
+    out = []
+    base = seed + 7907 * (outer.fold + 1) + 1000 * outer.repeat
+    parts = stratified_group_folds(folds, pos, options, groups, base, "patients", key, where)
+    for j, (tr, te) in enumerate(parts):
+        tr, val = inner_validation(tr, options, groups, val_fraction, base + j + 1, where=where)
+        label = f"{outer.name}/inner{j}"
+        out.append(
+            Split(
+                outer.fold,
+                ids[tr].tolist(),
+                ids[val].tolist(),
+                ids[te].tolist(),
+                outer.repeat,
+                label,
+            )
+        )
+    return out

@@ -29,7 +29,7 @@ from mil.train.closed_form import fit_closed_form
 from mil.train.experiment import Experiment
 from mil.train.loop import predict
 
-__all__ = ["Member", "average", "fit_members", "refit_members", "write_members"]
+__all__ = ["Member", "average", "combine", "fit_members", "refit_members", "write_members"]
 
 
 @dataclass
@@ -62,11 +62,13 @@ def fit_members(
     val: pd.DataFrame | None,
     test: pd.DataFrame,
     device: torch.device,
+    names: list[str] | None = None,
 ) -> list[Member]:
-    """Fit each linear model of ``ensemble:`` on the training bags (penalty chosen on the
-    validation bags, as a baseline run chooses it) and predict the fold's partitions."""
+    """Fit each linear model of ``names`` (default ``ensemble:``'s) on the training bags
+    (penalty chosen on the validation bags, as a baseline run chooses it) and predict the
+    fold's partitions."""
     out = []
-    for name in exp.cfg.members:
+    for name in exp.cfg.members if names is None else names:
         model, norm, data = exp.fold_setup(task, train["bag_id"].tolist(), member=name)
         history = fit_closed_form(model, task, data, train, val, exp.cfg.train)
         model = model.to(device)
@@ -96,6 +98,7 @@ def refit_members(
     replicas: list[tuple[torch.nn.Module, Standardizer | None, BagDataset, pd.DataFrame]],
     penalties: dict[str, float],
     device: torch.device,
+    names: list[str] | None = None,
 ) -> list[Member]:
     """A refit's ensemble: the refit model (``replicas``: it, then its seed replicas, each as
     (model, preprocessing, view of the bags, history)) and each linear member fitted on every
@@ -115,7 +118,7 @@ def refit_members(
         out = [dataclasses.replace(reps[0], name=name)]
     else:
         out = [Member(name, None, average(task, reps)[1], None, replicas=reps)]
-    for member in exp.cfg.members:
+    for member in exp.cfg.members if names is None else names:
         model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), member=member)
         history = fit_closed_form(
             model, task, data, bags, None, exp.cfg.train, (penalties[member],)
@@ -143,17 +146,42 @@ def average(
     return mean([m.pred for m in members]), mean([m.train_pred for m in members]), val
 
 
-def write_members(fold_dir: Path, exp: Experiment, task: Task, members: list[Member]) -> None:
+def combine(
+    task: Task, members: list[Member]
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """The fold's predictions from the members it predicts with: the :func:`average` of
+    several, or one member's own (its operating point fitted on its validation predictions),
+    as :class:`mil.train.inference.FoldModel` predicts new bags."""
+    if len(members) > 1:
+        return average(task, members)
+    m = members[0]
+    if m.val_pred is None:
+        return m.pred, m.train_pred, None
+    task.fit_operating_point(m.val_pred)
+    return task.with_operating_point(m.pred), m.train_pred, task.with_operating_point(m.val_pred)
+
+
+def write_members(
+    fold_dir: Path,
+    exp: Experiment,
+    task: Task,
+    members: list[Member],
+    chosen: list[str] | None = None,
+) -> None:
     """Each member's predictions (and a linear member's or a seed replica's model and history)
     under ``members/<name>/``, then ``members.json`` naming them, their model files and scales
-    (a member with seed replicas lists them under ``replicas``)."""
+    (a member with seed replicas lists them under ``replicas``), and ``chosen``: the members
+    whose average the fold predicts with (all of them unless ``select:`` chose)."""
     entries = []
     for m in members:
         entry = _write_member(fold_dir, exp, task, m)
         if m.replicas:
             entry["replicas"] = [_write_member(fold_dir, exp, task, r) for r in m.replicas]
         entries.append(entry)
-    write_json(fold_dir / MEMBERS_JSON, {"combine": "mean", "members": entries})
+    record: dict[str, Any] = {"combine": "mean", "members": entries}
+    if chosen is not None:
+        record["chosen"] = list(chosen)
+    write_json(fold_dir / MEMBERS_JSON, record)
 
 
 def _write_member(fold_dir: Path, exp: Experiment, task: Task, m: Member) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from mil.train.members import refit_members, write_members
 from mil.train.optim import training_budget
 from mil.train.replicas import REPLICA_SEED
 from mil.train.runner import fold_setup
+from mil.train.selection import DEFAULT, candidates, fitted_members
 
 
 def refit_done(run_dir: str | Path) -> bool:
@@ -178,10 +180,13 @@ def refit(
             replicas.append((rep, rep_norm, rep_data, rep_history))
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    if (cfg.members or len(replicas) > 1) and model.trained_by_gradient:  # the ensemble, refit
-        choice["member_penalty"] = member_penalties(run, cfg.members)
-        members = refit_members(exp, task, bags, replicas, choice["member_penalty"], device)
-        write_members(out, exp, task, members)
+    names, chosen = refit_choice(cfg, run)
+    if (names or len(replicas) > 1) and model.trained_by_gradient:  # the ensemble, refit
+        choice["member_penalty"] = member_penalties(run, names)
+        members = refit_members(exp, task, bags, replicas, choice["member_penalty"], device, names)
+        write_members(out, exp, task, members, chosen)
+    if chosen is not None:  # select: the members most folds chose
+        choice["selection"] = chosen
     write_csv(out / HISTORY, history)
     save_model(out / MODEL, exp.checkpoint(task, cfg.model_name, cfg.model_hparams, state, norm))
     record = {
@@ -200,6 +205,21 @@ def refit(
     )
     log(f"refit: {len(bags)} bags, {what} (chosen by cross-validation) -> {out / MODEL}")
     return out
+
+
+def refit_choice(cfg: Config, run: RunFolder) -> tuple[list[str], list[str] | None]:
+    """The linear members the refit fits and, under ``select:``, the members it predicts with:
+    those of the candidate most folds chose (a tie: ``default`` if tied, else the first in
+    :func:`~mil.train.selection.candidates`' order)."""
+    if cfg.select.mode == "none":
+        return list(cfg.members), None
+    options = candidates(cfg)
+    votes = Counter(r["selection"]["chosen"] for r in run.records().values() if "selection" in r)
+    top = max(votes.values(), default=0)
+    tied = [c for c in options if votes.get(c, 0) == top]
+    best = DEFAULT if DEFAULT in tied or not tied else tied[0]
+    chosen = options[best]
+    return [n for n in fitted_members(cfg) if n in chosen], chosen
 
 
 def member_penalties(run: RunFolder, names: list[str]) -> dict[str, float]:
