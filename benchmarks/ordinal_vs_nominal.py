@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from mil.config import config_from_dict
-from mil.data.synthetic import demo_config, write_synthetic_cohort
+from mil.data.synthetic import sized_demo_config
 from mil.tasks import make_task
 from mil.tasks.paired import paired_metric_difference
 from mil.train.runner import run_cv
@@ -54,20 +54,7 @@ TASKS = ("ordinal", "classification")
 
 def configs(out: Path, preset: dict, seed: int) -> dict[str, dict]:
     """The ordinal demo's config and its nominal twin (same cohort and split files)."""
-    raw = demo_config("ordinal", out)
-    csv, feats = Path(raw["data"]["csv"]), Path(raw["data"]["features"])
-    if not csv.is_file():
-        lo, hi = preset["tiles"]
-        write_synthetic_cohort(
-            "ordinal",
-            csv,
-            feats,
-            n_patients=preset["n_patients"],
-            dim=preset["dim"],
-            min_tiles=lo,
-            max_tiles=hi,
-            n_two_slides=preset["n_patients"] // 5,
-        )
+    raw = sized_demo_config("ordinal", out, preset["n_patients"], preset["dim"], preset["tiles"])
     raw["splits"] = {**raw["splits"], "folds": preset["folds"]}
     raw["train"] = {
         "seed": seed,

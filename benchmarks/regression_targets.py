@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from mil.config import config_from_dict
-from mil.data.synthetic import demo_config, write_synthetic_cohort
+from mil.data.synthetic import sized_demo_config
 from mil.metrics.regression import regression_metrics
 from mil.train.runner import run_cv
 
@@ -62,20 +62,7 @@ FULL = {
 
 def synthetic_config(out: Path, preset: dict) -> dict:
     """The regression demo's config with its cohort written under ``out`` (smaller for the smoke)."""
-    raw = demo_config("regression", out)
-    csv, feats = Path(raw["data"]["csv"]), Path(raw["data"]["features"])
-    if not csv.is_file():
-        lo, hi = preset["tiles"]
-        write_synthetic_cohort(
-            "regression",
-            csv,
-            feats,
-            n_patients=preset["n_patients"],
-            dim=preset["dim"],
-            min_tiles=lo,
-            max_tiles=hi,
-            n_two_slides=preset["n_patients"] // 5,
-        )
+    raw = sized_demo_config("regression", out, preset["n_patients"], preset["dim"], preset["tiles"])
     return raw
 
 

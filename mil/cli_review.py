@@ -14,35 +14,42 @@ SLIDES_HELP = (
 )
 
 
+def score_arguments(sp: argparse.ArgumentParser) -> None:
+    """The arguments that choose a run's instance scores (``heatmap``, ``topk``)."""
+    sp.add_argument("run_dir", help="a run folder (results/<name>/...)")
+    sp.add_argument(
+        "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
+    )
+    sp.add_argument(
+        "--score",
+        "--kind",
+        dest="kind",
+        default="default",
+        help="instance score kind: default (chosen by the localization benchmark: "
+        "instance_logits, the model's logit for the tile alone; survival: contribution, the "
+        "tile's signed share of the risk), attention, contribution, instance_logits, "
+        "attention_x_logit, instance_classifier (what the model saved)",
+    )
+    sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
+    sp.add_argument(
+        "--target",
+        help="a multi-target run's target (task.targets name): its scores read as its own "
+        "task reads them (a class's evidence with --cls; a regression's or ordinal's signed "
+        "contribution); --top-n ranks by its prediction",
+    )
+    sp.add_argument("--slides-dir", help=SLIDES_HELP)
+    sp.add_argument(
+        "--slide-reader",
+        choices=["auto", "tiffslide", "openslide"],
+        default="auto",
+        help="whole-slide image reader (auto: tiffslide, else OpenSlide)",
+    )
+
+
 def add_review_parsers(sub, count, non_negative) -> None:
     """The ``heatmap`` and ``topk`` subcommands (``count``/``non_negative``: argparse types)."""
-
-    def with_scores(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("run_dir", help="a run folder (results/<name>/...)")
-        sp.add_argument(
-            "--fold", help="the fold whose scores to use (default: the fold that tested the slide)"
-        )
-        sp.add_argument(
-            "--score",
-            "--kind",
-            dest="kind",
-            default="default",
-            help="instance score kind: default (chosen by the localization benchmark: "
-            "instance_logits, the model's logit for the tile alone; survival: contribution, the "
-            "tile's signed share of the risk), attention, contribution, instance_logits, "
-            "attention_x_logit, instance_classifier (what the model saved)",
-        )
-        sp.add_argument("--cls", help="class (branch) of a multi-column score kind")
-        sp.add_argument("--slides-dir", help=SLIDES_HELP)
-        sp.add_argument(
-            "--slide-reader",
-            choices=["auto", "tiffslide", "openslide"],
-            default="auto",
-            help="whole-slide image reader (auto: tiffslide, else OpenSlide)",
-        )
-
     h = sub.add_parser("heatmap", help="draw test slides' instance scores over the slide")
-    with_scores(h)
+    score_arguments(h)
     which = h.add_mutually_exclusive_group(required=True)
     which.add_argument("--slide", action="append", help="slide id (repeatable)")
     which.add_argument(
@@ -82,7 +89,7 @@ def add_review_parsers(sub, count, non_negative) -> None:
     h.set_defaults(fn=cmd_heatmap)
 
     k = sub.add_parser("topk", help="a slide's top-scored tiles for review: CSV, and crops")
-    with_scores(k)
+    score_arguments(k)
     k.add_argument("--slide", action="append", required=True, help="slide id (repeatable)")
     k.add_argument("--k", type=count(1), default=16, help="tiles per slide (default 16)")
     k.add_argument("--out", help="CSV path (default RUN_DIR/topk_<slide>.csv)")
@@ -102,6 +109,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from mil.run import Run
 
     run = Run(args.run_dir)
+    cls = score_class(run, args.target, args.cls)
     slides = args.slide or run.top_slides(args.top_n, fold=args.fold)
     out = Path(args.out) if args.out else run.path / "heatmaps"
     draw = dict(
@@ -120,7 +128,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         dpi=args.dpi,
         fold=args.fold,
         kind=args.kind,
-        cls=args.cls,
+        cls=cls,
         normalize=args.normalize,
         smooth=args.smooth,
         top_k=args.top_k,
@@ -138,9 +146,8 @@ def cmd_topk(args: argparse.Namespace) -> int:
     from mil.run import Run
 
     run = Run(args.run_dir)
-    frames = [
-        run.top_tiles(s, args.k, kind=args.kind, cls=args.cls, fold=args.fold) for s in args.slide
-    ]
+    cls = score_class(run, args.target, args.cls)
+    frames = [run.top_tiles(s, args.k, kind=args.kind, cls=cls, fold=args.fold) for s in args.slide]
     table = pd.concat(frames, ignore_index=True)
     out = (
         Path(args.out) if args.out else run.path / f"topk_{safe_filename('_'.join(args.slide))}.csv"
@@ -164,9 +171,35 @@ def cmd_topk(args: argparse.Namespace) -> int:
                 Path(args.crops),
                 args.k,
                 kind=args.kind,
-                cls=args.cls,
+                cls=cls,
                 fold=args.fold,
                 backend=args.slide_reader,
             )
             print(folder / "contact_sheet.png")
     return 0
+
+
+def score_class(run, target: str | None, cls: str | None) -> str | None:
+    """``--target``/``--cls`` as :meth:`mil.Run.scores`'s ``cls``: ``"<target>[/<class>]"`` for
+    a multi-target run (whose bags ``--top-n`` then ranks by that target), ``--cls`` otherwise."""
+    names = getattr(run.task, "target_names", None)
+    if names is None:
+        if target is not None:
+            raise MilError(
+                f"--target {target}: {run.path} is a single-target run (task "
+                f"{run.task.name!r}); leave --target out"
+            )
+        return cls
+    if target is None:
+        if cls is None or not str(cls).isdigit():
+            raise MilError(
+                f"{run.path} is a multi-target run: name the target with --target, one of "
+                f"{', '.join(names)} (or --cls J for head output J as saved)"
+            )
+        return cls
+    if target not in names:
+        raise MilError(
+            f"--target {target!r}: not a target of {run.path}; its targets are {', '.join(names)}"
+        )
+    run.task.ranking_target = target
+    return target if cls is None else f"{target}/{cls}"

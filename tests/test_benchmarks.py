@@ -277,3 +277,70 @@ def test_seed_ensembles(tmp_path):
         runs = [frames(name) for name in r.runs.split(",")]
         prob = np.mean([f["prob_positive"].to_numpy() for f in runs], axis=0)
         assert r.value == pytest.approx(roc_auc_score(runs[0]["label_index"], prob))
+
+
+def test_inner_selection(tmp_path):
+    """The table's figures are Harrell's C over pairs within a fold (the pooled statistic),
+    counted by hand on the saved predictions: the selection's ``predictions.csv`` and each
+    candidate's own ``members/<name>/``; every fold names its choice."""
+    sel = bench("inner_selection")
+    row = sel.main(["--smoke", "--out", str(tmp_path)]).iloc[0]
+    run = tmp_path / "surv-smoke"
+
+    def harrell(frames: list[pd.DataFrame]) -> float:
+        good = pairs = 0.0
+        for p in frames:  # a pair is comparable if the earlier time is an event (no tied times)
+            t, e, r = p["time"].to_numpy(), p["event"].to_numpy(bool), p["risk"].to_numpy()
+            earlier = (t[:, None] < t[None, :]) & e[:, None]
+            good += ((r[:, None] > r[None, :]) & earlier).sum()
+            good += 0.5 * ((r[:, None] == r[None, :]) & earlier).sum()
+            pairs += earlier.sum()
+        return good / pairs
+
+    assert row["selection"] == pytest.approx(harrell(fold_frames(run)), abs=1e-4)
+    for name in ("abmil", "meanpool_linear", "bow_linear"):
+        frames = fold_frames(run, f"members/{name}/predictions.csv")
+        assert row[name] == pytest.approx(harrell(frames), abs=1e-4)
+    records = sorted(run.glob("fold_*/metrics.json"))
+    chosen = [json.loads(p.read_text())["selection"]["chosen"] for p in records]
+    assert row["chosen"].split(", ") == chosen
+
+
+def test_multitarget_vs_single(tmp_path):
+    """Per target, each run's figure is scikit-learn's metric of its pooled out-of-fold
+    predictions on the bags with the label (msi AUC, tmb R², grade QWK), and the two runs
+    predicted the same bags in every fold (the single runs' split files are the multi-target
+    run's restricted to the labelled bags)."""
+    from sklearn.metrics import cohen_kappa_score, r2_score
+
+    mt = bench("multitarget_vs_single")
+    table = mt.main(["--smoke", "--out", str(tmp_path)]).set_index("target")
+    assert list(table.index) == ["msi", "tmb", "grade"]
+
+    def pooled(run: str) -> pd.DataFrame:
+        frames = fold_frames(tmp_path / "runs" / run)
+        return pd.concat([p.assign(fold=k) for k, p in enumerate(frames)], ignore_index=True)
+
+    multi = pooled("multi_s0")
+
+    def score(name: str, p: pd.DataFrame) -> float:
+        if name == "msi":
+            return roc_auc_score(p["label_index"].astype(int), p["prob_MSI"])
+        if name == "tmb":
+            return r2_score(p["target"], p["prediction"])
+        kw = {"weights": "quadratic", "labels": [0, 1, 2]}
+        return cohen_kappa_score(p["label_index"].astype(int), p["pred"].astype(int) - 1, **kw)
+
+    outcome = {"msi": "label_index", "tmb": "target", "grade": "label_index"}
+    for name, r in table.iterrows():
+        own = multi.filter(like=f"{name}/").rename(columns=lambda c: c.split("/", 1)[1])
+        own = pd.concat([multi[["bag_id", "fold"]], own], axis=1)
+        own = own[own[outcome[name]].notna()]
+        single = pooled(f"{name}_s0")
+        pairs = lambda p: sorted(zip(p["fold"], p["bag_id"]))  # noqa: E731
+        assert pairs(own) == pairs(single) and r["bags"] == len(single)
+        assert r["multi"] == pytest.approx(score(name, own), abs=1e-9)
+        assert r["single"] == pytest.approx(score(name, single), abs=1e-9)
+        assert r["delta"] == pytest.approx(r["multi"] - r["single"], abs=1e-9)
+        lo, hi = r["delta_ci"]
+        assert lo <= hi

@@ -109,6 +109,25 @@ def _bags(rng, n: int = 12) -> pd.DataFrame:
     return bags
 
 
+def poison_masked_targets(monkeypatch, seed: int = 7) -> None:
+    """Every masked (missing) label's target replaced by random values (0 or 1000) wherever
+    the multi-target task builds its targets: a loss or fit that read them would change."""
+    original = MultiTargetTask.targets
+    rng = np.random.default_rng(seed)
+
+    def poisoned(self, bags):
+        out = original(self, bags)
+        for name in self.subs:
+            masked = ~out[f"{name}/mask"]
+            for k, v in out.items():
+                if k.startswith(f"{name}/") and k != f"{name}/mask" and masked.any():
+                    values = rng.integers(0, 2, int(masked.sum())) * 1e3
+                    v[masked] = torch.as_tensor(values).to(v.dtype)
+        return out
+
+    monkeypatch.setattr(MultiTargetTask, "targets", poisoned)
+
+
 def test_the_loss_is_each_targets_own_on_its_labelled_bags():
     rng = np.random.default_rng(0)
     bags = _bags(rng)
@@ -180,21 +199,7 @@ def test_a_run_with_masked_labels_poisoned_trains_the_same_model(tmp_path, monke
         log=lambda *a: None,
         n_boot=10,
     )
-    original = MultiTargetTask.targets
-    rng = np.random.default_rng(7)
-
-    def poisoned(self, bags):
-        out = original(self, bags)
-        for name in self.subs:
-            masked = ~out[f"{name}/mask"]
-            for k, v in out.items():
-                if k.startswith(f"{name}/") and k != f"{name}/mask" and masked.any():
-                    v[masked] = torch.as_tensor(rng.integers(0, 2, int(masked.sum())) * 1e3).to(
-                        v.dtype
-                    )
-        return out
-
-    monkeypatch.setattr(MultiTargetTask, "targets", poisoned)
+    poison_masked_targets(monkeypatch)
     bad = run_cv(
         config_from_dict(raw),
         tmp_path / "bad",

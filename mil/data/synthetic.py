@@ -349,3 +349,25 @@ def _regression_demo(root: Path, cohort: Path) -> dict:
     return patient_demo(
         "demo_regression", task, root, cohort, "regression", label_col="planted_percent"
     )
+
+
+def sized_demo_config(
+    kind: str, root: str | Path, n_patients: int, dim: int, tiles: tuple[int, int]
+) -> dict:
+    """:func:`demo_config` of ``kind`` with its cohort written once under ``root`` at this size
+    (``n_patients``, a fifth of them with two slides; ``dim``-dimensional features; ``tiles``:
+    the range of tiles per slide): the studies' cohorts (benchmarks/)."""
+    raw = demo_config(kind, root)
+    csv, feats = Path(raw["data"]["csv"]), Path(raw["data"]["features"])
+    if not csv.is_file():
+        write_synthetic_cohort(
+            kind,
+            csv,
+            feats,
+            n_patients=n_patients,
+            dim=dim,
+            min_tiles=tiles[0],
+            max_tiles=tiles[1],
+            n_two_slides=n_patients // 5,
+        )
+    return raw

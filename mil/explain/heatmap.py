@@ -377,3 +377,27 @@ def outline_top_tiles(
     ax.add_collection(
         PatchCollection(boxes, facecolor="none", edgecolor=colour, linewidth=1.2, zorder=3)
     )
+
+
+def read_target_scores(
+    path, fold: str, entry, slide_id: str, kind, task, target: str, cls, predicted
+):
+    """One target's instance scores in a multi-target run's scores file: its block of the
+    kind's columns (one per head output) read as the target's own task reads them
+    (:meth:`mil.tasks.MultiTargetTask.target_scores`); ``kind="default"``: the first kind of
+    that task's ``score_order`` the file has; a one-column kind (attention, the model's own
+    score) is shared by the targets. Returns what :func:`mil.results.scores.read_scores` does."""
+    from mil.results.scores import DEFAULT, open_scores, read_scores
+
+    order = task.subs[target].score_order
+    with open_scores(path, fold) as f:
+        g = f[entry[0]]
+        if kind == DEFAULT:
+            kind = next((k for k in order if f"scores_{k}" in g), None)
+        name = f"scores_{kind}"
+        matrix = g[name][()] if kind is not None and name in g and g[name].ndim == 2 else None
+    if matrix is None:  # the kind's absence is read_scores' error; one column is every target's
+        return read_scores(path, fold, entry, slide_id, kind, cls, [], None, order)
+    _, _, coords, bag_id, model = read_scores(path, fold, entry, slide_id, kind, 0, [], None)
+    values, label = task.target_scores(matrix, kind, target, cls, predicted)
+    return values, label, coords, bag_id, model

@@ -32,8 +32,9 @@ target's task on the bags with that label, with its patient-bootstrap CI) and
 ``mean_headline``, the mean of the targets' headline metrics (what compares runs). Folds are
 stratified on all targets at once: the joint stratum of every target's own (class, grade,
 target half; a missing label is a stratum of its own), patient-grouped, falling back to the
-first target's alone. Instance scores keep the head's outputs as columns, in the targets'
-order (``Run.scores(..., cls=j)``: :meth:`MultiTargetTask.score_columns` names them).
+first target's alone. Instance scores keep a column per head output (:meth:`score_columns`);
+``Run.scores(slide, cls="msi")`` (``mil heatmap --target``) reads a target's block as its task
+does. ``--baseline``: each target's own linear model on its labelled bags (:meth:`fit_linear`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mil.tasks.base import Artifacts, FoldTables, Task, TaskRun, as_tensor
-from mil.tasks.multitarget_targets import MultiTargetOptions, MultiTargets, classes_of
+from mil.tasks.base import Artifacts, FoldTables, LinearHead, Task, TaskRun, as_tensor
+from mil.tasks.linear_fits import C_GRID
+from mil.tasks.multitarget_targets import (
+    MultiTargetOptions,
+    MultiTargets,
+    block_scores,
+    classes_of,
+)
 from mil.tasks.registry import register
 
 
@@ -60,6 +67,12 @@ class MultiTargetTask(Task):
     headline_metrics = ("mean_headline",)
     outcome_columns: tuple[str, ...] = ()
     strata_description = "all targets jointly"
+
+    @classmethod
+    def default_ensemble(cls, model: type) -> list[str]:
+        """None: a member is fitted for all targets and averaged into each, and only a
+        regression target's own ``auto`` would take one (list members in ``ensemble:``)."""
+        return []
 
     @classmethod
     def target_reader(cls, options: MultiTargetOptions) -> MultiTargets:
@@ -83,6 +96,9 @@ class MultiTargetTask(Task):
             self.blocks[s.name] = slice(start, start + sub.n_out)
             start += sub.n_out
         self._n_out = start
+        self.ranking_target = self.specs[0].name
+        words = "; ".join(f"{s.name}: {self.subs[s.name].linear_words}" for s in self.specs)
+        self.linear_words = f"each target's own linear model on the bags with its label ({words}), one penalty C for all (a ridge regression's alpha = 1/C)"
         self.report_metrics = (
             "mean_headline",
             *(f"{s.name}/{m}" for s in self.specs for m in self.subs[s.name].report_metrics),
@@ -129,14 +145,16 @@ class MultiTargetTask(Task):
                 view[c] = view[c].astype(int)
         return view
 
+    def _view(self, bags: pd.DataFrame, spec) -> pd.DataFrame:
+        """The bags with the target's label, under its own task's column names."""
+        view = self.reader.view(bags, spec)
+        return view if spec.type == "regression" else view.assign(label=view["label"].astype(int))
+
     # ---- one fold -----------------------------------------------------------------------------
 
     def fit_fold(self, train_bags: pd.DataFrame) -> None:
         for s in self.specs:
-            view = self.reader.view(train_bags, s)
-            if s.type != "regression":
-                view = view.assign(label=view["label"].astype(int))
-            self.subs[s.name].fit_fold(view)
+            self.subs[s.name].fit_fold(self._view(train_bags, s))
 
     def state(self) -> dict[str, Any]:
         return {s.name: self.subs[s.name].state() for s in self.specs}
@@ -184,13 +202,29 @@ class MultiTargetTask(Task):
         return torch.stack(losses).clamp(min=1e-6).log().mean().exp()
 
     def constant_logits(self, train_bags: pd.DataFrame) -> np.ndarray:
-        parts = []
+        return np.concatenate(
+            [self.subs[s.name].constant_logits(self._view(train_bags, s)) for s in self.specs]
+        )
+
+    # ---- the closed-form linear baselines -------------------------------------------------------
+
+    linear_penalty = ("C", C_GRID)
+
+    def fit_linear(
+        self, z: np.ndarray, bags: pd.DataFrame, penalty: float, seed: int
+    ) -> LinearHead:
+        """Each target's own task's linear model on the rows of ``z`` whose bag has its label,
+        in the target's block of one head. One penalty ``C`` for all: a ridge regression's
+        ``alpha = 1/C`` (the unit-variance Gaussian likelihood of its scaled target against
+        ``|w|^2 / 2C``, the logistic and cumulative-link models' penalty)."""
+        z = np.asarray(z, float)
+        weight, bias = np.zeros((self.n_out, z.shape[1])), np.zeros(self.n_out)
         for s in self.specs:
-            view = self.reader.view(train_bags, s)
-            if s.type != "regression":
-                view = view.assign(label=view["label"].astype(int))
-            parts.append(self.subs[s.name].constant_logits(view))
-        return np.concatenate(parts)
+            sub, have = self.subs[s.name], self._have(bags, s.name)
+            own = penalty if sub.linear_penalty[0] == "C" else 1.0 / penalty
+            w, b, _ = sub.fit_linear(z[have], self._view(bags, s), own, seed)
+            weight[self.blocks[s.name]], bias[self.blocks[s.name]] = w, b
+        return weight, bias, None
 
     # ---- predictions and metrics ----------------------------------------------------------------
 
@@ -360,9 +394,27 @@ class MultiTargetTask(Task):
         )
 
     def score_column(self) -> str | None:
-        first = self.specs[0].name
-        col = self.subs[first].score_column()
-        return None if col is None else f"{first}/{col}"
+        """The score column of :attr:`ranking_target` (the first target unless set): what ranks bags."""
+        name = self.ranking_target
+        col = self.subs[name].score_column()
+        return None if col is None else f"{name}/{col}"
+
+    @property
+    def target_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def score_target(self, cls: Any) -> tuple[str, str | None] | None:
+        """``cls`` ``"<target>"`` or ``"<target>/<class>"`` of instance scores as (target,
+        class or None); None where it names no target (a head output's index)."""
+        name, _, rest = str(cls).partition("/")
+        return (name, rest or None) if isinstance(cls, str) and name in self.subs else None
+
+    def target_scores(
+        self, values: np.ndarray, kind: str, target: str, cls: str | None, predicted: int | None
+    ) -> tuple[np.ndarray, str]:
+        """One target's instance scores ``[N]`` from a kind's columns ``values [N, K]`` (one per
+        head output), read as its own task reads them (:func:`block_scores`), and their label."""
+        return block_scores(self, values, kind, target, cls, predicted)
 
     def describe(self, row: pd.Series) -> str:
         words = []

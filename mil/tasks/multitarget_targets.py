@@ -1,6 +1,7 @@
 """The multi-target task's options and targets (:mod:`mil.tasks.multitarget`): each entry of
-``task.targets`` checked as its own task checks its options, and each target read from its
-column by its own task's reader on the rows where the cell has a value."""
+``task.targets`` checked as its own task checks its options, each target read from its
+column by its own task's reader on the rows where the cell has a value, and each target's
+block of instance scores read as its own task reads them."""
 
 from __future__ import annotations
 
@@ -224,3 +225,40 @@ def _no_labels(source: str, spec: TargetSpec) -> DataError:
 
 def classes_of(classes: list[str], name: str) -> list[str]:
     return [c[len(name) + 1 :] for c in classes if c.startswith(f"{name}/")]
+
+
+def block_scores(
+    multi: Any, values: np.ndarray, kind: str, name: str, cls: str | None, predicted: int | None
+) -> tuple[np.ndarray, str]:
+    """Target ``name``'s block of a score kind's columns ``values [N, K]`` (one per head output
+    of the multi-target task ``multi``), as its own task reads them
+    (:meth:`~mil.tasks.Task.instance_view`: a classification target's logits centred over its
+    classes), one column ``[N]``: a class's (``cls``: its name or index; default the positive
+    of two classes, else the bag's ``predicted`` class index), or the one score of a
+    regression or ordinal target (a signed contribution for ``contribution``). Returns the
+    scores and their label (``instance_logits[msi/MSI]``, ``contribution[tmb]``)."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[1] != multi.n_out:
+        raise DataError(
+            f"{kind!r} scores have shape {values.shape}, not one column per head output "
+            f"({multi.n_out}: {', '.join(multi.score_columns())})"
+        )
+    task = multi.subs[name]
+    view = task.instance_view(values[:, multi.blocks[name]], kind)
+    n = view.shape[1]
+    if n == 1:
+        if cls is not None:
+            raise DataError(f"target {name!r} has one score per tile; leave --cls out")
+        return view[:, 0], f"{kind}[{name}]"
+    classes = list(task.classes) if len(task.classes) == n else [str(j) for j in range(n)]
+    if cls is None:
+        j = n - 1 if n == 2 else predicted
+        if j is None:
+            raise DataError(f"target {name!r} has {n} classes; choose one with --cls: {classes}")
+    elif cls in classes:
+        j = classes.index(cls)
+    elif cls.isdigit() and int(cls) < n:
+        j = int(cls)
+    else:
+        raise DataError(f"--cls {cls!r}: not a class of target {name!r}: {classes} (or 0..{n - 1})")
+    return view[:, j], f"{kind}[{name}/{classes[j]}]"
