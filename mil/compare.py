@@ -50,7 +50,7 @@ from mil.tasks import get as get_task
 from mil.tasks import headline_metrics
 from mil.tasks.paired import paired_metric_difference
 
-ENTRY_KEYS = {"model", "train", "label"}
+ENTRY_KEYS = {"model", "train", "label", "task"}
 #: comparison-table column suffix -> key of :func:`~mil.tasks.paired.paired_metric_difference`
 DELTA_KEYS = {"": "delta", "_ci_low": "ci_low", "_ci_high": "ci_high", "_p": "p"}
 
@@ -73,6 +73,10 @@ def entries(cfg: Config, models: list[str] | None = None) -> list[dict[str, Any]
             raise ConfigError(f"{where}.model: 'name' is missing")
         if not isinstance(e.get("train", {}), dict):
             raise ConfigError(f"{where}.train must be a mapping of train keys")
+        if "task" in e and not (isinstance(e["task"], dict) and "type" in e["task"]):
+            raise ConfigError(
+                f"{where}.task must be a task section with its type, e.g. {{type: classification}}"
+            )
         label = str(e.get("label", e["model"]["name"]))
         if safe_filename(label) != label:  # it names the run's folder under --out
             raise ConfigError(
@@ -110,6 +114,8 @@ def entry_config(cfg: Config, entry: dict[str, Any]) -> Config:
     """The plain config of one comparison run (validated like any config)."""
     changes = {"name": f"{cfg.name}_{entry['label']}", "model": dict(entry["model"])}
     changes.update({f"train.{k}": v for k, v in (entry.get("train") or {}).items()})
+    if "task" in entry:  # another task on the same targets (ordinal grades as nominal classes)
+        changes["task"] = dict(entry["task"])
     return derive(cfg, changes, source=f"{cfg.source}: compare entry {entry['label']!r}")
 
 

@@ -394,3 +394,39 @@ def test_ordinal_vs_nominal_benchmark_smoke(tmp_path):
         )
         lo, hi = row[f"delta_{metric}_ci"]
         assert lo <= hi
+
+
+def test_mil_compare_pits_the_ordinal_head_against_nominal_classes(tmp_path):
+    """A compare entry with ``task: {type: classification}`` runs the grades as nominal classes
+    on the same split files; the paired column scores both runs with the ordinal task: qwk
+    of each run's predicted grade (scikit-learn's quadratic kappa on the saved predictions)."""
+    from mil.compare import entries, run_compare
+
+    raw = config(tmp_path, cohort(tmp_path, "cmp", 5, n_patients=36))
+    raw["train"]["epochs"] = 3
+    raw["compare"] = [
+        {"model": dict(raw["model"]), "label": "ordinal"},
+        {"model": dict(raw["model"]), "label": "nominal", "task": {"type": "classification"}},
+    ]
+    cfg = config_from_dict(raw)
+    quiet = dict(progress=False, log=lambda *a: None, reference="ordinal", n_boot=50)
+    table = run_compare(cfg, tmp_path / "cmp", **quiet)
+    row = table.set_index("model").loc["nominal"]
+    assert (
+        yaml.safe_load((tmp_path / "cmp" / "nominal" / "config.yaml").read_text())["task"]["type"]
+        == "classification"
+    )
+
+    def qwk(label: str) -> float:
+        p = pd.concat(
+            pd.read_csv(f)
+            for f in sorted((tmp_path / "cmp" / label).glob("fold_*/predictions.csv"))
+        )
+        y, grade = p["label_index"].to_numpy(), p["pred"].astype(int).to_numpy() - 1
+        return cohen_kappa_score(y, grade, weights="quadratic", labels=np.arange(4))
+
+    assert row["qwk_pooled"] == pytest.approx(qwk("nominal"))
+    assert row["delta"] == pytest.approx(qwk("nominal") - qwk("ordinal"))
+    bad = config_from_dict({**raw, "compare": [{"model": raw["model"], "task": "classification"}]})
+    with pytest.raises(ConfigError, match="task must be a task section"):
+        entries(bad)
