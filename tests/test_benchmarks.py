@@ -139,7 +139,17 @@ def test_cohort_zoo(tmp_path):
     zoo.main(["--smoke", "--out", str(tmp_path)])
     frame = pd.read_csv(tmp_path / "zoo.csv")
     runs = ["defaults", "meanpool_linear", "bow_linear", list(zoo.GRID)[-1]]
-    metric = {"smoke-digits": "auc", "smoke-presence": "c_index"}
+    metric = {"smoke-digits": "auc", "smoke-presence": "c_index", "smoke-label-noise": "auc"}
+    assert set(frame["cohort"]) == set(metric)
+    role = {"smoke-digits": "selection", "smoke-presence": "selection"}
+    assert (frame["role"] == frame["cohort"].map(role).fillna("confirmation")).all()
+    # zoo.md: the selection table, then the confirmation table, each with its cohorts only
+    text = (tmp_path / "zoo.md").read_text()
+    sel, conf = text.split(zoo.ROLE_HEADINGS["confirmation"])
+    assert zoo.ROLE_HEADINGS["selection"] in sel
+    assert "| smoke-digits |" in sel and "| smoke-presence |" in sel
+    assert "smoke-label-noise" not in sel
+    assert "| smoke-label-noise |" in conf and "smoke-digits" not in conf
     for cohort, part in frame.groupby("cohort"):
         assert list(part["run"]) == runs
         assert set(part["metric"]) == {metric[cohort]}
@@ -154,6 +164,52 @@ def test_cohort_zoo(tmp_path):
     pred = pd.concat(fold_frames(tmp_path / row["folder"]))
     auc = roc_auc_score(pred["label"] == "positive", pred["prob_positive"])
     assert row["pooled"] == pytest.approx(auc, abs=1e-9)
+    # --role confirmation: the confirmation cohorts alone (their run folders reused)
+    zoo.main(["--smoke", "--role", "confirmation", "--out", str(tmp_path)])
+    only = pd.read_csv(tmp_path / "zoo.csv")
+    assert set(only["cohort"]) == {"smoke-label-noise"} and set(only["role"]) == {"confirmation"}
+    assert zoo.ROLE_HEADINGS["selection"] not in (tmp_path / "zoo.md").read_text()
+    with pytest.raises(SystemExit):
+        zoo.main(["--smoke", "--role", "confirmation", "--only", "smoke-digits"])
+
+
+def test_zoo_cohorts(tmp_path):
+    """The confirmation cohorts' generators, each against a count made here: whole patients
+    flip (15% of them, the planted witnesses still telling the true label), every patient of
+    ``two-slides`` has two slides of one label, and pixel-like features lie in [0, 1] with a
+    quarter of the dimensions near-constant."""
+    import h5py
+
+    gen = bench("zoo_cohorts")
+    gen.label_noise_cohort(
+        tmp_path / "noise", 40, 3, n_two_slides=10, dim=8, min_tiles=20, max_tiles=30
+    )
+    frame = pd.read_csv(tmp_path / "noise" / "cohort.csv")
+    flipped = frame["label"] != frame["true_label"]
+    per_patient = flipped.groupby(frame["case_id"]).agg(["min", "max"])
+    assert (per_patient["min"] == per_patient["max"]).all()  # all of a patient's slides or none
+    assert per_patient["max"].sum() == round(0.15 * 40) == 6
+    assert frame.groupby("case_id").size().max() == 2  # the two-slide patients flip whole
+    for r in frame.itertuples():  # witnesses planted in the true positives only
+        with h5py.File(tmp_path / "noise" / "features" / f"{r.slide_id}.h5", "r") as f:
+            assert (f["instance_label"][:].sum() > 0) == (r.true_label == "positive")
+    write = gen.synthetic(
+        "classification", seed=1, n_patients=12, n_two_slides=12, dim=8, min_tiles=10, max_tiles=20
+    )
+    write(tmp_path / "two")
+    two = pd.read_csv(tmp_path / "two" / "cohort.csv")
+    assert (two.groupby("case_id")["slide_id"].nunique() == 2).all()
+    assert (two.groupby("case_id")["label"].nunique() == 1).all()
+    gen.pixel_like_cohort(tmp_path / "pix", 10, 4, dim=16, min_tiles=30, max_tiles=40)
+    x = []
+    for path in sorted((tmp_path / "pix" / "features").glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            x.append(f["features"][:].astype(np.float64))
+    x = np.concatenate(x)
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    sd = x.std(0)
+    assert (sd < 2 * gen.NEAR_CONSTANT_SD).sum() == 16 // 4  # float16 storage adds ~1e-4
+    assert (sd[sd >= 2 * gen.NEAR_CONSTANT_SD] > 0.05).all()
 
 
 def test_survival_stopping(tmp_path):
