@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from mil.metrics.survival import logrank_p
+from mil.reporting import p_phrase
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,7 +63,7 @@ def km_figure(groups: pd.DataFrame, title: str, time_label: str = "time") -> Fig
     ax.set_xlabel(time_label)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
-    ax.legend(title=f"log-rank p = {logrank_p(groups):.2g}", loc="upper right", fontsize=8)
+    ax.legend(title=f"log-rank {p_phrase(logrank_p(groups))}", loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
 

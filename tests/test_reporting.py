@@ -164,6 +164,7 @@ def test_survival_metrics_keys_are_classified_as_the_task_treats_them():
 def test_timings_and_labels():
     assert kind("train_seconds") == kind("seconds_per_epoch") == "timing"
     assert kind("epochs") == kind("steps") == "count"
+    assert kind("threshold") == "setting" and not gets_ci("threshold")
     assert not any(gets_ci(k) for k in ("train_seconds", "epochs", "logrank_p", "x_tau"))
     assert gets_ci("pearson_r") and gets_ci("p_value_like") and gets_ci("tau_score")
     assert metric_label("seconds_per_epoch") == "s / epoch" and metric_label("auc") == "auc"
@@ -356,3 +357,21 @@ def test_a_real_runs_metric_keys_are_classified_as_its_summary_treats_them(tiny_
     assert with_ci and all(gets_ci(k) for k in with_ci)
     assert not any("ci95_pooled" in summary.get(k, {}) for k in scalar if not gets_ci(k))
     assert {kind(k) for k in scalar} >= {"score", "timing", "count"}
+
+
+def test_the_kaplan_meier_legend_writes_the_log_rank_p_in_the_one_style():
+    """The figure's legend title is lifelines' log-rank p in the report's p style (a p below
+    0.001 as ``p < 0.001``, never ``1e-05``)."""
+    from lifelines.statistics import logrank_test
+
+    from mil.plots import km_figure
+
+    rng = np.random.default_rng(0)
+    n = 60
+    group = np.repeat(["low", "high"], n)
+    time = np.concatenate([rng.exponential(20, n), rng.exponential(2, n)])
+    groups = pd.DataFrame({"group": group, "time": time, "event": 1})
+    ref = logrank_test(time[:n], time[n:], np.ones(n), np.ones(n)).p_value
+    assert ref < 0.001
+    title = km_figure(groups, "t").axes[0].get_legend().get_title().get_text()
+    assert title == f"log-rank {p_phrase(ref)}" == "log-rank p < 0.001"

@@ -60,12 +60,8 @@ class BinaryLogitTask(Task):
         p = 1.0 / (1.0 + np.exp(-np.asarray(logits, float)[:, 0]))
         return pd.DataFrame({f"prob_{self.classes[-1]}": p})
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        out = pd.DataFrame(
-            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
-        )
-        out["label_index"] = bags["label"].to_numpy(int)
-        return pd.concat([out, self.outputs(logits)], axis=1)
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        return {"label_index": bags["label"].to_numpy(int)}
 
     def _p(self, pred: pd.DataFrame) -> np.ndarray:
         return pred[f"prob_{self.classes[-1]}"].to_numpy(float)
@@ -201,12 +197,8 @@ class PoissonCountTask(Task):
         rate = np.exp(np.clip(np.asarray(logits, float)[:, 0], None, np.log(self.options.max_rate)))
         return pd.DataFrame({"rate": rate})
 
-    def predictions(self, bags, logits):
-        out = pd.DataFrame(
-            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
-        )
-        out["count"] = bags["count"].to_numpy(float)
-        return pd.concat([out, self.outputs(logits)], axis=1)
+    def row_targets(self, bags):
+        return {"count": bags["count"].to_numpy(float)}
 
     def metrics(self, pred, train_pred=None):
         return _count_scores(pred["count"].to_numpy(float), pred["rate"].to_numpy(float))

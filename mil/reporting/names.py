@@ -1,6 +1,7 @@
 """Which metric keys are scores (averaged over folds, given a bootstrap 95% CI) and which are
 statistics a table must not average or give a CI: p-values (``*_p``), time horizons
-(``*_tau``), timings and a fold's training length; and the label a table prints for a key."""
+(``*_tau``), timings, a fold's training length and settings each fold chose (the operating
+threshold); and the label a table prints for a key."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ HORIZON_SUFFIX = "_tau"
 TIMINGS = ("seconds_per_epoch", "train_seconds")
 #: a fold's training length (``metrics.json``), not a metric of its predictions
 COUNTS = ("epochs", "steps")
+#: a setting each fold chose on its own validation bags (its range over folds, no mean or CI),
+#: and what a table says it is
+SETTINGS = {"threshold": "the decision threshold chosen on each fold's validation predictions"}
 #: the header a table prints for a key, where it prints other than the key
 LABELS = {"seconds_per_epoch": "s / epoch", "train_seconds": "train s / fold"}
 
-Kind = Literal["score", "p_value", "horizon", "timing", "count"]
+Kind = Literal["score", "p_value", "horizon", "timing", "count", "setting"]
 
 
 def is_p_value(name: str) -> bool:
@@ -37,7 +41,8 @@ def is_timing(name: str) -> bool:
 
 def kind(name: str) -> Kind:
     """What the metric key ``name`` is: a ``score`` (mean ± sd over folds and a 95% CI), a
-    ``p_value``, a ``horizon``, a ``timing`` or a ``count`` (epochs, steps)."""
+    ``p_value``, a ``horizon``, a ``timing``, a ``count`` (epochs, steps) or a ``setting``
+    chosen per fold (the operating threshold)."""
     if is_p_value(name):
         return "p_value"
     if is_horizon(name):
@@ -46,6 +51,8 @@ def kind(name: str) -> Kind:
         return "timing"
     if name in COUNTS:
         return "count"
+    if name in SETTINGS:
+        return "setting"
     return "score"
 
 

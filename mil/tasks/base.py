@@ -236,9 +236,23 @@ class Task:
         """The prediction columns of head outputs ``[B, n_out]`` (probabilities, risk, ...)."""
         raise NotImplementedError
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        """One row per bag: ids, targets and :meth:`outputs`."""
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        """The columns of a prediction row that hold what was to be predicted (``label``,
+        ``time``/``event``, ``target``, ...), in order; :meth:`predictions` writes them
+        between the ids and :meth:`outputs`."""
         raise NotImplementedError
+
+    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+        """One row per bag: ``bag_id, patient_id``, :meth:`row_targets` and :meth:`outputs`."""
+        out = pd.DataFrame(
+            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
+        )
+        for col, values in self.row_targets(bags).items():
+            out[col] = values
+        values = self.outputs(logits)
+        for col in values.columns:
+            out[col] = values[col].to_numpy()
+        return out
 
     def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
         """:meth:`outputs` rows averaged within groups of column ``by`` (a fold ensemble)."""

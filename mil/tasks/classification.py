@@ -23,6 +23,7 @@ from mil.tasks.base import Artifacts, FoldTables, LinearHead, Task, TaskRun, as_
 from mil.tasks.linear_fits import C_GRID, logistic_head
 from mil.tasks.operating_point import OperatingPoint
 from mil.tasks.registry import register
+from mil.tasks.targets import label_columns
 
 
 @dataclass
@@ -168,16 +169,11 @@ class ClassificationTask(Task):
         out["pred"] = [self.classes[i] for i in prob.argmax(1)]
         return out
 
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        return label_columns(self.classes, bags)
+
     def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        out = pd.DataFrame(
-            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
-        )
-        out["label"] = [self.classes[i] for i in bags["label"]]
-        out["label_index"] = bags["label"].to_numpy(int)
-        values = self.outputs(logits)
-        for col in values.columns:
-            out[col] = values[col].to_numpy()
-        return self.with_operating_point(out)
+        return self.with_operating_point(super().predictions(bags, logits))
 
     def mean_outputs(self, rows: pd.DataFrame, by: str) -> pd.DataFrame:
         """Class probabilities averaged within ``by``; ``pred`` recomputed from the means."""

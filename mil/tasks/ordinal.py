@@ -59,7 +59,7 @@ from mil.tasks.ordinal_metrics import (
     quadratic_weighted_kappa,
 )
 from mil.tasks.registry import register
-from mil.tasks.targets import LabelTargets
+from mil.tasks.targets import LabelTargets, label_columns
 
 
 @dataclass
@@ -201,17 +201,10 @@ class OrdinalTask(Task):
         out["pred"] = self._names(decide(prob, self.options.decision))
         return out
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        """``bag_id, patient_id, label, label_index, score, prob_<grade>..., pred``."""
-        out = pd.DataFrame(
-            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
-        )
-        out["label"] = [self.classes[i] for i in bags["label"]]
-        out["label_index"] = bags["label"].to_numpy(int)
-        values = self.outputs(logits)
-        for col in values.columns:
-            out[col] = values[col].to_numpy()
-        return out
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        """``label`` (the grade's name) and ``label_index``; the rows go on with ``score``,
+        ``prob_<grade>...`` and ``pred``."""
+        return label_columns(self.classes, bags)
 
     def _names(self, index: np.ndarray) -> list[str]:
         return [self.classes[int(i)] for i in index]

@@ -232,15 +232,9 @@ class RegressionTask(Task):
     def output_columns(self) -> list[str]:
         return ["prediction"]
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        """``bag_id, patient_id, fold, target, prediction``."""
-        out = pd.DataFrame(
-            {"bag_id": bags["bag_id"].values, "patient_id": bags["patient_id"].values}
-        )
-        out["fold"] = self.fold_name
-        out["target"] = bags["target"].to_numpy(float)
-        out["prediction"] = self.outputs(logits)["prediction"].to_numpy()
-        return out
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        """``fold`` and ``target``; the rows go on with ``prediction``."""
+        return {"fold": self.fold_name, "target": bags["target"].to_numpy(float)}
 
     def averaging_words(self) -> str:
         return "predictions averaged on the target's scale"

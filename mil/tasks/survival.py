@@ -212,21 +212,14 @@ class SurvivalTask(SurvivalMetrics, Task):
             out[f"surv_{k}"] = d["survival"][:, k].numpy()
         return out
 
-    def predictions(self, bags: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
-        """``bag_id, patient_id, fold, time, event, risk`` (+ ``surv_k``: S after bin k, for nll)."""
-        out = pd.DataFrame(
-            {
-                "bag_id": bags["bag_id"].values,
-                "patient_id": bags["patient_id"].values,
-                "fold": self.fold_name,
-                "time": bags["time"].to_numpy(float),
-                "event": bags["event"].to_numpy(int),
-            }
-        )
-        values = self.outputs(logits)
-        for col in values.columns:
-            out[col] = values[col].to_numpy()
-        return out
+    def row_targets(self, bags: pd.DataFrame) -> dict[str, Any]:
+        """``fold, time, event``; the rows go on with ``risk`` (+ ``surv_k``: S after bin k,
+        for nll)."""
+        return {
+            "fold": self.fold_name,
+            "time": bags["time"].to_numpy(float),
+            "event": bags["event"].to_numpy(int),
+        }
 
     def output_scale(self, train_pred: pd.DataFrame | None) -> dict[str, float]:
         """Cox: the training risks' mean and sd (:func:`risk_scale`); NLL: none (probabilities)."""

@@ -176,3 +176,9 @@ def _events(df: pd.DataFrame, slide_ids: pd.Series, data: Any, source: str) -> n
             f"{shown(df[data.event_col].iloc[i])}"
         )
     return ev.astype(int).to_numpy()
+
+
+def label_columns(classes: list[str], bags: pd.DataFrame) -> dict[str, Any]:
+    """A class or grade prediction row's outcome: ``label`` (the name) and ``label_index``."""
+    index = bags["label"].to_numpy(int)
+    return {"label": [classes[i] for i in index], "label_index": index}

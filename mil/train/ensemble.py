@@ -43,7 +43,7 @@ def fold_ensemble(
         model_member, fwd = seed_replicas(exp, task, split, model_member, fwd, bags, device, dist)
     members = [model_member] if cfg.train.seeds > 1 else []
     preds = (model_member.pred, model_member.train_pred, model_member.val_pred)
-    names = fitted_members(cfg) if cfg.select.mode == "inner" else list(cfg.members)
+    names = fitted_members(cfg)
     if names:  # linear models beside the model, averaged with it
         train, val, test = bags
         members = [model_member, *fit_members(exp, task, train, val, test, device, names)]

@@ -12,7 +12,17 @@ from mil.config import Config
 from mil.io import atomic_path, json_float
 from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS, SURVIVAL_SCORE_KIND
 from mil.models.registry import get as get_model
-from mil.reporting import MISSING, gets_ci, interval, mean_sd, number, p_phrase, p_value, value_ci
+from mil.reporting import (
+    MISSING,
+    SETTINGS,
+    gets_ci,
+    interval,
+    mean_sd,
+    number,
+    p_phrase,
+    p_value,
+    value_ci,
+)
 from mil.results import BASELINES, HEATMAPS, REPORT, RunFolder
 from mil.results.members import ensemble_lines, selection_lines
 from mil.results.search import search_section
@@ -252,6 +262,11 @@ def _results(summary: dict[str, Any], task: Task) -> list[str]:
         cells.append(interval(m.get("ci95_pooled")) or MISSING)
         rows.append("| " + " | ".join(cells) + " |")
     out = rows
+    for k in (k for k in SETTINGS if k in metrics):  # chosen per fold: its range, no mean
+        folds = [json_float(v) for v in metrics[k].get("folds", []) if v is not None]
+        if folds:
+            span = f"lowest {number(min(folds))}, highest {number(max(folds))}"
+            out += ["", f"{SETTINGS[k].capitalize()}: {span} over folds (not a score)."]
     if isinstance(summary.get("auc_pooled"), float):
         out += ["", f"Pooled out-of-fold AUC: {number(summary['auc_pooled'])}."]
     if "logrank_p" in metrics:

@@ -269,7 +269,7 @@ def _train_and_test(
     selection: Selection | None = None,
     inner: bool = False,
 ) -> FoldResult:
-    """``inner``: a selection's inner fold (every member kept, no instance metrics)."""
+    """``inner``: a selection's inner fold (every member's predictions, nothing scored)."""
     cfg = exp.cfg
     torch.manual_seed(cfg.train.seed + split.fold + 1000 * split.repeat)
     model, norm, data = fold_setup(exp, task, train["bag_id"].tolist())
@@ -288,12 +288,16 @@ def _train_and_test(
     members, (pred, train_pred, val_pred), fwd = fold_ensemble(
         exp, task, split, model_member, fwd, (train, val, test), device, dist, selection
     )
+    result = FoldResult(history, state, norm, data, test, fwd, pred, train_pred, {}, [], val_pred)
+    result.members, result.selection = members, selection
+    if inner:  # a selection's inner fold: only its members' predictions are read
+        return result
     # the fold's (averaged) predictions scored; instance scores and faithfulness: the model's
     scored = score_fold(
         task,
         predictor,
         test,
-        fold_scoring(exp, instance=not inner),
+        fold_scoring(exp),
         reference=train_pred,
         pred=pred,
         forward=fwd,
@@ -303,22 +307,9 @@ def _train_and_test(
     metrics["epochs"] = int(history["epoch"].max() + 1)
     metrics["seconds_per_epoch"] = train_seconds / metrics["epochs"]
     metrics["steps"] = int(history["steps"].sum())
-    findings = _findings(exp, task, split, train, history, pred, model.trained_by_gradient)
-    return FoldResult(
-        history,
-        state,
-        norm,
-        data,
-        test,
-        fwd,
-        pred,
-        train_pred,
-        metrics,
-        findings,
-        val_pred,
-        members,
-        selection,
-    )
+    result.metrics = metrics
+    result.findings = _findings(exp, task, split, train, history, pred, model.trained_by_gradient)
+    return result
 
 
 def _fit_fold(

@@ -329,13 +329,12 @@ def fold_predictions(
     return val_pred, fwd, pred, train_pred
 
 
-def fold_scoring(exp: Experiment, instance: bool = True) -> Scoring:
+def fold_scoring(exp: Experiment) -> Scoring:
     """How the runner scores a fold's test bags: its model's instance scores (witness metrics,
-    faithfulness where ``train.faithfulness``) unless ``instance`` is False (a selection's
-    inner fold)."""
+    faithfulness where ``train.faithfulness``)."""
     return Scoring(
         group_cols=exp.cohort.group_cols,
-        scores=instance,
-        instance_labels=exp.data.instance_labels if instance else None,
-        faithfulness=instance and exp.cfg.train.faithfulness,
+        scores=True,
+        instance_labels=exp.data.instance_labels,
+        faithfulness=exp.cfg.train.faithfulness,
     )

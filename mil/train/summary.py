@@ -14,6 +14,7 @@ from mil.io import json_float, write_csv, write_json
 from mil.metrics.subgroups import group_difference_test, subgroup_metrics
 from mil.reporting import (
     MISSING,
+    SETTINGS,
     gets_ci,
     interval,
     is_horizon,
@@ -254,7 +255,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     P-values (``*_p``) are not averaged: the line shows their median and range
     over folds, and the pooled test where the run has one (``<name>_pooled``).
-    Settings that vary by fold (``*_tau``, Uno's truncation time) show their range.
+    Settings that vary by fold (``*_tau``, Uno's truncation time; the operating threshold)
+    show their range.
     """
     lines = [
         f"{summary['name']}  ({summary['task']}, model {summary['model']}, "
@@ -270,9 +272,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             tail = f"; pooled over folds {p_value(pooled)}" if pooled is not None else ""
             lines.append(f"  {k:<20} median {med} over folds, range {span}{tail}")
             continue
-        if is_horizon(k):
-            span = f"{folds.min():.3g} to {folds.max():.3g}" if len(folds) else MISSING
-            lines.append(f"  {k:<20} per fold {span} (a time horizon, not a metric)")
+        if is_horizon(k) or k in SETTINGS:
+            span = f"lowest {folds.min():.3g}, highest {folds.max():.3g}" if len(folds) else MISSING
+            what = SETTINGS.get(k, "a time horizon")
+            lines.append(f"  {k:<20} per fold {span} ({what}, not a metric)")
             continue
         ci_s = interval(m.get("ci95_pooled")) if gets_ci(k) else ""
         lines.append(f"  {k:<20} {mean_sd(m['mean'], m['sd']):>17}   {ci_s}".rstrip())
