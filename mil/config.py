@@ -307,3 +307,12 @@ def _check_search(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.source}: search needs a validation split (splits.val_fraction > 0): each point is selected by its validation loss"
         )
+
+
+def other_preprocessing(cfg: Config) -> tuple[str, bool | str] | None:
+    """The model on the other preprocessing, a candidate under ``select.other_preprocessing``:
+    its member name and its ``data.standardize`` (None without selection or without it)."""
+    if cfg.select.mode == "none" or not cfg.select.other_preprocessing:
+        return None
+    value: bool | str = False if cfg.data.standardize else "whiten"
+    return f"{cfg.model_name}_{'raw' if value is False else value}", value

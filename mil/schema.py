@@ -155,6 +155,9 @@ class SelectConfig:
     mode: Literal["none", "inner"] = "none"
     folds: int = 3  # inner folds
     members: list[str] = field(default_factory=lambda: ["meanpool_linear", "bow_linear"])
+    # also the model on the other preprocessing (raw features where data.standardize is set,
+    # whitened where it is false), a candidate alone
+    other_preprocessing: bool = True
 
 
 @dataclass

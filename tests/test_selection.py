@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from mil import Run
-from mil.config import config_from_dict
+from mil.config import config_from_dict, other_preprocessing
 from mil.errors import ConfigError
 from mil.splits import inner_splits
 from mil.train import selection
@@ -46,12 +46,19 @@ def _cfg(root: Path, **select) -> dict:
 
 def test_candidates_and_config_checks(tmp_path):
     cfg = config_from_dict(_cfg(tmp_path))
-    # classification's default is the model alone: one candidate, not two
+    # classification's default is the model alone: one candidate, not two; the model on raw
+    # features beside it (the config whitens)
     assert selection.candidates(cfg) == {
         "default": ["abmil"],
+        "abmil_raw": ["abmil_raw"],
         "meanpool_linear": ["meanpool_linear"],
         "bow_linear": ["bow_linear"],
     }
+    raw = _cfg(tmp_path, other_preprocessing=False)
+    assert "abmil_raw" not in selection.candidates(config_from_dict(raw))
+    raw = _cfg(tmp_path)
+    raw["data"]["standardize"] = False
+    assert other_preprocessing(config_from_dict(raw)) == ("abmil_whiten", "whiten")
     raw = _cfg(tmp_path)
     raw["ensemble"] = ["meanpool_linear"]
     cfg = config_from_dict(raw)
@@ -134,3 +141,39 @@ def test_a_chosen_linear_member_is_what_the_fold_and_run_predict(tmp_path, monke
     assert record["selection"] == ["bow_linear"]
     members = json.loads((run_dir / "refit" / "members.json").read_text())
     assert members["chosen"] == ["bow_linear"]
+
+
+def test_a_chosen_model_on_raw_features_is_a_run_on_raw_features(tmp_path, monkeypatch):
+    """The candidate on the other preprocessing is the model trained as a run with
+    ``data.standardize: false`` is (same seed, same split files): when a fold chooses it, its
+    predictions, ``Run.predict`` and the refit's members are that model's."""
+    monkeypatch.setattr(selection, "choose", lambda scores: ("abmil_raw", "default"))
+    raw = _cfg(tmp_path)
+    run_dir = run_cv(config_from_dict(raw), tmp_path / "run", progress=False, n_boot=50)
+    fold = run_dir / "fold_0"
+    record = json.loads((fold / "metrics.json").read_text())["selection"]
+    assert set(record["inner"]) == {"default", "abmil_raw", "meanpool_linear", "bow_linear"}
+    assert json.loads((fold / "members.json").read_text())["chosen"] == ["abmil_raw"]
+    pred = pd.read_csv(fold / "predictions.csv")
+    own = pd.read_csv(fold / "members" / "abmil_raw" / "predictions.csv")
+    np.testing.assert_allclose(pred["prob_positive"], own["prob_positive"], atol=1e-12)
+    # the reference: no selection, raw features, the same folds and seed
+    ref = _cfg(tmp_path)
+    ref.pop("select")
+    ref["data"]["standardize"] = False
+    ref_dir = run_cv(config_from_dict(ref), tmp_path / "ref", folds=[0], progress=False, n_boot=50)
+    ref_pred = pd.read_csv(ref_dir / "fold_0" / "predictions.csv").set_index("bag_id")
+    np.testing.assert_allclose(
+        ref_pred.loc[own["bag_id"], "prob_positive"], own["prob_positive"], atol=1e-5
+    )
+    model = pd.read_csv(fold / "members" / "abmil" / "predictions.csv")
+    assert not np.allclose(model["prob_positive"], own["prob_positive"], atol=1e-3)
+    new = Run(run_dir).predict(pred["bag_id"].tolist(), folds=[0]).set_index("bag_id")
+    np.testing.assert_allclose(
+        new.loc[pred["bag_id"], "prob_positive"], pred["prob_positive"], atol=1e-5
+    )
+    refit(config_from_dict(raw), run_dir, progress=False, log=lambda *a: None)
+    members = json.loads((run_dir / "refit" / "members.json").read_text())
+    assert members["chosen"] == ["abmil_raw"]
+    assert (run_dir / "refit" / "members" / "abmil_raw" / "model.pt").is_file()
+    assert "the model alone on raw features (`abmil_raw`)" in (run_dir / "report.md").read_text()

@@ -56,18 +56,25 @@ class Experiment:
         return b[b["bag_id"].isin(ids)].reset_index(drop=True)
 
     def fold_setup(
-        self, task: Task, train_ids: list[str], member: str | None = None
+        self,
+        task: Task,
+        train_ids: list[str],
+        member: str | None = None,
+        standardize: bool | str | None = None,
     ) -> tuple[torch.nn.Module, Standardizer | None, BagDataset]:
         """A new model for a fold (or a refit) trained on ``train_ids`` (``member``: that
         linear model of the ensemble, with its defaults, instead of the config's), the
         preprocessing fitted on those bags only, and the fold's own view of the bags (graphs
-        built under it)."""
+        built under it). ``standardize``: the model's preprocessing instead of
+        ``data.standardize`` (the other preprocessing a selection tries)."""
         cfg = self.cfg
         name, hp = (cfg.model_name, cfg.model_hparams) if member is None else (member, {})
         hparams = with_tabular_layout(name, hp, self.cohort.tabular)
         model = create(name, in_dim=self.store.dim, n_out=task.n_out, **hparams)
+        if standardize is None:
+            standardize = cfg.data.standardize
         # baselines standardise their pooled vectors; tabular scalers are fitted for every model
-        standardize = cfg.data.standardize if model.trained_by_gradient else False
+        standardize = standardize if model.trained_by_gradient else False
         norm = fold_preprocessing(self.data, train_ids, standardize, self.cohort.tabular)
         return model, norm, self.data.with_transform(norm)
 

@@ -99,11 +99,13 @@ def refit_members(
     penalties: dict[str, float],
     device: torch.device,
     names: list[str] | None = None,
+    alternative: tuple[str, Any] | None = None,
 ) -> list[Member]:
     """A refit's ensemble: the refit model (``replicas``: it, then its seed replicas, each as
-    (model, preprocessing, view of the bags, history)) and each linear member fitted on every
-    bag at ``penalties[name]`` (cross-validation's choice), with every one's training
-    predictions for its scale."""
+    (model, preprocessing, view of the bags, history)), each linear member fitted on every
+    bag at ``penalties[name]`` (cross-validation's choice) and ``alternative`` (name, (model,
+    preprocessing, view, history)): the model on the other preprocessing a selection chose;
+    with every one's training predictions for its scale."""
     limit, want = exp.cfg.train.max_instances, task.needs_train_predictions
     name = exp.cfg.model_name
     reps = []
@@ -126,6 +128,11 @@ def refit_members(
         model = model.to(device)
         train_pred = _rows(model, data, task, bags, limit, device) if want else None
         out.append(Member(member, None, train_pred, None, model=model, norm=norm, history=history))
+    if alternative is not None:
+        alt, (model, norm, data, history) = alternative
+        train_pred = _rows(model, data, task, bags, limit, device) if want else None
+        out.append(Member(alt, None, train_pred, None, model=model, norm=norm, history=history))
+        out[-1].arch = (name, exp.cfg.model_hparams)
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mil.config import Config
+from mil.config import Config, other_preprocessing
 from mil.errors import DataError, MilError
 from mil.io import read_json, write_csv, write_json
 from mil.results import HISTORY, METRICS, MODEL, REFIT, REFIT_JSON, RunFolder
@@ -178,12 +178,15 @@ def refit(
                 rep, task, rep_data, bags, rep_cfg, device, progress, desc, choice
             )
             replicas.append((rep, rep_norm, rep_data, rep_history))
+    names, chosen = refit_choice(cfg, run)
+    alt = _other_preprocessing(exp, task, bags, chosen, device, progress, choice)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    names, chosen = refit_choice(cfg, run)
-    if (names or len(replicas) > 1) and model.trained_by_gradient:  # the ensemble, refit
+    if (names or len(replicas) > 1 or alt) and model.trained_by_gradient:  # the ensemble, refit
         choice["member_penalty"] = member_penalties(run, names)
-        members = refit_members(exp, task, bags, replicas, choice["member_penalty"], device, names)
+        members = refit_members(
+            exp, task, bags, replicas, choice["member_penalty"], device, names, alt
+        )
         write_members(out, exp, task, members, chosen)
     if chosen is not None:  # select: the members most folds chose
         choice["selection"] = chosen
@@ -205,6 +208,24 @@ def refit(
     )
     log(f"refit: {len(bags)} bags, {what} (chosen by cross-validation) -> {out / MODEL}")
     return out
+
+
+def _other_preprocessing(
+    exp: Experiment, task, bags: pd.DataFrame, chosen, device, progress: bool, choice
+) -> tuple[str, tuple] | None:
+    """The model on the other preprocessing refit as the model is (name, (model, its
+    preprocessing, view of the bags, history)), where the selection chose it; else None."""
+    alt = other_preprocessing(exp.cfg)
+    if alt is None or chosen is None or alt[0] not in chosen:
+        return None
+    train_cfg = dataclasses.replace(
+        exp.cfg.train, epochs=choice["budget_epochs"], min_steps=None, patience=None
+    )
+    torch.manual_seed(exp.cfg.train.seed + 104729)  # the refit model's seed
+    model, norm, data = exp.fold_setup(task, bags["bag_id"].tolist(), standardize=alt[1])
+    desc = f"refit {alt[0]}"
+    history, _ = _fit_all(model, task, data, bags, train_cfg, device, progress, desc, choice)
+    return alt[0], (model.to(device), norm, data, history)
 
 
 def refit_choice(cfg: Config, run: RunFolder) -> tuple[list[str], list[str] | None]:

@@ -39,15 +39,19 @@ def train_replica(
     bags: dict[str, pd.DataFrame | None],
     device: torch.device,
     dist: Dist = SINGLE,
+    standardize: tuple[str, bool | str] | None = None,
 ) -> tuple[Member, Forward]:
     """Replica ``j`` of the fold's model, trained on ``bags["train"]`` (validated on
     ``bags["val"]``) as the model is, and its predictions of the fold's partitions (test with
-    instance scores, training and validation where the task needs them)."""
+    instance scores, training and validation where the task needs them). ``standardize``:
+    (member name, preprocessing): the model on another preprocessing instead (a selection's
+    candidate; ``j`` 0 for the model's own seed)."""
     cfg = exp.cfg
     seed = cfg.train.seed + REPLICA_SEED * j
     train, val, test = bags["train"], bags["val"], bags["test"]
     torch.manual_seed(seed + split.fold + 1000 * split.repeat)
-    model, norm, data = exp.fold_setup(task, train["bag_id"].tolist())
+    how = None if standardize is None else standardize[1]
+    model, norm, data = exp.fold_setup(task, train["bag_id"].tolist(), standardize=how)
     model = model.to(device)
     if dist.enabled:
         torch.manual_seed(seed + split.fold + 1000 * split.repeat + 7919 * dist.rank)
@@ -60,7 +64,7 @@ def train_replica(
         dataclasses.replace(cfg.train, seed=seed),
         device,
         progress=exp.progress,
-        desc=f"fold {split.name} seed {j}",
+        desc=f"fold {split.name} " + (f"seed {j}" if standardize is None else standardize[0]),
         dist=dist,
     )
 
@@ -89,7 +93,7 @@ def train_replica(
     val_pred = None
     if task.needs_val_predictions and val is not None and len(val):
         val_pred = task.predictions(val, infer(val).logits.numpy())
-    name = replica_name(cfg.model_name, j)
+    name = replica_name(cfg.model_name, j) if standardize is None else standardize[0]
     member = Member(name, pred, train_pred, val_pred, model, norm, history)
     member.arch = (cfg.model_name, cfg.model_hparams)
     return member, fwd

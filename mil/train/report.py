@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mil.config import Config
+from mil.config import Config, other_preprocessing
 from mil.io import atomic_path, json_float
 from mil.models.base import DEFAULT_SCORE_KIND, SCORE_KINDS, SURVIVAL_SCORE_KIND
 from mil.models.registry import get as get_model
@@ -200,10 +200,15 @@ def _ensemble_words(cfg: Config, task: Task) -> list[str]:
         )
     if cfg.select.mode == "inner":
         alone = ", ".join(f"`{m}`" for m in cfg.select.members)
+        alt = other_preprocessing(cfg)
+        other = ""
+        if alt is not None:
+            what = "raw features" if alt[1] is False else "whitened features"
+            other = f", the model alone on {what} (`{alt[0]}`)"
         out.append(
             f"Each fold chose, on {cfg.select.folds} stratified patient-level inner folds of its "
-            f"own training bags (its test bags took no part), between the recipe above, the model alone "
-            f"or {alone} alone, by the inner {task.headline()}: the default was kept unless "
+            f"own training bags (its test bags took no part), between the recipe above, the model "
+            f"alone{other} or {alone} alone, by the inner {task.headline()}: the default was kept unless "
             "another candidate's mean gain exceeded one standard error of its inner-fold "
             "differences; each fold's choice is tabulated below."
         )

@@ -6,6 +6,10 @@ each outer fold chooses, from its own training bags only, among *candidates*:
 
 - ``default``: the model averaged with the ``ensemble:`` members (the run without selection);
 - the model alone (its registered name);
+- the model alone on the other preprocessing (``select.other_preprocessing``; see
+  :func:`mil.config.other_preprocessing`): raw features where ``data.standardize`` whitens or standardises
+  (``<model>_raw``), whitened ones where it is false (``<model>_whiten``), trained with the
+  model's seed, so that the two differ by their preprocessing only;
 - each linear model of ``select.members`` alone (``meanpool_linear``, ``bow_linear``).
 
 The outer fold's training and validation bags are split into ``select.folds`` stratified,
@@ -33,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from mil.config import Config
+from mil.config import Config, other_preprocessing
 from mil.splits import Split, inner_splits
 from mil.tasks import Task
 from mil.train.experiment import Experiment
@@ -41,7 +45,14 @@ from mil.train.members import Member, combine
 
 DEFAULT = "default"
 
-__all__ = ["DEFAULT", "Selection", "candidates", "choose", "fitted_members", "select_inner"]
+__all__ = [
+    "DEFAULT",
+    "Selection",
+    "candidates",
+    "choose",
+    "fitted_members",
+    "select_inner",
+]
 
 
 @dataclass
@@ -81,9 +92,11 @@ def candidates(cfg: Config) -> dict[str, list[str]]:
     """Candidate name -> the members averaged for it (the model by ``cfg.model_name``); a
     candidate with the same members as an earlier one is left out (``default`` first)."""
     out: dict[str, list[str]] = {}
+    alt = other_preprocessing(cfg)
     for name, members in (
         (DEFAULT, [cfg.model_name, *cfg.members]),
         (cfg.model_name, [cfg.model_name]),
+        *([(alt[0], [alt[0]])] if alt is not None else []),
         *((m, [m]) for m in cfg.select.members),
     ):
         if sorted(members) not in [sorted(v) for v in out.values()]:
