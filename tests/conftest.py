@@ -68,3 +68,40 @@ def flipped_test_labels(raw: dict, clean_run: Path, out: Path) -> dict:
         "data": {**raw["data"], "csv": str(out)},
         "splits": {**raw["splits"], "dir": str(clean_run / "splits")},
     }
+
+
+def evaluate_both_ways(run_dir: Path, data: dict, out: Path) -> list[tuple]:
+    """``mil evaluate RUN EXT`` on the external cohort ``data`` (a ``data:`` section), with the
+    fold ensemble and with ``--refit``: each one's ``predictions.csv`` and ``summary.json``
+    metrics (the round trip every task's tests make)."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from mil.cli import main
+
+    out.mkdir(parents=True, exist_ok=True)
+    ext = out / "ext.yaml"
+    ext.write_text(yaml.safe_dump({"data": data}))
+    found = []
+    for extra in ([], ["--refit"]):
+        where = out / f"eval{len(extra)}"
+        argv = ["evaluate", str(run_dir), str(ext), "--out", str(where), "--n-boot", "20"]
+        assert main([*argv, "--quiet", *extra]) == 0
+        summary = json.loads((where / "summary.json").read_text())
+        found.append((pd.read_csv(where / "predictions.csv"), summary["metrics"]))
+    return found
+
+
+def assert_predict_reproduces(run, fold: int, columns: list[str], bags=None, **tol) -> None:
+    """``Run.predict`` of a fold's test bags (``bags``: a mapping from bag to slides, for
+    patient bags; their ids otherwise) equals the fold's saved ``predictions.csv`` in
+    ``columns`` (``tol``: numpy's ``rtol``/``atol``)."""
+    import numpy as np
+
+    saved = run.predictions(fold)
+    again = run.predict(saved["bag_id"].tolist() if bags is None else bags, folds=[fold])
+    again = again.set_index("bag_id").loc[saved["bag_id"]]
+    for col in columns:
+        np.testing.assert_allclose(again[col], saved[col].to_numpy(), **tol)

@@ -27,6 +27,7 @@ from mil.splits import read_splits
 from mil.tasks import MultiTargetTask, get, make_task
 from mil.tasks.multitarget import MultiTargetOptions
 from mil.train.runner import run_cv
+from tests.conftest import assert_predict_reproduces, evaluate_both_ways
 
 pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning", "ignore::UserWarning")
 
@@ -269,32 +270,12 @@ def test_predict_evaluate_and_refit(study, tmp_path):
     run = Run(run_dir)
     saved = run.predictions(0)
     coh = Cohort.from_config(run.config)
-    again = run.predict({b: coh.bag_slides[b] for b in saved["bag_id"]}, folds=[0])
-    for col in ("msi/prob_MSI", "tmb/prediction", "grade/score"):
-        np.testing.assert_allclose(again[col], saved[col], rtol=1e-4, atol=1e-5)
-    ext = tmp_path / "ext.yaml"
-    ext.write_text(yaml.safe_dump({"data": cohort(tmp_path, "external", 12, n_patients=20)}))
-    for extra in ([], ["--refit"]):
-        out = tmp_path / f"eval{len(extra)}"
-        assert (
-            main(
-                [
-                    "evaluate",
-                    str(run_dir),
-                    str(ext),
-                    "--out",
-                    str(out),
-                    "--n-boot",
-                    "20",
-                    "--quiet",
-                    *extra,
-                ]
-            )
-            == 0
-        )
-        ev = pd.read_csv(out / "predictions.csv")
+    bags = {b: coh.bag_slides[b] for b in saved["bag_id"]}
+    columns = ["msi/prob_MSI", "tmb/prediction", "grade/score"]
+    assert_predict_reproduces(run, 0, columns, bags, rtol=1e-4, atol=1e-5)
+    external = cohort(tmp_path, "external", 12, n_patients=20)
+    for ev, metrics in evaluate_both_ways(run_dir, external, tmp_path / "ev"):
         assert len(ev) == 20 and ev["tmb/prediction"].notna().all()
-        metrics = yaml.safe_load((out / "summary.json").read_text())["metrics"]
         assert {"msi/auc", "tmb/r2", "grade/qwk"} <= set(metrics)
     # instance scores: a column per head output, named by the task
     scores = run.scores(run.top_slides(1)[0], kind="contribution", cls=2)

@@ -35,6 +35,7 @@ from mil.tasks.ordinal_metrics import (
 )
 from mil.train.inference import bags_of
 from mil.train.runner import run_cv
+from tests.conftest import assert_predict_reproduces, evaluate_both_ways
 
 pytestmark = pytest.mark.filterwarnings("ignore::mil.errors.TrainingWarning")
 
@@ -235,40 +236,18 @@ def test_predict_evaluate_refit_and_heatmap(study, tmp_path):
     run = Run(run_dir)
     saved = run.predictions(1)
     coh = Cohort.from_config(run.config)
-    again = run.predict({b: coh.bag_slides[b] for b in saved["bag_id"]}, folds=[1])
-    np.testing.assert_allclose(again["score"], saved["score"], rtol=1e-4, atol=1e-6)
+    bags = {b: coh.bag_slides[b] for b in saved["bag_id"]}
+    assert_predict_reproduces(run, 1, ["score"], bags, rtol=1e-4, atol=1e-6)
+    again = run.predict(bags, folds=[1]).set_index("bag_id").loc[saved["bag_id"]]
     assert again["pred"].astype(str).tolist() == saved["pred"].astype(str).tolist()
     # the baseline: the linear cumulative-link model, on the same folds
     base = Run(run_dir / "baselines" / "meanpool_linear")
     assert {"score", "prob_1", "pred"} <= set(base.predictions().columns)
     assert (run_dir / "refit" / "model.pt").is_file()
-    ext = tmp_path / "ext.yaml"
-    ext.write_text(yaml.safe_dump({"data": cohort(tmp_path, "external", 11, n_patients=20)}))
-    for extra in ([], ["--refit"]):
-        out = tmp_path / f"eval{len(extra)}"
-        assert (
-            main(
-                [
-                    "evaluate",
-                    str(run_dir),
-                    str(ext),
-                    "--out",
-                    str(out),
-                    "--n-boot",
-                    "20",
-                    "--quiet",
-                    *extra,
-                ]
-            )
-            == 0
-        )
-        ev = pd.read_csv(out / "predictions.csv")
+    external = cohort(tmp_path, "external", 11, n_patients=20)
+    for ev, metrics in evaluate_both_ways(run_dir, external, tmp_path / "ev"):
         assert len(ev) == 20 and np.allclose(ev[[f"prob_{g}" for g in range(1, 5)]].sum(1), 1.0)
-        assert set(yaml.safe_load((out / "summary.json").read_text())["metrics"]) >= {
-            "qwk",
-            "mae",
-            "auc",
-        }
+        assert set(metrics) >= {"qwk", "mae", "auc"}
     # heatmaps: the tile's signed share of the score; --top-n ranks by the score
     top = run.top_slides(1)
     oof = run.predictions().sort_values(["score", "bag_id"], ascending=[False, True])

@@ -30,7 +30,7 @@ from mil.tasks import Task, register
 from mil.tasks.base import as_tensor
 from mil.tasks.targets import LabelTargets
 from mil.train.runner import run_cv
-from tests.conftest import small_config
+from tests.conftest import assert_predict_reproduces, evaluate_both_ways, small_config
 
 
 def _scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -293,34 +293,14 @@ def test_a_task_with_a_new_kind_of_target_runs_through_train_evaluate_heatmap_an
     assert (run_dir / "baselines.csv").is_file() and (run_dir / "refit" / "model.pt").is_file()
     # a saved fold model reproduces its test predictions
     saved = run.predictions(0)
-    again = run.predict(saved["bag_id"].tolist(), folds=[0])
-    np.testing.assert_allclose(again["rate"], saved["rate"], rtol=1e-4)
+    assert_predict_reproduces(run, 0, ["rate"], rtol=1e-4)
     # heatmaps: --top-n ranks by the task's score column, the default kind is the task's
     assert main(["heatmap", str(run_dir), "--top-n", "2", "--out", str(tmp_path / "png")]) == 0
     assert len(list((tmp_path / "png").glob("*.png"))) == 2
     assert run.scores(saved["bag_id"].iloc[0]).attrs["kind"].startswith("contribution")
     # an external cohort: the fold ensemble's rates, and the refit's
-    ext = tmp_path / "ext.yaml"
-    ext.write_text(yaml.safe_dump({"data": _count_cohort(tmp_path / "ext", seed=11)}))
-    for extra in ([], ["--refit"]):
-        out = tmp_path / f"eval{len(extra)}"
-        assert (
-            main(
-                [
-                    "evaluate",
-                    str(run_dir),
-                    str(ext),
-                    "--out",
-                    str(out),
-                    "--n-boot",
-                    "20",
-                    "--quiet",
-                    *extra,
-                ]
-            )
-            == 0
-        )
-        ev = pd.read_csv(out / "predictions.csv")
+    external = _count_cohort(tmp_path / "ext", seed=11)
+    for ev, _ in evaluate_both_ways(run_dir, external, tmp_path / "ev"):
         assert len(ev) == 28 and (ev["rate"] > 0).all()
     # the task's options are typed and checked like a config section
     with pytest.raises(ConfigError, match="task.max_rate must be positive"):
