@@ -8,7 +8,10 @@ are never touched, so every method and ratio is scored on the same bags. Each (r
 is an ordinary run folder (the study resumes). The pooled out-of-fold predictions give the
 minority class's AUPRC, balanced accuracy and macro F1 (at the most probable class), each with
 its patient-bootstrap CI, and the paired patient-bootstrap difference against cross-entropy at
-the same ratio (:func:`mil.tasks.paired.paired_metric_difference`).
+the same ratio (:func:`mil.tasks.paired.paired_metric_difference`). With ``--seeds N`` each
+setting runs N times (seed ``s`` draws the subsample and trains with ``train.seed: s``); the
+test bags are the same in every seed, so a metric is the mean over seeds and each bootstrap
+resample scores every seed's predictions of the same patients.
 
 Cohorts: ``real`` (../shared/datasets/real/hipt4k_tcga_nsclc: LUAD positive, LUSC negative) and
 ``synthetic`` (the built-in classification cohort, small lesions). Writes
@@ -192,17 +195,26 @@ SCORERS = {"auprc": _ap, "balanced_accuracy": _bacc, "f1": _f1}
 
 
 def compare(
-    y: np.ndarray, pa: np.ndarray, pb: np.ndarray, groups: np.ndarray, n_boot: int
+    y: np.ndarray,
+    pa: list[np.ndarray],
+    pb: list[np.ndarray],
+    groups: np.ndarray,
+    n_boot: int,
 ) -> dict[str, float]:
     """Each metric of probabilities ``pa`` with its CI, and ``pa``'s minus ``pb``'s with its CI
-    (labels ``y``; rows resampled by ``groups``, both sides together)."""
+    (labels ``y``; rows resampled by ``groups``, both sides together). ``pa`` and ``pb`` hold
+    one array per seed, on the same rows: a metric is the mean over seeds, so each resample
+    scores every seed's predictions of the same patients."""
     from mil.metrics import paired_difference
+
+    def mean(f, r, parts):
+        return float(np.mean([f(y[r], p[r]) for p in parts]))
 
     out = {}
     for m, f in SCORERS.items():
-        one = paired_difference(lambda r, f=f: f(y[r], pa[r]), len(y), n_boot, groups=groups)
+        one = paired_difference(lambda r, f=f: mean(f, r, pa), len(y), n_boot, groups=groups)
         d = paired_difference(
-            lambda r, f=f: f(y[r], pa[r]) - f(y[r], pb[r]), len(y), n_boot, groups=groups
+            lambda r, f=f: mean(f, r, pa) - mean(f, r, pb), len(y), n_boot, groups=groups
         )
         out.update({m: one["delta"], f"{m}_lo": one["ci_low"], f"{m}_hi": one["ci_high"]})
         out.update(
@@ -211,29 +223,35 @@ def compare(
     return out
 
 
-def score(runs: dict[tuple[int, str], Path], n_boot: int) -> pd.DataFrame:
-    """One row per (ratio, method): each metric with its patient-bootstrap CI, and its paired
-    difference against cross-entropy at the same ratio with CI (whole patients resampled, both
-    predictors together: :func:`mil.metrics.paired_difference`, as
-    :func:`mil.tasks.paired.paired_metric_difference` uses it, on the one metric)."""
+def score(runs: dict[tuple[int, str], list[Path]], n_boot: int) -> pd.DataFrame:
+    """One row per (ratio, method), its runs one per seed: each metric (the mean over seeds)
+    with its patient-bootstrap CI, and its paired difference against cross-entropy at the same
+    ratio and seeds with CI (whole patients resampled, every predictor together:
+    :func:`mil.metrics.paired_difference`, as :func:`mil.tasks.paired.paired_metric_difference`
+    uses it, on the one metric). Every seed's test bags are the same (only the training folds
+    are subsampled), so the seeds are scored on the same resampled patients."""
     from mil.tasks.paired import PAIR_KEY
     from mil.train.summary import run_task
 
+    key = list(PAIR_KEY)
     rows = []
-    for (ratio, method), run_dir in runs.items():
-        task = run_task(run_dir)
-        key = list(PAIR_KEY)
-        a = pooled(run_dir).sort_values(key, ignore_index=True)
-        b = pooled(runs[(ratio, "ce")]).sort_values(key, ignore_index=True)
-        if not a[key].equals(b[key]):
-            raise ValueError(f"{run_dir}: not the bags of the cross-entropy run at 1:{ratio}")
-        y, groups = a["label_index"].to_numpy(int), a["patient_id"].astype(str).to_numpy()
-        pa, pb = (f[[f"prob_{c}" for c in task.classes]].to_numpy(float) for f in (a, b))
+    for (ratio, method), run_dirs in runs.items():
+        task = run_task(run_dirs[0])
+        a = [pooled(d).sort_values(key, ignore_index=True) for d in run_dirs]
+        b = [pooled(d).sort_values(key, ignore_index=True) for d in runs[(ratio, "ce")]]
+        for d, frame in zip([*run_dirs, *runs[(ratio, "ce")]], [*a, *b]):
+            if not frame[key].equals(a[0][key]):
+                raise ValueError(f"{d}: not the test bags of {run_dirs[0]}")
+        y, groups = a[0]["label_index"].to_numpy(int), a[0]["patient_id"].astype(str).to_numpy()
+        pa, pb = (
+            [f[[f"prob_{c}" for c in task.classes]].to_numpy(float) for f in x] for x in (a, b)
+        )
         row = {
             "ratio": ratio,
             "method": method,
-            "n_test": len(a),
-            "auc": task.metric_value(a, "auc"),
+            "seeds": len(run_dirs),
+            "n_test": len(a[0]),
+            "auc": float(np.mean([task.metric_value(f, "auc") for f in a])),
         }
         row.update(compare(y, pa, pb, groups, n_boot))
         rows.append(row)
@@ -250,10 +268,10 @@ def fold_counts(out: Path) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """The study's table: value [CI] and the paired difference against CE [CI] per metric."""
-    head = "| cohort | ratio | method | AUC | minority AUPRC | Δ vs CE | balanced acc. | Δ vs CE | macro F1 | Δ vs CE |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| cohort | ratio | method | seeds | AUC | minority AUPRC | Δ vs CE | balanced acc. | Δ vs CE | macro F1 | Δ vs CE |"
+    lines = [head, "|" + "---|" * 11]
     for _, r in table.iterrows():
-        cells = [r["cohort"], f"1:{r['ratio']}", r["method"], f"{r['auc']:.3f}"]
+        cells = [r["cohort"], f"1:{r['ratio']}", r["method"], str(r["seeds"]), f"{r['auc']:.3f}"]
         for m in SCORERS:
             cells.append(f"{r[m]:.3f} [{r[f'{m}_lo']:.3f}, {r[f'{m}_hi']:.3f}]")
             cells.append(
@@ -286,14 +304,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     tables = []
     for cohort in cohorts:
         raw = base_config(cohort, a.out, folds, a.smoke)
+        runs: dict[tuple[int, str], list[Path]] = {}
         for seed in range(a.seeds):
-            runs = {}
             for ratio in ratios:
                 splits = subsampled_splits(raw, ratio, seed, a.out / cohort)
                 for method in methods:
                     run_dir = a.out / cohort / f"r{ratio}" / f"{method}_s{seed}"
-                    runs[(ratio, method)] = run_method(raw, splits, method, run_dir, seed)
-            tables.append(score(runs, n_boot).assign(cohort=cohort, seed=seed))
+                    run = run_method(raw, splits, method, run_dir, seed)
+                    runs.setdefault((ratio, method), []).append(run)
+        tables.append(score(runs, n_boot).assign(cohort=cohort))
     table = pd.concat(tables, ignore_index=True)
     from mil.io import write_csv
 

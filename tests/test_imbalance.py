@@ -237,3 +237,13 @@ def test_imbalance_benchmark_smoke(tmp_path):
     counts = imbalance.fold_counts(tmp_path)
     assert counts.groupby("fold")["n_test"].nunique().eq(1).all()
     assert (counts["n_train_minority"] <= counts["n_train_majority"] / counts["ratio"] + 1).all()
+    # two seeds: each metric is the mean of the seeds' own (the same test bags in both)
+    table = imbalance.main(["--smoke", "--out", str(tmp_path), "--seeds", "2"])
+    assert (table["seeds"] == 2).all()
+    for _, row in table.iterrows():
+        runs = [
+            tmp_path / "synthetic" / f"r{row['ratio']}" / f"{row['method']}_s{s}" for s in (0, 1)
+        ]
+        for m in ("auprc", "f1"):
+            own = [run_task(r).metric_value(imbalance.pooled(r), m) for r in runs]
+            assert row[m] == pytest.approx(np.mean(own), abs=1e-12)
