@@ -85,17 +85,63 @@ def predictors(run_dir: Path, cfg) -> dict[str, pd.DataFrame]:
         return lambda f: pd.read_csv(member_dir(run.fold_dir(f), name) / "predictions.csv")
 
     def default(f):
-        entries = {e["name"]: e for e in read_members(run.fold_dir(f))}
-        keep = [cfg.model_name, *cfg.members]
-        parts = [member(n)(f) for n in keep]
-        if len(parts) == 1:
-            return parts[0]
-        return task.average_predictions(parts, [entries[n]["scale"] for n in keep])
+        return averaged(run, task, f, [cfg.model_name, *cfg.members])
 
     out = {"default": pooled(run, task, default)}
     out.update({n: pooled(run, task, member(n)) for n in names})
     out["selection"] = pooled(run, task, run.predictions)
     return out
+
+
+def averaged(run: RunFolder, task, fold: str, names: list[str]) -> pd.DataFrame:
+    """Fold ``fold``'s test predictions of the members ``names`` averaged as the run averages
+    them (each on its training scale, ``members.json``)."""
+    entries = {e["name"]: e for e in read_members(run.fold_dir(fold))}
+    parts = [pd.read_csv(member_dir(run.fold_dir(fold), n) / "predictions.csv") for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    return task.average_predictions(parts, [entries[n]["scale"] for n in names])
+
+
+#: choice rules compared by ``--rules``: (standard errors, absolute margin) the mean inner gain
+#: of the best candidate over the default must exceed (``select:``'s rule is the first)
+RULES = {
+    "1 SE": (1.0, 0.0),
+    "2 SE": (2.0, 0.0),
+    "1 SE, 0.01": (1.0, 0.01),
+    "1 SE, 0.02": (1.0, 0.02),
+}
+
+
+def rules(name: str, run_dir: Path, cfg, n_boot: int) -> list[dict]:
+    """The same run's folds re-chosen under each of :data:`RULES` from their recorded inner
+    scores (``metrics.json``), the chosen candidates' own outer predictions pooled: the
+    headline metric and its paired difference to the default, and what the folds chose."""
+    from mil.train.selection import candidates, choose
+
+    run, task = RunFolder(run_dir), run_task(run_dir)
+    options, metric = candidates(cfg), task.headline()
+    inner = {
+        f: json.loads((run.fold_dir(f) / "metrics.json").read_text())["selection"]["inner"]
+        for f in run.finished_folds()
+    }
+    default = pooled(run, task, lambda f: averaged(run, task, f, options["default"]))
+    rows = []
+    for rule, (k, margin) in RULES.items():
+        chosen = {f: choose(s, k, margin)[0] for f, s in inner.items()}
+        pred = pooled(run, task, lambda f, c=chosen: averaged(run, task, f, options[c[f]]))
+        d = paired_metric_difference(task, pred, default, metric, n_boot=n_boot)
+        rows.append(
+            {
+                "cohort": name,
+                "rule": rule,
+                "metric": metric,
+                "value": round(task.metric_value(pred, metric), 4),
+                "rule - default": f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                "chosen": ", ".join(chosen.values()),
+            }
+        )
+    return rows
 
 
 def study(name: str, run_dir: Path, cfg, n_boot: int) -> dict:
@@ -127,6 +173,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="one tiny synthetic cohort, 2 folds")
+    ap.add_argument(
+        "--rules", action="store_true", help="also re-choose each fold under RULES (rules.md)"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.smoke:
@@ -134,14 +183,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     else:
         names = args.only.split(",") if args.only else list(COHORTS)
         folds, n_boot = args.folds, args.n_boot
-    rows = []
+    rows, by_rule = [], []
     for name in names:
         cfg = config_from_dict(cohort_config(name, out, folds, args.smoke))
         run_dir = run_cv(cfg, out / name, progress=False, log=lambda *a: None, n_boot=n_boot)
         rows.append(study(name, run_dir, cfg, n_boot))
         print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
+        if args.rules:
+            by_rule += rules(name, run_dir, cfg, n_boot)
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
+    if by_rule:
+        (out / "rules.md").write_text(markdown(pd.DataFrame(by_rule)))
+        print(markdown(pd.DataFrame(by_rule)))
     table.to_csv(out / "selection.csv", index=False)
     (out / "selection.md").write_text(markdown(table))
     print(markdown(table))

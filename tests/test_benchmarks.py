@@ -340,7 +340,7 @@ def test_inner_selection(tmp_path):
     counted by hand on the saved predictions: the selection's ``predictions.csv`` and each
     candidate's own ``members/<name>/``; every fold names its choice."""
     sel = bench("inner_selection")
-    row = sel.main(["--smoke", "--out", str(tmp_path)]).iloc[0]
+    row = sel.main(["--smoke", "--out", str(tmp_path), "--rules"]).iloc[0]
     run = tmp_path / "surv-smoke"
 
     def harrell(frames: list[pd.DataFrame]) -> float:
@@ -354,12 +354,17 @@ def test_inner_selection(tmp_path):
         return good / pairs
 
     assert row["selection"] == pytest.approx(harrell(fold_frames(run)), abs=1e-4)
-    for name in ("abmil", "meanpool_linear", "bow_linear"):
+    for name in ("abmil", "abmil_raw", "meanpool_linear", "bow_linear"):
         frames = fold_frames(run, f"members/{name}/predictions.csv")
         assert row[name] == pytest.approx(harrell(frames), abs=1e-4)
     records = sorted(run.glob("fold_*/metrics.json"))
     chosen = [json.loads(p.read_text())["selection"]["chosen"] for p in records]
     assert row["chosen"].split(", ") == chosen
+    # --rules: the library's rule, re-applied to the recorded inner scores, is the run's own
+    text = (tmp_path / "rules.md").read_text().splitlines()
+    own = next(line for line in text if "| 1 SE |" in line).split(" | ")
+    assert own[-1].rstrip(" |").split(", ") == chosen
+    assert float(own[3]) == pytest.approx(row["selection"], abs=1e-4)
 
 
 def test_multitarget_vs_single(tmp_path):
@@ -400,3 +405,35 @@ def test_multitarget_vs_single(tmp_path):
         assert r["delta"] == pytest.approx(r["multi"] - r["single"], abs=1e-9)
         lo, hi = r["delta_ci"]
         assert lo <= hi
+
+
+def test_fusion_defaults(tmp_path, monkeypatch):
+    """The linear fusion baseline averages its members as the run averages its own members:
+    re-averaging all three members of ``slides+tables`` gives that run's ``predictions.csv``;
+    each row's C is Harrell's over pairs within a fold, counted by hand."""
+    fus = bench("fusion_defaults")
+    table = fus.main(["--smoke", "--out", str(tmp_path)]).set_index("run")
+    assert {"slides", "clinical_linear", "linear_fusion", "late_fusion@demo"} <= set(table.index)
+    from mil.train.summary import run_task
+
+    both = tmp_path / "demo" / "slides_tables"
+    task = run_task(both)
+    monkeypatch.setattr(fus, "LINEAR_FUSION", ("abmil_additive", *fus.LINEAR_FUSION))
+    three = fus.linear_fusion(both, task).sort_values(["fold_dir", "bag_id"])
+    own = pd.concat(
+        [p.assign(fold_dir=f"fold_{k}") for k, p in enumerate(fold_frames(both))]
+    ).sort_values(["fold_dir", "bag_id"])
+    np.testing.assert_allclose(three["risk"], own["risk"], atol=1e-9)
+
+    def harrell(frames: list[pd.DataFrame]) -> float:
+        good = pairs = 0.0
+        for p in frames:
+            t, e, r = p["time"].to_numpy(), p["event"].to_numpy(bool), p["risk"].to_numpy()
+            earlier = (t[:, None] < t[None, :]) & e[:, None]
+            good += ((r[:, None] > r[None, :]) & earlier).sum()
+            good += 0.5 * ((r[:, None] == r[None, :]) & earlier).sum()
+            pairs += earlier.sum()
+        return good / pairs
+
+    lin = fold_frames(tmp_path / "demo" / "clinical_linear")
+    assert table.loc["clinical_linear", "c_index"] == pytest.approx(harrell(lin), abs=1e-4)

@@ -109,9 +109,14 @@ def _mean(values: list[float]) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
-def choose(scores: dict[str, list[float]]) -> tuple[str, str | None]:
+def choose(
+    scores: dict[str, list[float]], k: float = 1.0, margin: float = 0.0
+) -> tuple[str, str | None]:
     """(chosen, runner-up) by the one-standard-error rule against :data:`DEFAULT` (see the
-    module); a candidate without a finite mean is never chosen."""
+    module): the best candidate replaces the default only where its mean gain exceeds ``k``
+    standard errors and ``margin`` (the rule of ``select:`` is ``k`` 1, ``margin`` 0;
+    ``benchmarks/inner_selection.py --rules`` compares stricter ones); a candidate without a
+    finite mean is never chosen."""
     means = {c: _mean(s) for c, s in scores.items()}
     ranked = sorted((c for c in means if np.isfinite(means[c])), key=lambda c: -means[c])
     if not ranked:
@@ -122,7 +127,7 @@ def choose(scores: dict[str, list[float]]) -> tuple[str, str | None]:
         diff = np.asarray(scores[best], float) - np.asarray(scores[DEFAULT], float)
         diff = diff[np.isfinite(diff)]
         se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
-        if not diff.mean() > se:
+        if not diff.mean() > max(k * se, margin):
             chosen = DEFAULT
     others = [c for c in ranked if c != chosen]
     return chosen, (others[0] if others else None)
