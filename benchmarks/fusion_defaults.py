@@ -21,7 +21,7 @@ the one the demo's budget was set on) and ``multimodal-surv`` (seed 5, the cohor
 Table: pooled Harrell's C of each, and each minus ``linear_fusion`` with a paired
 patient-bootstrap 95% CI. Writes ``<out>/fusion.csv`` and ``fusion.md``::
 
-    python benchmarks/fusion_defaults.py --out results/fusion [--jobs 2] [--only demo]
+    python benchmarks/fusion_defaults.py --out results/fusion [--jobs 2] [--only demo] [--ablate]
     python benchmarks/fusion_defaults.py --smoke --out /tmp/fusion_smoke      # seconds
 """
 
@@ -53,8 +53,10 @@ DEMO_TRAIN = {
 LINEAR_FUSION = ("meanpool_linear", "clinical_linear")
 
 
-def runs(smoke: bool) -> dict[str, dict]:
-    """Run label -> the keys it sets on the cohort's plain config."""
+def runs(smoke: bool, ablate: bool = False) -> dict[str, dict]:
+    """Run label -> the keys it sets on the cohort's plain config (``ablate``: also each
+    attention fusion with the demo's model keys alone, ``@demo-model``, and its training keys
+    alone, ``@demo-train``)."""
     out: dict[str, dict] = {
         "slides": {},
         "slides+tables": {"ensemble": list(LINEAR_FUSION)},
@@ -64,6 +66,9 @@ def runs(smoke: bool) -> dict[str, dict]:
     for m in FUSIONS[:1] if smoke else FUSIONS:
         out[m] = {"model": {"name": m}}
         out[f"{m}@demo"] = {"model": {"name": m, **DEMO_MODEL}, "train": dict(DEMO_TRAIN)}
+    for m in ("mcat", "survpath") if ablate else ():
+        out[f"{m}@demo-model"] = {"model": {"name": m, **DEMO_MODEL}}
+        out[f"{m}@demo-train"] = {"model": {"name": m}, "train": dict(DEMO_TRAIN)}
     if smoke:  # seconds: every run two epochs
         for keys in out.values():
             keys["train"] = {**keys.get("train", {}), "epochs": 2, "patience": None}
@@ -107,7 +112,7 @@ def train_one(job: tuple[str, str, str, bool]) -> str:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     raw = cohort_config(name, Path(out), smoke)
-    keys = runs(smoke)[label]
+    keys = runs(smoke, ablate=True)[label]
     raw.update({k: v for k, v in keys.items() if k != "train"})
     raw["train"] = {**raw["train"], **keys.get("train", {})}
     raw["name"] = label.replace("+", "_").replace("@", "_")
@@ -173,13 +178,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="one tiny cohort, 2 folds, 2 epochs")
+    ap.add_argument(
+        "--ablate", action="store_true", help="also the demo's model or train keys alone"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     names = args.only.split(",") if args.only else list(COHORTS)
     n_boot = args.n_boot
     if args.smoke:
         names, n_boot = ["demo"], 20
-    labels = list(runs(args.smoke))
+    labels = list(runs(args.smoke, args.ablate))
     jobs = [(n, label, str(out), args.smoke) for n in names for label in labels]
     done = list(run_jobs(train_one, args.jobs, jobs))
     rows = []

@@ -51,8 +51,9 @@ SMOKE = {
 
 
 def base_config(cohort: str, out: Path, folds: int, smoke: bool) -> dict:
-    """The cohort's plain config (cross-entropy, the default model and budget, one thread)."""
-    train = {"threads": 1, "faithfulness": False, "seed": 0}
+    """The cohort's plain config (cross-entropy on shuffled batches, the default model and
+    budget, one thread): ``train.sampler: random`` is set, since ``auto`` follows this study."""
+    train = {"threads": 1, "faithfulness": False, "seed": 0, "sampler": "random"}
     if cohort == "real":
         data = {
             "csv": str(REAL / "cohort.csv"),

@@ -181,7 +181,8 @@ def _check_stopping_and_ensemble(cfg: Config) -> None:
     if not model.trained_by_gradient:  # a linear model runs alone
         cfg.members = []
     else:
-        cfg.members = list(task.default_ensemble(model) if cfg.ensemble == "auto" else cfg.ensemble)
+        auto = task.default_ensemble(model, tables=bool(cfg.data.tabular))
+        cfg.members = list(auto if cfg.ensemble == "auto" else cfg.ensemble)
 
 
 def _check_task(cfg: Config) -> None:

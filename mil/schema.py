@@ -109,7 +109,9 @@ class TrainConfig:
     # lr, min_steps, schedule, warmup_steps: chosen on the cohort zoo (docs/benchmarks.md)
     epochs: int = 40
     batch_size: int | Literal["auto"] = 16  # auto: from the rarest class (mil.train.sampling)
-    sampler: Literal["random", "balanced"] = "random"  # balanced: classes equal in each batch
+    # balanced: classes equal in each batch; auto: the task's choice on each fold's training bags
+    # (classification: balanced where a class outnumbers another 5:1; docs/benchmarks.md)
+    sampler: Literal["auto", "random", "balanced"] = "auto"
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
     # adamw: decoupled wd; adam: coupled L2 (Ilse 2018); sgd: momentum, L2 (mi-Net); radam: TransMIL's

@@ -371,3 +371,39 @@ def test_a_penalty_whose_fit_diverges_is_skipped_and_all_failing_is_named(tmp_pa
         DataError, match="meanpool_linear.*failed at every penalty.*search direction"
     ):
         run(raw, tmp_path / "run2")
+
+
+def test_survival_auto_ensemble_adds_the_tables_linear_risk(survival_cohort, tmp_path):
+    """ensemble: auto on a survival run with data.tabular: the slide model is averaged with
+    meanpool_linear and clinical_linear (a late fusion of risks); without tables, with a model
+    that reads the tables itself, or for classification, not."""
+    from mil.config import config_from_dict
+
+    table = tmp_path / "t.csv"
+    ids = pd.read_csv(survival_cohort / "cohort.csv")["case_id"].drop_duplicates()
+    pd.DataFrame({"case_id": ids, "g1": np.arange(len(ids), dtype=float)}).to_csv(
+        table, index=False
+    )
+    data = {
+        "csv": str(survival_cohort / "cohort.csv"),
+        "features": str(survival_cohort / "features"),
+        "patient_col": "case_id",
+        "time_col": "survival_months",
+        "event_col": "censorship",
+        "censored_value": 1,
+    }
+    tables = [{"name": "omics", "csv": str(table), "id_col": "case_id"}]
+
+    def members(task: str, model: str | None = None, with_tables: bool = True) -> list[str]:
+        raw = {
+            "task": {"type": task},
+            "data": {**data, **({"tabular": tables} if with_tables else {})},
+        }
+        if model:
+            raw["model"] = {"name": model}
+        return config_from_dict(raw).members
+
+    assert members("survival") == ["meanpool_linear", "clinical_linear"]
+    assert members("survival", with_tables=False) == ["meanpool_linear"]
+    assert members("survival", "late_fusion") == []
+    assert members("survival", "meanpool_linear") == []

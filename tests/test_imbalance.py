@@ -114,6 +114,42 @@ def test_sampler_and_auto_batch_size_config():
         )
 
 
+@pytest.mark.parametrize(
+    ("counts", "balanced"),
+    [((40, 8), True), ((41, 9), False), ((8, 8, 40), True), ((20, 20), False)],
+)
+def test_the_auto_sampler_balances_a_fold_at_five_to_one(counts, balanced):
+    """``train.sampler: auto`` (the default): a classification fold whose commonest class
+    outnumbers its rarest 5:1 or more gets balanced batches (each class ``batch_size // G`` in
+    every batch), any other shuffled ones (the task's own batches, drawn from the same rng)."""
+    cfg = config_from_dict({**BASE, "train": {"batch_size": 12}})
+    assert cfg.train.sampler == "auto"
+    classes = [f"c{k}" for k in range(len(counts))]
+    task = make_task(cfg, classes)
+    train = pd.DataFrame({"label": np.repeat(np.arange(len(counts)), counts)})
+    batches = loss_batches(task, train, cfg.train, np.random.default_rng(3))
+    shuffled = task.batches(train, 12, np.random.default_rng(3))
+    if balanced:
+        each = 12 // len(counts)
+        for b in batches:
+            assert (np.bincount(train["label"].to_numpy()[b], minlength=len(counts)) == each).all()
+    else:
+        assert all(np.array_equal(a, b) for a, b in zip(batches, shuffled))
+        assert len(batches) == len(shuffled)
+
+
+def test_the_auto_sampler_shuffles_survival_and_regression():
+    for task_type, frame in (
+        ("survival", pd.DataFrame({"event": [1] * 4 + [0] * 40, "time": np.arange(44.0)})),
+        ("regression", pd.DataFrame({"label": np.arange(44.0)})),
+    ):
+        cfg = config_from_dict({**BASE, "task": {"type": task_type}, "train": {"batch_size": 8}})
+        task = make_task(cfg, [])
+        got = loss_batches(task, frame, cfg.train, np.random.default_rng(0))
+        want = task.batches(frame, 8, np.random.default_rng(0))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), task_type
+
+
 def test_a_run_with_balanced_batches_is_repeatable(tmp_path):
     raw = small_config(tmp_path, epochs=2, sampler="balanced")
     cfg = config_from_dict(raw)

@@ -95,8 +95,9 @@ class Task:
     stop_on = "loss"
 
     @classmethod
-    def default_ensemble(cls, model: type) -> list[str]:
-        """The linear models ``ensemble: auto`` averages with a model of class ``model``."""
+    def default_ensemble(cls, model: type, tables: bool = False) -> list[str]:
+        """The linear models ``ensemble: auto`` averages with a model of class ``model``
+        (``tables``: the run has ``data.tabular``)."""
         return []
 
     @classmethod
@@ -192,6 +193,10 @@ class Task:
         """Row positions of ``bags`` for each loss batch of one epoch (shuffled)."""
         order = rng.permutation(len(bags))
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def auto_sampler(self, bags: pd.DataFrame) -> str:
+        """``train.sampler: auto`` on a fold's training ``bags``: ``random`` or ``balanced``."""
+        return "random"
 
     def balance_groups(self, bags: pd.DataFrame) -> np.ndarray | None:
         """Each bag's group ``[len(bags)]`` (a class, an event status) that ``train.sampler:

@@ -25,6 +25,10 @@ from mil.tasks.operating_point import OperatingPoint
 from mil.tasks.registry import register
 from mil.tasks.targets import label_columns
 
+#: ``train.sampler: auto`` balances the batches of a fold whose commonest class outnumbers its
+#: rarest this many times or more (docs/benchmarks.md, "Class imbalance")
+AUTO_BALANCE_RATIO = 5
+
 
 @dataclass
 class ClassificationOptions:
@@ -154,6 +158,15 @@ class ClassificationTask(Task):
 
     def balance_groups(self, bags: pd.DataFrame) -> np.ndarray:
         return bags["label"].to_numpy(int)
+
+    def auto_sampler(self, bags: pd.DataFrame) -> str:
+        """``balanced`` where the training fold's commonest class outnumbers its rarest by
+        :data:`AUTO_BALANCE_RATIO` or more (the imbalance study: from 1:5 on balanced batches
+        beat shuffled ones on every measure; at 1:1 they cost), else ``random``."""
+        counts = np.bincount(bags["label"].to_numpy(int), minlength=len(self.classes))
+        counts = counts[counts > 0]
+        imbalanced = len(counts) > 1 and counts.max() >= AUTO_BALANCE_RATIO * counts.min()
+        return "balanced" if imbalanced else "random"
 
     def training_objective(
         self, loss: Tensor, targets: dict[str, Tensor], projected: Tensor | None, progress: float

@@ -69,7 +69,7 @@ class MultiTargetTask(Task):
     strata_description = "all targets jointly"
 
     @classmethod
-    def default_ensemble(cls, model: type) -> list[str]:
+    def default_ensemble(cls, model: type, tables: bool = False) -> list[str]:
         """None: a member is fitted for all targets and averaged into each, and only a
         regression target's own ``auto`` would take one (list members in ``ensemble:``)."""
         return []

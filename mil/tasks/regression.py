@@ -156,7 +156,7 @@ class RegressionTask(Task):
     linear_words = "ridge regression (scikit-learn)"
 
     @classmethod
-    def default_ensemble(cls, model: type) -> list[str]:
+    def default_ensemble(cls, model: type, tables: bool = False) -> list[str]:
         """A slide model is averaged with ``meanpool_linear`` and ``bow_linear`` (ridge
         regressions fitted on the same training bags): on the synthetic cohort and the survival
         times of six TCGA cohorts' deaths the average was never below the model alone beyond

@@ -78,10 +78,15 @@ class SurvivalTask(SurvivalMetrics, Task):
     stop_on = "c_index"
 
     @classmethod
-    def default_ensemble(cls, model: type) -> list[str]:
-        """A slide model is averaged with ``meanpool_linear`` (docs/benchmarks.md)."""
+    def default_ensemble(cls, model: type, tables: bool = False) -> list[str]:
+        """A slide model is averaged with ``meanpool_linear``, and where the run has tables
+        with ``clinical_linear`` too (the tables' ridge Cox risk: a late fusion of risks that
+        the slide model alone does not read; docs/benchmarks.md, "Fusion at the library
+        defaults")."""
         slides_only = model.trained_by_gradient and not model.uses_tabular
-        return ["meanpool_linear"] if slides_only else []
+        if not slides_only:
+            return []
+        return ["meanpool_linear", "clinical_linear"] if tables else ["meanpool_linear"]
 
     #: survival: the signed share of the risk (an instance logit's sign is relative to an
     #: arbitrary zero of the Cox predictor)

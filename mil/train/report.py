@@ -405,6 +405,11 @@ def _batch_words(t) -> str:
     )
     if t.sampler == "balanced":
         size += " with every class (survival: events and censored) in equal number"
+    elif t.sampler == "auto":
+        size += (
+            " (classification: every class in equal number in a fold whose commonest training "
+            "class outnumbered its rarest 5:1 or more; shuffled otherwise)"
+        )
     return size
 
 

@@ -60,6 +60,11 @@ def batch_size(task: Task, train: pd.DataFrame, cfg: TrainConfig) -> int:
     return int(cfg.batch_size)
 
 
+def sampler(task: Task, train: pd.DataFrame, cfg: TrainConfig) -> str:
+    """``train.sampler``, with ``auto`` resolved by the task on the fold's training bags."""
+    return task.auto_sampler(train) if cfg.sampler == "auto" else cfg.sampler
+
+
 def loss_batches(
     task: Task, train: pd.DataFrame, cfg: TrainConfig, rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -67,7 +72,7 @@ def loss_batches(
     task's own shuffled batches (:meth:`Task.batches`), or :func:`balanced_batches` over its
     :meth:`Task.balance_groups`."""
     size = batch_size(task, train, cfg)
-    if cfg.sampler == "random":
+    if sampler(task, train, cfg) == "random":
         return task.batches(train, size, rng)
     groups = task.balance_groups(train)
     if groups is None:
