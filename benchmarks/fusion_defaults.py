@@ -36,7 +36,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from inner_selection import markdown  # noqa: E402
 from jobs import run_jobs  # noqa: E402
+from zoo_cohorts import multimodal_data  # noqa: E402
 
 #: cohort -> (generator seed, role)
 COHORTS = {"demo": (2, "selection"), "multimodal-surv": (5, "confirmation")}
@@ -77,7 +79,7 @@ def runs(smoke: bool, ablate: bool = False) -> dict[str, dict]:
 
 def cohort_config(name: str, out: Path, smoke: bool) -> dict:
     """The cohort's plain config: task, data (written on first use), splits; no model keys."""
-    from mil.data.synthetic_multimodal import multimodal_tabular, write_multimodal_cohort
+    from mil.data.synthetic_multimodal import write_multimodal_cohort
 
     root = out / "cohorts" / name
     if not (root / "cohort.csv").is_file():
@@ -90,11 +92,8 @@ def cohort_config(name: str, out: Path, smoke: bool) -> dict:
             "csv": str(root / "cohort.csv"),
             "features": str(root / "features"),
             "patient_col": "case_id",
-            "time_col": "survival_months",
-            "event_col": "censorship",
-            "censored_value": 1,
             "bag_level": "patient",
-            "tabular": multimodal_tabular(root),
+            **multimodal_data(root),  # the zoo's: its survival columns and tables
         },
         "splits": {"dir": str(out / name / "splits"), "folds": 2 if smoke else 5, "seed": 0},
         "train": {"threads": 1},
@@ -162,13 +161,6 @@ def score(name: str, folders: dict[str, Path], n_boot: int) -> list[dict]:
             }
         )
     return rows
-
-
-def markdown(table: pd.DataFrame) -> str:
-    cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
