@@ -437,3 +437,32 @@ def test_fusion_defaults(tmp_path, monkeypatch):
 
     lin = fold_frames(tmp_path / "demo" / "clinical_linear")
     assert table.loc["clinical_linear", "c_index"] == pytest.approx(harrell(lin), abs=1e-4)
+
+
+def test_gpu_feed(capsys):
+    """The GPU feed benchmark's smoke run (CPU); its two host paths train the same weights from
+    the same seed and order (the staged chunks are the synchronous ones, cast later)."""
+    gf = bench("gpu_feed")
+    gf.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "streamed" in out and "synchronous" in out
+    frame, bandwidth = gf.feed(**{**gf.SMOKE, "precisions": ("fp32",)})
+    assert set(frame["path"]) == {"streamed", "synchronous"} and np.isnan(bandwidth)
+    assert (frame["instances_per_s"] > 0).all()
+    np.testing.assert_allclose(frame["seconds_per_10M"], 1e7 / frame["instances_per_s"])
+    dev = torch.device("cpu")
+    bags = gf.host_bags(600, 50, 8, dev)
+    labels = torch.as_tensor(np.arange(len(bags)) % 2)
+    weights = []
+    for stager in (
+        gf.Stager(dev, torch.float32),
+        gf.ComputeDtypeStager(dev, torch.float32, copies=gf.SameStreamCopies(dev, torch.float32)),
+    ):
+        torch.manual_seed(0)
+        model = gf.create("abmil_additive", in_dim=8, n_out=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        gf.epoch(model, opt, bags, labels, dev, "fp32", stager, 128, rng)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert sum(len(b) for b in bags) == 600 and all(b.x.dtype == torch.float16 for b in bags)

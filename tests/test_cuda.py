@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models_uniform import assert_close, bag_rows, build, make_bags
+from test_models_uniform import IN_DIM, assert_close, bag_rows, build, make_bags
 
 from mil.data.batch import collate_bags
 from mil.models import available
@@ -92,3 +92,31 @@ def test_cuda_cross_validation_end_to_end(tmp_path, small_cohort, precision):
     # the CPU replays the GPU's forward: equal up to float32 (bf16: up to bfloat16) rounding
     atol = 1e-4 if precision == "fp32" else 2e-2
     np.testing.assert_allclose(again[cols].to_numpy(), saved[cols].to_numpy(), atol=atol)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_streamed_chunks_equal_resident(precision):
+    """Host bags in float16, staged chunk by chunk (pinned, copied on the side stream, cast on
+    the device: mil.data.staging) give what the same bags resident on the device give."""
+    from mil.data.batch import Bag
+    from mil.data.staging import CudaCopies, Stager
+
+    model = build("abmil_additive").to(CUDA)
+    gen = torch.Generator().manual_seed(0)
+    host = [
+        Bag(f"b{i}", torch.randn(n, IN_DIM, generator=gen).half())
+        for i, n in enumerate([300, 20, 700, 90])
+    ]
+    resident = [Bag(b.bag_id, b.x.to(CUDA)) for b in host]
+    with torch.no_grad():
+        streamed = forward_bags(model, host, 256, CUDA, keep_scores=True, precision=precision)
+        ref = forward_bags(model, resident, 256, CUDA, keep_scores=True, precision=precision)
+    torch.cuda.synchronize()
+    assert torch.equal(streamed.logits, ref.logits)
+    for a, b in zip(streamed.scores, ref.scores):
+        assert torch.equal(a, b)
+    stager = Stager(CUDA, torch.float32)
+    assert isinstance(stager.copies, CudaCopies)
+    batch = stager.ready(stager.stage(host[:2]))
+    assert batch.x.is_cuda and batch.x.dtype == torch.float32
+    assert torch.equal(batch.x.cpu(), torch.cat([b.x for b in host[:2]]).float())

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mil.data.batch import Bag, chunk_by_budget, collate_bags, unpack
+from mil.data.batch import Bag, chunk_by_budget, unpack
 from mil.data.dataset import BagDataset, on_device
 from mil.data.prefetch import read_ahead
+from mil.data.staging import Stager, staged
 from mil.errors import TrainingError
 from mil.models.base import MILModel
 from mil.schema import TrainConfig
@@ -50,6 +51,7 @@ def forward_bags(
     keep_scores: bool = False,
     precision: str = "fp32",
     keep_embedding: bool = False,
+    stager: Stager | None = None,
 ) -> Forward:
     """Forward ``bags`` in compute chunks of at most ``max_instances`` rows.
 
@@ -57,18 +59,18 @@ def forward_bags(
     outputs concatenated, so the loss (and a Cox risk set) spans the whole
     batch while each matrix product stays cache-sized. ``precision="bf16"``
     packs the features straight into bfloat16 and runs the model under autocast;
-    the returned logits are float32 either way.
+    the returned logits are float32 either way. ``stager`` packs and moves the chunks
+    (:class:`~mil.data.staging.Stager`; by default one for ``device``).
     """
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     logits, aux, scores, embedding = [], [], [], []
     extra: dict[str, list[Tensor]] = {}
     # CPU: a bag of >= ALONE_CPU rows runs alone (no packing copy; its products are
-    # already efficient). CUDA: pack up to the budget (fewer, larger kernels; one pinned copy).
-    cuda = device.type == "cuda"
+    # already efficient). CUDA: pack up to the budget (fewer, larger kernels), each chunk's
+    # pinned copy issued on a side stream while the chunk before it computes (mil.data.staging)
     alone = ALONE_CPU if device.type == "cpu" else None
-    for chunk in chunk_by_budget([len(b) for b in bags], max_instances, alone=alone):
-        batch = collate_bags([bags[i] for i in chunk], dtype=dtype, pin_memory=cuda)
-        batch = batch.to(device, non_blocking=cuda)
+    chunks = list(chunk_by_budget([len(b) for b in bags], max_instances, alone=alone))
+    for chunk, batch in staged(stager or Stager(device, dtype), bags, chunks):
         if targets is not None:
             batch.targets = targets[chunk].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
