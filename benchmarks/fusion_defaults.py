@@ -36,7 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inner_selection import markdown  # noqa: E402
+from inner_selection import averaged, markdown, pooled  # noqa: E402
 from jobs import run_jobs  # noqa: E402
 from zoo_cohorts import multimodal_data  # noqa: E402
 
@@ -124,18 +124,9 @@ def linear_fusion(folder: Path, task) -> pd.DataFrame:
     """The out-of-fold predictions of ``LINEAR_FUSION``'s members of run ``folder`` averaged as
     a run averages its members (each on its training scale, ``members.json``)."""
     from mil.results import RunFolder
-    from mil.results.members import member_dir, read_members
 
     run = RunFolder(folder)
-    parts = []
-    for f in run.finished_folds():
-        scales = {e["name"]: e["scale"] for e in read_members(run.fold_dir(f))}
-        preds = [
-            pd.read_csv(member_dir(run.fold_dir(f), n) / "predictions.csv") for n in LINEAR_FUSION
-        ]
-        avg = task.average_predictions(preds, [scales[n] for n in LINEAR_FUSION])
-        parts.append(avg.assign(fold_dir=f"fold_{f}"))
-    return pd.concat(parts, ignore_index=True)
+    return pooled(run, task, lambda f: averaged(run, task, f, LINEAR_FUSION))
 
 
 def score(name: str, folders: dict[str, Path], n_boot: int) -> list[dict]:
