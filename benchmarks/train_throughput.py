@@ -85,8 +85,20 @@ def loss_batches(
 
 
 def epoch_packed(
-    model, opt, bags, labels, order, precision, device, max_bags, batch_instances, chunk_instances
+    model,
+    opt,
+    bags,
+    labels,
+    order,
+    precision,
+    device,
+    max_bags,
+    batch_instances,
+    chunk_instances,
+    stager=None,
 ) -> float:
+    """mil's path: loss batches of bags packed in chunks (``stager``: how chunks reach the
+    device, :class:`~mil.data.staging.Stager`; by default forward_bags' own)."""
     model.train()
     sizes = [len(b) for b in bags]
     sync(device)
@@ -94,7 +106,12 @@ def epoch_packed(
     for idx in loss_batches(sizes, order, max_bags, batch_instances):
         # mil's path: features packed straight into bf16, the model under autocast
         out = forward_bags(
-            model, [bags[i] for i in idx], chunk_instances, device, precision=precision
+            model,
+            [bags[i] for i in idx],
+            chunk_instances,
+            device,
+            precision=precision,
+            stager=stager,
         )
         loss = F.cross_entropy(out.logits.float(), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
